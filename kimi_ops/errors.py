@@ -1,0 +1,55 @@
+"""The small exception family of kimi_ops.
+
+Everything a caller can get wrong (a file, a message list, a checkpoint) raises a subclass of
+`KimiError` whose message names the offending thing and the reason. `kind` is a stable,
+machine-readable string that later stages write into error rows.
+"""
+
+from __future__ import annotations
+
+
+class KimiError(Exception):
+    """Base class: a clear, per-input failure (never a bug in kimi_ops itself)."""
+
+    kind = "error"
+
+
+class AudioError(KimiError):
+    """An audio input that cannot be used. `source` names the file (or '<bytes>', '<waveform>')."""
+
+    kind = "audio_error"
+
+    def __init__(self, source: str, reason: str, kind: str | None = None):
+        self.source = source
+        self.reason = reason
+        if kind is not None:
+            self.kind = kind
+        super().__init__(f"{source}: {reason}")
+
+
+class AudioNotFoundError(AudioError):
+    kind = "not_found"
+
+
+class AudioDecodeError(AudioError):
+    kind = "undecodable"
+
+
+class EmptyAudioError(AudioError):
+    kind = "empty_audio"
+
+
+class NonFiniteAudioError(AudioError):
+    kind = "non_finite"
+
+
+class PromptError(KimiError):
+    """A message list the model cannot take (unknown role or type, no audio, bad content)."""
+
+    kind = "bad_prompt"
+
+
+class CheckpointError(KimiError):
+    """A checkpoint that is missing, incomplete or has tensors of the wrong shape."""
+
+    kind = "bad_checkpoint"

@@ -1,0 +1,260 @@
+"""Kimi-Audio's language model: a Qwen2 backbone with a MIMO (audio-head) branch and a VQ adaptor.
+
+One file, components in dependency order, driven by `KimiAudioConfig`. Module names follow the
+official checkpoint so `weights.py` can load tensors by name; the module knows nothing of files.
+
+Inputs are the two parallel token streams of a prompt (see `kimi_ops.engine.prompt`):
+`audio_ids` and `text_ids`, both [B, S]. Rows are left-padded; `key_valid` marks real keys.
+Positions are per row (the first real token of a row is position 0), so a padded row computes
+the same values as the row alone. Attention is PyTorch SDPA with an explicit boolean mask;
+no flash-attn is needed.
+
+Which logits are which (a naming trap in the reference): `text_logits` come from the full
+backbone (`model.norm` -> `lm_head`); `audio_logits` from the MIMO branch that forks after
+backbone layer `kimia_mimo_transformer_from_layer_index` (`model.mimo_norm` -> `mimo_output`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_ops.model.config import KimiAudioConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, 1, S, head_dim] for arbitrary per-token positions (angles in fp32)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
+    inv_freq = 1.0 / (theta ** (exponent / head_dim))
+    angles = position_ids.float()[..., None] * inv_freq  # [B, S, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every attention layer (backbone first, then MIMO).
+
+    Tensors are [B, kv_heads, capacity, head_dim]; all rows share one write cursor `length`
+    (rows are left-padded, so their real tokens end at the same column).
+    """
+
+    def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` of the batch (drop finished sequences)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: KimiAudioConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer_index: int):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer_index, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.kv_heads
+        )  # [B, H, S, head_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: KimiAudioConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: KimiAudioConfig, cache_index: int):
+        super().__init__()
+        self.cache_index = cache_index
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, cache):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, self.cache_index)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class VQAdaptor(nn.Module):
+    """Whisper features (4 x d_model at 12.5 Hz) -> hidden size. Indices 0/3/4 carry weights."""
+
+    def __init__(self, config: KimiAudioConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(config.kimia_adaptor_input_dim, config.hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Linear(config.hidden_size, config.hidden_size, bias=True),
+            nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps, bias=True),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class KimiAudioBackbone(nn.Module):
+    """The `model.` prefix of the checkpoint."""
+
+    def __init__(self, config: KimiAudioConfig):
+        super().__init__()
+        n = config.num_hidden_layers
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(n))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mimo_layers = nn.ModuleList(
+            DecoderLayer(config, n + j) for j in range(config.kimia_mimo_layers)
+        )
+        self.mimo_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.vq_adaptor = VQAdaptor(config)
+
+
+@dataclass
+class ForwardOutput:
+    text_logits: torch.Tensor  # [B, S or 1, vocab], fp32
+    audio_logits: torch.Tensor | None  # same, None when the MIMO branch was skipped
+
+
+class KimiAudioForCausalLM(nn.Module):
+    def __init__(self, config: KimiAudioConfig):
+        super().__init__()
+        self.config = config
+        self.model = KimiAudioBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mimo_output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def num_cache_layers(self) -> int:
+        return self.config.num_hidden_layers + self.config.kimia_mimo_layers
+
+    def new_cache(self, batch: int, capacity: int, with_mimo: bool) -> KVCache:
+        layers = self.num_cache_layers if with_mimo else self.config.num_hidden_layers
+        p = self.lm_head.weight
+        return KVCache(layers, batch, capacity, self.config.num_key_value_heads,
+                       self.config.head_dim, p.dtype, p.device)
+
+    def embed(self, audio_ids, text_ids, continuous_mask=None, continuous_features=None,
+              row_valid=None):
+        """Input embedding of the two streams.
+
+        continuous_features: [N, adaptor_in] rows for the True entries of continuous_mask, in
+        row-major order. row_valid: [B, S] real (non-pad) tokens, used for the reference quirk
+        that skips the text embedding of a row whose text ids are all 0.
+        """
+        emb = self.model.embed_tokens
+        x = emb(audio_ids)
+        if continuous_features is not None and continuous_features.shape[0]:
+            adapted = self.model.vq_adaptor(continuous_features.to(x.dtype))
+            sqrt2 = torch.sqrt(torch.tensor(2.0, dtype=x.dtype, device=x.device))
+            x = x.clone()
+            x[continuous_mask] = (x[continuous_mask] + adapted) * sqrt2
+        real_text = text_ids if row_valid is None else text_ids * row_valid
+        adds_text = (real_text.sum(dim=1) != 0)[:, None, None]
+        return x + emb(text_ids) * adds_text.to(x.dtype)
+
+    def forward(
+        self,
+        audio_ids: torch.Tensor,
+        text_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_valid: torch.Tensor,
+        cache: KVCache | None = None,
+        continuous_mask: torch.Tensor | None = None,
+        continuous_features: torch.Tensor | None = None,
+        with_mimo: bool = True,
+        last_only: bool = True,
+    ) -> ForwardOutput:
+        """One step over S new tokens per row (S = prompt length at prefill, 1 when decoding).
+
+        key_valid: [B, K] bool over every key position so far (cache + the new S tokens).
+        """
+        cfg = self.config
+        _, s = audio_ids.shape
+        x = self.embed(audio_ids, text_ids, continuous_mask, continuous_features,
+                       row_valid=key_valid[:, -s:])
+        cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        k = key_valid.shape[1]
+        causal = torch.ones(s, k, dtype=torch.bool, device=x.device).tril(k - s)
+        mask = (causal[None] & key_valid[:, None, :])[:, None]  # [B, 1, S, K]
+        # A left-pad query row sees no key at all; let it see itself so softmax stays finite.
+        rows = torch.arange(s, device=x.device)[:, None] + (k - s)
+        mask = mask | (torch.arange(k, device=x.device)[None] == rows)
+
+        fork = cfg.kimia_mimo_transformer_from_layer_index
+        h, mimo_h = x, None
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, mask, cache)
+            if i == fork and with_mimo:
+                mimo_h = h
+        if last_only:
+            h = h[:, -1:]
+        text_logits = self.lm_head(self.model.norm(h)).float()
+        audio_logits = None
+        if with_mimo:
+            for layer in self.model.mimo_layers:
+                mimo_h = layer(mimo_h, cos, sin, mask, cache)
+            if last_only:
+                mimo_h = mimo_h[:, -1:]
+            audio_logits = self.mimo_output(self.model.mimo_norm(mimo_h)).float()
+        return ForwardOutput(text_logits, audio_logits)
+
