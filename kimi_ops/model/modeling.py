@@ -73,6 +73,21 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more positions (grows geometrically, copying once)."""
+        need = self.length + extra
+        if need <= self.capacity:
+            return
+        grown = max(need, 2 * self.capacity)
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            bigger = t.new_empty(t.shape[0], t.shape[1], grown, t.shape[3])
+            bigger[:, :, : self.length] = t[:, :, : self.length]
+            return bigger
+
+        self.keys = [grow(k) for k in self.keys]
+        self.values = [grow(v) for v in self.values]
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length:end] = k
@@ -256,5 +271,7 @@ class KimiAudioForCausalLM(nn.Module):
             if last_only:
                 mimo_h = mimo_h[:, -1:]
             audio_logits = self.mimo_output(self.model.mimo_norm(mimo_h)).float()
+        if cache is not None:
+            cache.length += s
         return ForwardOutput(text_logits, audio_logits)
 

@@ -1,0 +1,170 @@
+"""`KimiAudio`: the reference-compatible Python API, batched.
+
+`generate(messages, ...)` mirrors MoonshotAI's `KimiAudio.generate` and returns `(wav_or_None,
+text)`; `generate_batch(list_of_message_lists, ...)` returns one `GenerationResult` per
+conversation, in order. Audio in every conversation of a call is decoded and run through the
+front-end together, then prompts are grouped by length into batches for the engine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from kimi_ops.audio import load_audio
+from kimi_ops.engine.generate import GenerationParams, GenerationResult, generate_batch
+from kimi_ops.engine.prompt import Prompt, audio_contents, build_prompt, validate_messages
+from kimi_ops.engine.sampling import StreamSampling
+from kimi_ops.frontend import AudioEncoding, AudioFrontend
+from kimi_ops.model.checkpoint import resolve_checkpoint
+from kimi_ops.model.config import KimiAudioConfig
+from kimi_ops.model.modeling import KimiAudioForCausalLM
+from kimi_ops.model.text_tokenizer import TextTokenizer
+from kimi_ops.model.weights import load_state_dict
+from kimi_ops.errors import CheckpointError
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def sampling_params(
+    output_type: str = "text",
+    audio_temperature: float = 0.0,
+    audio_top_k: int = 5,
+    text_temperature: float = 0.0,
+    text_top_k: int = 5,
+    audio_repetition_penalty: float = 1.0,
+    audio_repetition_window_size: int = 64,
+    text_repetition_penalty: float = 1.0,
+    text_repetition_window_size: int = 16,
+    max_new_tokens: int = -1,
+    seed: int = 0,
+) -> GenerationParams:
+    """The reference `generate` keyword arguments (same names, same defaults) as one object."""
+    return GenerationParams(
+        text=StreamSampling(text_temperature, text_top_k, text_repetition_penalty,
+                            text_repetition_window_size),
+        audio=StreamSampling(audio_temperature, audio_top_k, audio_repetition_penalty,
+                             audio_repetition_window_size),
+        max_new_tokens=max_new_tokens, output_type=output_type, seed=seed,
+    ).validate()
+
+
+class KimiAudio:
+    def __init__(self, model_path: str | os.PathLike, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, glm_tokenizer: str | os.PathLike | None = None,
+                 max_batch_size: int = 32, max_batch_tokens: int = 65536):
+        if max_batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
+        paths = resolve_checkpoint(model_path, glm_tokenizer)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.config = KimiAudioConfig.from_file(paths.config)
+        self.tokenizer = TextTokenizer(paths.tiktoken)
+        if self.tokenizer.vocab_size != self.config.kimia_token_offset:
+            raise CheckpointError(
+                f"{paths.tiktoken}: {self.tokenizer.num_base_tokens} ranks + specials give "
+                f"{self.tokenizer.vocab_size} text ids, config.json says kimia_token_offset="
+                f"{self.config.kimia_token_offset}")
+        with torch.device("meta"):
+            model = KimiAudioForCausalLM(self.config)
+        load_state_dict(model, paths.root, self.dtype, self.device)
+        self.model = model.eval().requires_grad_(False)
+        self.frontend = AudioFrontend.from_checkpoint(paths.root, glm_dir=paths.glm,
+                                                      device=self.device, dtype=self.dtype)
+        self.paths = paths
+
+    # -- audio -----------------------------------------------------------------------------
+
+    def encode_audio(self, sources: Sequence[Any]) -> list[AudioEncoding]:
+        """Decode and run the front-end once per distinct source; encodings pass through."""
+        encodings: list[AudioEncoding | None] = [None] * len(sources)
+        pending: dict[Any, list[int]] = {}
+        waves = []
+        for i, src in enumerate(sources):
+            if isinstance(src, AudioEncoding):
+                encodings[i] = src
+                continue
+            key = str(src) if isinstance(src, (str, Path)) else id(src)
+            if key not in pending:
+                pending[key] = []
+                waves.append(load_audio(src))
+            pending[key].append(i)
+        if waves:
+            for positions, enc in zip(pending.values(), self.frontend.encode(waves)):
+                for i in positions:
+                    encodings[i] = enc
+        return encodings
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def build_prompts(self, conversations: Sequence[Sequence[dict]],
+                      output_type: str = "text") -> list[Prompt]:
+        conversations = [validate_messages(m, f"conversation {i}")
+                         for i, m in enumerate(conversations)]
+        contents = [audio_contents(m) for m in conversations]
+        flat = self.encode_audio([c for per in contents for c in per])
+        prompts, start = [], 0
+        for messages, per in zip(conversations, contents):
+            encs = flat[start: start + len(per)]
+            start += len(per)
+            prompts.append(build_prompt(messages, encs, self.tokenizer,
+                                        self.config.kimia_token_offset, output_type))
+        return prompts
+
+    # -- generation ------------------------------------------------------------------------
+
+    def run_prompts(self, prompts: Sequence[Prompt], params: GenerationParams
+                    ) -> list[GenerationResult]:
+        """Group prompts of similar length into batches, run them, return results in order."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        batch: list[int] = []
+
+        def flush():
+            out = generate_batch(self.model, [prompts[i] for i in batch], self.tokenizer.special,
+                                 params, seed_ids=batch)
+            for i, res in zip(batch, out):
+                res.text = self.decode_text(res.text_token_ids)
+                results[i] = res
+
+        for i in order:
+            width = len(prompts[batch[0]]) if batch else len(prompts[i])
+            if batch and (len(batch) >= self.max_batch_size
+                          or width * (len(batch) + 1) > self.max_batch_tokens):
+                flush()
+                batch = []
+            batch.append(i)
+        if batch:
+            flush()
+        return results
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        """As the reference: drop ids outside the text vocabulary, stop at text EOS, detokenize."""
+        kept = []
+        for t in token_ids:
+            if t == self.tokenizer.special.text_eos:
+                break
+            if t < self.config.kimia_token_offset:
+                kept.append(t)
+        return self.tokenizer.decode(kept)
+
+    def generate_batch(self, conversations: Sequence[Sequence[dict]], output_type: str = "text",
+                       **sampling: Any) -> list[GenerationResult]:
+        params = sampling_params(output_type=output_type, **sampling)
+        return self.run_prompts(self.build_prompts(conversations, output_type), params)
+
+    def generate(self, messages: Sequence[dict], output_type: str = "text", **sampling: Any):
+        """Reference-compatible: returns `(None, text)` (no waveform detokenizer is loaded)."""
+        result = self.generate_batch([messages], output_type=output_type, **sampling)[0]
+        return None, result.text

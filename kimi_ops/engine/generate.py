@@ -1,0 +1,212 @@
+"""Batched generation over prompts of different lengths, faithful to the reference loop.
+
+The reference (`KimiAudio._generate_loop`) runs one conversation at a time. Here a batch of
+prompts is left-padded into one tensor, each row keeps its own positions, history, sampler state
+and stop condition, and finished rows are dropped from the batch (and its KV cache) as they stop,
+so the remaining rows decode faster. Per row the loop does what the reference does:
+
+* step 0 forwards the whole prompt; each later step feeds one position per stream: the text
+  stream gets the previous text token (blank once text has ended), the audio stream gets blank
+  (output "text", and during the first 6 steps of "both") or the previous audio token;
+* output "text" stops when the text EOS is sampled (not returned); output "both" stops when the
+  audio stream produces `msg_end` or `media_end`;
+* the budget is `max_new_tokens` steps, by default 7500 - prompt length ("text") or
+  1500 - prompt length ("both").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from kimi_ops.engine.prompt import Prompt
+from kimi_ops.engine.sampling import StreamSampling, sample
+from kimi_ops.model.modeling import KimiAudioForCausalLM
+from kimi_ops.model.text_tokenizer import SpecialIds
+
+AUDIO_DELAY_TOKENS = 6  # hard-coded in the reference loop, whatever config.json says
+TEXT_TOKEN_BUDGET = 7500
+BOTH_TOKEN_BUDGET = int(12.5 * 120)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    text: StreamSampling = field(default_factory=StreamSampling)
+    audio: StreamSampling = field(default_factory=lambda: StreamSampling(repetition_window=64))
+    max_new_tokens: int = -1
+    output_type: str = "text"
+    seed: int = 0
+
+    def validate(self) -> "GenerationParams":
+        if self.output_type not in ("text", "both"):
+            raise ValueError(f"output_type must be 'text' or 'both', got {self.output_type!r}")
+        if self.max_new_tokens == 0 or self.max_new_tokens < -1:
+            raise ValueError(f"max_new_tokens must be -1 (model default) or > 0, "
+                             f"got {self.max_new_tokens}")
+        self.text.validate("text")
+        self.audio.validate("audio")
+        return self
+
+    def budget(self, prompt_len: int) -> int:
+        default = (TEXT_TOKEN_BUDGET if self.output_type == "text" else BOTH_TOKEN_BUDGET)
+        default -= prompt_len
+        if self.max_new_tokens == -1:
+            return max(default, 0)
+        return self.max_new_tokens
+
+
+@dataclass
+class GenerationResult:
+    text_token_ids: list[int]  # generated text-stream ids before EOS, unfiltered (as the loop returns)
+    audio_token_ids: list[int]  # audio-stream ids after the 6-step delay ("both" only), unfiltered
+    finish_reason: str  # "stop" (EOS / end of audio) or "length" (budget exhausted)
+    prompt_tokens: int
+    steps: int  # forward passes run for this sequence
+    text: str = ""
+
+    def audio_codes(self, token_offset: int) -> list[int]:
+        """The semantic (GLM-4 VQ) codes among the audio tokens, as the reference detokenizes."""
+        return [t - token_offset for t in self.audio_token_ids if t >= token_offset]
+
+
+@dataclass
+class _Row:
+    index: int  # position in the caller's list
+    budget: int
+    text: list[int] = field(default_factory=list)  # every sampled text token (incl. after end)
+    audio: list[int] = field(default_factory=list)
+    valid_text: int = 0
+    valid_audio: int = 0
+    text_done: bool = False
+
+
+def pad_batch(prompts: Sequence[Prompt], pad_id: int, device: torch.device):
+    """Left-pad prompts into [B, P] tensors, per-row positions, masks and feature rows."""
+    width = max(len(p) for p in prompts)
+    b = len(prompts)
+    audio = torch.full((b, width), pad_id, dtype=torch.long)
+    text = torch.full((b, width), pad_id, dtype=torch.long)
+    valid = torch.zeros((b, width), dtype=torch.bool)
+    continuous = torch.zeros((b, width), dtype=torch.bool)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        start = width - len(p)
+        audio[row, start:] = torch.tensor(p.audio_ids)
+        text[row, start:] = torch.tensor(p.text_ids)
+        continuous[row, start:] = torch.tensor(p.continuous_mask, dtype=torch.bool)
+        valid[row, start:] = True
+        positions[row, start:] = torch.arange(len(p))
+    features = torch.cat([p.features for p in prompts if p.features.shape[0]] or [torch.zeros(0)])
+    to = dict(device=device)
+    return (audio.to(**to), text.to(**to), positions.to(**to), valid.to(**to),
+            continuous.to(**to), features.to(**to))
+
+
+@torch.inference_mode()
+def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], special: SpecialIds,
+                   params: GenerationParams, seed_ids: Sequence[int] | None = None
+                   ) -> list[GenerationResult]:
+    """Run one batch to completion; results in the order of `prompts`.
+
+    `seed_ids` (default 0..B-1) number the rows for their per-sequence random generators, so a
+    sampled sequence does not depend on which batch it lands in.
+    """
+    device = model.lm_head.weight.device
+    both = params.output_type == "both"
+    rows = [_Row(i, params.budget(len(p))) for i, p in enumerate(prompts)]
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    for row in rows:
+        if row.budget <= 0:
+            results[row.index] = _result(row, prompts[row.index], "length")
+    live = [row for row in rows if row.budget > 0]
+    if not live:
+        return results
+    batch_prompts = [prompts[r.index] for r in live]
+    audio, text, positions, valid, continuous, features = pad_batch(
+        batch_prompts, special.pad, device)
+    cache = model.new_cache(len(live), audio.shape[1] + min(64, max(r.budget for r in live)),
+                            with_mimo=both)
+    generators = None
+    if not (params.text.greedy and (not both or params.audio.greedy)):
+        generators = []
+        for r in live:
+            g = torch.Generator(device=device)
+            row_id = seed_ids[r.index] if seed_ids is not None else r.index
+            g.manual_seed(params.seed * 1_000_003 + row_id)
+            generators.append(g)
+
+    step = 0
+    step_audio, step_text, step_pos = audio, text, positions
+    while live:
+        cache.reserve(step_audio.shape[1])
+        out = model(step_audio, step_text, step_pos, valid, cache,
+                    continuous_mask=continuous if step == 0 else None,
+                    continuous_features=features if step == 0 else None,
+                    with_mimo=both, last_only=True)
+        history = None
+        if step > 0:
+            history = torch.tensor([r.text for r in live], device=device)
+        next_text = sample(out.text_logits[:, -1], history, params.text, generators)
+        if both:
+            audio_history = None
+            if step > 0:
+                audio_history = torch.tensor([r.audio for r in live], device=device)
+            next_audio = sample(out.audio_logits[:, -1], audio_history, params.audio, generators)
+        next_text_list = next_text.tolist()
+        next_audio_list = next_audio.tolist() if both else [special.text_blank] * len(live)
+
+        keep = []
+        for j, row in enumerate(live):
+            t = next_text_list[j]
+            if row.text_done:
+                t = special.text_blank
+            elif t == special.text_eos:
+                row.text_done = True
+            else:
+                row.valid_text += 1
+            row.text.append(t)
+            a = next_audio_list[j]
+            if step < AUDIO_DELAY_TOKENS or not both:
+                a = special.text_blank
+            else:
+                row.valid_audio += 1
+            row.audio.append(a)
+            next_text_list[j], next_audio_list[j] = t, a
+            stopped = (both and a in (special.msg_end, special.media_end)) or (
+                not both and row.text_done)
+            if stopped or step + 1 >= row.budget:
+                results[row.index] = _result(row, prompts[row.index],
+                                             "stop" if stopped else "length")
+            else:
+                keep.append(j)
+
+        step += 1
+        if len(keep) < len(live):
+            if not keep:
+                break
+            index = torch.tensor(keep, device=device)
+            cache.select_rows(index)
+            valid = valid.index_select(0, index)
+            step_pos = step_pos.index_select(0, index)
+            live = [live[j] for j in keep]
+            generators = [generators[j] for j in keep] if generators else None
+            next_text_list = [next_text_list[j] for j in keep]
+            next_audio_list = [next_audio_list[j] for j in keep]
+        step_text = torch.tensor(next_text_list, device=device)[:, None]
+        step_audio = torch.tensor(next_audio_list, device=device)[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        valid = torch.cat([valid, valid.new_ones(len(live), 1)], dim=1)
+    return results
+
+
+def _result(row: _Row, prompt: Prompt, reason: str) -> GenerationResult:
+    delay = AUDIO_DELAY_TOKENS
+    return GenerationResult(
+        text_token_ids=row.text[: row.valid_text],
+        audio_token_ids=row.audio[delay: delay + row.valid_audio],
+        finish_reason=reason,
+        prompt_tokens=len(prompt),
+        steps=len(row.text),
+    )
