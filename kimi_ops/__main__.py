@@ -1,0 +1,234 @@
+"""`python -m kimi_ops <command>` (also the `kimi-label` console script).
+
+Commands:
+  generate              run one message list (or, with --batch, a list of them) through the engine
+  audio-tokens          GLM-4-Voice VQ codes of audio files, one JSON line per file
+  label                 transcribe audio files, one JSON line per file (bad files become error lines)
+  make-tiny-checkpoint  write a random checkpoint in the official layout (demo, tests, benchmarks)
+  demo                  tiny checkpoint + bundled sample audio -> labels, end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kimi_ops.errors import KimiError
+
+ASR_PROMPT_ZH = "请将音频内容转换为文字。"  # the ASR instruction of the reference's infer.py
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (or a Hugging Face model id)")
+    p.add_argument("--glm-tokenizer", default=None,
+                   help="GLM-4-Voice tokenizer folder (default: <model>/glm-4-voice-tokenizer)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--max-batch-size", type=int, default=32)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-type", choices=["text", "both"], default="text")
+    p.add_argument("--max-new-tokens", type=int, default=-1)
+    p.add_argument("--text-temperature", type=float, default=0.0)
+    p.add_argument("--text-top-k", type=int, default=5)
+    p.add_argument("--text-repetition-penalty", type=float, default=1.0)
+    p.add_argument("--text-repetition-window-size", type=int, default=16)
+    p.add_argument("--audio-temperature", type=float, default=0.0)
+    p.add_argument("--audio-top-k", type=int, default=5)
+    p.add_argument("--audio-repetition-penalty", type=float, default=1.0)
+    p.add_argument("--audio-repetition-window-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = ["max_new_tokens", "text_temperature", "text_top_k", "text_repetition_penalty",
+             "text_repetition_window_size", "audio_temperature", "audio_top_k",
+             "audio_repetition_penalty", "audio_repetition_window_size", "seed"]
+    return {n: getattr(args, n) for n in names}
+
+
+def _load_engine(args: argparse.Namespace):
+    import torch
+
+    from kimi_ops.engine.api import KimiAudio
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return KimiAudio(args.model, device=args.device, dtype=dtype,
+                     glm_tokenizer=args.glm_tokenizer, max_batch_size=args.max_batch_size)
+
+
+def _resolve_audio_paths(messages: Any, base: Path) -> Any:
+    if not isinstance(messages, list):
+        return messages
+    resolved = []
+    for msg in messages:
+        if isinstance(msg, dict) and msg.get("message_type") == "audio" and isinstance(
+                msg.get("content"), str):
+            content = Path(msg["content"]).expanduser()
+            msg = {**msg, "content": str(content if content.is_absolute() else base / content)}
+        resolved.append(msg)
+    return resolved
+
+
+def _result_json(res) -> dict[str, Any]:
+    return {"text": res.text, "text_token_ids": res.text_token_ids,
+            "audio_token_ids": res.audio_token_ids, "finish_reason": res.finish_reason,
+            "prompt_tokens": res.prompt_tokens}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    path = Path(args.messages)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KimiError(f"{path}: cannot read the messages file ({exc})") from None
+    conversations = data if args.batch else [data]
+    if args.batch and not (isinstance(data, list) and all(isinstance(c, list) for c in data)):
+        raise KimiError(f"{path}: with --batch the file must hold a list of message lists")
+    conversations = [_resolve_audio_paths(c, path.parent) for c in conversations]
+    engine = _load_engine(args)
+    results = engine.generate_batch(conversations, output_type=args.output_type,
+                                    **_sampling_kwargs(args))
+    out = [_result_json(r) for r in results]
+    print(json.dumps(out if args.batch else out[0], ensure_ascii=False))
+    return 0
+
+
+def cmd_audio_tokens(args: argparse.Namespace) -> int:
+    engine = _load_engine(args)
+    status = 0
+    for path in args.files:
+        try:
+            enc = engine.encode_audio([path])[0]
+            line = {"path": path, "tokens": [int(t) for t in enc.tokens]}
+        except KimiError as exc:
+            line, status = {"path": path, "error": str(exc), "error_kind": exc.kind}, 1
+        print(json.dumps(line), flush=True)
+    return status
+
+
+def label_files(engine, files: list[str], max_new_tokens: int = -1) -> list[dict[str, Any]]:
+    """Transcribe each file; a file that cannot be used becomes a row with `error`."""
+    from kimi_ops.audio import SAMPLE_RATE, load_audio
+
+    rows: list[dict[str, Any]] = [{"path": f} for f in files]
+    waves, owners = [], []
+    for i, path in enumerate(files):
+        try:
+            waves.append(load_audio(path))
+        except KimiError as exc:
+            rows[i].update(error=str(exc), error_kind=exc.kind)
+            continue
+        rows[i]["duration_s"] = round(len(waves[-1]) / SAMPLE_RATE, 3)
+        owners.append(i)
+    conversations = [
+        [{"role": "user", "message_type": "text", "content": ASR_PROMPT_ZH},
+         {"role": "user", "message_type": "audio", "content": enc}]
+        for enc in (engine.frontend.encode(waves) if waves else [])
+    ]
+    if conversations:
+        results = engine.generate_batch(conversations, max_new_tokens=max_new_tokens)
+        for i, res in zip(owners, results):
+            rows[i].update(transcript=res.text, finish_reason=res.finish_reason)
+    return rows
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    engine = _load_engine(args)
+    rows = label_files(engine, args.files, args.max_new_tokens)
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(args.out, seed=args.seed, preset=args.preset,
+                               num_shards=args.num_shards)
+    print(out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kimi_ops.audio.samples import write_sample_audio
+    from kimi_ops.engine.api import KimiAudio
+    from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
+
+    out = Path(args.out)
+    checkpoint = out / "tiny_checkpoint"
+    if not (checkpoint / "config.json").exists():
+        make_tiny_checkpoint(checkpoint, seed=0, preset="tiny")
+    files = [str(p) for p in write_sample_audio(out / "audio")]
+    files.append(str(out / "audio" / "missing.wav"))  # shows how a bad input is reported
+    print(f"checkpoint: {checkpoint}  (RANDOM weights: the labels below are meaningless; "
+          f"point --model at a real Kimi-Audio-7B-Instruct folder for real labels)")
+    engine = KimiAudio(checkpoint, device="cpu")
+    rows = label_files(engine, files, max_new_tokens=args.max_new_tokens)
+    labels = out / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"{'file':<28} {'seconds':>8}  result")
+    for r in rows:
+        result = r.get("error") or repr(r.get("transcript", ""))[:60]
+        print(f"{Path(r['path']).name:<28} {r.get('duration_s', 0):>8.2f}  {result}")
+    ok = sum("error" not in r for r in rows)
+    print(f"{ok} labelled, {len(rows) - ok} errors; JSON lines in {labels}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kimi_ops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="run message list(s) through the model")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--messages", required=True, help="JSON file: a message list (or a list of them)")
+    p.add_argument("--batch", action="store_true", help="the file holds a list of message lists")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("audio-tokens", help="GLM-4-Voice VQ codes of audio files")
+    _add_model_args(p)
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_audio_tokens)
+
+    p = sub.add_parser("label", help="transcribe audio files (JSON lines)")
+    _add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=-1)
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("make-tiny-checkpoint", help="random checkpoint in the official layout")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--num-shards", type=int, default=None)
+    p.set_defaults(func=cmd_make_tiny_checkpoint)
+
+    p = sub.add_parser("demo", help="label the bundled sample audio with a tiny random checkpoint")
+    p.add_argument("--out", default="demo_output")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KimiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # invalid sampling parameters and the like
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

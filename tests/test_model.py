@@ -1,0 +1,140 @@
+"""The language model against the reference's forward-pass goldens, and the checkpoint loader."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kimi_ops.errors import CheckpointError
+from kimi_ops.model.config import KimiAudioConfig
+from kimi_ops.model.modeling import KimiAudioForCausalLM
+from kimi_ops.model.weights import load_state_dict
+from tests import goldens
+
+FORWARD_CASES = ["asr_a02_chirp_3s_16k", "audio_then_question", "multiturn", "asr_a04_mix_31s_16k"]
+
+
+def full_forward(model, prompt):
+    t = len(prompt)
+    with torch.inference_mode():
+        return model(torch.tensor([prompt.audio_ids]), torch.tensor([prompt.text_ids]),
+                     torch.arange(t)[None], torch.ones(1, t, dtype=torch.bool),
+                     continuous_mask=torch.tensor([prompt.continuous_mask]),
+                     continuous_features=prompt.features, with_mimo=True, last_only=False)
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_forward_logits_match_reference(tiny_model, case):
+    out = full_forward(tiny_model, goldens.golden_prompt(case))
+    pure = goldens.load_npz("pure_fp32/forward_logits.npz")
+    main = goldens.load_npz("forward_logits.npz")
+    pos = pure[f"{case}__positions"]
+    text, audio = out.text_logits[0, pos].numpy(), out.audio_logits[0, pos].numpy()
+    # text logits = backbone/lm_head; audio logits = MIMO branch/mimo_output (kimia.py naming)
+    np.testing.assert_allclose(text, pure[f"{case}__text_logits"], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(audio, pure[f"{case}__audio_logits"], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(text, main[f"{case}__text_logits"], atol=5e-2, rtol=0)
+    np.testing.assert_allclose(audio, main[f"{case}__audio_logits"], atol=5e-2, rtol=0)
+
+
+def test_forward_all_positions(tiny_model):
+    case = "asr_a02_chirp_3s_16k"
+    out = full_forward(tiny_model, goldens.golden_prompt(case))
+    pure = goldens.load_npz("pure_fp32/forward_logits.npz")
+    np.testing.assert_allclose(out.text_logits[0].numpy(),
+                               pure[f"{case}__text_logits_all_positions"], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(out.audio_logits[0].numpy(),
+                               pure[f"{case}__audio_logits_all_positions"], atol=1e-3, rtol=0)
+
+
+def test_text_only_path_skips_mimo_with_identical_text_logits(tiny_model):
+    prompt = goldens.golden_prompt("multiturn")
+    full = full_forward(tiny_model, prompt)
+    t = len(prompt)
+    with torch.inference_mode():
+        text_only = tiny_model(torch.tensor([prompt.audio_ids]), torch.tensor([prompt.text_ids]),
+                               torch.arange(t)[None], torch.ones(1, t, dtype=torch.bool),
+                               continuous_mask=torch.tensor([prompt.continuous_mask]),
+                               continuous_features=prompt.features, with_mimo=False)
+    assert text_only.audio_logits is None
+    torch.testing.assert_close(text_only.text_logits[0, -1], full.text_logits[0, -1])
+
+
+def test_text_embedding_skipped_for_all_zero_text_row(tiny_model):
+    """Reference quirk: a row whose text ids sum to 0 gets no text embedding, per row."""
+    audio = torch.tensor([[5, 6], [5, 6]])
+    text = torch.tensor([[0, 0], [0, 7]])
+    x = tiny_model.embed(audio, text)
+    e = tiny_model.model.embed_tokens
+    torch.testing.assert_close(x[0], e(audio[0]))
+    torch.testing.assert_close(x[1], e(audio[1]) + e(text[1]))
+
+
+def test_config_rejects_missing_fields(tmp_path):
+    raw = json.loads((goldens.CHECKPOINT / "config.json").read_text())
+    del raw["kimia_token_offset"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="kimia_token_offset"):
+        KimiAudioConfig.from_file(tmp_path / "config.json")
+
+
+def _copy_weights(tmp_path):
+    shutil.copy(goldens.CHECKPOINT / "config.json", tmp_path / "config.json")
+    return load_file(goldens.CHECKPOINT / "model.safetensors")
+
+
+def _new_model():
+    config = KimiAudioConfig.from_file(goldens.CHECKPOINT / "config.json")
+    with torch.device("meta"):
+        return KimiAudioForCausalLM(config)
+
+
+def test_sharded_checkpoint_loads_identically(tmp_path, tiny_model):
+    tensors = _copy_weights(tmp_path)
+    names = sorted(tensors)
+    half = len(names) // 2
+    weight_map = {}
+    for shard, part in (("model-1-of-2.safetensors", names[:half]),
+                        ("model-2-of-2.safetensors", names[half:])):
+        save_file({n: tensors[n] for n in part}, tmp_path / shard)
+        weight_map.update({n: shard for n in part})
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    model = _new_model()
+    load_state_dict(model, tmp_path, torch.float32)
+    for (name, a), b in zip(model.state_dict().items(), tiny_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_inv_freq_buffers_are_ignored(tmp_path):
+    tensors = _copy_weights(tmp_path)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8, dtype=torch.bfloat16)
+    save_file(tensors, tmp_path / "model.safetensors")
+    load_state_dict(_new_model(), tmp_path, torch.float32)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    tensors = _copy_weights(tmp_path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+        load_state_dict(_new_model(), tmp_path, torch.float32)
+
+
+def test_misshapen_tensor_is_named(tmp_path):
+    tensors = _copy_weights(tmp_path)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][:-1].contiguous()
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"lm_head.weight has shape \(1060, 64\)"):
+        load_state_dict(_new_model(), tmp_path, torch.float32)
+
+
+def test_missing_shard_file_is_named(tmp_path):
+    _copy_weights(tmp_path)
+    weight_map = {n: "model-1-of-1.safetensors" for n in _new_model().state_dict()}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="model-1-of-1.safetensors"):
+        load_state_dict(_new_model(), tmp_path, torch.float32)
