@@ -1,0 +1,88 @@
+"""The command-line contract, run as a user would: `python -m kimi_ops ...` in a subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests import goldens
+
+GEN_CASES = list(goldens.load_json("generation.json"))
+
+
+def kimi(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "kimi_ops", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def inputs_dir(tmp_path_factory):
+    """A folder with the golden inputs linked in, so messages can use relative paths."""
+    folder = tmp_path_factory.mktemp("inputs")
+    for f in goldens.INPUTS.iterdir():
+        (folder / f.name).symlink_to(f)
+    return folder
+
+
+def test_generate_single_matches_reference(inputs_dir):
+    case = "multiturn"
+    messages = inputs_dir / "multiturn.json"
+    messages.write_text(json.dumps(goldens.prompts()[case]["messages"]))
+    out = json.loads(kimi("generate", "--model", goldens.CHECKPOINT, "--messages", messages,
+                          "--max-new-tokens", 24).stdout)
+    expected = goldens.load_json("generation.json")[case]
+    assert out["text_token_ids"] == expected["text_tokens_from_generate_loop"]
+    assert out["text"] == expected["decoded_text"]
+
+
+def test_generate_batch_matches_reference_for_every_case(inputs_dir):
+    messages = inputs_dir / "all.json"
+    messages.write_text(json.dumps([goldens.prompts()[c]["messages"] for c in GEN_CASES]))
+    out = json.loads(kimi("generate", "--model", goldens.CHECKPOINT, "--messages", messages,
+                          "--batch", "--max-new-tokens", 24).stdout)
+    expected = goldens.load_json("generation.json")
+    assert [o["text_token_ids"] for o in out] == [
+        expected[c]["text_tokens_from_generate_loop"] for c in GEN_CASES]
+
+
+def test_audio_tokens_match_reference():
+    files = sorted(goldens.INPUTS.iterdir())
+    lines = kimi("audio-tokens", "--model", goldens.CHECKPOINT, *files).stdout.splitlines()
+    expected = goldens.load_json("audio_tokens.json")
+    assert len(lines) == len(files)
+    for f, line in zip(files, lines):
+        row = json.loads(line)
+        assert row["path"] == str(f)
+        assert row["tokens"] == expected["inputs"][goldens.stem(f.name)]["vq_codes"], f.name
+
+
+def test_label_reports_bad_files_and_labels_the_rest(tmp_path):
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"this is not audio at all" * 10)
+    good = goldens.INPUTS / "a01_tone_0p5s_16k.wav"
+    proc = kimi("label", "--model", goldens.CHECKPOINT, "--max-new-tokens", 8,
+                good, junk, tmp_path / "gone.wav", check=False)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [str(good), str(junk), str(tmp_path / "gone.wav")]
+    assert "transcript" in rows[0] and rows[0]["duration_s"] == pytest.approx(0.5)
+    assert rows[1]["error_kind"] == "undecodable" and "junk.wav" in rows[1]["error"]
+    assert rows[2]["error_kind"] == "not_found" and "gone.wav" in rows[2]["error"]
+    assert proc.returncode == 1
+
+
+def test_bad_messages_file_is_a_clear_error(tmp_path):
+    messages = tmp_path / "m.json"
+    messages.write_text(json.dumps([{"role": "narrator", "message_type": "text", "content": "x"}]))
+    proc = kimi("generate", "--model", goldens.CHECKPOINT, "--messages", messages, check=False)
+    assert proc.returncode == 2
+    assert "unknown role 'narrator'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = kimi("audio-tokens", "--model", tmp_path / "nope", "x.wav", check=False)
+    assert proc.returncode == 2 and "checkpoint folder not found" in proc.stderr
