@@ -1,0 +1,171 @@
+"""kimi_ops.audio: decoding, downmix, resampling and 30 s chunking, against librosa's goldens."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from kimi_ops.audio import CHUNK_SAMPLES, SAMPLE_RATE, load_audio, num_chunks, split_chunks
+from kimi_ops.errors import (
+    AudioDecodeError,
+    AudioError,
+    AudioNotFoundError,
+    EmptyAudioError,
+    NonFiniteAudioError,
+)
+
+KIMI_TINY = Path(__file__).resolve().parents[1].parent / "shared" / "kimi_tiny"
+INPUTS = KIMI_TINY / "inputs"
+GOLDEN = KIMI_TINY / "golden"
+
+
+def _require() -> None:
+    assert GOLDEN.is_dir() and INPUTS.is_dir(), f"goldens not found at {KIMI_TINY}"
+
+
+def _inputs() -> list[Path]:
+    _require()
+    return sorted(INPUTS.iterdir())
+
+
+def test_stereo_44k1_matches_librosa_load():
+    _require()
+    expected = np.load(GOLDEN / "frontend_debug.npz")["wav16k__a05_stereo_5s_44k1"]
+    wav = load_audio(INPUTS / "a05_stereo_5s_44k1.wav")
+    assert wav.dtype == np.float32 and wav.ndim == 1 and wav.flags.c_contiguous
+    assert wav.shape == expected.shape
+    np.testing.assert_allclose(wav, expected, rtol=0, atol=1e-5)
+
+
+def test_lengths_match_reference_for_every_input():
+    golden = json.loads((GOLDEN / "audio_tokens.json").read_text())["inputs"]
+    paths = _inputs()
+    assert len(paths) == len(golden) == 6
+    for path in paths:
+        assert load_audio(path).shape == (golden[path.stem]["num_samples_16k"],), path.name
+
+
+@pytest.mark.parametrize("name", ["a05_stereo_5s_44k1.wav", "a06_speech_2p37s_16k.flac"])
+def test_bytes_and_waveform_inputs_equal_path_input(name):
+    _require()
+    path = INPUTS / name
+    expected = load_audio(path)
+    raw, rate = sf.read(path, dtype="float32", always_2d=True)  # [frames, channels]
+    variants = {
+        "str path": load_audio(str(path)),
+        "bytes": load_audio(path.read_bytes()),
+        "bytearray": load_audio(bytearray(path.read_bytes()), name=name),
+        "tuple channels-last": load_audio((raw, rate)),
+        "tuple channels-first tensor": load_audio((torch.from_numpy(raw.T.copy()), rate)),
+        "bare array + sample_rate": load_audio(raw, sample_rate=rate),
+        "tuple mono 1-D": load_audio((raw.mean(axis=1, dtype=np.float32), rate)),
+    }
+    for label, wav in variants.items():
+        np.testing.assert_array_equal(wav, expected, err_msg=label)
+
+
+def test_integer_pcm_waveform_is_scaled_like_soundfile():
+    _require()
+    path = INPUTS / "a02_chirp_3s_16k.wav"
+    pcm, rate = sf.read(path, dtype="int16")
+    np.testing.assert_array_equal(load_audio((pcm, rate)), load_audio(path))
+
+
+def test_16k_input_is_not_resampled():
+    _require()
+    path = INPUTS / "a03_speech_12s_16k.wav"
+    raw, rate = sf.read(path, dtype="float32")
+    assert rate == SAMPLE_RATE
+    np.testing.assert_array_equal(load_audio(path), raw)
+
+
+def _wav_bytes(samples: np.ndarray, rate: int = 16000, subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere" / "missing_clip.wav"
+    with pytest.raises(AudioNotFoundError, match="missing_clip.wav") as info:
+        load_audio(path)
+    assert info.value.kind == "not_found" and str(path) in str(info.value)
+    with pytest.raises(AudioNotFoundError, match="nowhere"):
+        load_audio(tmp_path / "nowhere")
+    with pytest.raises(AudioNotFoundError):
+        load_audio(tmp_path)  # a directory
+
+
+def test_undecodable_bytes_and_file(tmp_path):
+    junk = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    with pytest.raises(AudioDecodeError, match="junk_upload.wav") as info:
+        load_audio(junk, name="junk_upload.wav")
+    assert info.value.kind == "undecodable" and info.value.source == "junk_upload.wav"
+    with pytest.raises(AudioDecodeError, match="<bytes>"):
+        load_audio(junk)
+    path = tmp_path / "corrupt.flac"
+    path.write_bytes(junk)
+    with pytest.raises(AudioDecodeError, match="corrupt.flac"):
+        load_audio(path)
+
+
+def test_empty_audio(tmp_path):
+    path = tmp_path / "silent_nothing.wav"
+    sf.write(path, np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(EmptyAudioError, match="silent_nothing.wav") as info:
+        load_audio(path)
+    assert info.value.kind == "empty_audio"
+    with pytest.raises(EmptyAudioError, match="empty.bin"):
+        load_audio(b"", name="empty.bin")
+    with pytest.raises(EmptyAudioError, match="<waveform>"):
+        load_audio((np.zeros(0, dtype=np.float32), 16000))
+
+
+def test_non_finite_samples(tmp_path):
+    samples = np.zeros(1600, dtype=np.float32)
+    samples[100] = np.nan
+    path = tmp_path / "has_nan.wav"
+    path.write_bytes(_wav_bytes(samples, subtype="FLOAT"))
+    with pytest.raises(NonFiniteAudioError, match="has_nan.wav") as info:
+        load_audio(path)
+    assert info.value.kind == "non_finite"
+    stereo = np.zeros((44100, 2), dtype=np.float32)
+    stereo[5, 1] = np.inf
+    with pytest.raises(NonFiniteAudioError, match="clip-7"):
+        load_audio((stereo, 44100), name="clip-7")
+
+
+def test_bad_waveform_arguments():
+    with pytest.raises(AudioDecodeError, match="sample_rate"):
+        load_audio(np.zeros(16000, dtype=np.float32))  # bare array without a rate
+    with pytest.raises(AudioDecodeError, match="sample rate"):
+        load_audio((np.zeros(16000, dtype=np.float32), 0))
+    with pytest.raises(AudioDecodeError, match="1-D or 2-D"):
+        load_audio((np.zeros((2, 2, 100), dtype=np.float32), 16000))
+    with pytest.raises(AudioDecodeError, match="disagrees"):
+        load_audio((np.zeros(100, dtype=np.float32), 8000), sample_rate=16000)
+    with pytest.raises(AudioDecodeError, match="44100"):
+        _require()
+        load_audio(INPUTS / "a05_stereo_5s_44k1.wav", sample_rate=16000)
+    assert issubclass(AudioDecodeError, AudioError)
+
+
+def test_split_chunks():
+    wav = np.arange(CHUNK_SAMPLES + 16000, dtype=np.float32)
+    chunks = split_chunks(wav)
+    assert [len(c) for c in chunks] == [CHUNK_SAMPLES, 16000]
+    np.testing.assert_array_equal(np.concatenate(chunks), wav)
+    assert [len(c) for c in split_chunks(wav[:CHUNK_SAMPLES])] == [CHUNK_SAMPLES]
+    assert [len(c) for c in split_chunks(np.zeros(2 * CHUNK_SAMPLES + 1))] == [
+        CHUNK_SAMPLES,
+        CHUNK_SAMPLES,
+        1,
+    ]
+    assert split_chunks(np.zeros(0)) == []
+    assert [num_chunks(n) for n in (0, 1, CHUNK_SAMPLES, CHUNK_SAMPLES + 1)] == [0, 1, 1, 2]
