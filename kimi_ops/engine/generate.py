@@ -104,6 +104,57 @@ def pad_batch(prompts: Sequence[Prompt], pad_id: int, device: torch.device):
             continuous.to(**to), features.to(**to))
 
 
+def prefill_groups(lengths: Sequence[int], max_padding: float, max_tokens: int) -> list[list[int]]:
+    """Rows grouped by similar length so a group's padded size stays within `max_padding` times
+    its real tokens (and under `max_tokens`): prefill is compute-bound, padding is wasted work."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups:
+            group = groups[-1]
+            head = lengths[group[0]]
+            size = (len(group) + 1) * head
+            if size <= max_padding * (real + lengths[i]) and size <= max_tokens:
+                group.append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
+
+
+def prefill(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], pad_id: int, with_mimo: bool,
+            extra_capacity: int, max_padding: float = 1.25, max_tokens: int = 16384):
+    """Forward every prompt, in length groups, into one left-padded KV cache.
+
+    Returns (cache, key_valid [B, P], text logits [B, V], audio logits [B, V] or None).
+    """
+    device = model.lm_head.weight.device
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    cache = model.new_cache(len(prompts), width + extra_capacity, with_mimo)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+    text_logits: list[torch.Tensor | None] = [None] * len(prompts)
+    audio_logits: list[torch.Tensor | None] = [None] * len(prompts)
+    for group in prefill_groups(lengths, max_padding, max_tokens):
+        audio, text, positions, group_valid, continuous, features = pad_batch(
+            [prompts[i] for i in group], pad_id, device)
+        part = model.new_cache(len(group), audio.shape[1], with_mimo)
+        out = model(audio, text, positions, group_valid, part, continuous, features,
+                    with_mimo=with_mimo, last_only=True)
+        rows = torch.tensor(group, device=device)
+        cache.put_rows(rows, part, width)
+        valid[rows, width - audio.shape[1]:] = group_valid
+        for j, i in enumerate(group):
+            text_logits[i] = out.text_logits[j, -1]
+            if with_mimo:
+                audio_logits[i] = out.audio_logits[j, -1]
+    cache.length = width
+    return (cache, valid, torch.stack(text_logits),
+            torch.stack(audio_logits) if with_mimo else None)
+
+
 @torch.inference_mode()
 def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], special: SpecialIds,
                    params: GenerationParams, seed_ids: Sequence[int] | None = None
@@ -123,11 +174,6 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
     live = [row for row in rows if row.budget > 0]
     if not live:
         return results
-    batch_prompts = [prompts[r.index] for r in live]
-    audio, text, positions, valid, continuous, features = pad_batch(
-        batch_prompts, special.pad, device)
-    cache = model.new_cache(len(live), audio.shape[1] + min(64, max(r.budget for r in live)),
-                            with_mimo=both)
     generators = None
     if not (params.text.greedy and (not both or params.audio.greedy)):
         generators = []
@@ -137,23 +183,17 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
             g.manual_seed(params.seed * 1_000_003 + row_id)
             generators.append(g)
 
+    cache, valid, text_logits, audio_logits = prefill(
+        model, [prompts[r.index] for r in live], special.pad, both,
+        extra_capacity=min(64, max(r.budget for r in live)))
+    positions = torch.tensor([[len(prompts[r.index]) - 1] for r in live], device=device)
     step = 0
-    step_audio, step_text, step_pos = audio, text, positions
-    while live:
-        cache.reserve(step_audio.shape[1])
-        out = model(step_audio, step_text, step_pos, valid, cache,
-                    continuous_mask=continuous if step == 0 else None,
-                    continuous_features=features if step == 0 else None,
-                    with_mimo=both, last_only=True)
-        history = None
-        if step > 0:
-            history = torch.tensor([r.text for r in live], device=device)
-        next_text = sample(out.text_logits[:, -1], history, params.text, generators)
+    while True:
+        history = torch.tensor([r.text for r in live], device=device) if step else None
+        next_text = sample(text_logits, history, params.text, generators)
         if both:
-            audio_history = None
-            if step > 0:
-                audio_history = torch.tensor([r.audio for r in live], device=device)
-            next_audio = sample(out.audio_logits[:, -1], audio_history, params.audio, generators)
+            audio_history = torch.tensor([r.audio for r in live], device=device) if step else None
+            next_audio = sample(audio_logits, audio_history, params.audio, generators)
         next_text_list = next_text.tolist()
         next_audio_list = next_audio.tolist() if both else [special.text_blank] * len(live)
 
@@ -181,24 +221,26 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
                                              "stop" if stopped else "length")
             else:
                 keep.append(j)
-
         step += 1
+        if not keep:
+            return results
         if len(keep) < len(live):
-            if not keep:
-                break
             index = torch.tensor(keep, device=device)
             cache.select_rows(index)
             valid = valid.index_select(0, index)
-            step_pos = step_pos.index_select(0, index)
+            positions = positions.index_select(0, index)
             live = [live[j] for j in keep]
             generators = [generators[j] for j in keep] if generators else None
             next_text_list = [next_text_list[j] for j in keep]
             next_audio_list = [next_audio_list[j] for j in keep]
-        step_text = torch.tensor(next_text_list, device=device)[:, None]
-        step_audio = torch.tensor(next_audio_list, device=device)[:, None]
-        step_pos = step_pos[:, -1:] + 1
+        positions = positions + 1
         valid = torch.cat([valid, valid.new_ones(len(live), 1)], dim=1)
-    return results
+        cache.reserve(1)
+        out = model(torch.tensor(next_audio_list, device=device)[:, None],
+                    torch.tensor(next_text_list, device=device)[:, None],
+                    positions, valid, cache, with_mimo=both, last_only=True)
+        text_logits = out.text_logits[:, -1]
+        audio_logits = out.audio_logits[:, -1] if both else None
 
 
 def _result(row: _Row, prompt: Prompt, reason: str) -> GenerationResult:

@@ -93,8 +93,8 @@ class GlmVqTokenizer:
     def tokenize(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         """16 kHz float32 mono waveforms -> raw codebook ids (int64, one array per waveform)."""
         pieces = self._pieces(wavs)
-        # mini-batches of pieces with similar lengths; causal convs make extra padding harmless,
-        # otherwise only equal padded lengths may share a batch
+        # mini-batches of pieces within 4:3 of each other's length; causal convs make extra
+        # padding harmless, otherwise only equal padded lengths may share a batch
         order = sorted(range(len(pieces)), key=lambda i: -pieces[i][2])
         batches: list[list[int]] = []
         for i in order:
@@ -102,6 +102,7 @@ class GlmVqTokenizer:
             if (
                 last is not None
                 and len(last) < self.max_batch_pieces
+                and 4 * pieces[i][2] >= 3 * pieces[last[0]][2]  # bound the padding work
                 and (self.encoder.cfg.causal_conv or pieces[last[0]][2] == pieces[i][2])
             ):
                 last.append(i)
