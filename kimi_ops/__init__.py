@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["KimiAudio", "GenerationResult"]
+__all__ = ["GenerationResult", "KimiAudio"]
 
 
 def __getattr__(name: str):  # lazy: `python -m kimi_ops --help` should not import torch

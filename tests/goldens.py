@@ -6,7 +6,7 @@ Tests only: the implementation never reads these. A missing folder is a test fai
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +22,13 @@ def require() -> None:
     assert GOLDEN.is_dir(), f"parity goldens not found at {KIMI_TINY} (expected ../shared/kimi_tiny)"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_json(name: str) -> dict:
     require()
     return json.loads((GOLDEN / name).read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_npz(name: str) -> dict:
     require()
     with np.load(GOLDEN / name) as data:

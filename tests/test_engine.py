@@ -104,3 +104,12 @@ def test_budget_and_validation(tiny_model, tokenizer, golden_prompts):
         GenerationParams(max_new_tokens=0).validate()
     with pytest.raises(ValueError, match="output_type"):
         GenerationParams(output_type="audio").validate()
+
+
+def test_prefill_groups_bound_padding():
+    from kimi_ops.engine.generate import prefill_groups
+
+    assert prefill_groups([10, 9, 3, 2], max_padding=1.25, max_tokens=1000) == [[0, 1], [2, 3]]
+    assert prefill_groups([5, 5, 5], max_padding=1.25, max_tokens=10) == [[0, 1], [2]]
+    groups = prefill_groups([40, 300, 41, 299, 120], max_padding=1.25, max_tokens=10_000)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]

@@ -9,8 +9,9 @@ front-end together, then prompts are grouped by length into batches for the engi
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -18,13 +19,13 @@ from kimi_ops.audio import load_audio
 from kimi_ops.engine.generate import GenerationParams, GenerationResult, generate_batch
 from kimi_ops.engine.prompt import Prompt, audio_contents, build_prompt, validate_messages
 from kimi_ops.engine.sampling import StreamSampling
+from kimi_ops.errors import CheckpointError
 from kimi_ops.frontend import AudioEncoding, AudioFrontend
 from kimi_ops.model.checkpoint import resolve_checkpoint
 from kimi_ops.model.config import KimiAudioConfig
 from kimi_ops.model.modeling import KimiAudioForCausalLM
 from kimi_ops.model.text_tokenizer import TextTokenizer
 from kimi_ops.model.weights import load_state_dict
-from kimi_ops.errors import CheckpointError
 
 
 def default_device() -> torch.device:

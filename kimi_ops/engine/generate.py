@@ -16,8 +16,8 @@ so the remaining rows decode faster. Per row the loop does what the reference do
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ class GenerationParams:
     output_type: str = "text"
     seed: int = 0
 
-    def validate(self) -> "GenerationParams":
+    def validate(self) -> GenerationParams:
         if self.output_type not in ("text", "both"):
             raise ValueError(f"output_type must be 'text' or 'both', got {self.output_type!r}")
         if self.max_new_tokens == 0 or self.max_new_tokens < -1:

@@ -34,7 +34,7 @@ class CheckpointPaths:
     def whisper(self) -> Path:
         return self.root / WHISPER_SUBDIR
 
-    def check(self) -> "CheckpointPaths":
+    def check(self) -> CheckpointPaths:
         for path in (self.config, self.tiktoken, self.whisper, self.glm):
             if not path.exists():
                 raise CheckpointError(f"{path}: required part of the checkpoint is missing")

@@ -43,7 +43,7 @@ class KimiAudioConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiAudioConfig":
+    def from_dict(cls, raw: dict, source: str = "config.json") -> KimiAudioConfig:
         known = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING}
         missing = sorted(name for name in required if name not in raw)
@@ -54,7 +54,7 @@ class KimiAudioConfig:
         return config
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "KimiAudioConfig":
+    def from_file(cls, path: str | Path) -> KimiAudioConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())

@@ -95,7 +95,7 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def put_rows(self, rows: torch.Tensor, part: "KVCache", end: int) -> None:
+    def put_rows(self, rows: torch.Tensor, part: KVCache, end: int) -> None:
         """Copy `part` (a cache of len(rows) rows) into `rows`, its last position at `end` - 1."""
         start = end - part.length
         for mine, theirs in ((self.keys, part.keys), (self.values, part.values)):

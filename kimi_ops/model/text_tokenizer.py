@@ -56,7 +56,7 @@ class SpecialIds:
     pad: int
 
     @classmethod
-    def from_base(cls, num_base: int) -> "SpecialIds":
+    def from_base(cls, num_base: int) -> SpecialIds:
         return cls(msg_end=num_base + 2, media_begin=num_base + 18, media_end=num_base + 20,
                    text_blank=num_base + 23, text_eos=num_base + 24,
                    user_msg_start=num_base + 27, assistant_msg_start=num_base + 28,
