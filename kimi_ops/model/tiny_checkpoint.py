@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from kimi_ops.model.text_tokenizer import NUM_SPECIAL_TOKENS, special_token_names
+
 __all__ = [
     "PRESETS",
     "SPECIAL_TOKENS",
@@ -61,37 +63,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 # Special tokens (spec §1.2): 34 named offsets, the rest reserved, pad = last.
 
-_NAMED_SPECIALS = {
-    0: "[BOS]",
-    1: "[EOS]",
-    2: "<|im_msg_end|>",
-    3: "<|im_user_msg_start|>",
-    4: "<|im_assistant_msg_start|>",
-    9: "[EOT]",
-    18: "<|im_media_begin|>",
-    20: "<|im_media_end|>",
-    23: "<|im_kimia_text_blank|>",
-    24: "<|im_kimia_text_eos|>",
-    27: "<|im_kimia_user_msg_start|>",
-    28: "<|im_kimia_assistant_msg_start|>",
-    32: "<|im_kimia_speech_ct_id|>",
-    33: "<|im_kimia_speech_ctd_id|>",
-}
-NUM_SPECIAL_TOKENS = 421
-
-
-def _special_tokens() -> tuple[str, ...]:
-    out, reserved = [], 0
-    for offset in range(NUM_SPECIAL_TOKENS):
-        name = _NAMED_SPECIALS.get(offset)
-        if name is None:
-            name = f"<|reserved_token_{reserved}|>"
-            reserved += 1
-        out.append(name)
-    return tuple(out)
-
-
-SPECIAL_TOKENS: tuple[str, ...] = _special_tokens()  # index = id - num_base_tokens
+SPECIAL_TOKENS: tuple[str, ...] = tuple(special_token_names())  # index = id - num_ranks
 _OFFSET = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
 _ADDITIONAL_SPECIALS = [
     "<|im_msg_end|>",

@@ -1,0 +1,35 @@
+"""GPU checks (marker `gpu`): run where CUDA is present, e.g. on a lent device machine."""
+
+import pytest
+import torch
+
+from kimi_ops.engine.api import KimiAudio
+from tests import goldens
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+GEN_CASES = list(goldens.load_json("generation.json"))
+
+
+def golden_conversations():
+    prompts = goldens.prompts()
+    return [[{**m, "content": str(goldens.INPUTS / m["content"])} if m["message_type"] == "audio"
+             else m for m in prompts[c]["messages"]] for c in GEN_CASES]
+
+
+def test_cuda_fp32_greedy_tokens_match_reference():
+    engine = KimiAudio(goldens.CHECKPOINT, device="cuda", dtype=torch.float32)
+    results = engine.generate_batch(golden_conversations(), max_new_tokens=24)
+    expected = goldens.load_json("generation.json")
+    for case, res in zip(GEN_CASES, results):
+        assert res.text_token_ids == expected[case]["text_tokens_from_generate_loop"], case
+
+
+def test_cuda_defaults_to_bf16_and_runs_batched():
+    engine = KimiAudio(goldens.CHECKPOINT, device="cuda")
+    assert engine.dtype == torch.bfloat16
+    conversations = golden_conversations()
+    batched = engine.generate_batch(conversations, max_new_tokens=24)
+    assert len(batched) == len(conversations)
+    assert all(r.finish_reason in ("stop", "length") for r in batched)
