@@ -169,3 +169,22 @@ def test_split_chunks():
     ]
     assert split_chunks(np.zeros(0)) == []
     assert [num_chunks(n) for n in (0, 1, CHUNK_SAMPLES, CHUNK_SAMPLES + 1)] == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("fmt, subtype, suffix", [
+    ("WAV", "PCM_16", ".wav"), ("FLAC", "PCM_16", ".flac"), ("OGG", "VORBIS", ".ogg"),
+    ("OGG", "OPUS", ".opus"), ("MP3", "MPEG_LAYER_III", ".mp3"),
+])
+def test_common_formats_decode_to_16k_mono(tmp_path, fmt, subtype, suffix):
+    sr = 48000
+    t = np.arange(sr) / sr  # 1 s, stereo, 440 Hz
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 440 * t)], axis=1)
+    path = tmp_path / f"tone{suffix}"
+    sf.write(path, (0.5 * stereo).astype(np.float32), sr, format=fmt, subtype=subtype)
+    wav = load_audio(path)
+    assert wav.dtype == np.float32 and wav.ndim == 1
+    assert abs(len(wav) - SAMPLE_RATE) <= 0.06 * SAMPLE_RATE  # lossy codecs add priming frames
+    spectrum = np.abs(np.fft.rfft(wav[2000:14000]))
+    peak_hz = np.argmax(spectrum) * SAMPLE_RATE / 12000
+    assert abs(peak_hz - 440) < 5
+    assert 0.25 < np.max(np.abs(wav)) < 0.5  # mean of the two channels (0.5 and 0.25 amplitude)
