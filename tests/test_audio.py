@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +18,18 @@ from kimi_ops.errors import (
     EmptyAudioError,
     NonFiniteAudioError,
 )
-
-KIMI_TINY = Path(__file__).resolve().parents[1].parent / "shared" / "kimi_tiny"
-INPUTS = KIMI_TINY / "inputs"
-GOLDEN = KIMI_TINY / "golden"
-
-
-def _require() -> None:
-    assert GOLDEN.is_dir() and INPUTS.is_dir(), f"goldens not found at {KIMI_TINY}"
+from tests import goldens
+from tests.goldens import INPUTS
 
 
 def _inputs() -> list[Path]:
-    _require()
+    goldens.require()
     return sorted(INPUTS.iterdir())
 
 
 def test_stereo_44k1_matches_librosa_load():
-    _require()
-    expected = np.load(GOLDEN / "frontend_debug.npz")["wav16k__a05_stereo_5s_44k1"]
+    goldens.require()
+    expected = goldens.load_npz("frontend_debug.npz")["wav16k__a05_stereo_5s_44k1"]
     wav = load_audio(INPUTS / "a05_stereo_5s_44k1.wav")
     assert wav.dtype == np.float32 and wav.ndim == 1 and wav.flags.c_contiguous
     assert wav.shape == expected.shape
@@ -44,7 +37,7 @@ def test_stereo_44k1_matches_librosa_load():
 
 
 def test_lengths_match_reference_for_every_input():
-    golden = json.loads((GOLDEN / "audio_tokens.json").read_text())["inputs"]
+    golden = goldens.load_json("audio_tokens.json")["inputs"]
     paths = _inputs()
     assert len(paths) == len(golden) == 6
     for path in paths:
@@ -53,7 +46,7 @@ def test_lengths_match_reference_for_every_input():
 
 @pytest.mark.parametrize("name", ["a05_stereo_5s_44k1.wav", "a06_speech_2p37s_16k.flac"])
 def test_bytes_and_waveform_inputs_equal_path_input(name):
-    _require()
+    goldens.require()
     path = INPUTS / name
     expected = load_audio(path)
     raw, rate = sf.read(path, dtype="float32", always_2d=True)  # [frames, channels]
@@ -71,14 +64,14 @@ def test_bytes_and_waveform_inputs_equal_path_input(name):
 
 
 def test_integer_pcm_waveform_is_scaled_like_soundfile():
-    _require()
+    goldens.require()
     path = INPUTS / "a02_chirp_3s_16k.wav"
     pcm, rate = sf.read(path, dtype="int16")
     np.testing.assert_array_equal(load_audio((pcm, rate)), load_audio(path))
 
 
 def test_16k_input_is_not_resampled():
-    _require()
+    goldens.require()
     path = INPUTS / "a03_speech_12s_16k.wav"
     raw, rate = sf.read(path, dtype="float32")
     assert rate == SAMPLE_RATE
@@ -151,7 +144,7 @@ def test_bad_waveform_arguments():
     with pytest.raises(AudioDecodeError, match="disagrees"):
         load_audio((np.zeros(100, dtype=np.float32), 8000), sample_rate=16000)
     with pytest.raises(AudioDecodeError, match="44100"):
-        _require()
+        goldens.require()
         load_audio(INPUTS / "a05_stereo_5s_44k1.wav", sample_rate=16000)
     assert issubclass(AudioDecodeError, AudioError)
 

@@ -7,7 +7,6 @@ VQ ids must be identical for every input; whisper features within 1e-4; batching
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -21,13 +20,11 @@ from kimi_ops.audio import CHUNK_SAMPLES, load_audio
 from kimi_ops.errors import CheckpointError
 from kimi_ops.frontend import AudioEncoding, AudioFrontend, GlmVqTokenizer, KimiWhisperEncoder
 from kimi_ops.frontend.encoder import AudioEncoder, load_encoder_weights
+from tests import goldens
+from tests.goldens import CHECKPOINT, INPUTS
 
-KIMI_TINY = Path(__file__).resolve().parents[1].parent / "shared" / "kimi_tiny"
-CHECKPOINT = KIMI_TINY / "checkpoint"
 GLM_DIR = CHECKPOINT / "glm-4-voice-tokenizer"
 WHISPER_DIR = CHECKPOINT / "whisper-large-v3"
-INPUTS = KIMI_TINY / "inputs"
-GOLDEN = KIMI_TINY / "golden"
 
 STEMS = [
     "a01_tone_0p5s_16k",
@@ -39,13 +36,9 @@ STEMS = [
 ]
 
 
-def _require() -> None:
-    assert GOLDEN.is_dir() and CHECKPOINT.is_dir(), f"goldens not found at {KIMI_TINY}"
-
-
 @pytest.fixture(scope="module")
 def wavs() -> dict[str, np.ndarray]:
-    _require()
+    goldens.require()
     paths = {p.stem: p for p in INPUTS.iterdir()}
     assert sorted(paths) == STEMS
     return {stem: load_audio(paths[stem]) for stem in STEMS}
@@ -53,7 +46,7 @@ def wavs() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def frontend() -> AudioFrontend:
-    _require()
+    goldens.require()
     return AudioFrontend.from_checkpoint(CHECKPOINT)
 
 
@@ -72,22 +65,17 @@ def batched(frontend, wavs) -> dict[str, AudioEncoding]:
 
 @pytest.fixture(scope="module")
 def golden_tokens() -> dict:
-    _require()
-    return json.loads((GOLDEN / "audio_tokens.json").read_text())["inputs"]
+    return goldens.load_json("audio_tokens.json")["inputs"]
 
 
 @pytest.fixture(scope="module")
 def golden_features() -> dict[str, np.ndarray]:
-    _require()
-    with np.load(GOLDEN / "whisper_features.npz") as data:
-        return {k: data[k] for k in data.files}
+    return goldens.load_npz("whisper_features.npz")
 
 
 @pytest.fixture(scope="module")
 def debug() -> dict[str, np.ndarray]:
-    _require()
-    with np.load(GOLDEN / "frontend_debug.npz") as data:
-        return {k: data[k] for k in data.files}
+    return goldens.load_npz("frontend_debug.npz")
 
 
 # ---- parity with the reference --------------------------------------------------------------
@@ -260,7 +248,7 @@ def _copy_without_weights(src: Path, dst: Path) -> Path:
 
 
 def test_checkpoint_errors(tmp_path):
-    _require()
+    goldens.require()
     glm = _copy_without_weights(GLM_DIR, tmp_path / "glm")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         GlmVqTokenizer.from_pretrained(glm)
@@ -284,7 +272,7 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_whisper_accepts_encoder_prefix(tmp_path, wavs, single):
-    _require()
+    goldens.require()
     whisper = _copy_without_weights(WHISPER_DIR, tmp_path / "whisper")
     _rewrite(
         WHISPER_DIR,

@@ -17,8 +17,9 @@ from safetensors import safe_open
 
 from kimi_ops.audio.samples import SAMPLE_CLIPS, write_sample_audio
 from kimi_ops.model.tiny_checkpoint import PRESETS, SPECIAL_TOKENS, make_tiny_checkpoint
+from tests import goldens
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "kimi_tiny" / "checkpoint"
+SHARED = goldens.CHECKPOINT
 WEIGHT_FILES = (
     "model.safetensors",
     "whisper-large-v3/model.safetensors",
