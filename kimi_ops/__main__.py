@@ -45,6 +45,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default="asr",
+                   help="comma-separated: asr, caption, emotion, scene[:cochlscene|tut2017], "
+                        "sound_event[:vocalsound|nonspeech7k], question, or a registered task")
+    p.add_argument("--language", choices=["auto", "en", "zh"], default="auto",
+                   help="asr prompt language")
+    p.add_argument("--question", default=None, help="the question for the `question` task")
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = ["max_new_tokens", "text_temperature", "text_top_k", "text_repetition_penalty",
              "text_repetition_window_size", "audio_temperature", "audio_top_k",
@@ -112,35 +121,21 @@ def cmd_audio_tokens(args: argparse.Namespace) -> int:
     return status
 
 
-def label_files(engine, files: list[str], max_new_tokens: int = -1) -> list[dict[str, Any]]:
-    """Transcribe each file; a file that cannot be used becomes a row with `error`."""
-    from kimi_ops.audio import SAMPLE_RATE, load_audio
+def _tasks(args: argparse.Namespace):
+    from kimi_ops.tasks import get_task
 
-    rows: list[dict[str, Any]] = [{"path": f} for f in files]
-    waves, owners = [], []
-    for i, path in enumerate(files):
-        try:
-            waves.append(load_audio(path))
-        except KimiError as exc:
-            rows[i].update(error=str(exc), error_kind=exc.kind)
-            continue
-        rows[i]["duration_s"] = round(len(waves[-1]) / SAMPLE_RATE, 3)
-        owners.append(i)
-    conversations = [
-        [{"role": "user", "message_type": "text", "content": ASR_PROMPT_ZH},
-         {"role": "user", "message_type": "audio", "content": enc}]
-        for enc in (engine.frontend.encode(waves) if waves else [])
-    ]
-    if conversations:
-        results = engine.generate_batch(conversations, max_new_tokens=max_new_tokens)
-        for i, res in zip(owners, results):
-            rows[i].update(transcript=res.text, finish_reason=res.finish_reason)
-    return rows
+    specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not specs:
+        raise ValueError("--tasks: name at least one task")
+    return [get_task(spec, language=args.language, question=args.question) for spec in specs]
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    from kimi_ops.tasks.runner import label_files
+
+    tasks = _tasks(args)  # validated before the model is loaded
     engine = _load_engine(args)
-    rows = label_files(engine, args.files, args.max_new_tokens)
+    rows = label_files(engine, args.files, tasks, max_new_tokens=args.max_new_tokens)
     for row in rows:
         print(json.dumps(row, ensure_ascii=False), flush=True)
     return 1 if any("error" in r for r in rows) else 0
@@ -155,10 +150,15 @@ def cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_TASKS = "asr,caption,emotion,scene,sound_event"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kimi_ops.audio.samples import write_sample_audio
     from kimi_ops.engine.api import KimiAudio
     from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
+    from kimi_ops.tasks import get_task
+    from kimi_ops.tasks.runner import label_files
 
     out = Path(args.out)
     checkpoint = out / "tiny_checkpoint"
@@ -169,15 +169,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"checkpoint: {checkpoint}  (RANDOM weights: the labels below are meaningless; "
           f"point --model at a real Kimi-Audio-7B-Instruct folder for real labels)")
     engine = KimiAudio(checkpoint, device="cpu")
-    rows = label_files(engine, files, max_new_tokens=args.max_new_tokens)
+    tasks = [get_task(t) for t in DEMO_TASKS.split(",")]
+    rows = label_files(engine, files, tasks, max_new_tokens=args.max_new_tokens)
     labels = out / "labels.jsonl"
     labels.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"{'file':<28} {'seconds':>8}  result")
+    print(f"{'file':<28}{'sec':>6}{'seg':>4}  {'emotion':<14}{'scene':<22}{'sound_event':<22}"
+          f"transcript")
     for r in rows:
-        result = r.get("error") or repr(r.get("transcript", ""))[:60]
-        print(f"{Path(r['path']).name:<28} {r.get('duration_s', 0):>8.2f}  {result}")
+        name = Path(r["path"]).name
+        if "error" in r:
+            print(f"{name:<28}{'':>6}{'':>4}  error ({r['error_kind']}): {r['error']}")
+            continue
+
+        def pick(task):
+            return f"{r[task]} {r[task + '_scores'][r[task]]:.2f}"
+
+        print(f"{name:<28}{r['duration_s']:>6.1f}{r['num_segments']:>4}  {pick('emotion'):<14}"
+              f"{pick('scene'):<22}{pick('sound_event'):<22}{r['transcript'][:40]!r}")
     ok = sum("error" not in r for r in rows)
-    print(f"{ok} labelled, {len(rows) - ok} errors; JSON lines in {labels}")
+    print(f"{ok} labelled, {len(rows) - ok} errors; JSON lines with every field in {labels}")
     return 0
 
 
@@ -198,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_audio_tokens)
 
-    p = sub.add_parser("label", help="transcribe audio files (JSON lines)")
+    p = sub.add_parser("label", help="label audio files with tasks (JSON lines)")
     _add_model_args(p)
+    _add_task_args(p)
     p.add_argument("--max-new-tokens", type=int, default=-1)
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_label)

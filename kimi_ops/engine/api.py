@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from kimi_ops.audio import load_audio
 from kimi_ops.engine.generate import GenerationParams, GenerationResult, generate_batch
 from kimi_ops.engine.prompt import Prompt, audio_contents, build_prompt, validate_messages
 from kimi_ops.engine.sampling import StreamSampling
+from kimi_ops.engine.scoring import score_continuations
 from kimi_ops.errors import CheckpointError
 from kimi_ops.frontend import AudioEncoding, AudioFrontend
 from kimi_ops.model.checkpoint import resolve_checkpoint
@@ -26,6 +28,20 @@ from kimi_ops.model.config import KimiAudioConfig
 from kimi_ops.model.modeling import KimiAudioForCausalLM
 from kimi_ops.model.text_tokenizer import TextTokenizer
 from kimi_ops.model.weights import load_state_dict
+
+
+@dataclass
+class OptionScores:
+    options: list[str]
+    logprobs: list[float]  # total log-probability of each option's continuation
+    probs: list[float]  # softmax over `logprobs`: sums to 1
+    best: str
+
+    @classmethod
+    def from_logprobs(cls, options: list[str], logprobs: list[float]) -> OptionScores:
+        probs = torch.softmax(torch.tensor(logprobs, dtype=torch.float64), dim=0).tolist()
+        return cls(options, list(logprobs), probs, options[max(range(len(probs)),
+                                                            key=probs.__getitem__)])
 
 
 def default_device() -> torch.device:
@@ -164,6 +180,29 @@ class KimiAudio:
                        **sampling: Any) -> list[GenerationResult]:
         params = sampling_params(output_type=output_type, **sampling)
         return self.run_prompts(self.build_prompts(conversations, output_type), params)
+
+    def score_options(self, conversations: Sequence[Sequence[dict]],
+                      options: Sequence[str] | Sequence[Sequence[str]],
+                      append_eos: bool = False) -> list[OptionScores]:
+        """Closed-set scoring: for each conversation, the probability of each option text being
+        the reply (softmax over the options' total log-probs), computed in batched forwards that
+        share each prompt's KV cache. `options` is one list for all conversations or one list per
+        conversation. With `append_eos` an option must also end the reply (the text EOS follows).
+        """
+        per_conversation = (list(options) if options and not isinstance(options[0], str)
+                            else [list(options)] * len(conversations))
+        if len(per_conversation) != len(conversations):
+            raise ValueError("options: one list for all conversations or one per conversation")
+        eos = [self.tokenizer.special.text_eos] if append_eos else []
+        continuations = []
+        for i, opts in enumerate(per_conversation):
+            if len(opts) < 2 or any(not isinstance(o, str) or not o for o in opts):
+                raise ValueError(f"conversation {i}: options must be two or more non-empty strings")
+            continuations.append([self.tokenizer.encode(o) + eos for o in opts])
+        prompts = self.build_prompts(conversations)
+        totals = score_continuations(self.model, prompts, continuations, self.tokenizer.special)
+        return [OptionScores.from_logprobs(list(opts), t)
+                for opts, t in zip(per_conversation, totals)]
 
     def generate(self, messages: Sequence[dict], output_type: str = "text", **sampling: Any):
         """Reference-compatible: returns `(None, text)` (no waveform detokenizer is loaded)."""

@@ -236,12 +236,14 @@ class KimiAudioForCausalLM(nn.Module):
                        self.config.head_dim, p.dtype, p.device)
 
     def embed(self, audio_ids, text_ids, continuous_mask=None, continuous_features=None,
-              row_valid=None):
+              row_valid=None, text_embedding: str = "per_call"):
         """Input embedding of the two streams.
 
         continuous_features: [N, adaptor_in] rows for the True entries of continuous_mask, in
         row-major order. row_valid: [B, S] real (non-pad) tokens, used for the reference quirk
-        that skips the text embedding of a row whose text ids are all 0.
+        that skips the text embedding of a row whose text ids in this call are all 0.
+        text_embedding="per_position" applies that rule to each position on its own, i.e. what
+        feeding the positions one decode step at a time would do (used to score continuations).
         """
         emb = self.model.embed_tokens
         x = emb(audio_ids)
@@ -250,8 +252,11 @@ class KimiAudioForCausalLM(nn.Module):
             sqrt2 = torch.sqrt(torch.tensor(2.0, dtype=x.dtype, device=x.device))
             x = x.clone()
             x[continuous_mask] = (x[continuous_mask] + adapted) * sqrt2
-        real_text = text_ids if row_valid is None else text_ids * row_valid
-        adds_text = (real_text.sum(dim=1) != 0)[:, None, None]
+        if text_embedding == "per_position":
+            adds_text = (text_ids != 0)[..., None]
+        else:
+            real_text = text_ids if row_valid is None else text_ids * row_valid
+            adds_text = (real_text.sum(dim=1) != 0)[:, None, None]
         return x + emb(text_ids) * adds_text.to(x.dtype)
 
     def forward(
@@ -265,6 +270,7 @@ class KimiAudioForCausalLM(nn.Module):
         continuous_features: torch.Tensor | None = None,
         with_mimo: bool = True,
         last_only: bool = True,
+        text_embedding: str = "per_call",
     ) -> ForwardOutput:
         """One step over S new tokens per row (S = prompt length at prefill, 1 when decoding).
 
@@ -273,7 +279,7 @@ class KimiAudioForCausalLM(nn.Module):
         cfg = self.config
         _, s = audio_ids.shape
         x = self.embed(audio_ids, text_ids, continuous_mask, continuous_features,
-                       row_valid=key_valid[:, -s:])
+                       row_valid=key_valid[:, -s:], text_embedding=text_embedding)
         cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         k = key_valid.shape[1]
         causal = torch.ones(s, k, dtype=torch.bool, device=x.device).tril(k - s)

@@ -1,0 +1,97 @@
+"""What a label task is: a prompt, a way to read the model's answer, and the fields it writes.
+
+Two kinds:
+* `GenerativeTask`: the model writes free text (transcript, caption, answer); `parse` turns the
+  text and its generation result into output fields, never raising.
+* `ChoiceTask`: a closed label set; every option's continuation is scored by log-likelihood after
+  the prompt and the fields are the argmax label and a probability per label (softmax over the
+  options' total log-probs), so there is nothing to parse and nothing can fail to parse.
+
+Every task has a `name` and a `version` written to every output row; bump the version whenever
+the prompt, the label set or the parser changes what a row would hold.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+OPTION_TAIL = ".Answer with the option's letter from the given choices directly and only give the best option."
+
+
+def user_turn(instruction: str, audio: Any) -> list[dict]:
+    """The evaluation's message order: instruction text, then the audio (one user turn)."""
+    return [{"role": "user", "message_type": "text", "content": instruction},
+            {"role": "user", "message_type": "audio", "content": audio}]
+
+
+@dataclass(frozen=True)
+class GenerativeTask:
+    name: str
+    version: str
+    instruction: str
+    parse: Callable[[str, Any], dict[str, Any]]  # (text, GenerationResult) -> fields
+    fields: tuple[str, ...]
+    sampling: dict[str, Any] = field(default_factory=dict)  # KimiAudio.generate_batch kwargs
+
+    kind = "generate"
+
+    def messages(self, audio: Any) -> list[dict]:
+        return user_turn(self.instruction, audio)
+
+
+@dataclass(frozen=True)
+class ChoiceTask:
+    """`labels` are the output values; `display` (default: the labels) is how each option is
+    written in the prompt. The scored continuation of option k is `answer(k)`: by default its
+    letter, as the evaluation's instruction asks ("Answer with the option's letter")."""
+
+    name: str
+    version: str
+    question: str
+    labels: tuple[str, ...]
+    display: tuple[str, ...] | None = None
+    answer_style: str = "letter"  # "letter" | "label" (label text followed by the text EOS)
+
+    kind = "choice"
+
+    def __post_init__(self):
+        if len(self.labels) < 2:
+            raise ValueError(f"task {self.name}: a closed set needs at least two labels")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"task {self.name}: labels must be distinct")
+        if len(self.labels) > len(string.ascii_uppercase):
+            raise ValueError(f"task {self.name}: at most 26 options")
+        if self.display is not None and len(self.display) != len(self.labels):
+            raise ValueError(f"task {self.name}: one display text per label")
+        if self.answer_style not in ("letter", "label"):
+            raise ValueError(f"task {self.name}: answer_style must be 'letter' or 'label'")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (self.name, f"{self.name}_scores")
+
+    @property
+    def prompt_text(self) -> str:
+        shown = self.display or self.labels
+        options = "\n".join(f"({string.ascii_uppercase[i]}) {text}" for i, text in enumerate(shown))
+        return f"{self.question}\nOptions:\n{options}\n{OPTION_TAIL}"
+
+    def messages(self, audio: Any) -> list[dict]:
+        return user_turn(self.prompt_text, audio)
+
+    def answers(self) -> list[str]:
+        """The continuation text of each option (the EOS is added for the "label" style)."""
+        if self.answer_style == "letter":
+            return [string.ascii_uppercase[i] for i in range(len(self.labels))]
+        return list(self.display or self.labels)
+
+    def fields_from_probs(self, probs: Sequence[float]) -> dict[str, Any]:
+        best = max(range(len(probs)), key=lambda i: probs[i])
+        return {self.name: self.labels[best],
+                f"{self.name}_scores": {label: float(p) for label, p in zip(self.labels, probs)}}
+
+
+Task = GenerativeTask | ChoiceTask
