@@ -64,11 +64,22 @@ def test_label_reports_bad_files_and_labels_the_rest(tmp_path):
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"this is not audio at all" * 10)
     good = goldens.INPUTS / "a01_tone_0p5s_16k.wav"
+    long = goldens.INPUTS / "a04_mix_31s_16k.wav"
     proc = kimi("label", "--model", goldens.CHECKPOINT, "--max-new-tokens", 8,
-                good, junk, tmp_path / "gone.wav", check=False)
+                "--tasks", "asr,caption,emotion,scene", "--language", "en",
+                good, junk, tmp_path / "gone.wav", long, check=False)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [r["path"] for r in rows] == [str(good), str(junk), str(tmp_path / "gone.wav")]
-    assert "transcript" in rows[0] and rows[0]["duration_s"] == pytest.approx(0.5)
+    assert [r["path"] for r in rows] == [str(good), str(junk), str(tmp_path / "gone.wav"),
+                                         str(long)]
+    for row, seconds, segments in ((rows[0], 0.5, 1), (rows[3], 31.0, 2)):
+        assert row["duration_s"] == pytest.approx(seconds) and row["num_segments"] == segments
+        assert isinstance(row["transcript"], str) and isinstance(row["caption"], str)
+        for task, size in (("emotion", 7), ("scene", 13)):
+            assert len(row[f"{task}_scores"]) == size
+            assert sum(row[f"{task}_scores"].values()) == pytest.approx(1.0)
+            assert row[task] in row[f"{task}_scores"]
+        assert row["task_versions"] == {"asr": "asr-1", "caption": "caption-1",
+                                        "emotion": "emotion-1", "scene": "scene-1-cochlscene"}
     assert rows[1]["error_kind"] == "undecodable" and "junk.wav" in rows[1]["error"]
     assert rows[2]["error_kind"] == "not_found" and "gone.wav" in rows[2]["error"]
     assert proc.returncode == 1
