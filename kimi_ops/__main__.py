@@ -3,9 +3,10 @@
 Commands:
   generate              run one message list (or, with --batch, a list of them) through the engine
   audio-tokens          GLM-4-Voice VQ codes of audio files, one JSON line per file
-  label                 transcribe audio files, one JSON line per file (bad files become error lines)
+  label                 label audio files with tasks (transcript, caption, emotion, scene, ...),
+                        one JSON line per file; a file that cannot be read becomes an error line
   make-tiny-checkpoint  write a random checkpoint in the official layout (demo, tests, benchmarks)
-  demo                  tiny checkpoint + bundled sample audio -> labels, end to end
+  demo                  tiny random checkpoint + self-made sample audio -> a table of labels
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from kimi_ops.errors import KimiError
-
-ASR_PROMPT_ZH = "请将音频内容转换为文字。"  # the ASR instruction of the reference's infer.py
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +152,10 @@ def cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
 DEMO_TASKS = "asr,caption,emotion,scene,sound_event"
 
 
+def _label_with_score(row: dict[str, Any], task: str) -> str:
+    return f"{row[task]} {row[task + '_scores'][row[task]]:.2f}"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kimi_ops.audio.samples import write_sample_audio
     from kimi_ops.engine.api import KimiAudio
@@ -180,12 +183,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if "error" in r:
             print(f"{name:<28}{'':>6}{'':>4}  error ({r['error_kind']}): {r['error']}")
             continue
-
-        def pick(task):
-            return f"{r[task]} {r[task + '_scores'][r[task]]:.2f}"
-
-        print(f"{name:<28}{r['duration_s']:>6.1f}{r['num_segments']:>4}  {pick('emotion'):<14}"
-              f"{pick('scene'):<22}{pick('sound_event'):<22}{r['transcript'][:40]!r}")
+        emotion, scene, sound = (_label_with_score(r, t) for t in ("emotion", "scene", "sound_event"))
+        print(f"{name:<28}{r['duration_s']:>6.1f}{r['num_segments']:>4}  {emotion:<14}"
+              f"{scene:<22}{sound:<22}{r['transcript'][:40]!r}")
     ok = sum("error" not in r for r in rows)
     print(f"{ok} labelled, {len(rows) - ok} errors; JSON lines with every field in {labels}")
     return 0
