@@ -183,7 +183,7 @@ def test_user_registered_tasks_work_end_to_end(engine):
         labels=("none", "one", "several"), answer_style="label"), replace=True)
     register_task("shout", lambda: GenerativeTask(
         name="shout", version="sh-1", instruction="Repeat what is said, loudly.",
-        parse=lambda text, result: {"shout": clean_text(text).upper()}, fields=("shout",)),
+        parse=lambda text, result: {"shout": clean_text(text).upper()}, text_fields=("shout",)),
         replace=True)
     try:
         tasks = [get_task("speaker_count"), get_task("shout")]

@@ -21,7 +21,7 @@ from kimi_ops.engine.generate import GenerationParams, GenerationResult, generat
 from kimi_ops.engine.prompt import Prompt, audio_contents, build_prompt, validate_messages
 from kimi_ops.engine.sampling import StreamSampling
 from kimi_ops.engine.scoring import score_continuations
-from kimi_ops.errors import CheckpointError
+from kimi_ops.errors import CheckpointError, PromptError
 from kimi_ops.frontend import AudioEncoding, AudioFrontend
 from kimi_ops.model.checkpoint import resolve_checkpoint
 from kimi_ops.model.config import KimiAudioConfig
@@ -78,7 +78,10 @@ def sampling_params(
 class KimiAudio:
     def __init__(self, model_path: str | os.PathLike, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, glm_tokenizer: str | os.PathLike | None = None,
-                 max_batch_size: int = 32, max_batch_tokens: int = 65536):
+                 max_batch_size: int = 32, max_batch_tokens: int = 65536,
+                 load_frontend: bool = True):
+        """`load_frontend=False` loads only the language model: prompts must then carry
+        `AudioEncoding`s computed elsewhere (e.g. by a front-end worker)."""
         if max_batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
         paths = resolve_checkpoint(model_path, glm_tokenizer)
@@ -97,8 +100,9 @@ class KimiAudio:
             model = KimiAudioForCausalLM(self.config)
         load_state_dict(model, paths.root, self.dtype, self.device)
         self.model = model.eval().requires_grad_(False)
-        self.frontend = AudioFrontend.from_checkpoint(paths.root, glm_dir=paths.glm,
-                                                      device=self.device, dtype=self.dtype)
+        self.frontend = (AudioFrontend.from_checkpoint(paths.root, glm_dir=paths.glm,
+                                                       device=self.device, dtype=self.dtype)
+                         if load_frontend else None)
         self.paths = paths
 
     # -- audio -----------------------------------------------------------------------------
@@ -118,6 +122,9 @@ class KimiAudio:
                 waves.append(load_audio(src))
             pending[key].append(i)
         if waves:
+            if self.frontend is None:
+                raise PromptError("this KimiAudio was loaded without its audio front-end: "
+                                  "pass AudioEncoding contents, not raw audio")
             for positions, enc in zip(pending.values(), self.frontend.encode(waves)):
                 for i in positions:
                     encodings[i] = enc

@@ -36,5 +36,6 @@ def make(language: str = "auto") -> GenerativeTask:
     if language not in PROMPTS:
         raise ValueError(f"asr: language must be one of {sorted(PROMPTS)}, got {language!r}")
     return GenerativeTask(name="asr", version=VERSION, instruction=PROMPTS[language], parse=parse,
-                          fields=("transcript", "transcript_truncated", "transcript_looped"),
-                          sampling=dict(SAMPLING))
+                          text_fields=("transcript",),
+                          flags=("transcript_truncated", "transcript_looped"),
+                          sampling=dict(SAMPLING), skip_silent=True)

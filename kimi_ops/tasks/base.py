@@ -33,10 +33,19 @@ class GenerativeTask:
     version: str
     instruction: str
     parse: Callable[[str, Any], dict[str, Any]]  # (text, GenerationResult) -> fields
-    fields: tuple[str, ...]
+    text_fields: tuple[str, ...]  # string outputs, joined in order across a file's segments
+    flags: tuple[str, ...] = ()  # boolean outputs, OR-ed across segments
     sampling: dict[str, Any] = field(default_factory=dict)  # KimiAudio.generate_batch kwargs
+    skip_silent: bool = False  # segments marked silent get empty fields, no model call
 
     kind = "generate"
+
+    def empty_fields(self) -> dict[str, Any]:
+        return {**{f: "" for f in self.text_fields}, **{f: False for f in self.flags}}
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.text_fields + self.flags
 
     def messages(self, audio: Any) -> list[dict]:
         return user_turn(self.instruction, audio)

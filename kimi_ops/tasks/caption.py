@@ -24,6 +24,6 @@ def parse(text: str, result: Any) -> dict[str, Any]:
 
 def make() -> GenerativeTask:
     return GenerativeTask(name="caption", version=VERSION, instruction=INSTRUCTION, parse=parse,
-                          fields=("caption", "caption_unreliable"),
+                          text_fields=("caption",), flags=("caption_unreliable",),
                           sampling={"text_repetition_penalty": 1.1,
                                     "text_repetition_window_size": 16})

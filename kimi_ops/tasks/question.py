@@ -18,4 +18,4 @@ def make(question: str | None = None) -> GenerativeTask:
     if not question or not question.strip():
         raise ValueError("question: the task needs the question text (--question)")
     return GenerativeTask(name="question", version=VERSION, instruction=question.strip(),
-                          parse=parse, fields=("answer",))
+                          parse=parse, text_fields=("answer",))

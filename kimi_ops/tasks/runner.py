@@ -18,36 +18,41 @@ import numpy as np
 
 from kimi_ops.audio import CHUNK_SAMPLES, SAMPLE_RATE, load_audio, split_chunks
 from kimi_ops.errors import KimiError
+from kimi_ops.frontend import AudioEncoding
 from kimi_ops.tasks.base import ChoiceTask, GenerativeTask, Task
 
 
-def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
-                    max_new_tokens: int = -1, segment_samples: int = CHUNK_SAMPLES
-                    ) -> list[dict[str, Any]]:
-    """Label 16 kHz mono waveforms; one dict of task fields per waveform, in order."""
-    segments, owners, weights = [], [], []
-    for w, wave in enumerate(waves):
-        for piece in split_chunks(wave, segment_samples):
-            segments.append(piece)
-            owners.append(w)
-            weights.append(len(piece))
-    encodings = engine.frontend.encode(segments) if segments else []
-    per_segment: list[dict[str, Any]] = [{} for _ in segments]
-
-    generative = [t for t in tasks if isinstance(t, GenerativeTask)]
+def label_segments(engine, encodings: Sequence[AudioEncoding], tasks: Sequence[Task],
+                   max_new_tokens: int = -1, silent: Sequence[bool] | None = None
+                   ) -> list[dict[str, Any]]:
+    """Task fields for each segment's front-end output, in order. Generative tasks run through
+    one `generate_batch` per sampling setting, closed-set tasks through `score_options`; a task
+    with `skip_silent` gets empty fields on segments marked silent instead of a model call."""
+    silent = list(silent) if silent is not None else [False] * len(encodings)
+    per_segment: list[dict[str, Any]] = [{} for _ in encodings]
     groups: dict[tuple, list[GenerativeTask]] = {}
-    for task in generative:
-        groups.setdefault(tuple(sorted(task.sampling.items())), []).append(task)
+    for task in tasks:
+        if isinstance(task, GenerativeTask):
+            groups.setdefault(tuple(sorted(task.sampling.items())), []).append(task)
     for sampling, group in groups.items():
-        jobs = [(s, t) for s in range(len(segments)) for t in group]
+        jobs = []
+        for s in range(len(encodings)):
+            for task in group:
+                if silent[s] and task.skip_silent:
+                    per_segment[s].update(task.empty_fields())
+                else:
+                    jobs.append((s, task))
+        if not jobs:
+            continue
         results = engine.generate_batch([t.messages(encodings[s]) for s, t in jobs],
                                         max_new_tokens=max_new_tokens, **dict(sampling))
         for (s, task), res in zip(jobs, results):
             per_segment[s].update(task.parse(res.text, res))
+            per_segment[s].setdefault("finish_reason", {})[task.name] = res.finish_reason
 
     for style in ("letter", "label"):  # a label answer must also end the reply (EOS appended)
         choice = [t for t in tasks if isinstance(t, ChoiceTask) and t.answer_style == style]
-        jobs = [(s, t) for s in range(len(segments)) for t in choice]
+        jobs = [(s, t) for s in range(len(encodings)) for t in choice]
         if not jobs:
             continue
         scores = engine.score_options([t.messages(encodings[s]) for s, t in jobs],
@@ -55,12 +60,27 @@ def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
                                       append_eos=style == "label")
         for (s, task), sc in zip(jobs, scores):
             per_segment[s].update(task.fields_from_probs(sc.probs))
+    return per_segment
 
-    rows: list[dict[str, Any]] = [{} for _ in waves]
+
+def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
+                    max_new_tokens: int = -1, segment_samples: int = CHUNK_SAMPLES
+                    ) -> list[dict[str, Any]]:
+    """Label 16 kHz mono waveforms; one dict of task fields per waveform, in order."""
+    segments, owners = [], []
+    for w, wave in enumerate(waves):
+        for piece in split_chunks(wave, segment_samples):
+            segments.append(piece)
+            owners.append(w)
+    encodings = engine.frontend.encode(segments) if segments else []
+    per_segment = label_segments(engine, encodings, tasks, max_new_tokens)
+    rows = []
     for w in range(len(waves)):
         mine = [s for s in range(len(segments)) if owners[s] == w]
-        rows[w] = merge_segments([per_segment[s] for s in mine], [weights[s] for s in mine], tasks)
-        rows[w]["num_segments"] = len(mine)
+        row = merge_segments([per_segment[s] for s in mine], [len(segments[s]) for s in mine],
+                             tasks)
+        row["num_segments"] = len(mine)
+        rows.append(row)
     return rows
 
 
@@ -76,12 +96,10 @@ def merge_segments(parts: list[dict[str, Any]], weights: list[int], tasks: Seque
             merged[key] = avg
             merged[task.name] = max(avg, key=avg.get) if avg else None
             continue
-        for field in task.fields:
-            values = [p[field] for p in parts if field in p]
-            if values and isinstance(values[0], bool):
-                merged[field] = any(values)
-            else:
-                merged[field] = " ".join(v for v in values if v)
+        for field in task.text_fields:
+            merged[field] = " ".join(p[field] for p in parts if p.get(field))
+        for flag in task.flags:
+            merged[flag] = any(p.get(flag, False) for p in parts)
     return merged
 
 
