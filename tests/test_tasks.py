@@ -198,3 +198,23 @@ def test_user_registered_tasks_work_end_to_end(engine):
     finally:
         TASKS.pop("speaker_count", None)
         TASKS.pop("shout", None)
+
+
+def test_silent_segments_skip_asr_but_keep_closed_set_scores(engine, monkeypatch):
+    from kimi_ops.tasks.runner import label_waveforms
+
+    sent = []
+    real = engine.generate_batch
+
+    def counting(conversations, **kwargs):
+        sent.append(len(conversations))
+        return real(conversations, **kwargs)
+
+    monkeypatch.setattr(engine, "generate_batch", counting)
+    silence = np.zeros(16000 * 3, dtype=np.float32)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 2) / 16000)).astype(np.float32)
+    rows = label_waveforms(engine, [silence, tone], [get_task("asr"), get_task("emotion")],
+                           max_new_tokens=4)
+    assert sent == [1]  # only the tone went to ASR
+    assert rows[0]["transcript"] == "" and rows[0]["transcript_truncated"] is False
+    assert math.isclose(sum(rows[0]["emotion_scores"].values()), 1.0, abs_tol=1e-6)

@@ -1,8 +1,8 @@
 """Label audio with several tasks at once: one front-end pass per segment, one engine pass per kind.
 
 Per call: every source is decoded (a source that cannot be used becomes a row with `error` and
-`error_kind`, the others go on); each waveform is cut into <= 30 s segments (fixed cuts for now;
-the pipeline brings low-energy segmentation); all segments of all sources go through the audio
+`error_kind`, the others go on); each waveform is cut into <= 30 s segments at pauses
+(`kimi_ops.audio.segment`); all segments of all sources go through the audio
 front-end once, and the resulting encodings are reused by every task's prompt. Generative tasks
 run through `generate_batch` together (grouped only by their sampling settings), closed-set tasks
 through `score_options` together. Per file, text fields are joined in segment order, flags are
@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from kimi_ops.audio import CHUNK_SAMPLES, SAMPLE_RATE, load_audio, split_chunks
+from kimi_ops.audio import SAMPLE_RATE, load_audio
+from kimi_ops.audio.segment import Segment, segment_audio
 from kimi_ops.errors import KimiError
 from kimi_ops.frontend import AudioEncoding
 from kimi_ops.tasks.base import ChoiceTask, GenerativeTask, Task
@@ -64,21 +65,24 @@ def label_segments(engine, encodings: Sequence[AudioEncoding], tasks: Sequence[T
 
 
 def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
-                    max_new_tokens: int = -1, segment_samples: int = CHUNK_SAMPLES
+                    max_new_tokens: int = -1, max_segment_seconds: float = 30.0
                     ) -> list[dict[str, Any]]:
     """Label 16 kHz mono waveforms; one dict of task fields per waveform, in order."""
-    segments, owners = [], []
+    segments: list[Segment] = []
+    pieces, owners = [], []
     for w, wave in enumerate(waves):
-        for piece in split_chunks(wave, segment_samples):
-            segments.append(piece)
+        for seg in segment_audio(wave, SAMPLE_RATE, max_seconds=max_segment_seconds):
+            segments.append(seg)
+            pieces.append(seg.slice(wave))
             owners.append(w)
-    encodings = engine.frontend.encode(segments) if segments else []
-    per_segment = label_segments(engine, encodings, tasks, max_new_tokens)
+    encodings = engine.frontend.encode(pieces) if pieces else []
+    per_segment = label_segments(engine, encodings, tasks, max_new_tokens,
+                                 silent=[s.silent for s in segments])
     rows = []
     for w in range(len(waves)):
-        mine = [s for s in range(len(segments)) if owners[s] == w]
-        row = merge_segments([per_segment[s] for s in mine], [len(segments[s]) for s in mine],
-                             tasks)
+        mine = [i for i in range(len(segments)) if owners[i] == w]
+        row = merge_segments([per_segment[i] for i in mine],
+                             [segments[i].num_samples for i in mine], tasks)
         row["num_segments"] = len(mine)
         rows.append(row)
     return rows
