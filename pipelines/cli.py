@@ -1,0 +1,94 @@
+"""`kimi-label`: the product's command line.
+
+  kimi-label run --input URI --output URI --model DIR [--tasks asr,emotion,scene]
+                 [--ray-address ADDR] [--storage-options JSON] ...
+  kimi-label generate | audio-tokens | label | make-tiny-checkpoint | demo   (see kimi_ops)
+
+`run` exits 0 when the job completed (error rows included), 2 with a one-line reason when it
+could not run; every such reason is found before any Ray actor starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kimi-label run",
+                                description="label every audio object under --input into Parquet")
+    p.add_argument("--input", required=True,
+                   help="s3://bucket/prefix, any fsspec URI, a local folder, or a manifest "
+                        "(.parquet/.csv/.jsonl with a uri column)")
+    p.add_argument("--output", required=True, help="output URI: files/ and segments/ go under it")
+    p.add_argument("--model", required=True, help="Kimi-Audio checkpoint folder")
+    p.add_argument("--glm-tokenizer", default=None)
+    p.add_argument("--tasks", default="asr")
+    p.add_argument("--language", choices=["auto", "en", "zh"], default="auto")
+    p.add_argument("--question", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--semantic-tokens", action="store_true",
+                   help="also write each segment's 12.5 Hz VQ tokens (training-data preparation)")
+    p.add_argument("--extensions", default=None, help="comma-separated, e.g. wav,flac")
+    p.add_argument("--storage-options", default=None,
+                   help="JSON for fsspec/s3fs (key, secret, client_kwargs...); default: AWS_* env")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--run-id", default=None)
+    return p
+
+
+def cmd_run(argv: list[str]) -> int:
+    from pydantic import ValidationError
+
+    from pipelines.job import JobError, JobSpec, run_job
+
+    args = build_run_parser().parse_args(argv)
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else None
+    except json.JSONDecodeError as exc:
+        print(f"error: --storage-options is not valid JSON ({exc.msg})", file=sys.stderr)
+        return 2
+    try:
+        spec = JobSpec(
+            input=args.input, output=args.output, model=args.model,
+            glm_tokenizer=args.glm_tokenizer, tasks=[t for t in args.tasks.split(",") if t],
+            language=args.language, question=args.question, max_new_tokens=args.max_new_tokens,
+            semantic_tokens=args.semantic_tokens, storage_options=options,
+            extensions=args.extensions.split(",") if args.extensions else None,
+            ray_address=args.ray_address, device=args.device, run_id=args.run_id)
+        report = run_job(spec)
+    except ValidationError as exc:
+        print(f"error: invalid job: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
+              file=sys.stderr)
+        return 2
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    lines = [f"run {report['run_id']}: {report['processed']} processed "
+             f"({report['planned'].get('already_done', 0)} already done), "
+             f"status {report['status']}, errors {report['errors_by_kind']}",
+             f"audio {report['audio_hours'] * 3600:.1f} s in {report['wall_s']:.1f} s "
+             f"({report['audio_hours_per_hour']:.1f} audio-hours per hour)",
+             f"output: {report['output']}/files/ and {report['output']}/segments/; "
+             f"report: {report['output']}/_runs/{report['run_id']}/report.json"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        return cmd_run(argv[1:])
+    from kimi_ops.__main__ import main as kimi_ops_main
+
+    return kimi_ops_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

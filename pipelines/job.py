@@ -1,0 +1,333 @@
+"""A labelling job: validate, plan, run the Ray Data pipeline, report.
+
+    spec = JobSpec(input="s3://bucket/prefix", output="s3://bucket/labels", model="/models/kimi")
+    report = run_job(spec)
+
+Validation happens before anything heavy: the spec (pydantic), the tasks, the checkpoint's files,
+that the input can be listed and the output written. Planning streams the input listing and
+skips every object already in `<output>/files/` with the same URI and etag (so a rerun adds
+nothing and a killed run resumes), rewrites earlier rows of objects whose content changed out of
+their shards, and removes segments shards a crash left without their files shard. The to-do list
+is written as Parquet plan shards under `<output>/_runs/<run_id>/plan/`, which Ray reads: the
+driver never holds audio, and holds only one plan shard of the listing at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+log = logging.getLogger(__name__)
+
+PLAN_SHARD_ROWS = 2000
+
+
+class StageResources(BaseModel):
+    """How one stage is scheduled: `map_batches` arguments, in one place."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(4, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    concurrency: int = Field(1, ge=1)  # actors (actor stages) or max parallel tasks
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str  # s3://bucket/prefix, any fsspec URI, a local folder, or a manifest file
+    output: str
+    model: str
+    glm_tokenizer: str | None = None
+    tasks: list[str] = ["asr"]
+    language: str = "auto"
+    question: str | None = None
+    max_new_tokens: int = Field(256, ge=1)
+    semantic_tokens: bool = False
+    extensions: list[str] | None = None
+    storage_options: dict[str, Any] | None = None
+    ray_address: str | None = None
+    device: str | None = None  # per actor; default cuda when the actor has a GPU
+    run_id: str | None = None
+    decode: StageResources = StageResources(batch_size=4, num_cpus=0.5)
+    frontend: StageResources = StageResources(batch_size=4, num_cpus=0.5)
+    label: StageResources = StageResources(batch_size=8, num_cpus=0.5)
+    write: StageResources = StageResources(batch_size=8, num_cpus=0.25)
+    no_progress_timeout_s: float = 600.0
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_not_empty(cls, tasks: list[str]) -> list[str]:
+        if not tasks:
+            raise ValueError("name at least one task")
+        return tasks
+
+    def task_params(self) -> dict[str, Any]:
+        return {"language": self.language, "question": self.question}
+
+    def is_manifest(self) -> bool:
+        from pipelines.storage import is_manifest
+
+        return is_manifest(self.input)
+
+
+class JobError(Exception):
+    """The job could not run (bad spec, credentials, missing bucket, bad model path)."""
+
+
+def validate(spec: JobSpec) -> tuple[list, str]:
+    """Everything that can be checked before Ray starts. Returns (tasks, model_id)."""
+    from kimi_ops.errors import KimiError
+    from kimi_ops.model.checkpoint import resolve_checkpoint
+    from kimi_ops.tasks import get_task
+    from pipelines.storage import StorageError, check_output, open_input
+
+    try:
+        tasks = [get_task(t, **spec.task_params()) for t in spec.tasks]
+    except ValueError as exc:
+        raise JobError(f"tasks: {exc}") from None
+    from pipelines.schema import segments_schema
+
+    try:
+        segments_schema(tasks, spec.semantic_tokens)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    try:
+        paths = resolve_checkpoint(spec.model, spec.glm_tokenizer)
+    except KimiError as exc:
+        raise JobError(f"model: {exc}") from None
+    try:
+        open_input(spec.input, spec.storage_options)
+        check_output(spec.output, spec.storage_options)
+    except StorageError as exc:
+        raise JobError(str(exc)) from None
+    return tasks, model_id(paths.root)
+
+
+def model_id(root: Path) -> str:
+    """A content hash of the checkpoint: config and the weight files' names and sizes (hashing
+    19 GB of weights would cost minutes), plus the index when the weights are sharded."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json", "tiktoken.model"):
+        path = root / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(root.rglob("*.safetensors")):
+        digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
+    return f"kimi-{digest.hexdigest()[:16]}"
+
+
+# -- planning ------------------------------------------------------------------------------
+
+def read_table_dir(fs, folder: str, columns: list[str]) -> list[tuple[str, pa.Table]]:
+    if not fs.exists(folder):
+        return []
+    out = []
+    for path in sorted(fs.find(folder)):
+        if path.endswith(".parquet"):
+            with fs.open(path, "rb") as handle:
+                out.append((path, pq.read_table(handle, columns=columns)))
+    return out
+
+
+def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
+    """Write the to-do list as plan shards; returns counts and the shard paths."""
+    from pipelines.storage import list_objects, read_manifest, resolve
+
+    fs, root = resolve(spec.output, spec.storage_options)
+    _remove_orphan_segment_shards(fs, root)
+    done: dict[str, str | None] = {}
+    for _, table in read_table_dir(fs, f"{root}/files", ["source_uri", "etag"]):
+        for uri, etag in zip(table["source_uri"].to_pylist(), table["etag"].to_pylist()):
+            done[uri] = etag
+
+    if spec.is_manifest():
+        listing = read_manifest(spec.input, spec.storage_options)
+    elif spec.extensions:
+        listing = list_objects(spec.input, spec.extensions, storage_options=spec.storage_options)
+    else:
+        listing = list_objects(spec.input, storage_options=spec.storage_options)
+    plan_dir = f"{root}/_runs/{run_id}/plan"
+    fs.makedirs(plan_dir, exist_ok=True)
+    shards, buffer, seen = [], [], set()
+    counts = Counter()
+    changed: set[str] = set()
+
+    def flush():
+        path = f"{plan_dir}/plan-{len(shards):05d}.parquet"
+        with fs.open(path, "wb") as handle:
+            pq.write_table(pa.Table.from_pylist(buffer, schema=PLAN_SCHEMA), handle)
+        shards.append(path)
+        buffer.clear()
+
+    for info in listing:
+        if info.uri in seen:
+            continue
+        seen.add(info.uri)
+        counts["listed"] += 1
+        if info.uri in done:
+            if done[info.uri] == info.etag:
+                counts["already_done"] += 1
+                continue
+            changed.add(info.uri)
+        buffer.append({"uri": info.uri, "size": info.size, "etag": info.etag})
+        counts["todo"] += 1
+        if len(buffer) >= PLAN_SHARD_ROWS:
+            flush()
+    if buffer:
+        flush()
+    if changed:
+        _drop_rows(fs, root, changed)
+        counts["changed"] = len(changed)
+    return {"counts": dict(counts), "shards": shards, "plan_dir": plan_dir}
+
+
+PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string())])
+
+
+def _remove_orphan_segment_shards(fs, root: str) -> None:
+    """A crash between writing a shard's segments and its files part leaves segments nobody
+    counts; the rerun redoes those objects, so the orphan goes."""
+    seg_dir, files_dir = f"{root}/segments", f"{root}/files"
+    if not fs.exists(seg_dir):
+        return
+    have = {p.rsplit("/", 1)[-1] for p in fs.find(files_dir)} if fs.exists(files_dir) else set()
+    for path in fs.find(seg_dir):
+        if path.rsplit("/", 1)[-1] not in have:
+            fs.rm(path)
+
+
+def _drop_rows(fs, root: str, uris: set[str]) -> None:
+    """Rewrite the shards that hold rows of `uris` without them (their content changed)."""
+    for table_name in ("segments", "files"):
+        for path, table in read_table_dir(fs, f"{root}/{table_name}", ["source_uri"]):
+            stale = [u in uris for u in table["source_uri"].to_pylist()]
+            if not any(stale):
+                continue
+            with fs.open(path, "rb") as handle:
+                full = pq.read_table(handle)
+            keep = pa.array([not s for s in stale])
+            with fs.open(path, "wb") as handle:
+                pq.write_table(full.filter(keep), handle)
+
+
+# -- running ------------------------------------------------------------------------------
+
+def _init_ray(spec: JobSpec, temp_dir: str | None = None):
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    if spec.ray_address:
+        ray.init(address=spec.ray_address, log_to_driver=False)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir, log_to_driver=False)
+    return True
+
+
+def build_dataset(spec: JobSpec, shards: list[str], model_id_: str, run_id: str):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.stages import DecodeStage, FrontendStage, LabelStage, WriteStage
+    from pipelines.storage import resolve
+
+    fs, _ = resolve(spec.output, spec.storage_options)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False
+    ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
+    ds = ray.data.read_parquet(shards, filesystem=_arrow_fs(fs), concurrency=1)
+    # task stages get an instance (a plain function for Ray); actor stages get the class
+    ds = ds.map_batches(DecodeStage(spec.storage_options), batch_format="pyarrow",
+        batch_size=spec.decode.batch_size, num_cpus=spec.decode.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=spec.decode.concurrency))
+    ds = ds.map_batches(FrontendStage, fn_constructor_kwargs={
+        "model": spec.model, "glm_tokenizer": spec.glm_tokenizer, "device": spec.device},
+        batch_format="pyarrow", batch_size=spec.frontend.batch_size,
+        num_cpus=spec.frontend.num_cpus, num_gpus=spec.frontend.num_gpus or None,
+        compute=ActorPoolStrategy(size=spec.frontend.concurrency))
+    ds = ds.map_batches(LabelStage, fn_constructor_kwargs={
+        "model": spec.model, "glm_tokenizer": spec.glm_tokenizer, "device": spec.device,
+        "task_specs": spec.tasks, "task_params": spec.task_params(),
+        "max_new_tokens": spec.max_new_tokens, "semantic_tokens": spec.semantic_tokens,
+        "model_id": model_id_, "run_id": run_id},
+        batch_format="pyarrow", batch_size=spec.label.batch_size, num_cpus=spec.label.num_cpus,
+        num_gpus=spec.label.num_gpus or None, compute=ActorPoolStrategy(size=spec.label.concurrency))
+    writer = WriteStage(spec.output, spec.storage_options, spec.tasks, spec.task_params(),
+                        spec.semantic_tokens)
+    return ds.map_batches(writer, batch_format="pyarrow", batch_size=spec.write.batch_size, num_cpus=spec.write.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=spec.write.concurrency))
+
+
+def _arrow_fs(fs):
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
+    """Validate, plan, run, report. Returns the report (also written as JSON to
+    `<output>/_runs/<run_id>/report.json`)."""
+    started = time.time()
+    tasks, model_id_ = validate(spec)
+    run_id = spec.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    planned = plan(spec, run_id)
+    summary: list[dict] = []
+    if planned["shards"]:
+        import ray
+
+        started_ray = _init_ray(spec, ray_temp_dir)
+        try:
+            ds = build_dataset(spec, planned["shards"], model_id_, run_id)
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                summary.extend(batch.to_pylist())
+            stats = ds.stats()
+        finally:
+            if started_ray:
+                ray.shutdown()
+    else:
+        stats = ""
+    report = make_report(spec, run_id, model_id_, planned, summary, time.time() - started,
+                         stats, [t.name for t in tasks])
+    from pipelines.storage import resolve
+
+    fs, root = resolve(spec.output, spec.storage_options)
+    if fs.exists(planned["plan_dir"]):
+        fs.rm(planned["plan_dir"], recursive=True)  # the run completed: its to-do list is done
+    with fs.open(f"{root}/_runs/{run_id}/report.json", "w") as handle:
+        handle.write(json.dumps(report, indent=2))
+    return report
+
+
+def make_report(spec, run_id, model_id_, planned, summary, wall_s, stats, task_names):
+    from pipelines.storage import safe_options
+
+    status = Counter(r["status"] for r in summary)
+    kinds = Counter(r["error_kind"] for r in summary if r["error_kind"])
+    audio_h = sum(r["duration_s"] for r in summary) / 3600.0
+    stage_s = {s: round(sum(r[f"{s}_s"] for r in summary), 3)
+               for s in ("decode", "frontend", "label", "write")}
+    return {
+        "run_id": run_id, "model_id": model_id_, "input": spec.input, "output": spec.output,
+        "tasks": task_names, "storage_options": safe_options(spec.storage_options),
+        "planned": planned["counts"], "processed": len(summary),
+        "status": dict(status), "errors_by_kind": dict(kinds),
+        "segments": sum(r["num_segments"] for r in summary),
+        "audio_hours": audio_h, "wall_s": wall_s,
+        "audio_hours_per_hour": audio_h / (wall_s / 3600.0) if wall_s else 0.0,
+        "stage_seconds": stage_s, "ray_stats": str(stats)[:20000],
+    }

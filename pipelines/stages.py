@@ -1,0 +1,273 @@
+"""The Ray Data stages of a labelling job. Each is a plain callable over a pyarrow batch; the job
+(`pipelines.job`) decides how it is scheduled. A stage owns columns and error bookkeeping; the
+model lives behind `kimi_ops` and returns one result per input, in order.
+
+Rows flow one per input object, so a file's segments stay together:
+
+  plan rows (uri, size, etag)
+  -> DecodeStage    fetch, decode, resample, segment           (CPU tasks)
+  -> FrontendStage  VQ tokens + Whisper features per segment   (actor, GPU when present)
+  -> LabelStage     tasks over every segment, file row stitched (actor, GPU when present)
+  -> WriteStage     typed Parquet shards: segments/ then files/ (CPU tasks)
+
+A file that cannot be used becomes an error row at the stage that finds out, carrying a stable
+`error_kind`, and flows on to the writer like any other row. Engine failures are not caught:
+they kill the worker and Ray retries it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+SEGMENT_KEYS = ("start", "end", "silent")
+
+
+def _error(row: dict[str, Any], kind: str, message: str) -> dict[str, Any]:
+    row.update(error_kind=kind, error_message=message)
+    return row
+
+
+class DecodeStage:
+    """Fetch each object, decode to 16 kHz mono, cut into <= 30 s segments at pauses."""
+
+    def __init__(self, storage_options: dict | None, max_segment_seconds: float = 30.0):
+        self.storage_options = storage_options
+        self.max_segment_seconds = max_segment_seconds
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import soundfile as sf
+
+        from kimi_ops.audio import SAMPLE_RATE, load_audio
+        from kimi_ops.audio.segment import segment_audio
+        from kimi_ops.errors import KimiError
+        from pipelines.storage import StorageError, fetch
+
+        out = []
+        for plan in batch.to_pylist():
+            row = {"source_uri": plan["uri"], "etag": plan.get("etag"),
+                   "size_bytes": plan.get("size"), "error_kind": None, "error_message": None,
+                   "sample_rate": None, "channels": None, "duration_s": None,
+                   "segments": None, "audio": None, "decode_s": 0.0}
+            start = time.perf_counter()
+            try:
+                data = fetch(plan["uri"], self.storage_options)
+                row["size_bytes"] = len(data)
+                try:
+                    info = sf.info(io.BytesIO(data))
+                    row["sample_rate"], row["channels"] = int(info.samplerate), int(info.channels)
+                except (RuntimeError, sf.LibsndfileError):
+                    pass  # load_audio reports it with the file name
+                wave = load_audio(data, name=plan["uri"])
+                segments = segment_audio(wave, SAMPLE_RATE, max_seconds=self.max_segment_seconds)
+                row["duration_s"] = len(wave) / SAMPLE_RATE
+                row["segments"] = [{"start": s.start, "end": s.end, "silent": s.silent}
+                                   for s in segments]
+                row["audio"] = wave.astype(np.float32).tobytes()
+            except StorageError as exc:
+                _error(row, exc.kind, str(exc))
+            except KimiError as exc:
+                _error(row, exc.kind, str(exc))
+            row["decode_s"] = time.perf_counter() - start
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+
+
+DECODED_SCHEMA = pa.schema([
+    ("source_uri", pa.string()), ("etag", pa.string()), ("size_bytes", pa.int64()),
+    ("error_kind", pa.string()), ("error_message", pa.string()),
+    ("sample_rate", pa.int32()), ("channels", pa.int32()), ("duration_s", pa.float64()),
+    ("segments", pa.list_(pa.struct([("start", pa.int64()), ("end", pa.int64()),
+                                     ("silent", pa.bool_())]))),
+    ("audio", pa.large_binary()), ("decode_s", pa.float64()),
+])
+
+
+class FrontendStage:
+    """Actor: GLM-4 VQ tokens and Whisper features for every segment of every file in a batch,
+    in one front-end call. The waveform column is dropped here."""
+
+    def __init__(self, model: str, glm_tokenizer: str | None, device: str | None):
+        import torch
+
+        from kimi_ops.engine.api import default_device, default_dtype
+        from kimi_ops.frontend import AudioFrontend
+        from kimi_ops.model.checkpoint import resolve_checkpoint
+
+        paths = resolve_checkpoint(model, glm_tokenizer)
+        dev = torch.device(device) if device else default_device()
+        self.frontend = AudioFrontend.from_checkpoint(paths.root, glm_dir=paths.glm, device=dev,
+                                                      dtype=default_dtype(dev))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        rows = batch.to_pylist()
+        pieces, owners = [], []
+        for r, row in enumerate(rows):
+            if row["error_kind"] is not None:
+                continue
+            wave = np.frombuffer(row["audio"], dtype=np.float32)
+            for seg in row["segments"]:
+                pieces.append(wave[seg["start"]: seg["end"]])
+                owners.append(r)
+        encodings = self.frontend.encode(pieces) if pieces else []
+        tokens: list[list] = [[] for _ in rows]
+        features: list[list] = [[] for _ in rows]
+        for r, enc in zip(owners, encodings):
+            tokens[r].append(enc.tokens.astype(np.int32).tolist())
+            features[r].append(enc.features.float().cpu().numpy().tobytes())
+        elapsed = time.perf_counter() - start
+        out = batch.drop_columns(["audio"])
+        out = out.append_column("tokens", pa.array(tokens, pa.list_(pa.list_(pa.int32()))))
+        out = out.append_column("features", pa.array(features, pa.list_(pa.large_binary())))
+        return out.append_column("frontend_s", pa.array([elapsed / max(len(rows), 1)] * len(rows),
+                                                        pa.float64()))
+
+
+class LabelStage:
+    """Actor: every selected task over every segment of the batch in one engine pass; builds
+    the file's row (transcript stitched in order) and the segment rows, as JSON for the writer."""
+
+    def __init__(self, model: str, glm_tokenizer: str | None, device: str | None,
+                 task_specs: list[str], task_params: dict, max_new_tokens: int,
+                 semantic_tokens: bool, model_id: str, run_id: str):
+        import torch
+
+        from kimi_ops.engine.api import KimiAudio
+        from kimi_ops.tasks import get_task
+
+        self.engine = KimiAudio(model, device=torch.device(device) if device else None,
+                                glm_tokenizer=glm_tokenizer, load_frontend=False)
+        self.tasks = [get_task(spec, **task_params) for spec in task_specs]
+        self.max_new_tokens = max_new_tokens
+        self.semantic_tokens = semantic_tokens
+        self.model_id = model_id
+        self.run_id = run_id
+        self.versions = {t.name: t.version for t in self.tasks}
+        self.generation = json.dumps({"max_new_tokens": max_new_tokens, "text_temperature": 0.0,
+                                      **{t.name: t.sampling for t in self.tasks
+                                         if hasattr(t, "sampling") and t.sampling}},
+                                     sort_keys=True)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from kimi_ops.frontend import AudioEncoding
+        from kimi_ops.tasks.runner import label_segments
+
+        start = time.perf_counter()
+        rows = batch.to_pylist()
+        encodings, silent, owners = [], [], []
+        for r, row in enumerate(rows):
+            if row["error_kind"] is not None:
+                continue
+            for seg, toks, feats in zip(row["segments"], row["tokens"], row["features"]):
+                dim = len(feats) // 4 // max(len(toks), 1)
+                array = np.frombuffer(feats, dtype=np.float32).reshape(len(toks), dim)
+                encodings.append(AudioEncoding(np.asarray(toks, dtype=np.int64),
+                                               torch.from_numpy(array.copy())))
+                silent.append(bool(seg["silent"]))
+                owners.append(r)
+        fields = (label_segments(self.engine, encodings, self.tasks, self.max_new_tokens, silent)
+                  if encodings else [])
+        elapsed = time.perf_counter() - start
+        files_json, segments_json = [], []
+        for r, row in enumerate(rows):
+            mine = [i for i, o in enumerate(owners) if o == r]
+            file_row, seg_rows = self._rows(row, [fields[i] for i in mine],
+                                            [encodings[i] for i in mine])
+            files_json.append(json.dumps(file_row))
+            segments_json.append(json.dumps(seg_rows))
+        return pa.table({
+            "source_uri": batch["source_uri"], "etag": batch["etag"],
+            "files_json": pa.array(files_json, pa.large_string()),
+            "segments_json": pa.array(segments_json, pa.large_string()),
+            "decode_s": batch["decode_s"], "frontend_s": batch["frontend_s"],
+            "label_s": pa.array([elapsed / max(len(rows), 1)] * len(rows), pa.float64()),
+        })
+
+    def _rows(self, row: dict, seg_fields: list[dict], encodings: list) -> tuple[dict, list]:
+        from kimi_ops.audio import SAMPLE_RATE
+        from kimi_ops.tasks.runner import merge_segments
+
+        common = {"etag": row["etag"], "run_id": self.run_id, "model_id": self.model_id}
+        file_row = {"source_uri": row["source_uri"], "size_bytes": row["size_bytes"],
+                    "sample_rate": row["sample_rate"], "channels": row["channels"], **common}
+        if row["error_kind"] is not None:
+            file_row.update(status="error", error={"kind": row["error_kind"],
+                                                   "message": row["error_message"]})
+            return file_row, []
+        segments = row["segments"]
+        merged = merge_segments(seg_fields, [s["end"] - s["start"] for s in segments], self.tasks)
+        file_row.update(status="ok", duration_s=row["duration_s"], num_segments=len(segments),
+                        transcript=merged.get("transcript"))
+        seg_rows = []
+        for i, (seg, f, enc) in enumerate(zip(segments, seg_fields, encodings)):
+            seg_row = {"source_uri": row["source_uri"], "segment_index": i,
+                       "start_s": seg["start"] / SAMPLE_RATE, "end_s": seg["end"] / SAMPLE_RATE,
+                       "status": "silent" if seg["silent"] else "ok",
+                       "task_versions": self.versions, "generation": self.generation,
+                       **common, **f}
+            if self.semantic_tokens:
+                seg_row["semantic_tokens"] = [int(t) for t in enc.tokens]
+            seg_rows.append(seg_row)
+        return file_row, seg_rows
+
+
+def shard_name(uris_and_etags: list[tuple[str, str | None]]) -> str:
+    """Deterministic per batch content: the same objects always land in the same shard name."""
+    digest = hashlib.sha256()
+    for uri, etag in sorted(uris_and_etags, key=lambda x: (x[0], x[1] or "")):
+        digest.update(f"{uri}\0{etag or ''}\n".encode())
+    return f"part-{digest.hexdigest()[:20]}.parquet"
+
+
+class WriteStage:
+    """Typed Parquet shards: the segments shard first, then the files shard, whose presence marks
+    the shard complete (a reader of `files/` never sees a half-written shard; the planner removes
+    segments shards left without their files shard by a crash). Returns one summary row per file."""
+
+    def __init__(self, output: str, storage_options: dict | None, task_specs: list[str],
+                 task_params: dict, semantic_tokens: bool):
+        from kimi_ops.tasks import get_task
+        from pipelines.schema import files_schema, segments_schema
+
+        tasks = [get_task(spec, **task_params) for spec in task_specs]
+        self.output = output.rstrip("/")
+        self.storage_options = storage_options
+        self.files_schema = files_schema(tasks)
+        self.segments_schema = segments_schema(tasks, semantic_tokens)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        from pipelines.schema import to_table
+        from pipelines.storage import resolve
+
+        start = time.perf_counter()
+        files = [json.loads(s) for s in batch["files_json"].to_pylist()]
+        segments = [seg for s in batch["segments_json"].to_pylist() for seg in json.loads(s)]
+        name = shard_name([(f["source_uri"], f["etag"]) for f in files])
+        fs, root = resolve(self.output, self.storage_options)
+        for table_name, rows, schema in (("segments", segments, self.segments_schema),
+                                         ("files", files, self.files_schema)):
+            fs.makedirs(f"{root}/{table_name}", exist_ok=True)
+            with fs.open(f"{root}/{table_name}/{name}", "wb") as handle:
+                pq.write_table(to_table(rows, schema), handle)
+        elapsed = time.perf_counter() - start
+        return pa.table({
+            "source_uri": [f["source_uri"] for f in files],
+            "status": [f["status"] for f in files],
+            "error_kind": [(f.get("error") or {}).get("kind") for f in files],
+            "duration_s": [f.get("duration_s") or 0.0 for f in files],
+            "num_segments": [f.get("num_segments") or 0 for f in files],
+            "decode_s": batch["decode_s"], "frontend_s": batch["frontend_s"],
+            "label_s": batch["label_s"],
+            "write_s": [elapsed / max(len(files), 1)] * len(files),
+        })
