@@ -257,9 +257,12 @@ class WriteStage:
         fs, root = resolve(self.output, self.storage_options)
         for table_name, rows, schema in (("segments", segments, self.segments_schema),
                                          ("files", files, self.files_schema)):
-            fs.makedirs(f"{root}/{table_name}", exist_ok=True)
-            with fs.open(f"{root}/{table_name}/{name}", "wb") as handle:
+            # written aside, then moved into place: a reader never sees a partial object
+            staged = f"{root}/_staging/{table_name}-{name}"
+            with fs.open(staged, "wb") as handle:
                 pq.write_table(to_table(rows, schema), handle)
+            fs.makedirs(f"{root}/{table_name}", exist_ok=True)
+            fs.mv(staged, f"{root}/{table_name}/{name}")
         elapsed = time.perf_counter() - start
         return pa.table({
             "source_uri": [f["source_uri"] for f in files],

@@ -186,7 +186,9 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None):
     if protocol in _S3_PROTOCOLS:
         import s3fs
 
-        fs = s3fs.S3FileSystem(**s3_options(storage_options))
+        # no listings cache: other processes (Ray workers, other runs) write under the same
+        # prefixes, and a stale listing would make `info` report new objects as missing
+        fs = s3fs.S3FileSystem(**{"use_listings_cache": False, **s3_options(storage_options)})
         return fs, fs._strip_protocol(uri).rstrip("/")
     if protocol == "file":
         fs = fsspec.filesystem("file")  # options are for the remote side of the job

@@ -1,0 +1,266 @@
+"""The Ray Data job end to end: real SeaweedFS, a real local Ray, the tiny checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from pipelines.job import JobSpec, run_job
+from pipelines.storage import resolve
+from tests import goldens
+from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
+
+pytestmark = pytest.mark.slow
+MODEL = str(goldens.CHECKPOINT)
+TASKS = ["asr", "emotion", "scene"]
+
+
+def short_temp_dir() -> str:
+    """Ray's unix socket paths must stay under 107 bytes: pytest's tmp paths are too long."""
+    return tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    temp = short_temp_dir()
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+             _temp_dir=temp, log_to_driver=False)
+    yield temp
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def encode(wave: np.ndarray, sr: int, fmt: str, subtype: str) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def tone(seconds: float, sr: int, channels: int = 1, freq: float = 300.0) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    mono = 0.3 * np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    return np.stack([mono] * channels, axis=1).astype(np.float32) if channels > 1 else mono
+
+
+def long_with_pauses(seconds: int, sr: int = 16000) -> np.ndarray:
+    wave = tone(seconds, sr)
+    for start in range(7, seconds, 9):  # a 0.6 s pause every 9 s
+        wave[start * sr: int((start + 0.6) * sr)] = 0.0
+    return wave.astype(np.float32)
+
+
+GOOD = {
+    "mono_8k.wav": lambda: encode(tone(2, 8000), 8000, "WAV", "PCM_16"),
+    "stereo_22k.flac": lambda: encode(tone(3, 22050, 2), 22050, "FLAC", "PCM_16"),
+    "nested/vorbis_44k.ogg": lambda: encode(tone(2, 44100), 44100, "OGG", "VORBIS"),
+    "nested/opus_48k.opus": lambda: encode(tone(2, 48000, 2), 48000, "OGG", "OPUS"),
+    "mp3_44k.MP3": lambda: encode(tone(2, 44100), 44100, "MP3", "MPEG_LAYER_III"),
+    "archive_65s.wav": lambda: encode(long_with_pauses(65), 16000, "WAV", "PCM_16"),
+}
+BAD = {
+    "bad/random.wav": lambda: bytes(np.random.default_rng(0).integers(0, 255, 3000, np.uint8)),
+    "bad/empty.flac": lambda: b"",
+    "bad/zero_frames.wav": lambda: encode(np.zeros(0, np.float32), 16000, "WAV", "PCM_16"),
+    "bad/text.mp3": lambda: b"this is a text file, not an mp3\n" * 20,
+}
+
+
+def upload(seaweed, prefix: str, files: dict) -> None:
+    fs, root = resolve(prefix, seaweed.storage_options)
+    fs.pipe({f"{root}/{name}": make() for name, make in files.items()})
+
+
+def read_table(seaweed, output: str, table: str):
+    fs, root = resolve(output, seaweed.storage_options)
+    paths = sorted(p for p in fs.find(f"{root}/{table}") if p.endswith(".parquet"))
+    import pyarrow as pa
+
+    tables = []
+    for p in paths:
+        with fs.open(p, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    return pa.concat_tables(tables) if tables else None
+
+
+def spec_for(seaweed, prefix: str, **overrides) -> JobSpec:
+    base = dict(input=f"{prefix}/in", output=f"{prefix}/out", model=MODEL, tasks=TASKS,
+                max_new_tokens=6, semantic_tokens=True, storage_options=seaweed.storage_options,
+                no_progress_timeout_s=240)
+    base.update(overrides)
+    return JobSpec(**base)
+
+
+def test_job_labels_mixed_formats_segments_long_audio_and_reports_bad_files(
+        seaweed, s3_prefix, ray_local, caplog, capfd):
+    upload(seaweed, f"{s3_prefix}/in", {**GOOD, **BAD, "notes.txt": lambda: b"skip me"})
+    report = run_job(spec_for(seaweed, s3_prefix))
+
+    files = read_table(seaweed, f"{s3_prefix}/out", "files")
+    segments = read_table(seaweed, f"{s3_prefix}/out", "segments")
+    con = duckdb.connect()
+    con.register("files", files)
+    con.register("segments", segments)
+    expected = {f"{s3_prefix}/in/{name}" for name in {**GOOD, **BAD}}
+    rows = con.sql("select source_uri, count(*) from files group by 1").fetchall()
+    assert {uri for uri, _ in rows} == expected and all(n == 1 for _, n in rows)
+
+    by_uri = {r["source_uri"]: r for r in files.to_pylist()}
+    for name in GOOD:
+        row = by_uri[f"{s3_prefix}/in/{name}"]
+        assert row["status"] == "ok" and row["error"] is None, name
+        assert row["etag"] and row["run_id"] == report["run_id"]
+    kinds = {name: by_uri[f"{s3_prefix}/in/{name}"]["error"]["kind"] for name in BAD}
+    assert kinds == {"bad/random.wav": "undecodable", "bad/empty.flac": "empty_audio",
+                     "bad/zero_frames.wav": "empty_audio", "bad/text.mp3": "undecodable"}
+    assert by_uri[f"{s3_prefix}/in/stereo_22k.flac"]["channels"] == 2
+    assert by_uri[f"{s3_prefix}/in/stereo_22k.flac"]["sample_rate"] == 22050
+
+    archive = f"{s3_prefix}/in/archive_65s.wav"
+    segs = con.sql(f"select segment_index, start_s, end_s, status, len(semantic_tokens) n, "
+                   f"transcript from segments where source_uri = '{archive}' "
+                   f"order by segment_index").fetchall()
+    assert len(segs) == by_uri[archive]["num_segments"] >= 3
+    assert segs[0][1] == 0.0 and segs[-1][2] == pytest.approx(65.0)
+    for (_, _, end, *_), (_, start, *_) in zip(segs, segs[1:]):
+        assert end == start  # contiguous: the timestamps cover the recording
+    for _, start, end, status, n, _ in segs:
+        assert end - start <= 30.0 and status == "ok"
+        assert n == int(np.ceil((end - start) * 16000 / 1280))  # 12.5 Hz semantic tokens
+    stitched = " ".join(t for *_, t in segs if t)
+    assert by_uri[archive]["transcript"] == stitched
+
+    scores = con.sql("select emotion_scores from segments").fetchall()
+    assert all(abs(sum(v for v in s[0].values()) - 1) < 1e-4 for s in scores)
+    assert report["status"] == {"ok": len(GOOD), "error": len(BAD)}
+    assert report["errors_by_kind"] == {"undecodable": 2, "empty_audio": 2}
+    assert report["audio_hours"] == pytest.approx((2 + 3 + 2 + 2 + 2 + 65) / 3600, rel=0.02)
+
+    # credentials never leave: not in the report, the Parquet bytes, or anything logged
+    secret = seaweed.storage_options["secret"]
+    fs, root = resolve(f"{s3_prefix}/out", seaweed.storage_options)
+    for path in fs.find(root):
+        assert secret.encode() not in fs.cat(path), path
+    out, err = capfd.readouterr()
+    assert secret not in out + err + caplog.text
+    assert secret not in json.dumps(report)
+
+
+def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, ray_local):
+    upload(seaweed, f"{s3_prefix}/in", {k: GOOD[k] for k in ("mono_8k.wav", "stereo_22k.flac")})
+    first = run_job(spec_for(seaweed, s3_prefix))
+    assert first["processed"] == 2
+    again = run_job(spec_for(seaweed, s3_prefix))
+    assert again["processed"] == 0 and again["planned"]["already_done"] == 2
+    assert len(read_table(seaweed, f"{s3_prefix}/out", "files")) == 2
+
+    upload(seaweed, f"{s3_prefix}/in",
+           {"mono_8k.wav": lambda: encode(tone(4, 8000, freq=500), 8000, "WAV", "PCM_16")})
+    third = run_job(spec_for(seaweed, s3_prefix))
+    assert third["processed"] == 1 and third["planned"]["changed"] == 1
+    files = read_table(seaweed, f"{s3_prefix}/out", "files").to_pylist()
+    assert sorted(f["source_uri"].rsplit("/", 1)[-1] for f in files) == ["mono_8k.wav",
+                                                                         "stereo_22k.flac"]
+    changed = next(f for f in files if f["source_uri"].endswith("mono_8k.wav"))
+    assert changed["duration_s"] == pytest.approx(4.0) and changed["run_id"] == third["run_id"]
+    segments = read_table(seaweed, f"{s3_prefix}/out", "segments").to_pylist()
+    assert sorted((s["source_uri"].rsplit("/", 1)[-1], s["segment_index"]) for s in segments) == [
+        ("mono_8k.wav", 0), ("stereo_22k.flac", 0)]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import pipelines.stages as stages
+    from pipelines.job import JobSpec, run_job
+
+    class SlowWriteStage(stages.WriteStage):  # defined in __main__: shipped to workers by value
+        def __call__(self, batch):
+            time.sleep(1.5)
+            return super().__call__(batch)
+
+    stages.WriteStage = SlowWriteStage
+    spec = JobSpec(**json.loads(sys.argv[1]))
+    run_job(spec, ray_temp_dir=sys.argv[2])
+""")
+
+
+def test_job_killed_mid_run_then_rerun_is_complete_without_duplicates(seaweed, s3_prefix,
+                                                                      ray_local, tmp_path):
+    names = {f"clip{i:02d}.wav": (lambda i=i: encode(tone(1 + i % 3, 16000, freq=200 + 40 * i),
+                                                     16000, "WAV", "PCM_16"))
+             for i in range(12)}
+    upload(seaweed, f"{s3_prefix}/in", names)
+    spec = spec_for(seaweed, s3_prefix, write={"batch_size": 2, "num_cpus": 0.25},
+                    label={"batch_size": 2, "num_cpus": 0.5})
+    script = tmp_path / "slow_job.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_dir = short_temp_dir()
+    proc = subprocess.Popen([sys.executable, str(script), spec.model_dump_json(), ray_dir],
+                            env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "job.log", "w"), start_new_session=True)
+    fs, root = resolve(f"{s3_prefix}/out", seaweed.storage_options)
+    try:
+        import time
+
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if fs.exists(f"{root}/files") and fs.find(f"{root}/files"):
+                break
+            assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+            time.sleep(0.3)
+        os.killpg(proc.pid, 9)  # the driver and everything it started
+    finally:
+        proc.wait(timeout=60)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    fs.invalidate_cache()
+    partial = len(read_table(seaweed, f"{s3_prefix}/out", "files"))
+    assert 0 < partial < len(names)
+
+    report = run_job(spec)
+    assert report["planned"]["already_done"] == partial
+    assert report["processed"] == len(names) - partial
+    files = read_table(seaweed, f"{s3_prefix}/out", "files").to_pylist()
+    assert sorted(f["source_uri"] for f in files) == sorted(
+        f"{s3_prefix}/in/{n}" for n in names)
+    segments = read_table(seaweed, f"{s3_prefix}/out", "segments").to_pylist()
+    keys = [(s["source_uri"], s["segment_index"]) for s in segments]
+    assert len(keys) == len(set(keys)) == sum(f["num_segments"] for f in files)
+
+
+def test_cli_refuses_to_start_with_a_clear_reason(seaweed, s3_prefix, tmp_path):
+    upload(seaweed, f"{s3_prefix}/in", {"mono_8k.wav": GOOD["mono_8k.wav"]})
+    opts = json.dumps(seaweed.storage_options)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pipelines.cli", "run", *args],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    bad_model = run("--input", f"{s3_prefix}/in", "--output", f"{s3_prefix}/out",
+                    "--model", str(tmp_path / "nope"), "--storage-options", opts)
+    assert bad_model.returncode == 2 and "checkpoint folder not found" in bad_model.stderr
+    no_bucket = run("--input", f"{s3_prefix}/in", "--output", "s3://no-such-bucket/out",
+                    "--model", MODEL, "--storage-options", opts)
+    assert no_bucket.returncode == 2 and "bucket_missing" in no_bucket.stderr
+    wrong = {**seaweed.storage_options, "secret": "wrong-secret-value-123"}
+    denied = run("--input", f"{s3_prefix}/in", "--output", f"{s3_prefix}/out",
+                 "--model", MODEL, "--storage-options", json.dumps(wrong))
+    assert denied.returncode == 2 and "access_denied" in denied.stderr
+    assert "wrong-secret-value-123" not in denied.stderr + denied.stdout
+    for proc in (bad_model, no_bucket, denied):
+        assert "Started a local Ray instance" not in proc.stderr  # refused before Ray
+        assert "Traceback" not in proc.stderr
