@@ -35,6 +35,10 @@ def build_run_parser() -> argparse.ArgumentParser:
                    help="JSON for fsspec/s3fs (key, secret, client_kwargs...); default: AWS_* env")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
     p.add_argument("--device", default=None)
+    p.add_argument("--stages", default=None,
+                   help='JSON per stage, e.g. {"label": {"num_gpus": 1, "concurrency": 8, '
+                        '"batch_size": 32}}; stages: decode, frontend, label, write '
+                        "(default: CPU shares here; one front-end + one label actor per GPU)")
     p.add_argument("--run-id", default=None)
     return p
 
@@ -47,8 +51,9 @@ def cmd_run(argv: list[str]) -> int:
     args = build_run_parser().parse_args(argv)
     try:
         options = json.loads(args.storage_options) if args.storage_options else None
+        stages = json.loads(args.stages) if args.stages else {}
     except json.JSONDecodeError as exc:
-        print(f"error: --storage-options is not valid JSON ({exc.msg})", file=sys.stderr)
+        print(f"error: --storage-options/--stages is not valid JSON ({exc.msg})", file=sys.stderr)
         return 2
     try:
         spec = JobSpec(
@@ -57,7 +62,7 @@ def cmd_run(argv: list[str]) -> int:
             language=args.language, question=args.question, max_new_tokens=args.max_new_tokens,
             semantic_tokens=args.semantic_tokens, storage_options=options,
             extensions=args.extensions.split(",") if args.extensions else None,
-            ray_address=args.ray_address, device=args.device, run_id=args.run_id)
+            ray_address=args.ray_address, device=args.device, run_id=args.run_id, **stages)
         report = run_job(spec)
     except ValidationError as exc:
         print(f"error: invalid job: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",

@@ -239,6 +239,20 @@ def _init_ray(spec: JobSpec, temp_dir: str | None = None):
     return True
 
 
+def place_on_gpus(spec: JobSpec, gpus: float) -> JobSpec:
+    """With GPUs in the cluster and no GPU placement configured, put one front-end actor
+    (a quarter GPU) and one label actor (the rest) on every GPU. Explicit settings win."""
+    whole = int(gpus)
+    if whole < 1 or spec.frontend.num_gpus or spec.label.num_gpus:
+        return spec
+    return spec.model_copy(update={
+        "frontend": spec.frontend.model_copy(update={"num_gpus": 0.25, "concurrency": whole,
+                                                     "batch_size": max(spec.frontend.batch_size, 16)}),
+        "label": spec.label.model_copy(update={"num_gpus": 0.75, "concurrency": whole,
+                                               "batch_size": max(spec.label.batch_size, 32)}),
+    })
+
+
 def build_dataset(spec: JobSpec, shards: list[str], model_id_: str, run_id: str):
     import ray
     from ray.data import ActorPoolStrategy
@@ -292,6 +306,7 @@ def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
 
         started_ray = _init_ray(spec, ray_temp_dir)
         try:
+            spec = place_on_gpus(spec, ray.cluster_resources().get("GPU", 0))
             ds = build_dataset(spec, planned["shards"], model_id_, run_id)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 summary.extend(batch.to_pylist())

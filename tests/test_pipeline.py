@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -157,6 +158,9 @@ def test_job_labels_mixed_formats_segments_long_audio_and_reports_bad_files(
         assert secret.encode() not in fs.cat(path), path
     out, err = capfd.readouterr()
     assert secret not in out + err + caplog.text
+    for path in Path(ray_local).rglob("*"):  # Ray's session logs of every worker
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert secret.encode() not in path.read_bytes(), path
     assert secret not in json.dumps(report)
 
 
@@ -264,3 +268,17 @@ def test_cli_refuses_to_start_with_a_clear_reason(seaweed, s3_prefix, tmp_path):
     for proc in (bad_model, no_bucket, denied):
         assert "Started a local Ray instance" not in proc.stderr  # refused before Ray
         assert "Traceback" not in proc.stderr
+
+
+def test_gpu_placement_by_configuration_only():
+    from pipelines.job import place_on_gpus
+
+    spec = JobSpec(input="/in", output="/out", model=MODEL)
+    assert place_on_gpus(spec, 0) == spec  # CPU-only: the CPU shares stay
+    eight = place_on_gpus(spec, 8)
+    assert (eight.label.num_gpus, eight.label.concurrency) == (0.75, 8)
+    assert (eight.frontend.num_gpus, eight.frontend.concurrency) == (0.25, 8)
+    assert eight.frontend.num_gpus + eight.label.num_gpus == 1
+    pinned = JobSpec(input="/in", output="/out", model=MODEL,
+                     label={"num_gpus": 1, "concurrency": 2})
+    assert place_on_gpus(pinned, 8) == pinned  # explicit settings win
