@@ -114,18 +114,38 @@ def validate(spec: JobSpec) -> tuple[list, str]:
     return tasks, model_id(paths.root)
 
 
-def model_id(root: Path) -> str:
-    """A content hash of the checkpoint: config and the weight files' names and sizes (hashing
-    19 GB of weights would cost minutes), plus the index when the weights are sharded."""
+def model_id(root: Path, cache_file: Path | None = None) -> str:
+    """A content hash of the checkpoint: sha256 over every file's relative path and bytes.
+
+    Hashing the 7B checkpoint (~25 GB with the Whisper and GLM folders) takes a minute, so each
+    file's digest is cached by (path, size, mtime) in `~/.cache/kimi-label/file-digests.json`.
+    """
     import hashlib
 
+    cache_file = cache_file or Path.home() / ".cache" / "kimi-label" / "file-digests.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
     digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json", "tiktoken.model"):
-        path = root / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
-    for path in sorted(root.rglob("*.safetensors")):
-        digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
+    changed = False
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in cache:
+            file_digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    file_digest.update(block)
+            cache[key] = file_digest.hexdigest()
+            changed = True
+        digest.update(f"{path.relative_to(root).as_posix()}\0{cache[key]}\n".encode())
+    if changed:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(cache))
+        except OSError:
+            log.warning("cannot write the checkpoint digest cache %s", cache_file)
     return f"kimi-{digest.hexdigest()[:16]}"
 
 

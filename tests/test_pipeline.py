@@ -282,3 +282,35 @@ def test_gpu_placement_by_configuration_only():
     pinned = JobSpec(input="/in", output="/out", model=MODEL,
                      label={"num_gpus": 1, "concurrency": 2})
     assert place_on_gpus(pinned, 8) == pinned  # explicit settings win
+
+
+def test_model_id_is_a_content_hash(tmp_path):
+    from pipelines.job import model_id
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(goldens.CHECKPOINT, folder)
+    cache = tmp_path / "digests.json"
+    first = model_id(folder, cache)
+    assert first == model_id(folder, cache) == model_id(goldens.CHECKPOINT, cache)
+    weights = folder / "whisper-large-v3" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert model_id(folder, cache) != first
+
+
+def test_manifest_input_with_vanished_and_non_finite_objects(seaweed, s3_prefix, ray_local):
+    nan_wave = tone(1, 16000).astype(np.float32)
+    nan_wave[100] = np.nan
+    upload(seaweed, f"{s3_prefix}/in", {
+        "ok.wav": GOOD["mono_8k.wav"],
+        "nan.wav": lambda: encode(nan_wave, 16000, "WAV", "FLOAT"),
+        "list.jsonl": lambda: b'{"uri": "ok.wav"}\n{"uri": "nan.wav"}\n{"uri": "gone.wav"}\n',
+    })
+    report = run_job(spec_for(seaweed, s3_prefix, input=f"{s3_prefix}/in/list.jsonl"))
+    files = {r["source_uri"].rsplit("/", 1)[-1]: r
+             for r in read_table(seaweed, f"{s3_prefix}/out", "files").to_pylist()}
+    assert files["ok.wav"]["status"] == "ok"
+    assert files["nan.wav"]["error"]["kind"] == "non_finite"
+    assert files["gone.wav"]["error"]["kind"] == "vanished"
+    assert report["errors_by_kind"] == {"non_finite": 1, "vanished": 1}
