@@ -186,6 +186,9 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
     changed: set[str] = set()
 
     def flush():
+        # similar sizes next to each other: Ray batches, and so the engine's batches, then hold
+        # clips of similar duration (a size-sorted shard is a cheap duration bucketing)
+        buffer.sort(key=lambda row: row["size"] or 0)
         path = f"{plan_dir}/plan-{len(shards):05d}.parquet"
         with fs.open(path, "wb") as handle:
             pq.write_table(pa.Table.from_pylist(buffer, schema=PLAN_SCHEMA), handle)
