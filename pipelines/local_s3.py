@@ -111,6 +111,10 @@ def pick_ports(host: str = "127.0.0.1", fixed: Mapping[str, int] | None = None) 
     unknown = set(fixed) - set(SERVICES)
     if unknown:
         raise ValueError(f"unknown SeaweedFS service(s) {sorted(unknown)}; expected {SERVICES}")
+    too_high = sorted(p for p in fixed.values() if not 0 < p <= 65535 - GRPC_OFFSET)
+    if too_high:
+        raise SeaweedError(f"port(s) {too_high} cannot be used: SeaweedFS also binds port + "
+                           f"{GRPC_OFFSET} for gRPC, so HTTP ports must be 1-{65535 - GRPC_OFFSET}")
     taken = {p for port in fixed.values() for p in (port, port + GRPC_OFFSET)}
     # mini would quietly move a busy port to the next one; refuse instead.
     busy = sorted(p for p in taken if not _port_free(p, host))

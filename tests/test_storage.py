@@ -101,11 +101,17 @@ def test_start_refuses_a_busy_port_and_reports_a_dead_server(tmp_path):
     import socket
 
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        for port in range(24000, 26000):  # below 55535: its gRPC twin (+10000) must exist too
+            try:
+                busy.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
         busy.listen()
-        port = busy.getsockname()[1]
         with pytest.raises(SeaweedError, match=f"{port}.*in use"):
             SeaweedS3(tmp_path / "busy", ports={"s3": port}).start()
+    with pytest.raises(SeaweedError, match="cannot be used"):
+        SeaweedS3(tmp_path / "high", ports={"s3": 60000}).start()
     fake = tmp_path / "weed"
     fake.write_text("#!/bin/sh\necho 'cannot start: disk on fire' >&2\nexit 3\n")
     fake.chmod(0o755)
