@@ -234,6 +234,8 @@ def _remove_orphan_segment_shards(fs, root: str) -> None:
 
 def _drop_rows(fs, root: str, uris: set[str]) -> None:
     """Rewrite the shards that hold rows of `uris` without them (their content changed)."""
+    from pipelines.stages import write_parquet_atomic
+
     for table_name in ("segments", "files"):
         for path, table in read_table_dir(fs, f"{root}/{table_name}", ["source_uri"]):
             stale = [u in uris for u in table["source_uri"].to_pylist()]
@@ -242,8 +244,7 @@ def _drop_rows(fs, root: str, uris: set[str]) -> None:
             with fs.open(path, "rb") as handle:
                 full = pq.read_table(handle)
             keep = pa.array([not s for s in stale])
-            with fs.open(path, "wb") as handle:
-                pq.write_table(full.filter(keep), handle)
+            write_parquet_atomic(fs, root, path[len(root) + 1:], full.filter(keep))
 
 
 # -- running ------------------------------------------------------------------------------

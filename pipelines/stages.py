@@ -220,6 +220,19 @@ class LabelStage:
         return file_row, seg_rows
 
 
+def write_parquet_atomic(fs, root: str, relative: str, table: pa.Table) -> None:
+    """Write `<root>/<relative>` aside under `<root>/_staging/`, then move it into place, so a
+    reader never sees a partial object (an interrupted upload can be listed on some stores)."""
+    import pyarrow.parquet as pq
+
+    staged = f"{root}/_staging/{relative.replace('/', '-')}"
+    with fs.open(staged, "wb") as handle:
+        pq.write_table(table, handle)
+    final = f"{root}/{relative}"
+    fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+    fs.mv(staged, final)
+
+
 def shard_name(uris_and_etags: list[tuple[str, str | None]]) -> str:
     """Deterministic per batch content: the same objects always land in the same shard name."""
     digest = hashlib.sha256()
@@ -245,8 +258,6 @@ class WriteStage:
         self.segments_schema = segments_schema(tasks, semantic_tokens)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow.parquet as pq
-
         from pipelines.schema import to_table
         from pipelines.storage import resolve
 
@@ -257,12 +268,7 @@ class WriteStage:
         fs, root = resolve(self.output, self.storage_options)
         for table_name, rows, schema in (("segments", segments, self.segments_schema),
                                          ("files", files, self.files_schema)):
-            # written aside, then moved into place: a reader never sees a partial object
-            staged = f"{root}/_staging/{table_name}-{name}"
-            with fs.open(staged, "wb") as handle:
-                pq.write_table(to_table(rows, schema), handle)
-            fs.makedirs(f"{root}/{table_name}", exist_ok=True)
-            fs.mv(staged, f"{root}/{table_name}/{name}")
+            write_parquet_atomic(fs, root, f"{table_name}/{name}", to_table(rows, schema))
         elapsed = time.perf_counter() - start
         return pa.table({
             "source_uri": [f["source_uri"] for f in files],
