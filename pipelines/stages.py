@@ -226,6 +226,7 @@ def write_parquet_atomic(fs, root: str, relative: str, table: pa.Table) -> None:
     import pyarrow.parquet as pq
 
     staged = f"{root}/_staging/{relative.replace('/', '-')}"
+    fs.makedirs(f"{root}/_staging", exist_ok=True)
     with fs.open(staged, "wb") as handle:
         pq.write_table(table, handle)
     final = f"{root}/{relative}"

@@ -1,0 +1,118 @@
+"""`kimi-label`: the product's command line.
+
+  kimi-label run --input URI --output URI --model DIR [--tasks asr,emotion,scene] ...
+      the label-corpus flow (ephemeral Prefect unless PREFECT_API_URL is set) -> the Ray job
+  kimi-label stack up|down|status [--home DIR] [--prefect] [--ray]
+      the embedded local stack (SeaweedFS, optional Prefect server and Ray head) on 127.0.0.1
+  kimi-label demo
+      the main job on embedded defaults: stack, tiny checkpoint, sample audio, label-corpus flow
+  kimi-label generate | audio-tokens | label | make-tiny-checkpoint      (see python -m kimi_ops)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_HOME = Path(os.environ.get("KIMI_LABEL_HOME", "~/.kimi-label/stack")).expanduser()
+CREDENTIAL_KEYS = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY",
+                   "token": "AWS_SESSION_TOKEN"}
+
+
+def options_to_env(options: dict) -> tuple[dict[str, str], str | None]:
+    """Credentials from --storage-options go to this process's AWS_* environment (inherited by
+    a local Ray), never into flow parameters, which Prefect stores. Returns (env, endpoint)."""
+    env = {CREDENTIAL_KEYS[k]: str(v) for k, v in options.items() if k in CREDENTIAL_KEYS}
+    client = options.get("client_kwargs") or {}
+    endpoint = options.get("endpoint_url") or client.get("endpoint_url")
+    region = options.get("region") or client.get("region_name")
+    if region:
+        env["AWS_DEFAULT_REGION"] = str(region)
+    unknown = set(options) - set(CREDENTIAL_KEYS) - {"client_kwargs", "endpoint_url", "region"}
+    if unknown:
+        raise ValueError(f"--storage-options: unsupported keys {sorted(unknown)} "
+                         "(key, secret, token, endpoint_url, region, client_kwargs)")
+    return env, endpoint
+
+
+def cmd_run(argv: list[str]) -> int:
+    from pydantic import ValidationError
+
+    from pipelines.cli import build_run_parser, format_report
+
+    args = build_run_parser().parse_args(argv)
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else {}
+        stages = json.loads(args.stages) if args.stages else {}
+        env, endpoint = options_to_env(options)
+    except (json.JSONDecodeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.update(env)
+    from flows.label_corpus import LabelCorpusParams, label_corpus
+
+    try:
+        params = LabelCorpusParams(
+            input=args.input, output=args.output, model=args.model,
+            tasks=[t for t in args.tasks.split(",") if t], language=args.language,
+            question=args.question, max_new_tokens=args.max_new_tokens,
+            semantic_tokens=args.semantic_tokens, endpoint_url=endpoint,
+            ray_address=args.ray_address, stages=stages)
+    except ValidationError as exc:
+        print(f"error: invalid parameters: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
+              file=sys.stderr)
+        return 2
+    state = label_corpus(params, return_state=True)
+    if not state.is_completed():
+        print(f"error: {state.message or 'the label-corpus flow failed'}", file=sys.stderr)
+        return 2
+    print(format_report(state.result()))
+    return 0
+
+
+def cmd_stack(argv: list[str]) -> int:
+    from flows import stack
+
+    p = argparse.ArgumentParser(prog="kimi-label stack")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--home", default=str(DEFAULT_HOME), help="data folder of the stack")
+    p.add_argument("--prefect", action="store_true", help="also a Prefect server")
+    p.add_argument("--ray", action="store_true", help="also a Ray head node")
+    args = p.parse_args(argv)
+    home = Path(args.home).expanduser()
+    if args.action == "up":
+        state = stack.stack_up(home, prefect=args.prefect, ray=args.ray)
+        print(json.dumps(stack.stack_status(home), indent=2))
+        print(f"# environment for clients (credentials in {home}/credentials.json):")
+        for name in sorted(state.env()):
+            if "SECRET" not in name:
+                print(f"export {name}={state.env()[name]}")
+    elif args.action == "down":
+        stopped = stack.stack_down(home)
+        print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    else:
+        print(json.dumps(stack.stack_status(home), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "run":
+        return cmd_run(rest)
+    if command == "stack":
+        return cmd_stack(rest)
+    if command == "demo":
+        from flows.demo import main as demo_main
+
+        return demo_main(rest)
+    from kimi_ops.__main__ import main as kimi_ops_main
+
+    return kimi_ops_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""`label-corpus`: label every new or changed audio object under a prefix (meant for a schedule).
+
+Thin by design: validate the parameters -> run the Ray Data job (`pipelines.job`) -> check the
+output -> publish a summary. All logic lives in `pipelines`; a retried run resumes, because the
+job skips every object already labelled with the same etag.
+
+Credentials are never flow parameters (Prefect stores parameters): the job reads them from the
+worker's AWS_* environment; only the non-secret endpoint may be passed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.job import JobError, JobSpec, StageResources, run_job, validate
+
+
+class LabelCorpusParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="s3://bucket/prefix, a local folder or a manifest")
+    output: str
+    model: str = Field(description="Kimi-Audio checkpoint folder on the workers")
+    tasks: list[str] = ["asr", "emotion", "scene"]
+    language: str = "auto"
+    question: str | None = None
+    max_new_tokens: int = Field(256, ge=1)
+    semantic_tokens: bool = False
+    endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
+    ray_address: str | None = None
+    stages: dict[str, StageResources] = {}
+
+    def job_spec(self) -> JobSpec:
+        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
+        return JobSpec(input=self.input, output=self.output, model=self.model, tasks=self.tasks,
+                       language=self.language, question=self.question,
+                       max_new_tokens=self.max_new_tokens, semantic_tokens=self.semantic_tokens,
+                       storage_options=options, ray_address=self.ray_address, **self.stages)
+
+
+def _unless_job_error(task, task_run, state) -> bool:
+    """Retry storage hiccups, not a JobError: bad parameters do not get better on retry."""
+    return not isinstance(state.result(raise_on_failure=False), JobError)
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_unless_job_error)
+def check_inputs(spec: JobSpec) -> str:
+    """Tasks, checkpoint, input listing and output access, before any Ray work."""
+    _, model_id = validate(spec)
+    return model_id
+
+
+@task(retries=1, retry_delay_seconds=30)
+def run_labelling(spec: JobSpec) -> dict[str, Any]:
+    return run_job(spec)
+
+
+@task
+def check_output(spec: JobSpec) -> dict[str, int]:
+    """Every labelled object appears exactly once in files/."""
+    from pipelines.job import read_table_dir
+    from pipelines.storage import resolve
+
+    fs, root = resolve(spec.output, spec.storage_options)
+    counts = Counter()
+    for _, table in read_table_dir(fs, f"{root}/files", ["source_uri"]):
+        counts.update(table["source_uri"].to_pylist())
+    duplicated = [uri for uri, n in counts.items() if n > 1]
+    if duplicated:
+        raise RuntimeError(f"{len(duplicated)} objects have more than one row in files/, "
+                           f"e.g. {duplicated[0]}")
+    return {"files_rows": sum(counts.values())}
+
+
+@task
+def label_distribution(spec: JobSpec, run_id: str) -> dict[str, dict[str, int]]:
+    """Counts of each closed-set label over this run's segments."""
+    from kimi_ops.tasks import ChoiceTask, get_task
+    from pipelines.job import read_table_dir
+    from pipelines.storage import resolve
+
+    names = [t.name for t in (get_task(s, **spec.task_params()) for s in spec.tasks)
+             if isinstance(t, ChoiceTask)]
+    if not names:
+        return {}
+    fs, root = resolve(spec.output, spec.storage_options)
+    dist: dict[str, Counter] = {name: Counter() for name in names}
+    for _, table in read_table_dir(fs, f"{root}/segments", ["run_id", *names]):
+        for row in table.to_pylist():
+            if row["run_id"] == run_id:
+                for name in names:
+                    if row[name] is not None:
+                        dist[name][row[name]] += 1
+    return {name: dict(counter) for name, counter in dist.items()}
+
+
+@task
+def publish(report: dict[str, Any], distribution: dict[str, dict[str, int]], output: str) -> None:
+    ok = report["status"].get("ok", 0)
+    rows = [{"metric": "inputs processed", "value": report["processed"]},
+            {"metric": "already labelled (skipped)",
+             "value": report["planned"].get("already_done", 0)},
+            {"metric": "ok", "value": ok},
+            {"metric": "errors", "value": report["status"].get("error", 0)},
+            *({"metric": f"errors: {kind}", "value": n}
+              for kind, n in sorted(report["errors_by_kind"].items())),
+            {"metric": "audio hours", "value": round(report["audio_hours"], 4)},
+            {"metric": "audio-hours per hour", "value": round(report["audio_hours_per_hour"], 2)},
+            {"metric": "wall seconds", "value": round(report["wall_s"], 1)}]
+    create_table_artifact(key="label-corpus-summary", table=rows,
+                          description=f"run {report['run_id']}")
+    dist_rows = [{"task": task_name, "label": label, "segments": n}
+                 for task_name, counts in distribution.items()
+                 for label, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if dist_rows:
+        create_table_artifact(key="label-corpus-labels", table=dist_rows,
+                              description="closed-set labels over this run's segments")
+    create_markdown_artifact(key="label-corpus-output", markdown=(
+        f"### Output of run `{report['run_id']}`\n\n"
+        f"- files table: `{output}/files/`\n- segments table: `{output}/segments/`\n"
+        f"- run report: `{output}/_runs/{report['run_id']}/report.json`\n"))
+
+
+@flow(name="label-corpus", log_prints=True)
+def label_corpus(params: LabelCorpusParams) -> dict[str, Any]:
+    logger = get_run_logger()
+    spec = params.job_spec()
+    try:
+        check_inputs(spec)
+    except JobError as exc:
+        raise ValueError(f"label-corpus cannot run: {exc}") from None
+    report = run_labelling(spec)
+    check_output(spec)
+    distribution = label_distribution(spec, report["run_id"])
+    publish(report, distribution, spec.output)
+    logger.info("run %s: %s processed, status %s", report["run_id"], report["processed"],
+                report["status"])
+    report["label_distribution"] = distribution
+    return report

@@ -1,0 +1,87 @@
+"""Prefect flows under Prefect's test harness, on a real local Ray and the tiny checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from tests import goldens
+
+pytestmark = pytest.mark.slow
+MODEL = str(goldens.CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # no telemetry from the server
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    temp = tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, _temp_dir=temp,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+async def artifacts(keys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+    return {a.key: a for a in found}
+
+
+def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_path):
+    from flows.label_corpus import LabelCorpusParams, label_corpus
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a01_tone_0p5s_16k.wav", "a06_speech_2p37s_16k.flac"):
+        shutil.copy(goldens.INPUTS / name, inputs / name)
+    (inputs / "broken.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
+    params = LabelCorpusParams(input=str(inputs), output=str(tmp_path / "out"), model=MODEL,
+                               tasks=["asr", "emotion"], max_new_tokens=4)
+    report = label_corpus(params)
+    assert report["processed"] == 3
+    assert report["status"] == {"ok": 2, "error": 1}
+    assert sum(report["label_distribution"]["emotion"].values()) == 2  # one segment per clip
+
+    found = asyncio.run(artifacts(["label-corpus-summary", "label-corpus-labels",
+                                   "label-corpus-output"]))
+    assert set(found) == {"label-corpus-summary", "label-corpus-labels", "label-corpus-output"}
+    summary = {row["metric"]: row["value"]
+               for row in json.loads(found["label-corpus-summary"].data)}
+    assert summary["ok"] == 2 and summary["errors: undecodable"] == 1
+    assert str(tmp_path / "out") in found["label-corpus-output"].data
+
+    again = label_corpus(params)  # a rerun (or a retried run) resumes: nothing left to do
+    assert again["processed"] == 0 and again["planned"]["already_done"] == 3
+
+
+def test_label_corpus_fails_with_the_reason_before_ray(harness, tmp_path):
+    from flows.label_corpus import LabelCorpusParams, label_corpus
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(goldens.INPUTS / "a01_tone_0p5s_16k.wav", tmp_path / "in")
+    params = LabelCorpusParams(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                               model=str(tmp_path / "no-model"))
+    state = label_corpus(params, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="checkpoint folder not found"):
+        state.result()
