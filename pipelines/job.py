@@ -255,8 +255,9 @@ def _init_ray(spec: JobSpec, temp_dir: str | None = None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return False
-    if spec.ray_address:
-        ray.init(address=spec.ray_address, log_to_driver=False)
+    address = spec.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:  # join a running cluster ("auto" on a head or RayJob driver pod)
+        ray.init(address=address, log_to_driver=False)
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir, log_to_driver=False)
