@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m kimi_ops demo
+	$(PY) -m flows.cli demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_engine.py

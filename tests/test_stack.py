@@ -1,0 +1,236 @@
+"""The embedded local stack with real processes: SeaweedFS, a Prefect server and a Ray head."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.stack import MARKER_ENV, StackState, stack_down, stack_status, stack_up
+from pipelines.local_s3 import listening_addresses
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
+@pytest.fixture
+def home():
+    # Short: Ray's unix socket paths under <home>/ray must stay below 107 bytes.
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="kl-stack-"))
+    try:
+        yield path
+    finally:
+        stack_down(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "RAY_", "PREFECT_", MARKER_ENV))}
+
+
+def _running(pid: int, start: int) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    rest = raw[raw.rindex(")") + 2 :].split()
+    return rest[0] not in "ZXx" and int(rest[19]) == start
+
+
+def _pids(state: StackState, service: str) -> list[int]:
+    return [p.pid for p in state.services[service].pids]
+
+
+def _all_members(state: StackState) -> list:
+    return [p for svc in state.services.values() for p in svc.members(state.stack_id)]
+
+
+def _assert_loopback_only(state: StackState) -> None:
+    listening = {p.pid: listening_addresses(p.pid) for p in _all_members(state)}
+    exposed = {pid: addrs for pid, addrs in listening.items()
+               if any(ip not in LOOPBACK for ip, _ in addrs)}
+    assert exposed == {}
+    ports = {port for addrs in listening.values() for _, port in addrs}
+    for svc in state.services.values():
+        main_port = {"s3": "s3", "prefect": "api", "ray": "gcs"}[svc.name]
+        assert svc.ports[main_port] in ports
+
+
+def _secrets(home: Path) -> list[str]:
+    creds = json.loads((home / "credentials.json").read_text())["s3"]
+    return [creds["secret_key"], creds["access_key"], (home / "ray_auth_token").read_text()]
+
+
+def _processes_of(stack_id: str, *needles: str) -> list[tuple[int, str]]:
+    """Live processes carrying the stack's marker or naming one of ``needles`` on their command
+    line."""
+    marker = f"{MARKER_ENV}={stack_id}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state in "ZXx":
+            continue
+        if any(n in cmdline for n in needles) or marker in environ:
+            found.append((int(entry.name), cmdline[:120]))
+    return found
+
+
+def test_s3_stack_up_status_down(home, monkeypatch):
+    # `up` from a separate process, as the CLI does: the server must outlive it.
+    script = "import sys; from flows.stack import stack_up; stack_up(sys.argv[1])"
+    up = subprocess.run([sys.executable, "-c", script, str(home)], check=False, cwd=ROOT,
+                        env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr[-3000:]
+    state = StackState.load(home)
+    assert state is not None and list(state.services) == ["s3"]
+    s3 = state.services["s3"]
+    assert all(_running(p.pid, p.start) for p in s3.pids)
+
+    status = stack_status(home)
+    assert status["up"] is True
+    assert status["services"]["s3"]["running"] and status["services"]["s3"]["healthy"]
+    assert status["services"]["prefect"]["running"] is False
+    assert status["services"]["ray"]["running"] is False
+    _assert_loopback_only(state)
+
+    # Secrets: only in 0600 files, never in stack.json, the status or the output of `up`.
+    secret_values = _secrets(home)
+    for name in ("credentials.json", "ray_auth_token"):
+        assert stat.S_IMODE((home / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    public = (home / "stack.json").read_text() + json.dumps(status) + up.stdout + up.stderr
+    assert not [s for s in secret_values if s in public]
+    assert not [s for s in secret_values if s in repr(state)]
+
+    # S3 works with the client environment, exactly as a botocore/boto3 user would pick it up.
+    env = state.env()
+    assert env["AWS_ENDPOINT_URL"] == s3.endpoint and env["AWS_ENDPOINT_URL"].startswith(
+        "http://127.0.0.1:")
+    assert "PREFECT_API_URL" not in env and "RAY_ADDRESS" not in env
+    for key in list(os.environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-aws-credentials"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    client = botocore.session.get_session().create_client("s3")
+    client.put_object(Bucket="audio", Key="stack-test/hello.txt", Body=b"hello")
+    assert client.get_object(Bucket="audio", Key="stack-test/hello.txt")["Body"].read() == b"hello"
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**state.storage_options())
+    assert fs.cat("audio/stack-test/hello.txt") == b"hello"
+
+    # Anonymous access is refused: plain HTTP and an unsigned client.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{s3.endpoint}/audio/stack-test/hello.txt", timeout=5)
+    assert refused.value.code == 403
+    anon = botocore.session.get_session().create_client(
+        "s3", config=Config(signature_version=UNSIGNED))
+    with pytest.raises(ClientError) as denied:
+        anon.put_object(Bucket="audio", Key="stack-test/anon.txt", Body=b"x")
+    assert denied.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+    # A second `up` keeps the running server and its credentials.
+    again = stack_up(home)
+    assert _pids(again, "s3") == _pids(state, "s3")
+    assert again.services["s3"].endpoint == s3.endpoint
+    assert again.env()["AWS_SECRET_ACCESS_KEY"] == env["AWS_SECRET_ACCESS_KEY"]
+
+    # A crashed server is noticed, then restarted on its data and credentials by `up` (on its old
+    # port unless that is still held, e.g. by TIME_WAIT connections).
+    os.kill(s3.main[0].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _running(s3.main[0].pid, s3.main[0].start) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    crashed = stack_status(home)
+    assert crashed["up"] is False and crashed["services"]["s3"]["running"] is False
+    restarted = stack_up(home)
+    assert _pids(restarted, "s3") != _pids(state, "s3")
+    assert s3fs.S3FileSystem(**restarted.storage_options()).cat(
+        "audio/stack-test/hello.txt") == b"hello"
+
+    assert stack_down(home) == ["s3"]
+    for proc in s3.pids + restarted.services["s3"].pids:
+        assert not _running(proc.pid, proc.start)
+    assert not (home / "stack.json").exists()
+    after = stack_status(home)
+    assert after["up"] is False and after["services"]["s3"]["running"] is False
+    assert stack_down(home) == []
+    assert (home / "credentials.json").exists()  # kept for the next `up`
+
+
+def test_full_stack_prefect_and_ray(home):
+    dot_ray = Path.home() / ".ray"
+    dot_ray_before = sorted((p.name, p.stat().st_mtime) for p in dot_ray.iterdir()) \
+        if dot_ray.is_dir() else None
+
+    state = stack_up(home, prefect=True, ray=True)
+    assert list(state.services) == ["s3", "prefect", "ray"]
+    status = stack_status(home)
+    assert status["up"] is True
+    for name in ("s3", "prefect", "ray"):
+        assert status["services"][name]["healthy"], status["services"][name]
+    _assert_loopback_only(state)
+
+    env = state.env()
+    assert env["PREFECT_API_URL"].startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=5) as resp:
+        assert resp.status == 200 and resp.read().strip() == b"true"
+    assert env["RAY_ADDRESS"].startswith("127.0.0.1:")
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert not [s for s in _secrets(home) if s in (home / "stack.json").read_text()]
+
+    client = textwrap.dedent("""
+        import os, ray
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        @ray.remote
+        def double(x):
+            return 2 * x
+        print("result", sum(ray.get([double.remote(i) for i in range(4)])))
+        ray.shutdown()
+    """)
+    run = subprocess.run([sys.executable, "-c", client], check=False, cwd=home,
+                         env={**_clean_env(), **env}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "result 12" in run.stdout
+
+    recorded = _all_members(state)  # includes the Ray workers the task started
+    ray_temp = state.services["ray"].extra["temp_dir"]
+    assert sorted(stack_down(home)) == ["prefect", "ray", "s3"]
+    assert not [p.pid for p in recorded if _running(p.pid, p.start)]
+    assert _processes_of(state.stack_id, str(home), ray_temp) == []
+    assert stack_status(home)["up"] is False
+
+    dot_ray_after = sorted((p.name, p.stat().st_mtime) for p in dot_ray.iterdir()) \
+        if dot_ray.is_dir() else None
+    assert dot_ray_after == dot_ray_before
