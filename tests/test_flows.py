@@ -85,3 +85,29 @@ def test_label_corpus_fails_with_the_reason_before_ray(harness, tmp_path):
     assert state.is_failed()
     with pytest.raises(ValueError, match="checkpoint folder not found"):
         state.result()
+
+
+def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    console = Path(sys.executable).with_name("kimi-label")
+    (tmp_path / "in").mkdir()
+    shutil.copy(goldens.INPUTS / "a02_chirp_3s_16k.wav", tmp_path / "in")
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("PREFECT_API_URL", None)  # ephemeral Prefect, as a user without a server gets
+
+    def run(*args):
+        return subprocess.run([str(console), "run", "--input", str(tmp_path / "in"),
+                               "--output", str(tmp_path / "out"), *args], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    refused = run("--model", str(tmp_path / "nope"))
+    assert refused.returncode == 2
+    assert "checkpoint folder not found" in refused.stderr
+    done = run("--model", MODEL, "--tasks", "asr,scene", "--max-new-tokens", "4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 processed" in done.stdout and "'ok': 1" in done.stdout
+    assert list((tmp_path / "out" / "files").glob("part-*.parquet"))
