@@ -1,0 +1,330 @@
+"""The transcribe-archive flow and its subtitle writers.
+
+Subtitle formatting is checked against hand-computed text; the flow runs end to end under
+Prefect's test harness on a real local Ray and the tiny random checkpoint, whose transcripts are
+meaningless (often empty once special tokens are removed), so there the structure is checked and
+the exact text is checked by calling the writer on known segment rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.subtitles import split_cue, to_srt, to_webvtt
+from tests import goldens
+
+pytestmark = pytest.mark.slow
+MODEL = str(goldens.CHECKPOINT)
+
+
+# -- subtitle formats ------------------------------------------------------------------------
+
+def test_srt_numbers_from_one_formats_hours_and_skips_empty_text():
+    cues = [(0.0, 2.5, "hello there"), (3.0, 4.0, ""), (4.0, 5.0, None), (5.0, 6.0, "  \n "),
+            (3725.25, 3726.002, "over an\nhour")]
+    assert to_srt(cues) == (
+        "1\n00:00:00,000 --> 00:00:02,500\nhello there\n"
+        "\n"
+        "2\n01:02:05,250 --> 01:02:06,002\nover an hour\n")
+    assert to_srt([]) == ""
+
+
+def test_webvtt_header_dot_timestamps_and_arrow_escaping():
+    cues = [(0.0, 1.0, "a --> b & <c>"), (1.0, 1.0, ""), (36000.0, 36001.5, "ten hours")]
+    assert to_webvtt(cues) == (
+        "WEBVTT\n"
+        "\n"
+        "00:00:00.000 --> 00:00:01.000\na --&gt; b &amp; &lt;c&gt;\n"
+        "\n"
+        "10:00:00.000 --> 10:00:01.500\nten hours\n")
+    assert to_webvtt([]) == "WEBVTT\n"
+    assert [line for line in to_webvtt(cues).splitlines() if "-->" in line] == [
+        "00:00:00.000 --> 00:00:01.000", "10:00:00.000 --> 10:00:01.500"]  # timing lines only
+    assert to_srt(cues[:1]) == "1\n00:00:00,000 --> 00:00:01,000\na --> b & <c>\n"  # SRT: as is
+
+
+def test_long_segment_splits_into_two_line_cues_with_interpolated_times():
+    # 10 words of 9 letters: 99 characters; a 99 s segment gives 1 s per character
+    words = [c * 9 for c in "abcdefghij"]
+    text = " ".join(words)
+    # fewest 42-character lines: 3 (4 + 4 + 2 words); no narrower width keeps 3 lines, so
+    # lines of 39, 39 and 19 characters; cues: lines 1-2 (offsets 0..80), line 3 (80..99)
+    line1, line2, line3 = " ".join(words[:4]), " ".join(words[4:8]), " ".join(words[8:])
+    assert to_srt([(3600.0, 3699.0, text)]) == (
+        f"1\n01:00:00,000 --> 01:01:20,000\n{line1}\n{line2}\n"
+        "\n"
+        f"2\n01:01:20,000 --> 01:01:39,000\n{line3}\n")
+    assert to_webvtt([(3600.0, 3699.0, text)]) == (
+        f"WEBVTT\n\n01:00:00.000 --> 01:01:20.000\n{line1}\n{line2}\n"
+        f"\n01:01:20.000 --> 01:01:39.000\n{line3}\n")
+    # one cue per 19-character line (2 words), 49 characters over 49 s: cues start at the
+    # offsets of their first word (0, 20, 40) and end where the next starts, the last at the end
+    cues = split_cue(10.0, 59.0, " ".join(["x" * 9] * 5), line_chars=19, lines_per_cue=1)
+    assert [(c.start_s, c.end_s) for c in cues] == [(10.0, 30.0), (30.0, 50.0), (50.0, 59.0)]
+
+
+def test_wrapping_is_balanced_and_cjk_breaks_between_characters():
+    # 48 characters fit two lines; balanced lines instead of 42 + 5
+    text = "one two three four five six seven eight nine ten"
+    (cue,) = split_cue(0.0, 4.0, text)
+    assert cue.text == "one two three four five\nsix seven eight nine ten"
+    # Chinese has no spaces: 64 characters, 2 lines of 32; punctuation stays with its character
+    zh = "今天天气很好，我们去公园散步吧！" * 4
+    (cue,) = split_cue(0.0, 6.0, zh)
+    lines = cue.text.split("\n")
+    assert lines == [zh[:32], zh[32:]] and all(len(line) <= 42 for line in lines)
+    assert not any(line[0] in "，！" for line in lines)
+    # a word longer than a line is cut, not overflowing
+    (cue,) = split_cue(0.0, 1.0, "x" * 50)
+    assert cue.text == "x" * 42 + "\n" + "x" * 8
+
+
+# -- subtitle paths and the writer over known rows ---------------------------------------------
+
+def test_relative_paths_below_the_prefix_else_basename():
+    from flows.transcribe_archive import input_prefix, relative_path, subtitle_names
+
+    prefix = input_prefix("s3://audio/corpus/", is_manifest=False, is_single_object=False)
+    assert prefix == ("s3", "audio/corpus")
+    assert relative_path("s3://audio/corpus/a/b.wav", prefix) == "a/b.wav"
+    assert relative_path("s3://audio/corpus2/b.wav", prefix) == "b.wav"  # not below: basename
+    assert relative_path("/local/corpus/x.wav", prefix) == "x.wav"
+    manifest = input_prefix("/data/lists/m.csv", is_manifest=True, is_single_object=False)
+    assert relative_path("/data/lists/sub/x.wav", manifest) == "sub/x.wav"
+    names = subtitle_names(["/elsewhere/one/x.wav", "/elsewhere/two/x.wav",
+                            "/data/lists/y.wav"], manifest)
+    assert names["/data/lists/y.wav"] == "y.wav"
+    assert re.fullmatch(r"x\.wav\.[0-9a-f]{8}", names["/elsewhere/one/x.wav"])
+    assert names["/elsewhere/one/x.wav"] != names["/elsewhere/two/x.wav"]
+
+
+def test_writer_on_known_segment_rows(tmp_path):
+    import fsspec
+
+    from flows.transcribe_archive import write_file_subtitles
+
+    fs = fsspec.filesystem("file")
+    rows = [  # out of order on purpose; a silent segment gives no cue
+        {"segment_index": 2, "start_s": 3700.0, "end_s": 3702.5, "status": "ok",
+         "transcript": "the end"},
+        {"segment_index": 0, "start_s": 0.0, "end_s": 1.25, "status": "ok",
+         "transcript": "first words"},
+        {"segment_index": 1, "start_s": 1.25, "end_s": 3700.0, "status": "silent",
+         "transcript": None},
+    ]
+    paths = write_file_subtitles(fs, str(tmp_path), "dir/talk.wav", rows)
+    assert paths == [f"{tmp_path}/subtitles/dir/talk.wav.srt",
+                     f"{tmp_path}/subtitles/dir/talk.wav.vtt"]
+    assert (tmp_path / "subtitles/dir/talk.wav.srt").read_text() == (
+        "1\n00:00:00,000 --> 00:00:01,250\nfirst words\n"
+        "\n2\n01:01:40,000 --> 01:01:42,500\nthe end\n")
+    assert (tmp_path / "subtitles/dir/talk.wav.vtt").read_text() == (
+        "WEBVTT\n\n00:00:00.000 --> 00:00:01.250\nfirst words\n"
+        "\n01:01:40.000 --> 01:01:42.500\nthe end\n")
+
+
+def test_run_subtitles_cover_every_attempt_of_the_run_and_nothing_else(tmp_path):
+    """Two shards with this run's id (a retried attempt writes its own shard), one of another
+    run, an error row of this run whose old subtitles go, and a rerun that rewrites the same
+    bytes."""
+    from flows.transcribe_archive import TranscribeArchiveParams, write_run_subtitles
+    from kimi_ops.tasks import get_task
+    from pipelines.schema import files_schema, segments_schema, to_table
+    from pipelines.stages import write_parquet_atomic
+
+    inputs, out = tmp_path / "in", str(tmp_path / "out")
+    (inputs / "a").mkdir(parents=True)
+    for name in ("a/one.wav", "two.wav", "old.wav", "bad.wav"):
+        (inputs / name).write_bytes(b"x")
+    tasks = [get_task("asr")]
+
+    def shard(name, run_id, files):
+        file_rows, seg_rows = [], []
+        for uri, status, texts in files:
+            file_rows.append({"source_uri": uri, "status": status, "run_id": run_id,
+                              "duration_s": 2.0 * len(texts) if status == "ok" else None,
+                              "error": None if status == "ok" else
+                              {"kind": "undecodable", "message": "no"}})
+            seg_rows += [{"source_uri": uri, "segment_index": i, "start_s": 2.0 * i,
+                          "end_s": 2.0 * i + 2, "status": "ok", "transcript": t,
+                          "run_id": run_id} for i, t in enumerate(texts)]
+        import fsspec
+
+        fs = fsspec.filesystem("file")
+        write_parquet_atomic(fs, out, f"segments/{name}",
+                             to_table(seg_rows, segments_schema(tasks)))
+        write_parquet_atomic(fs, out, f"files/{name}", to_table(file_rows, files_schema(tasks)))
+
+    shard("part-1.parquet", "R", [(str(inputs / "a/one.wav"), "ok", ["hi", "there"])])
+    shard("part-2.parquet", "R", [(str(inputs / "two.wav"), "ok", ["two"]),
+                                  (str(inputs / "bad.wav"), "error", [])])
+    shard("part-3.parquet", "OTHER", [(str(inputs / "old.wav"), "ok", ["old"])])
+    stale = tmp_path / "out/subtitles/bad.wav.srt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier run")
+
+    spec = TranscribeArchiveParams(input=str(inputs), output=out, model=MODEL).job_spec("R")
+    counts = write_run_subtitles(spec, "R")
+    assert counts["recordings"] == 2 and counts["segments"] == 3
+    assert counts["subtitle_files"] == 4 and counts["subtitle_files_removed"] == 1
+    assert counts["errors_by_kind"] == {"undecodable": 1}
+    written = sorted(p.relative_to(tmp_path / "out/subtitles").as_posix()
+                     for p in (tmp_path / "out/subtitles").rglob("*") if p.is_file())
+    assert written == ["a/one.wav.srt", "a/one.wav.vtt", "two.wav.srt", "two.wav.vtt"]
+    srt = (tmp_path / "out/subtitles/a/one.wav.srt").read_text()
+    assert srt == ("1\n00:00:00,000 --> 00:00:02,000\nhi\n"
+                   "\n2\n00:00:02,000 --> 00:00:04,000\nthere\n")
+    before = {p: p.read_bytes() for p in (tmp_path / "out/subtitles").rglob("*.*")}
+    assert write_run_subtitles(spec, "R")["subtitle_files"] == 4  # a retried task: same bytes
+    assert {p: p.read_bytes() for p in (tmp_path / "out/subtitles").rglob("*.*")} == before
+    assert write_run_subtitles(spec, "NEW")["subtitle_files"] == 0  # nothing of a new run
+
+
+# -- the flow end to end -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def harness():
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    temp = tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")  # short: Ray's socket paths
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, _temp_dir=temp,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+async def artifacts(keys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+    return {a.key: a for a in found}
+
+
+def recording_with_pauses(seconds: int, sr: int = 16000) -> bytes:
+    """A modulated tone with a 0.6 s pause every 9 s: cut into >= 3 segments at the pauses."""
+    t = np.arange(seconds * sr) / sr
+    wave = 0.3 * np.sin(2 * np.pi * 300 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    for start in range(7, seconds, 9):
+        wave[start * sr: int((start + 0.6) * sr)] = 0.0
+    buf = io.BytesIO()
+    sf.write(buf, wave.astype(np.float32), sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+TIMING = re.compile(r"^(\d\d):(\d\d):(\d\d)[,.](\d\d\d) --> (\d\d):(\d\d):(\d\d)[,.](\d\d\d)$",
+                    re.MULTILINE)
+
+
+def cue_times(text: str) -> list[tuple[float, float]]:
+    def secs(h, m, s, ms):
+        return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+    return [(secs(*g[:4]), secs(*g[4:])) for g in TIMING.findall(text)]
+
+
+def test_transcribe_archive_flow_writes_subtitles_publishes_and_reruns_idle(
+        harness, ray_local, tmp_path):
+    from flows.transcribe_archive import TranscribeArchiveParams, transcribe_archive
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    (inputs / "archive").mkdir(parents=True)
+    (inputs / "archive/talk_70s.wav").write_bytes(recording_with_pauses(70))
+    shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs / "clip.flac")
+    (inputs / "broken.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
+    params = TranscribeArchiveParams(input=str(inputs), output=str(out), model=MODEL,
+                                     max_new_tokens=3)
+    report = transcribe_archive(params)
+    assert report["status"] == {"ok": 2, "error": 1}
+    subs = report["subtitles"]
+    assert subs["run_id"] == report["run_id"] and subs["recordings"] == 2
+    assert re.fullmatch(r"\d{8}T\d{6}-[0-9a-f]{8}", report["run_id"])  # from the flow run: a
+    # retried task or flow run reuses it, so its subtitles cover every attempt
+    assert subs["subtitle_files"] == 4 and subs["errors_by_kind"] == {"undecodable": 1}
+
+    files = pq.read_table(out / "files").to_pylist()
+    segments = pq.read_table(out / "segments").to_pylist()
+    duration = {r["source_uri"]: r["duration_s"] for r in files}
+    long_uri = str(inputs / "archive/talk_70s.wav")
+    assert sum(s["source_uri"] == long_uri for s in segments) >= 3
+    assert subs["segments"] == len(segments)
+
+    for rel in ("archive/talk_70s.wav", "clip.flac"):
+        uri = str(inputs / rel)
+        ordered = sorted((s for s in segments if s["source_uri"] == uri),
+                         key=lambda s: s["segment_index"])
+        cues = [(s["start_s"], s["end_s"], s["transcript"]) for s in ordered
+                if s["status"] == "ok"]
+        srt = (out / "subtitles" / f"{rel}.srt").read_text()
+        vtt = (out / "subtitles" / f"{rel}.vtt").read_text()
+        assert srt == to_srt(cues) and vtt == to_webvtt(cues)  # whatever the random model said
+        assert vtt.startswith("WEBVTT\n")
+        times = cue_times(srt)
+        assert times == cue_times(vtt)
+        assert len(re.findall(r"^\d+$", srt, re.MULTILINE)) == len(times)
+        flat = [t for pair in times for t in pair]
+        assert flat == sorted(flat)  # monotonic, no overlap
+        assert all(0 <= t <= duration[uri] + 0.001 for t in flat)
+    assert not list((out / "subtitles").glob("broken.wav*"))
+    written = sorted(p.relative_to(out / "subtitles").as_posix()
+                     for p in (out / "subtitles").rglob("*") if p.is_file())
+    assert written == ["archive/talk_70s.wav.srt", "archive/talk_70s.wav.vtt",
+                       "clip.flac.srt", "clip.flac.vtt"]
+
+    found = asyncio.run(artifacts(["transcribe-archive-summary", "transcribe-archive-output"]))
+    assert set(found) == {"transcribe-archive-summary", "transcribe-archive-output"}
+    summary = {row["metric"]: row["value"]
+               for row in json.loads(found["transcribe-archive-summary"].data)}
+    assert summary["recordings transcribed"] == 2 and summary["errors: undecodable"] == 1
+    assert summary["subtitle files written"] == 4 and summary["segments"] == len(segments)
+    assert summary["audio hours"] == round((70 + 2.37) / 3600, 4)
+    assert f"{out}/subtitles/" in found["transcribe-archive-output"].data
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "subtitles").rglob("*.*")}
+    again = transcribe_archive(params)  # a new run with nothing new: labels and writes nothing
+    assert again["processed"] == 0 and again["planned"]["already_done"] == 3
+    assert again["run_id"] != report["run_id"] and again["subtitles"]["subtitle_files"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "subtitles").rglob("*.*")} == mtimes
+
+
+def test_transcribe_archive_refuses_bad_parameters(harness, tmp_path):
+    from pydantic import ValidationError
+
+    from flows.transcribe_archive import TranscribeArchiveParams, transcribe_archive
+
+    with pytest.raises(ValidationError):
+        TranscribeArchiveParams(input="x", output="y", model="m", language="fr")
+    with pytest.raises(ValidationError):
+        TranscribeArchiveParams(input="x", output="y", model="m", stages={"nope": {}})
+    assert TranscribeArchiveParams(input="x", output="y", model="m").job_spec().tasks == ["asr"]
+    (tmp_path / "in").mkdir()
+    shutil.copy(goldens.INPUTS / "a01_tone_0p5s_16k.wav", tmp_path / "in")
+    state = transcribe_archive(TranscribeArchiveParams(
+        input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+        model=str(tmp_path / "no-model")), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="checkpoint folder not found"):
+        state.result()
