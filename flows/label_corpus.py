@@ -35,12 +35,26 @@ class LabelCorpusParams(BaseModel):
     ray_address: str | None = None
     stages: dict[str, StageResources] = {}
 
-    def job_spec(self) -> JobSpec:
+    def job_spec(self, run_id: str | None = None) -> JobSpec:
         options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
         return JobSpec(input=self.input, output=self.output, model=self.model, tasks=self.tasks,
                        language=self.language, question=self.question,
                        max_new_tokens=self.max_new_tokens, semantic_tokens=self.semantic_tokens,
-                       storage_options=options, ray_address=self.ray_address, **self.stages)
+                       storage_options=options, ray_address=self.ray_address, run_id=run_id,
+                       **self.stages)
+
+
+def flow_run_id() -> str | None:
+    """A run id stable across retries of this flow run (`<scheduled start>-<id prefix>`), so
+    rows written by a first attempt and by its retry belong to the same run."""
+    from prefect.runtime import flow_run
+
+    run = flow_run.id
+    if not run:
+        return None
+    started = flow_run.scheduled_start_time
+    stamp = started.strftime("%Y%m%dT%H%M%S") if hasattr(started, "strftime") else "run"
+    return f"{stamp}-{str(run).replace('-', '')[:8]}"
 
 
 def _unless_job_error(task, task_run, state) -> bool:
@@ -129,7 +143,7 @@ def publish(report: dict[str, Any], distribution: dict[str, dict[str, int]], out
 @flow(name="label-corpus", log_prints=True)
 def label_corpus(params: LabelCorpusParams) -> dict[str, Any]:
     logger = get_run_logger()
-    spec = params.job_spec()
+    spec = params.job_spec(run_id=flow_run_id())
     try:
         check_inputs(spec)
     except JobError as exc:

@@ -36,7 +36,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flows.label_corpus import check_inputs, check_output, run_labelling
+from flows.label_corpus import check_inputs, check_output, flow_run_id, run_labelling
 from flows.subtitles import to_srt, to_webvtt
 from pipelines.job import JobError, JobSpec, StageResources
 
@@ -229,18 +229,6 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
 
 
 # -- the flow ------------------------------------------------------------------------------
-
-def flow_run_id() -> str | None:
-    """A run id stable across retries of this flow run: `<scheduled start>-<id prefix>`."""
-    from prefect.runtime import flow_run
-
-    run = flow_run.id
-    if not run:
-        return None
-    started = flow_run.scheduled_start_time
-    stamp = started.strftime("%Y%m%dT%H%M%S") if hasattr(started, "strftime") else "run"
-    return f"{stamp}-{str(run).replace('-', '')[:8]}"
-
 
 @task(retries=2, retry_delay_seconds=10)
 def write_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:

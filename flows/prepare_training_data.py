@@ -1,0 +1,118 @@
+"""`prepare-training-data`: turn a labelled output into train/validation shards.
+
+Thin by design: validate the parameters and the source (`pipelines.training_data.inspect_source`:
+a labelled output made with --semantic-tokens, filters naming its tasks) -> build the shards
+(`build_training_data`, retried: an attempt that dies midway leaves no manifest, and the next one
+clears its shards and starts again) -> publish counts and the manifest's location.
+
+Credentials are never flow parameters: they come from the worker's AWS_* environment; only the
+non-secret endpoint may be passed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.training_data import (
+    SourceInfo,
+    TrainingDataError,
+    TrainingDataSpec,
+    TrainingFilters,
+    build_training_data,
+    inspect_source,
+)
+
+
+class PrepareTrainingDataParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="labelled output URI (holds files/ and segments/)")
+    destination: str = Field(description="where the shards and manifest.json go")
+    filters: TrainingFilters = Field(default_factory=TrainingFilters)
+    validation_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    split_salt: str = ""
+    rows_per_shard: int = Field(10_000, ge=1)
+    webdataset: bool = False
+    overwrite: bool = False
+    endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
+
+    def spec(self) -> TrainingDataSpec:
+        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
+        return TrainingDataSpec(source=self.source, destination=self.destination,
+                                filters=self.filters,
+                                validation_fraction=self.validation_fraction,
+                                split_salt=self.split_salt, rows_per_shard=self.rows_per_shard,
+                                webdataset=self.webdataset, overwrite=self.overwrite,
+                                storage_options=options)
+
+
+def _unless_bad_input(task, task_run, state) -> bool:
+    """Retry storage hiccups, not a TrainingDataError: bad input does not get better."""
+    return not isinstance(state.result(raise_on_failure=False), TrainingDataError)
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_unless_bad_input)
+def check_source(spec: TrainingDataSpec) -> SourceInfo:
+    return inspect_source(spec)
+
+
+@task(retries=2, retry_delay_seconds=30, retry_condition_fn=_unless_bad_input)
+def build_shards(spec: TrainingDataSpec) -> dict[str, Any]:
+    return build_training_data(spec)
+
+
+def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    counts = manifest["counts"]
+    rows = [{"metric": "input segments", "value": counts["input_segments"]},
+            {"metric": "kept", "value": counts["kept"]}]
+    for split, stats in counts["splits"].items():
+        rows += [{"metric": f"{split}: segments", "value": stats["rows"]},
+                 {"metric": f"{split}: source files", "value": stats["source_files"]},
+                 {"metric": f"{split}: hours", "value": round(stats["duration_s"] / 3600, 4)},
+                 {"metric": f"{split}: shards",
+                  "value": sum(1 for s in manifest["shards"]
+                               if s["split"] == split and s["format"] == "parquet")}]
+    rows += [{"metric": f"dropped: {reason}", "value": n}
+             for reason, n in counts["dropped"].items()]
+    return rows
+
+
+@task
+def publish(manifest: dict[str, Any]) -> None:
+    create_table_artifact(key="prepare-training-data-counts", table=summary_rows(manifest),
+                          description=f"training data from {manifest['source']}")
+    counts = manifest["counts"]
+    splits = counts["splits"]
+    create_markdown_artifact(key="prepare-training-data-output", markdown=(
+        f"### Training data in `{manifest['destination']}`\n\n"
+        f"- manifest: `{manifest['manifest_uri']}`\n"
+        f"- source: `{manifest['source']}` (runs: {', '.join(manifest['source_runs']) or '-'})\n"
+        f"- kept {counts['kept']} of {counts['input_segments']} segments: "
+        f"train {splits['train']['rows']}, validation {splits['validation']['rows']}\n"
+        f"- shards: {len(manifest['shards'])} "
+        f"({'Parquet + WebDataset' if manifest['webdataset'] else 'Parquet'})\n"))
+
+
+@flow(name="prepare-training-data", log_prints=True)
+def prepare_training_data(params: PrepareTrainingDataParams) -> dict[str, Any]:
+    logger = get_run_logger()
+    try:
+        spec = params.spec()
+        info = check_source(spec)
+    except (TrainingDataError, ValueError) as exc:
+        raise ValueError(f"prepare-training-data cannot run: {exc}") from None
+    if info.shards_without_tokens:
+        logger.warning("%d segments shards have no semantic_tokens (labelled without "
+                       "--semantic-tokens): their rows are dropped", info.shards_without_tokens)
+    try:
+        manifest = build_shards(spec)
+    except TrainingDataError as exc:
+        raise ValueError(f"prepare-training-data cannot run: {exc}") from None
+    publish(manifest)
+    logger.info("kept %d of %d segments -> %s", manifest["counts"]["kept"],
+                manifest["counts"]["input_segments"], manifest["manifest_uri"])
+    return manifest

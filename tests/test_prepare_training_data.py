@@ -1,0 +1,372 @@
+"""Training shards from a hand-made labelled output: filters, split, shards, manifest, flow."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from kimi_ops.tasks import get_task
+from pipelines.schema import files_schema, segments_schema, to_table
+from pipelines.training_data import (
+    TrainingDataError,
+    TrainingDataSpec,
+    TrainingFilters,
+    build_training_data,
+    sample_key,
+    split_of,
+)
+from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
+
+TASKS = [get_task("asr"), get_task("emotion"), get_task("scene")]
+RUN, MODEL = "run-1", "kimi-test"
+MANY = [f"s3://b/many/f{i:02d}.wav" for i in range(20)]
+A, B, C, D, E, F, G, H = (f"s3://b/{x}.wav" for x in "abcdefgh")
+ORPHAN = "s3://b/orphan.wav"
+
+
+def tokens_for(uri: str, index: int, start: float, end: float) -> list[int]:
+    base = int(hashlib.sha256(uri.encode()).hexdigest()[:4], 16)
+    return [(base + 7 * index + k) % 16384 for k in range(max(1, round((end - start) * 12.5)))]
+
+
+def scores(label: str, p: float, others: tuple[str, str]) -> dict[str, float]:
+    return {label: p, others[0]: (1 - p) / 2, others[1]: (1 - p) / 2}  # top = p for p >= 1/3
+
+
+def seg(uri, index, start, end, *, status="ok", transcript="some words", truncated=False,
+        looped=False, emotion=("neutral", 0.9), scene=("office", 0.8), tokens="auto",
+        etag=None, with_tokens=True):
+    row = {"source_uri": uri, "segment_index": index, "start_s": start, "end_s": end,
+           "status": status, "model_id": MODEL, "run_id": RUN, "etag": etag or f"etag-{uri}",
+           "task_versions": {t.name: t.version for t in TASKS}}
+    if status == "error":
+        row["error"] = {"kind": "internal", "message": "boom"}
+    if status == "ok":
+        row.update(transcript=transcript, transcript_truncated=truncated,
+                   transcript_looped=looped, emotion=emotion[0],
+                   emotion_scores=scores(*emotion, ("joy", "anger")), scene=scene[0],
+                   scene_scores=scores(*scene, ("park", "bus")))
+    if with_tokens:
+        row["semantic_tokens"] = (tokens_for(uri, index, start, end) if tokens == "auto"
+                                  else tokens)
+    return row
+
+
+def file_row(uri, status="ok", n=1):
+    return {"source_uri": uri, "status": status, "etag": f"etag-{uri}", "run_id": RUN,
+            "model_id": MODEL, "num_segments": n,
+            "error": {"kind": "undecodable", "message": "x"} if status == "error" else None}
+
+
+SHARD1 = [
+    seg(A, 0, 0.0, 2.0),                                   # kept
+    seg(A, 1, 2.0, 3.0, status="silent", tokens=None),     # silent
+    seg(A, 2, 3.0, 6.0, truncated=True),                   # truncated
+    seg(B, 0, 0.0, 0.3),                                   # too short (min 0.5)
+    seg(B, 1, 0.3, 2.3, looped=True),                      # looped
+    seg(B, 2, 2.3, 4.0, emotion=("sadness", 0.4)),         # low emotion confidence (< 0.5)
+    seg(C, 0, 0.0, 1.5, transcript="   "),                 # blank transcript
+    seg(C, 1, 1.5, 3.5, transcript="second part"),         # kept
+    seg(E, 0, 0.0, 1.0, tokens=[]),                        # no tokens
+    seg(F, 0, 0.0, 28.0),                                  # too long (max 25)
+    seg(H, 0, 0.0, 1.0, status="error", tokens=None),      # error segment
+    seg(D, 0, 0.0, 1.0),                                   # its file's row is an error
+]
+SHARD2 = [seg(uri, i, 2.0 * i, 2.0 * i + 1.5,
+              scene=("office", 0.6) if (uri, i) == (MANY[0], 2) else ("office", 0.8))
+          for uri in MANY for i in range(3)]
+SHARD2.append(seg(C, 1, 1.5, 3.5, transcript="DUP"))       # duplicate of C/1: the first wins
+SHARD3 = [seg(G, 0, 0.0, 1.0, with_tokens=False), seg(G, 1, 1.0, 2.0, with_tokens=False)]
+ORPHANS = [seg(ORPHAN, 0, 0.0, 1.0),                       # no files row (crash leftover)
+           seg(A, 5, 6.0, 7.0, etag="stale-etag")]         # older version of A
+INPUT_ROWS = len(SHARD1) + len(SHARD2) + len(SHARD3) + len(ORPHANS)  # 77
+
+MANY_KEYS = {(u, i) for u in MANY for i in range(3)}
+STRICT = TrainingFilters(min_duration_s=0.5, max_duration_s=25.0,
+                         min_confidence={"emotion": 0.5}, require_transcript=True)
+CASES = {
+    "strict": (STRICT, {(A, 0), (C, 1)} | MANY_KEYS,
+               {"silent": 1, "truncated": 1, "not_in_files": 2, "too_short": 1, "looped": 1,
+                "low_confidence:emotion": 1, "empty_transcript": 1, "duplicate": 1,
+                "no_semantic_tokens": 3, "too_long": 1, "error": 2}),
+    "defaults": (TrainingFilters(), {(A, 0), (B, 0), (B, 2), (C, 0), (C, 1), (F, 0)} | MANY_KEYS,
+                 {"silent": 1, "truncated": 1, "looped": 1, "duplicate": 1,
+                  "no_semantic_tokens": 3, "not_in_files": 2, "error": 2}),
+    "keep_flagged": (TrainingFilters(drop_truncated=False, drop_looped=False,
+                                     min_confidence={"scene": 0.7}),
+                     {(A, 0), (A, 2), (B, 0), (B, 1), (B, 2), (C, 0), (C, 1), (F, 0)}
+                     | (MANY_KEYS - {(MANY[0], 2)}),
+                     {"silent": 1, "duplicate": 1, "no_semantic_tokens": 3, "not_in_files": 2,
+                      "error": 2, "low_confidence:scene": 1}),
+}
+
+
+def write(path: Path, table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def make_output(root: Path, semantic_tokens: bool = True) -> str:
+    seg_schema = segments_schema(TASKS, semantic_tokens=semantic_tokens)
+    strip = (lambda rows: rows) if semantic_tokens else \
+        (lambda rows: [{k: v for k, v in r.items() if k != "semantic_tokens"} for r in rows])
+    files = {"part-1": [file_row(u) for u in (A, B, C, E, F, H)] + [file_row(D, "error", 0)],
+             "part-2": [file_row(u, n=3) for u in MANY],
+             "part-3": [file_row(G, n=2)]}
+    for name, rows in files.items():
+        write(root / "files" / f"{name}.parquet", to_table(rows, files_schema(TASKS)))
+    write(root / "segments/part-1.parquet", to_table(strip(SHARD1), seg_schema))
+    write(root / "segments/part-2.parquet", to_table(strip(SHARD2), seg_schema))
+    write(root / "segments/part-3.parquet", to_table(SHARD3, segments_schema(TASKS)))
+    write(root / "segments/part-9-orphan.parquet", to_table(strip(ORPHANS), seg_schema))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> str:
+    return make_output(tmp_path_factory.mktemp("labelled") / "out")
+
+
+def build(source, dest, **kw):
+    return build_training_data(TrainingDataSpec(source=source, destination=str(dest), **kw))
+
+
+def read_split(dest: Path, split: str) -> list[dict]:
+    rows = []
+    for path in sorted((dest / split).glob("part-*.parquet")):
+        rows += pq.read_table(path).to_pylist()
+    return rows
+
+
+def expected_row(key) -> dict:
+    row = next(r for r in SHARD1 + SHARD2 if (r["source_uri"], r["segment_index"]) == key)
+    return {"key": sample_key(*key), "source_uri": key[0], "segment_index": key[1],
+            "start_s": row["start_s"], "end_s": row["end_s"],
+            "duration_s": row["end_s"] - row["start_s"],
+            "num_tokens": len(row["semantic_tokens"]), "semantic_tokens": row["semantic_tokens"],
+            "transcript": row["transcript"], "emotion": row["emotion"],
+            "emotion_confidence": pytest.approx(max(row["emotion_scores"].values()), abs=1e-6),
+            "scene": row["scene"],
+            "scene_confidence": pytest.approx(max(row["scene_scores"].values()), abs=1e-6),
+            "model_id": MODEL, "run_id": RUN}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_filters_keep_exactly_the_expected_rows(source, tmp_path, case):
+    filters, kept, dropped = CASES[case]
+    manifest = build(source, tmp_path / "ds", filters=filters, validation_fraction=0.3,
+                     rows_per_shard=7)
+    rows = read_split(tmp_path / "ds", "train") + read_split(tmp_path / "ds", "validation")
+    assert {(r["source_uri"], r["segment_index"]) for r in rows} == kept
+    assert len(rows) == len(kept)  # each once
+    counts = manifest["counts"]
+    assert counts["dropped"] == dropped
+    assert counts["input_segments"] == INPUT_ROWS == counts["kept"] + sum(dropped.values())
+    assert counts["kept"] == len(kept)
+    assert manifest["tasks"] == ["emotion", "scene"]
+
+
+def test_shards_hold_the_kept_rows_in_bounded_shards(source, tmp_path):
+    dest = tmp_path / "ds"
+    build(source, dest, filters=STRICT, validation_fraction=0.3, rows_per_shard=7)
+    for split in ("train", "validation"):
+        sizes = [pq.read_metadata(p).num_rows for p in sorted((dest / split).glob("*.parquet"))]
+        assert sizes and all(n == 7 for n in sizes[:-1]) and 1 <= sizes[-1] <= 7
+        for row in read_split(dest, split):
+            assert row == expected_row((row["source_uri"], row["segment_index"]))
+    c1 = next(r for r in read_split(dest, "train") + read_split(dest, "validation")
+              if (r["source_uri"], r["segment_index"]) == (C, 1))
+    assert c1["transcript"] == "second part"  # the first of the duplicates
+
+
+def test_split_is_by_file_and_deterministic(source, tmp_path):
+    first = build(source, tmp_path / "one", validation_fraction=0.3, rows_per_shard=7)
+    second = build(source, tmp_path / "two", validation_fraction=0.3, rows_per_shard=7)
+    by_split = {s: {r["source_uri"] for r in read_split(tmp_path / "one", s)}
+                for s in ("train", "validation")}
+    assert by_split["train"] and by_split["validation"]
+    assert not by_split["train"] & by_split["validation"]  # no file in both: no leakage
+    for split, uris in by_split.items():
+        assert all(split_of(u, 0.3) == split for u in uris)
+    for split in ("train", "validation"):  # same input, same rows in the same shards
+        assert read_split(tmp_path / "one", split) == read_split(tmp_path / "two", split)
+    assert [s["sha256"] for s in first["shards"]] == [s["sha256"] for s in second["shards"]]
+    assert first["counts"] == second["counts"]
+    build(source, tmp_path / "salt", validation_fraction=0.3, split_salt="v2")
+    assert {r["source_uri"] for r in read_split(tmp_path / "salt", "validation")} \
+        != by_split["validation"]
+    none = build(source, tmp_path / "all-train", validation_fraction=0.0)
+    assert none["counts"]["splits"]["validation"]["rows"] == 0
+    assert not (tmp_path / "all-train" / "validation").exists()
+
+
+def test_manifest_matches_the_files(source, tmp_path):
+    dest = tmp_path / "ds"
+    result = build(source, dest, filters=STRICT, validation_fraction=0.3, rows_per_shard=7,
+                   webdataset=True)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert result["manifest_uri"] == f"{dest}/manifest.json"
+    assert manifest["source"] == source and manifest["filters"] == STRICT.model_dump()
+    assert manifest["created_at"] and manifest["source_runs"] == [RUN]
+    on_disk = sorted(str(p.relative_to(dest)) for p in dest.rglob("*")
+                     if p.is_file() and p.name != "manifest.json")
+    assert sorted(s["path"] for s in manifest["shards"]) == on_disk
+    for shard in manifest["shards"]:
+        data = (dest / shard["path"]).read_bytes()
+        assert shard["sha256"] == hashlib.sha256(data).hexdigest()
+        assert shard["bytes"] == len(data)
+        if shard["format"] == "parquet":
+            assert pq.read_metadata(dest / shard["path"]).num_rows == shard["rows"]
+    for split, stats in manifest["counts"]["splits"].items():
+        rows = read_split(dest, split)
+        assert stats["rows"] == len(rows) == sum(
+            s["rows"] for s in manifest["shards"] if s["split"] == split
+            and s["format"] == "parquet")
+        assert stats["source_files"] == len({r["source_uri"] for r in rows})
+        assert stats["tokens"] == sum(r["num_tokens"] for r in rows)
+    assert [f["name"] for f in manifest["schema"]][:9] == [
+        "key", "source_uri", "segment_index", "start_s", "end_s", "duration_s", "num_tokens",
+        "semantic_tokens", "transcript"]
+
+
+def test_webdataset_tars_match_the_parquet_shards(source, tmp_path):
+    dest = tmp_path / "ds"
+    build(source, dest, filters=STRICT, validation_fraction=0.3, rows_per_shard=7,
+          webdataset=True)
+    for split in ("train", "validation"):
+        parquet = sorted((dest / split).glob("*.parquet"))
+        tars = sorted((dest / "webdataset").glob(f"{split}-*.tar"))
+        assert [p.name for p in tars] == [f"{split}-{i:06d}.tar" for i in range(len(parquet))]
+        for pq_path, tar_path in zip(parquet, tars):
+            rows = pq.read_table(pq_path).to_pylist()
+            with tarfile.open(tar_path) as tar:
+                members = tar.getmembers()
+                names = [m.name for m in members]
+                assert names == [n for r in rows
+                                 for n in (f"{r['key']}.json", f"{r['key']}.tokens.npy")]
+                for row in rows:
+                    assert "." not in row["key"] and "/" not in row["key"]
+                    meta = json.loads(tar.extractfile(f"{row['key']}.json").read())
+                    tokens = np.load(io.BytesIO(tar.extractfile(
+                        f"{row['key']}.tokens.npy").read()), allow_pickle=False)
+                    assert tokens.dtype == np.int32
+                    assert tokens.tolist() == row.pop("semantic_tokens")
+                    assert meta == row
+    keys = [r["key"] for s in ("train", "validation") for r in read_split(dest, s)]
+    assert len(keys) == len(set(keys))
+
+
+def test_clear_errors(source, tmp_path):
+    no_tokens = make_output(tmp_path / "no-tokens", semantic_tokens=False)
+    with pytest.raises(TrainingDataError, match="no semantic_tokens column.*--semantic-tokens"):
+        build(no_tokens, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+    with pytest.raises(TrainingDataError, match="not a labelled output"):
+        build(str(tmp_path / "nothing"), tmp_path / "ds")
+    with pytest.raises(TrainingDataError, match=r"min_confidence names \['speaker'\]"):
+        build(source, tmp_path / "ds", filters=TrainingFilters(min_confidence={"speaker": 0.5}))
+    with pytest.raises(ValueError, match="max_duration_s"):
+        TrainingFilters(min_duration_s=5, max_duration_s=1)
+    with pytest.raises(ValueError, match="destination must differ"):
+        TrainingDataSpec(source=source, destination=f"{source}/segments/x")
+
+    dest = tmp_path / "built"
+    build(source, dest, rows_per_shard=7)
+    with pytest.raises(TrainingDataError, match="already holds a build"):
+        build(source, dest)
+    again = build(source, dest, rows_per_shard=1000, overwrite=True)  # old shards replaced
+    on_disk = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.parquet"))
+    assert on_disk == sorted(s["path"] for s in again["shards"])
+    (dest / "manifest.json").unlink()  # an interrupted build: cleared without overwrite
+    build(source, dest, rows_per_shard=1000)
+    (dest / "train" / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingDataError, match="not training shards"):
+        build(source, dest, overwrite=True)
+
+
+def test_s3_source_and_destination(seaweed, s3_prefix, source):
+    from pipelines.storage import resolve
+
+    options = seaweed.storage_options
+    fs, _ = resolve(s3_prefix, options)
+    src = f"{s3_prefix}/labels"
+    fs.put(f"{source}/", src.removeprefix("s3://"), recursive=True)
+    dest = f"{s3_prefix}/training"
+    spec = {"source": src, "destination": dest, "filters": STRICT, "validation_fraction": 0.3,
+            "rows_per_shard": 7, "webdataset": True, "storage_options": options}
+    build_training_data(TrainingDataSpec(**spec))
+    manifest = build_training_data(TrainingDataSpec(**spec, overwrite=True))  # replaces
+    assert manifest["counts"]["kept"] == 62
+    assert manifest["manifest_uri"] == f"{dest}/manifest.json"
+    root = dest.removeprefix("s3://")
+    stored = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    assert stored["counts"] == manifest["counts"]
+    for shard in stored["shards"]:
+        assert hashlib.sha256(fs.cat_file(f"{root}/{shard['path']}")).hexdigest() \
+            == shard["sha256"]
+    listed = sorted(p[len(root) + 1:] for p in fs.find(root))
+    assert listed == sorted([s["path"] for s in stored["shards"]] + ["manifest.json"])
+
+
+# -- the flow ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+async def artifacts(keys):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+    return {a.key: a for a in found}
+
+
+def test_flow_builds_and_publishes(harness, source, tmp_path):
+    from flows.prepare_training_data import PrepareTrainingDataParams, prepare_training_data
+
+    params = PrepareTrainingDataParams(source=source, destination=str(tmp_path / "ds"),
+                                       filters=STRICT, validation_fraction=0.3,
+                                       rows_per_shard=7, webdataset=True)
+    manifest = prepare_training_data(params)
+    assert manifest["counts"]["kept"] == len(CASES["strict"][1])
+    assert (tmp_path / "ds" / "manifest.json").exists()
+
+    keys = ["prepare-training-data-counts", "prepare-training-data-output"]
+    found = asyncio.run(artifacts(keys))
+    assert set(found) == set(keys)
+    table = {r["metric"]: r["value"]
+             for r in json.loads(found["prepare-training-data-counts"].data)}
+    splits = manifest["counts"]["splits"]
+    assert table["input segments"] == INPUT_ROWS and table["kept"] == 62
+    assert table["train: segments"] == splits["train"]["rows"]
+    assert table["validation: segments"] == splits["validation"]["rows"]
+    assert table["dropped: low_confidence:emotion"] == 1 and table["dropped: silent"] == 1
+    assert f"{tmp_path / 'ds'}/manifest.json" in found["prepare-training-data-output"].data
+
+
+def test_flow_refuses_a_source_without_tokens(harness, tmp_path):
+    from flows.prepare_training_data import PrepareTrainingDataParams, prepare_training_data
+
+    source = make_output(tmp_path / "no-tokens", semantic_tokens=False)
+    state = prepare_training_data(PrepareTrainingDataParams(
+        source=source, destination=str(tmp_path / "ds")), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="semantic_tokens"):
+        state.result()
