@@ -8,7 +8,8 @@ Credentials are never flow parameters (Prefect stores parameters): the job reads
 worker's AWS_* environment; only the non-secret endpoint may be passed.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: served flows are pickled by value and pydantic
+# must resolve the parameter model from the real annotation, not a string.
 
 from collections import Counter
 from typing import Any

@@ -9,7 +9,8 @@ Credentials are never flow parameters: they come from the worker's AWS_* environ
 non-secret endpoint may be passed.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: served flows are pickled by value and pydantic
+# must resolve the parameter model from the real annotation, not a string.
 
 from typing import Any
 

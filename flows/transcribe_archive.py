@@ -24,7 +24,8 @@ with its run id and writes nothing. The summary is computed from the `files/` ro
 id (not the last attempt's report), so it covers all attempts.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: served flows are pickled by value and pydantic
+# must resolve the parameter model from the real annotation, not a string.
 
 import hashlib
 import os

@@ -282,14 +282,16 @@ def build_dataset(spec: JobSpec, shards: list[str], model_id_: str, run_id: str)
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.stages import DecodeStage, FrontendStage, LabelStage, WriteStage
-    from pipelines.storage import resolve
+    from pipelines.stages import DecodeStage, FrontendStage, LabelStage, PlanReader, WriteStage
 
-    fs, _ = resolve(spec.output, spec.storage_options)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
     ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
-    ds = ray.data.read_parquet(shards, filesystem=_arrow_fs(fs), concurrency=1)
+    # The plan shards are read by a plain map task with the decode stage's CPU share: Ray's
+    # read_parquet asks for a whole CPU per task, which small nodes full of actors never free.
+    ds = ray.data.from_items([{"plan_shard": p} for p in shards]).map_batches(
+        PlanReader(spec.output, spec.storage_options), batch_format="pyarrow", batch_size=1,
+        num_cpus=spec.decode.num_cpus)
     # task stages get an instance (a plain function for Ray); actor stages get the class
     ds = ds.map_batches(DecodeStage(spec.storage_options), batch_format="pyarrow",
         batch_size=spec.decode.batch_size, num_cpus=spec.decode.num_cpus,
@@ -310,12 +312,6 @@ def build_dataset(spec: JobSpec, shards: list[str], model_id_: str, run_id: str)
                         spec.semantic_tokens)
     return ds.map_batches(writer, batch_format="pyarrow", batch_size=spec.write.batch_size, num_cpus=spec.write.num_cpus,
         compute=ray.data.TaskPoolStrategy(size=spec.write.concurrency))
-
-
-def _arrow_fs(fs):
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(fs))
 
 
 def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:

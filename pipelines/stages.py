@@ -34,6 +34,26 @@ def _error(row: dict[str, Any], kind: str, message: str) -> dict[str, Any]:
     return row
 
 
+class PlanReader:
+    """Plan shard paths -> their rows (uri, size, etag)."""
+
+    def __init__(self, output: str, storage_options: dict | None):
+        self.output = output
+        self.storage_options = storage_options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        from pipelines.storage import resolve
+
+        fs, _ = resolve(self.output, self.storage_options)
+        tables = []
+        for path in batch["plan_shard"].to_pylist():
+            with fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        return pa.concat_tables(tables)
+
+
 class DecodeStage:
     """Fetch each object, decode to 16 kHz mono, cut into <= 30 s segments at pauses."""
 
