@@ -36,3 +36,34 @@ def engine():
 
     goldens.require()
     return KimiAudio(goldens.CHECKPOINT, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for the module (loopback, short temp dir: Ray's unix socket paths must stay
+    under 107 bytes, which pytest's tmp paths exceed). Yields the temp dir (worker logs)."""
+    import os
+    import shutil
+    import tempfile
+
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    temp = tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, _temp_dir=temp,
+             log_to_driver=False)
+    yield temp
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """Prefect's test harness (a temporary server and database) for the module."""
+    import os
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # no telemetry from the server
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -6,45 +6,14 @@ import asyncio
 import json
 import os
 import shutil
-import tempfile
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from tests import goldens
+from tests.flow_helpers import artifacts
 
 pytestmark = pytest.mark.slow
 MODEL = str(goldens.CHECKPOINT)
-
-
-@pytest.fixture(scope="module")
-def harness():
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # no telemetry from the server
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    temp = tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, _temp_dir=temp,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-async def artifacts(keys):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async with get_client() as client:
-        found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
-    return {a.key: a for a in found}
 
 
 def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_path):

@@ -33,19 +33,6 @@ def short_temp_dir() -> str:
     return tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    temp = short_temp_dir()
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             _temp_dir=temp, log_to_driver=False)
-    yield temp
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 def encode(wave: np.ndarray, sr: int, fmt: str, subtype: str) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, wave, sr, format=fmt, subtype=subtype)

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from pipelines.training_data import (
     sample_key,
     split_of,
 )
+from tests.flow_helpers import artifacts
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
 
 TASKS = [get_task("asr"), get_task("emotion"), get_task("scene")]
@@ -318,25 +318,6 @@ def test_s3_source_and_destination(seaweed, s3_prefix, source):
 
 
 # -- the flow ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-async def artifacts(keys):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async with get_client() as client:
-        found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
-    return {a.key: a for a in found}
-
 
 def test_flow_builds_and_publishes(harness, source, tmp_path):
     from flows.prepare_training_data import PrepareTrainingDataParams, prepare_training_data

@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
 import shutil
-import tempfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.subtitles import split_cue, to_srt, to_webvtt
 from tests import goldens
+from tests.flow_helpers import artifacts
 
 pytestmark = pytest.mark.slow
 MODEL = str(goldens.CHECKPOINT)
@@ -193,36 +191,6 @@ def test_run_subtitles_cover_every_attempt_of_the_run_and_nothing_else(tmp_path)
 
 
 # -- the flow end to end -----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def harness():
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    temp = tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")  # short: Ray's socket paths
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, _temp_dir=temp,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-async def artifacts(keys):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async with get_client() as client:
-        found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
-    return {a.key: a for a in found}
-
 
 def recording_with_pauses(seconds: int, sr: int = 16000) -> bytes:
     """A modulated tone with a 0.6 s pause every 9 s: cut into >= 3 segments at the pauses."""
