@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import pytest
 from flows.stack import MARKER_ENV as STACK_MARKER_ENV
 from flows.stack import StackState, stack_down, stack_up
 from tests import goldens
+from tests.processes import alive as _alive
+from tests.processes import marked, stop
 
 pytestmark = pytest.mark.slow
 
@@ -53,56 +54,12 @@ SERVE = textwrap.dedent("""
 """)
 
 
-# ---- processes, read from /proc --------------------------------------------------------------
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, session id, start time) of a process, or None when it does not exist."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    rest = raw[raw.rindex(")") + 2:].split()
-    return rest[0], int(rest[3]), int(rest[19])
-
-
-def _alive(pid: int, start: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[0] not in "ZXx" and st[2] == start
-
-
 def _marked(marker: str, env_name: str = MARKER_ENV) -> list[tuple[int, int]]:
-    """(pid, start) of live processes whose environment holds ``env_name=marker...``."""
-    needle = f"\0{env_name}={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        st = _stat(int(entry.name))
-        if st is None or st[0] in "ZXx":
-            continue
-        try:
-            if needle in b"\0" + (entry / "environ").read_bytes():
-                found.append((int(entry.name), st[2]))
-        except OSError:
-            continue
-    return sorted(found)
+    return marked(env_name, marker)
 
 
-def _stop(procs: list[tuple[int, int]], timeout_s: float = 15.0) -> None:
-    """SIGTERM, wait, SIGKILL what is left: exactly these processes (PID + start time)."""
-    live = [p for p in procs if _alive(*p)]
-    for pid, _ in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while any(_alive(*p) for p in live) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid, start in live:
-        if _alive(pid, start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while any(_alive(*p) for p in live) and time.monotonic() < deadline:
-        time.sleep(0.05)
+def _stop(procs: list[tuple[int, int]]) -> None:
+    stop(procs, timeout_s=15.0)
 
 
 def _clean_env() -> dict[str, str]:

@@ -16,7 +16,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,11 @@ import soundfile as sf
 
 from pipelines.local_s3 import listening_addresses
 from tests import goldens
+from tests.processes import alive as _alive
+from tests.processes import comm as _comm
+from tests.processes import marked
+from tests.processes import proc_stat as _stat
+from tests.processes import stop as _stop
 
 pytestmark = pytest.mark.slow
 
@@ -51,26 +55,8 @@ JOB_TIMEOUT_S = 150
 
 
 # ---- processes, read from /proc --------------------------------------------------------------
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, session id, start time) of a process, or None when it does not exist."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    rest = raw[raw.rindex(")") + 2:].split()
-    return rest[0], int(rest[3]), int(rest[19])
-
-
-def _alive(pid: int, start: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[0] not in "ZXx" and st[2] == start
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
+def _marked_by(prefix: str) -> list[tuple[int, int]]:
+    return marked(MARKER_ENV, prefix)
 
 
 def _members(marker: str, session: int | None = None,
@@ -96,24 +82,6 @@ def _members(marker: str, session: int | None = None,
         if mine:
             found.append((pid, st[2]))
     return sorted(found)
-
-
-def _stop(procs: list[tuple[int, int]], timeout_s: float = 10.0) -> None:
-    """SIGTERM, wait, SIGKILL what is left: exactly these processes (PID + start time)."""
-    live = [p for p in procs if _alive(*p)]
-    for pid, _ in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while any(_alive(*p) for p in live) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid, start in live:
-        if _alive(pid, start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while any(_alive(*p) for p in live) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _bindable(port: int) -> bool:
@@ -267,26 +235,8 @@ def cluster():
     finally:
         for node in reversed(state.nodes):  # the second node first, the head (GCS) last
             node.stop()
-        _stop(_members_any(state.run_id + "/"))  # anything else carrying our marker (a driver)
+        _stop(marked(MARKER_ENV, state.run_id + "/"))  # anything else carrying our marker (a driver)
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _members_any(prefix: str) -> list[tuple[int, int]]:
-    """Live processes whose environment holds ``MARKER_ENV=<prefix>...``."""
-    needle = f"\0{MARKER_ENV}={prefix}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        st = _stat(int(entry.name))
-        if st is None or st[0] in "ZXx":
-            continue
-        try:
-            if needle in b"\0" + (entry / "environ").read_bytes():
-                found.append((int(entry.name), st[2]))
-        except OSError:
-            continue
-    return found
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -469,4 +419,4 @@ def test_job_joins_a_two_node_cluster_and_both_nodes_work(cluster, tmp_path):
     for node in reversed(cluster.nodes):
         node.stop()
     assert not [p for p in everything if _alive(*p)]
-    assert _members_any(cluster.run_id + "/") == []
+    assert _marked_by(cluster.run_id + "/") == []
