@@ -16,38 +16,24 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from pipelines.training_data import (
     SourceInfo,
     TrainingDataError,
+    TrainingDataOptions,
     TrainingDataSpec,
-    TrainingFilters,
     build_training_data,
     inspect_source,
 )
 
 
-class PrepareTrainingDataParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = Field(description="labelled output URI (holds files/ and segments/)")
-    destination: str = Field(description="where the shards and manifest.json go")
-    filters: TrainingFilters = Field(default_factory=TrainingFilters)
-    validation_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    split_salt: str = ""
-    rows_per_shard: int = Field(10_000, ge=1)
-    webdataset: bool = False
-    overwrite: bool = False
+class PrepareTrainingDataParams(TrainingDataOptions):
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
 
     def spec(self) -> TrainingDataSpec:
         options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
-        return TrainingDataSpec(source=self.source, destination=self.destination,
-                                filters=self.filters,
-                                validation_fraction=self.validation_fraction,
-                                split_salt=self.split_salt, rows_per_shard=self.rows_per_shard,
-                                webdataset=self.webdataset, overwrite=self.overwrite,
+        return TrainingDataSpec(**self.model_dump(exclude={"endpoint_url"}),
                                 storage_options=options)
 
 

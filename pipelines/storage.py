@@ -594,6 +594,15 @@ def _s3_bucket_check(fs, bucket: str, uri: str, storage_options) -> None:
             raise storage_error(exc, uri, storage_options, "bucket check") from None
 
 
+def _checked_bucket(fs, path: str, uri: str, storage_options) -> tuple[str, str]:
+    """(bucket, key) of an S3 path whose bucket exists and answers these credentials."""
+    bucket, key, _ = fs.split_path(path)
+    if not bucket:
+        raise StorageError(uri, "no bucket in the URI", "not_found")
+    _s3_bucket_check(fs, bucket, uri, storage_options)
+    return bucket, key
+
+
 def open_input(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputInfo:
     """Check, before any Ray work, that ``uri`` names an object or a non-empty prefix/folder
     that these credentials can read. Raises ``StorageError`` (not_found, access_denied,
@@ -601,10 +610,7 @@ def open_input(uri: str, storage_options: Mapping[str, Any] | None = None) -> In
     with _translated(uri, storage_options, "read"):
         fs, path = resolve(uri, storage_options)
         if _is_s3(fs):
-            bucket, key, _ = fs.split_path(path)
-            if not bucket:
-                raise StorageError(uri, "no bucket in the URI", "not_found")
-            _s3_bucket_check(fs, bucket, uri, storage_options)
+            bucket, key = _checked_bucket(fs, path, uri, storage_options)
             first = next(_walk_s3(fs, path, None), None)
             if first is not None and first.uri == f"s3://{bucket}/{key}":
                 return InputInfo(first.uri, False, first)
@@ -632,10 +638,7 @@ def check_output(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
     with _translated(uri, storage_options, "write"):
         fs, path = resolve(uri, storage_options)
         if _is_s3(fs):
-            bucket, key, _ = fs.split_path(path)
-            if not bucket:
-                raise StorageError(uri, "no bucket in the URI", "not_found")
-            _s3_bucket_check(fs, bucket, uri, storage_options)
+            bucket, key = _checked_bucket(fs, path, uri, storage_options)
             probe_key = f"{key.rstrip('/')}/{probe_name}" if key else probe_name
             fs.call_s3("put_object", Bucket=bucket, Key=probe_key, Body=b"probe")
             try:

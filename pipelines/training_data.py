@@ -90,17 +90,22 @@ class TrainingFilters(BaseModel):
         return self
 
 
-class TrainingDataSpec(BaseModel):
+class TrainingDataOptions(BaseModel):
+    """What to build, without where the credentials come from (the flow's parameters)."""
+
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(description="a labelled output: the URI holding files/ and segments/")
-    destination: str
+    destination: str = Field(description="where the shards and manifest.json go")
     filters: TrainingFilters = Field(default_factory=TrainingFilters)
     validation_fraction: float = Field(0.05, ge=0.0, le=1.0)
     split_salt: str = ""
     rows_per_shard: int = Field(10_000, ge=1)
     webdataset: bool = False
     overwrite: bool = False
+
+
+class TrainingDataSpec(TrainingDataOptions):
     storage_options: dict[str, Any] | None = None  # for both sides unless destination_options
     destination_options: dict[str, Any] | None = None
 

@@ -16,7 +16,6 @@ import os
 import random
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from flows.stack import _bindable  # binds as Ray's gRPC servers do (SO_REUSEADDR)
 from pipelines.local_s3 import listening_addresses
 from tests import goldens
 from tests.processes import alive as _alive
@@ -82,16 +82,6 @@ def _members(marker: str, session: int | None = None,
         if mine:
             found.append((pid, st[2]))
     return sorted(found)
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def _free_ports(n: int, taken: set[int]) -> list[int]:
