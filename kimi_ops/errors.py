@@ -43,6 +43,18 @@ class NonFiniteAudioError(AudioError):
     kind = "non_finite"
 
 
+class UnsupportedSampleRateError(AudioDecodeError):
+    """A sample rate outside the range decode accepts (a crafted or corrupt header)."""
+
+    kind = "bad_sample_rate"
+
+
+class AudioTooLongError(AudioError):
+    """Longer than the decode's duration limit: refused from the header, before decoding."""
+
+    kind = "too_long"
+
+
 class PromptError(KimiError):
     """A message list the model cannot take (unknown role or type, no audio, bad content)."""
 
@@ -53,3 +65,11 @@ class CheckpointError(KimiError):
     """A checkpoint that is missing, incomplete or has tensors of the wrong shape."""
 
     kind = "bad_checkpoint"
+
+
+# Every kind kimi_ops raises for a per-input failure; error rows carry one of these (or one of
+# the storage layer's kinds). Stable: renaming one is a breaking change of the output contract.
+AUDIO_ERROR_KINDS = frozenset({
+    AudioError.kind, AudioNotFoundError.kind, AudioDecodeError.kind, EmptyAudioError.kind,
+    NonFiniteAudioError.kind, UnsupportedSampleRateError.kind, AudioTooLongError.kind,
+})

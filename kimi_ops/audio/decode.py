@@ -16,7 +16,20 @@ Accepted sources (`AudioSource`):
     as offset binary.
 
 Every failure is an `AudioError` subclass naming the source (`name`, else the path, else
-'<bytes>' / '<waveform>') and the reason.
+'<bytes>' / '<waveform>') and the reason, with a stable `kind` (`kimi_ops.errors`).
+
+Guards against hostile input (each checked from the header, before any sample is decoded):
+  * Sample rate outside [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE] (1 kHz .. 768 kHz) -> `bad_sample_rate`;
+    a 1 Hz header would otherwise resample 1,000 frames into 16 M samples.
+  * Duration over `max_seconds` -> `too_long`. The default is 2 hours (`MAX_SECONDS`), or the
+    `KIMI_MAX_AUDIO_SECONDS` environment variable (read at each call, so a Ray worker started
+    with it set uses it); `max_seconds=None` disables the guard. The limit bounds memory: the
+    whole recording is decoded at once, about 58 MB of 16 kHz float32 per hour plus the source
+    rate's mono copy while resampling (2 h of 48 kHz: about 1.4 GB at peak). Channels are mixed
+    down block by block, so a multichannel source never sits in memory whole.
+  * A decoder error anywhere in the stream (a truncated FLAC or Ogg file) makes the file
+    `undecodable`: a partial recording is not labelled as if it were whole. Formats whose
+    decoder reads a truncated stream without complaint (WAV, MP3) give what is there.
 """
 
 from __future__ import annotations
@@ -31,32 +44,48 @@ import numpy as np
 from kimi_ops.errors import (
     AudioDecodeError,
     AudioNotFoundError,
+    AudioTooLongError,
     EmptyAudioError,
     NonFiniteAudioError,
+    UnsupportedSampleRateError,
 )
 
 SAMPLE_RATE = 16000
 CHUNK_SECONDS = 30
 CHUNK_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000: the 30 s window both front-ends cut by
 
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 768000
+MAX_SECONDS = 2 * 3600.0  # default duration limit; see the module docstring
+MAX_SECONDS_ENV = "KIMI_MAX_AUDIO_SECONDS"
+_BLOCK_FRAMES = 1 << 20  # frames per read when mixing down
+
+_DEFAULT = object()
+
 AudioSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, tuple, Any]
 
 
 def load_audio(
-    source: AudioSource, sample_rate: int | None = None, name: str | None = None
+    source: AudioSource,
+    sample_rate: int | None = None,
+    name: str | None = None,
+    max_seconds: float | None = _DEFAULT,  # type: ignore[assignment]
 ) -> np.ndarray:
     """Return `source` as a contiguous float32 1-D array at 16 kHz (see the module docstring).
 
     `sample_rate` is the rate of a bare waveform `source`; with a `(waveform, sr)` tuple it must
     be None or equal `sr`; for encoded sources (path, bytes) the file header gives the rate and
     `sample_rate` must be None or equal to it. `name` labels the source in error messages.
+    `max_seconds` is the duration limit (default: `default_max_seconds()`; None: no limit).
     """
+    if max_seconds is _DEFAULT:
+        max_seconds = default_max_seconds()
     if isinstance(source, (str, os.PathLike)):
         label = name or os.fspath(source)
-        samples, rate = _read_path(os.fspath(source), label)
+        samples, rate = _read_path(os.fspath(source), label, max_seconds)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
-        samples, rate = _read_bytes(bytes(source), label)
+        samples, rate = _read_bytes(bytes(source), label, max_seconds)
     else:
         label = name or "<waveform>"
         if isinstance(source, tuple):
@@ -75,7 +104,23 @@ def load_audio(
         sample_rate = None
     if sample_rate is not None and sample_rate != rate:
         raise AudioDecodeError(label, f"file is {rate} Hz but sample_rate={sample_rate} was given")
-    return _finish(samples, rate, label)
+    return _finish(samples, rate, label, max_seconds)
+
+
+def default_max_seconds() -> float | None:
+    """`KIMI_MAX_AUDIO_SECONDS` when set (a number; 0 or 'none' for no limit), else MAX_SECONDS."""
+    raw = os.environ.get(MAX_SECONDS_ENV, "").strip()
+    if not raw:
+        return MAX_SECONDS
+    if raw.lower() in ("none", "0", "inf"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{MAX_SECONDS_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0 or math.isnan(value):
+        raise ValueError(f"{MAX_SECONDS_ENV}={raw!r} must be positive")
+    return value
 
 
 def split_chunks(wav: np.ndarray, chunk_samples: int = CHUNK_SAMPLES) -> list[np.ndarray]:
@@ -90,31 +135,72 @@ def num_chunks(num_samples: int, chunk_samples: int = CHUNK_SAMPLES) -> int:
     return -(-num_samples // chunk_samples)
 
 
-def _read_path(path: str, label: str) -> tuple[np.ndarray, int]:
+def _read_path(path: str, label: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     if not os.path.exists(path):
         raise AudioNotFoundError(label, "no such file")
     if os.path.isdir(path):
         raise AudioNotFoundError(label, "is a directory, not an audio file")
-    return _read_encoded(path, label)
+    return _read_encoded(path, label, max_seconds)
 
 
-def _read_bytes(data: bytes, label: str) -> tuple[np.ndarray, int]:
+def _read_bytes(data: bytes, label: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     if not data:
         raise EmptyAudioError(label, "zero bytes of audio data")
-    return _read_encoded(io.BytesIO(data), label)
+    return _read_encoded(io.BytesIO(data), label, max_seconds)
 
 
-def _read_encoded(file: Any, label: str) -> tuple[np.ndarray, int]:
+def _read_encoded(file: Any, label: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import soundfile
 
+    decode_errors = (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError,
+                     OverflowError)
     try:
-        # always_2d: [frames, channels]; float32 like librosa.load
-        samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
-        raise AudioDecodeError(label, f"cannot decode audio: {exc}") from exc
-    # mean over channels of the float32 samples == librosa.to_mono
-    mono = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1, dtype=np.float32)
-    return mono, int(rate)
+        snd = soundfile.SoundFile(file)
+    except decode_errors as exc:  # libsndfile's own words, not "Error opening <BytesIO at 0x..>"
+        reason = getattr(exc, "error_string", None) or str(exc)
+        raise AudioDecodeError(label, f"cannot decode audio: {reason}") from exc
+    with snd:
+        rate, frames, channels = int(snd.samplerate), int(snd.frames), int(snd.channels)
+        _check_rate(rate, label)
+        if channels < 1:
+            raise AudioDecodeError(label, f"the header declares {channels} channels")
+        _check_duration(frames, rate, label, max_seconds)
+        # float32 like librosa.load; [frames, channels] blocks mixed down as they come, so only
+        # the mono signal is ever whole (the mean of float32 samples == librosa.to_mono)
+        mono = np.empty(frames, dtype=np.float32)
+        filled = 0
+        try:
+            while filled < frames:
+                block = snd.read(min(_BLOCK_FRAMES, frames - filled), dtype="float32",
+                                 always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                mono[filled: filled + block.shape[0]] = (
+                    block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float32))
+                filled += block.shape[0]
+        except decode_errors as exc:
+            raise AudioDecodeError(label, f"cannot decode audio: {exc}") from exc
+    return mono[:filled], rate
+
+
+def _check_rate(rate: Any, label: str) -> None:
+    try:
+        rate_ok = float(rate) > 0 and float(rate) == int(rate)
+    except (TypeError, ValueError, OverflowError):
+        rate_ok = False
+    if not rate_ok:
+        raise AudioDecodeError(label, f"invalid sample rate {rate!r}")
+    if not MIN_SAMPLE_RATE <= int(rate) <= MAX_SAMPLE_RATE:
+        raise UnsupportedSampleRateError(
+            label, f"sample rate {int(rate)} Hz is outside the supported "
+                   f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+
+
+def _check_duration(frames: int, rate: int, label: str, max_seconds: float | None) -> None:
+    if max_seconds is not None and frames > max_seconds * rate:
+        raise AudioTooLongError(
+            label, f"{frames / rate:.0f} s ({frames / rate / 3600:.2f} h) is longer than the {max_seconds:.0f} s limit "
+                   f"(raise it with max_seconds= or {MAX_SECONDS_ENV})")
 
 
 def _waveform_to_mono(waveform: Any, label: str) -> np.ndarray:
@@ -141,14 +227,10 @@ def _waveform_to_mono(waveform: Any, label: str) -> np.ndarray:
     return array.mean(axis=channel_axis, dtype=np.float32)
 
 
-def _finish(mono: np.ndarray, rate: Any, label: str) -> np.ndarray:
-    try:
-        rate_ok = float(rate) > 0 and float(rate) == int(rate)
-    except (TypeError, ValueError):
-        rate_ok = False
-    if not rate_ok:
-        raise AudioDecodeError(label, f"invalid sample rate {rate!r}")
+def _finish(mono: np.ndarray, rate: Any, label: str, max_seconds: float | None) -> np.ndarray:
+    _check_rate(rate, label)
     rate = int(rate)
+    _check_duration(mono.size, rate, label, max_seconds)
     if mono.size == 0:
         raise EmptyAudioError(label, "audio has zero samples")
     if not np.isfinite(mono).all():
