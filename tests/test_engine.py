@@ -113,3 +113,46 @@ def test_prefill_groups_bound_padding():
     assert prefill_groups([5, 5, 5], max_padding=1.25, max_tokens=10) == [[0, 1], [2]]
     groups = prefill_groups([40, 300, 41, 299, 120], max_padding=1.25, max_tokens=10_000)
     assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+
+
+def test_key_spans_blocks_skip_left_padding():
+    from kimi_ops.model.modeling import key_spans
+
+    # keys end at column 100; rows start at 0, 5, 10, 40, 45, 60, 61, 90 (longest first)
+    spans = key_spans([0, 5, 10, 40, 45, 60, 61, 90], 100, min_rows=2, shrink=0.8)
+    assert spans == [(0, 3, 0), (3, 5, 40), (5, 7, 60), (7, 8, 90)]
+    assert key_spans([0, 0, 0], 10) == [(0, 3, 0)]  # equal lengths: one block
+    # rows out of order: 50, 100, 80, 90 keys stay one block read from its smallest first
+    # column (0, not row 0's 50); 30 keys < 0.8 * 50 starts the next
+    assert key_spans([50, 0, 20, 10, 70], 100, min_rows=1) == [(0, 4, 0), (4, 5, 70)]
+
+
+def test_decode_attention_blocks_equal_the_full_padded_read():
+    from kimi_ops.model.modeling import decode_attention, key_spans
+
+    torch.manual_seed(0)
+    starts = [0, 3, 9, 20, 21, 30]
+    k, v = torch.randn(6, 2, 32, 8), torch.randn(6, 2, 32, 8)
+    q = torch.randn(6, 4, 1, 8)
+    mask = (torch.arange(32)[None] >= torch.tensor(starts)[:, None])[:, None, None]
+    spans = key_spans(starts, 32, min_rows=2)
+    assert len(spans) > 1
+    full = decode_attention(q, k, v, mask)
+    torch.testing.assert_close(decode_attention(q, k, v, mask, spans), full, rtol=1e-5, atol=1e-6)
+
+
+def test_many_mixed_length_rows_decode_in_blocks_equal_to_single(tiny_model, tokenizer,
+                                                                   golden_prompts):
+    """Enough rows of spread lengths that decode attention runs in several row blocks."""
+    from kimi_ops.model.modeling import key_spans
+
+    base = sorted((golden_prompts[c] for c in GENERATION_CASES), key=len)
+    prompts = base * 2  # duplicates in one batch, shuffled order on purpose
+    prompts = prompts[::2] + prompts[1::2]
+    width = max(len(p) for p in prompts)
+    first_key = sorted(width - len(p) for p in prompts)
+    assert len(key_spans(first_key, width)) > 1, "the batch should split into row blocks"
+    batched = run(tiny_model, tokenizer, prompts, max_new_tokens=12)
+    for prompt, res in zip(prompts, batched):
+        assert res.text_token_ids == run(tiny_model, tokenizer, [prompt],
+                                         max_new_tokens=12)[0].text_token_ids

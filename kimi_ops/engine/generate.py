@@ -23,7 +23,7 @@ import torch
 
 from kimi_ops.engine.prompt import Prompt
 from kimi_ops.engine.sampling import StreamSampling, sample
-from kimi_ops.model.modeling import KimiAudioForCausalLM
+from kimi_ops.model.modeling import KimiAudioForCausalLM, key_spans
 from kimi_ops.model.text_tokenizer import SpecialIds
 
 AUDIO_DELAY_TOKENS = 6  # hard-coded in the reference loop, whatever config.json says
@@ -171,7 +171,10 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
     for row in rows:
         if row.budget <= 0:
             results[row.index] = _result(row, prompts[row.index], "length")
-    live = [row for row in rows if row.budget > 0]
+    # longest prompts first: decode attention then reads each block of rows from where its
+    # longest row starts, skipping most of the left padding (`key_spans`)
+    live = sorted((row for row in rows if row.budget > 0),
+                  key=lambda r: -len(prompts[r.index]))
     if not live:
         return results
     generators = None
@@ -187,6 +190,7 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
         model, [prompts[r.index] for r in live], special.pad, both,
         extra_capacity=min(64, max(r.budget for r in live)))
     positions = torch.tensor([[len(prompts[r.index]) - 1] for r in live], device=device)
+    first_key = [valid.shape[1] - len(prompts[r.index]) for r in live]
     step = 0
     while True:
         history = torch.tensor([r.text for r in live], device=device) if step else None
@@ -230,6 +234,7 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
             valid = valid.index_select(0, index)
             positions = positions.index_select(0, index)
             live = [live[j] for j in keep]
+            first_key = [first_key[j] for j in keep]
             generators = [generators[j] for j in keep] if generators else None
             next_text_list = [next_text_list[j] for j in keep]
             next_audio_list = [next_audio_list[j] for j in keep]
@@ -238,7 +243,8 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
         cache.reserve(1)
         out = model(torch.tensor(next_audio_list, device=device)[:, None],
                     torch.tensor(next_text_list, device=device)[:, None],
-                    positions, valid, cache, with_mimo=both, last_only=True)
+                    positions, valid, cache, with_mimo=both, last_only=True,
+                    spans=key_spans(first_key, valid.shape[1]))
         text_logits = out.text_logits[:, -1]
         audio_logits = out.audio_logits[:, -1] if both else None
 

@@ -16,6 +16,7 @@ backbone layer `kimia_mimo_transformer_from_layer_index` (`model.mimo_norm` -> `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,13 +109,23 @@ class KVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     spans: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:
     """One query per row against the cache: two batched matmuls with the query heads grouped by
     their KV head. On CPU this is several times faster than SDPA's kernel for q_len = 1.
 
+    `spans` [(first row, end row, first key column)] split the batch into row blocks that skip
+    the left padding before their first real key (see `key_spans`): decode attention is bound
+    by reading the cache, and in a batch of mixed lengths much of it is padding.
+
     q [B, H, 1, d]; k, v [B, KV, K, d]; mask [B, 1, 1, K] -> [B, H, 1, d].
     """
+    if spans is not None and len(spans) > 1:
+        return torch.cat([decode_attention(q[a:b], k[a:b, :, c:], v[a:b, :, c:], mask[a:b, ..., c:])
+                          for a, b, c in spans])
+    if spans:
+        c = spans[0][2]
+        k, v, mask = k[:, :, c:], v[:, :, c:], mask[..., c:]
     b, h, _, d = q.shape
     kv = k.shape[1]
     q = q.view(b, kv, h // kv, d)
@@ -122,6 +133,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return torch.matmul(probs, v).view(b, h, 1, d)
+
+
+def key_spans(first_key: Sequence[int], num_keys: int, min_rows: int = 4, shrink: float = 0.8
+              ) -> list[tuple[int, int, int]]:
+    """Row blocks for `decode_attention` from each row's first real key column (best with rows
+    ordered by it): a block ends where the next row has fewer than `shrink` times the keys of
+    the block's first row and the block has `min_rows` rows; a block reads from the smallest
+    first column of its rows, so any row order stays correct.
+    """
+    bounds, start = [], 0
+    for i in range(1, len(first_key)):
+        if i - start >= min_rows and (num_keys - first_key[i]
+                                      < shrink * (num_keys - first_key[start])):
+            bounds.append((start, i))
+            start = i
+    bounds.append((start, len(first_key)))
+    return [(a, b, min(first_key[a:b])) for a, b in bounds if b > a]
 
 
 class Attention(nn.Module):
@@ -136,7 +164,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer_index: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer_index: int, spans=None):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -145,7 +173,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer_index, k, v)
         if s == 1:
-            out = decode_attention(q, k, v, mask)
+            out = decode_attention(q, k, v, mask, spans)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.kv_heads
@@ -173,8 +201,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, self.cache_index)
+    def forward(self, h, cos, sin, mask, cache, spans=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, self.cache_index,
+                               spans)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -271,10 +300,12 @@ class KimiAudioForCausalLM(nn.Module):
         with_mimo: bool = True,
         last_only: bool = True,
         text_embedding: str = "per_call",
+        spans: Sequence[tuple[int, int, int]] | None = None,
     ) -> ForwardOutput:
         """One step over S new tokens per row (S = prompt length at prefill, 1 when decoding).
 
         key_valid: [B, K] bool over every key position so far (cache + the new S tokens).
+        spans: row blocks that skip left padding when decoding (S = 1), see `key_spans`.
         """
         cfg = self.config
         _, s = audio_ids.shape
@@ -291,7 +322,7 @@ class KimiAudioForCausalLM(nn.Module):
         fork = cfg.kimia_mimo_transformer_from_layer_index
         h, mimo_h = x, None
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, mask, cache)
+            h = layer(h, cos, sin, mask, cache, spans)
             if i == fork and with_mimo:
                 mimo_h = h
         if last_only:
@@ -300,7 +331,7 @@ class KimiAudioForCausalLM(nn.Module):
         audio_logits = None
         if with_mimo:
             for layer in self.model.mimo_layers:
-                mimo_h = layer(mimo_h, cos, sin, mask, cache)
+                mimo_h = layer(mimo_h, cos, sin, mask, cache, spans)
             if last_only:
                 mimo_h = mimo_h[:, -1:]
             audio_logits = self.mimo_output(self.model.mimo_norm(mimo_h)).float()
