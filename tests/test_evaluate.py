@@ -1,0 +1,364 @@
+"""Evaluation against reference labels: metrics with hand-computed expectations, scoring of a
+hand-made labelled output (coverage, file/segment joins, comparison), the CLI and the flow."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kimi_ops.evaluation import (
+    ErrorCounts,
+    align,
+    asr_language,
+    calibration,
+    classification_report,
+    normalize_chinese,
+    transcript_errors,
+)
+from kimi_ops.tasks import get_task
+from pipelines.evaluate import EvaluationError, EvaluationSpec, check_inputs, evaluate
+from pipelines.schema import files_schema, segments_schema, to_table
+
+# -- ASR metrics -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reference, hypothesis, expected", [
+    # one word dropped: D=1 of N=6
+    ("the cat sat on the mat", "the cat sat on mat", (0, 1, 0, 6, 5)),
+    # one word added: I=1 of N=2
+    ("hello world", "hello there world", (0, 0, 1, 2, 3)),
+    # one word swapped: S=1 of N=3
+    ("a b c", "a x c", (1, 0, 0, 3, 3)),
+    # case, punctuation, fillers and spellings are normalised away (Whisper's normaliser)
+    # (both become "hello world mister smith is color": 6 words)
+    ("Hello, World! Mr. Smith's colour.", "uh hello world mister smith's color", (0, 0, 0, 6, 6)),
+    # empty hypothesis: every reference word is a deletion
+    ("red green blue", "", (0, 3, 0, 3, 0)),
+    # empty reference: every hypothesis word is an insertion
+    ("", "good morning", (0, 0, 2, 0, 2)),
+    ("", "", (0, 0, 0, 0, 0)),
+])
+def test_word_errors_on_known_pairs(reference, hypothesis, expected):
+    counts = transcript_errors(reference, hypothesis, "en")
+    assert (counts.substitutions, counts.deletions, counts.insertions, counts.reference_length,
+            counts.hypothesis_length) == expected
+    assert counts.hits == expected[3] - expected[0] - expected[1]
+
+
+def test_rates_and_the_empty_reference_rule():
+    assert transcript_errors("the cat sat on the mat", "the cat sat on mat", "en").rate \
+        == pytest.approx(1 / 6)
+    assert transcript_errors("hello world", "hello there world", "en").rate == 0.5
+    assert transcript_errors("red green blue", "", "en").rate == 1.0  # 3 deletions / 3
+    assert transcript_errors("", "good morning", "en").rate is None  # 2 insertions / 0: undefined
+    assert transcript_errors("", "", "en").rate == 0.0
+
+
+def test_corpus_rate_sums_edits_over_summed_reference_length():
+    a = align(["a", "b"], ["a", "x"])  # 1 substitution of 2 words: rate 0.5
+    b = align(list("cdefghij"), list("cdefghij"))  # 0 of 8
+    total = a + b
+    assert total == ErrorCounts(substitutions=1, reference_length=10, hypothesis_length=10)
+    assert total.rate == 0.1  # 1 / (2 + 8), not the mean of the rates (0.5 + 0) / 2 = 0.25
+    only_insertions = align([], ["x"]) + align([], [])
+    assert only_insertions.insertions == 1 and only_insertions.rate is None
+    assert (align([], []) + align([], [])).rate == 0.0
+
+
+def test_character_errors_for_chinese():
+    assert normalize_chinese("你好，世界！ ＡＢＣ　１２３。") == "你好世界abc123"  # full-width too
+    # 你好世界 vs 你好世届: one substitution of 4 characters
+    counts = transcript_errors("你好，世界！", "你好 世届", "zh")
+    assert (counts.substitutions, counts.deletions, counts.insertions) == (1, 0, 0)
+    assert counts.rate == 0.25
+    assert transcript_errors("你好", "", "zh").deletions == 2
+    empty_ref = transcript_errors("。", "好的", "zh")  # punctuation only: an empty reference
+    assert (empty_ref.insertions, empty_ref.reference_length, empty_ref.rate) == (2, 0, None)
+
+
+def test_which_metric_a_reference_gets():
+    assert asr_language("hello", "zh-CN") == "zh"  # a declared language wins
+    assert asr_language("你好", "EN_us") == "en"
+    assert asr_language("今天 is sunny", None) == "zh"  # any Han character: Chinese
+    assert asr_language("naïve café", "auto") == "en"
+    assert asr_language("", None) == "en"
+    with pytest.raises(ValueError, match="'fr' is not supported"):
+        asr_language("bonjour", "fr")
+
+
+# -- closed-set metrics ----------------------------------------------------------------------
+
+def test_accuracy_macro_f1_and_confusion_on_a_known_table():
+    refs = ["joy", "joy", "joy", "anger", "anger", "neutral"]
+    preds = ["joy", "joy", "anger", "anger", "neutral", "neutral"]
+    report = classification_report(refs, preds, ("neutral", "joy", "anger", "fear"))
+    # "fear" is in the label set but neither a reference nor a prediction: not a row or column
+    assert report.labels == ("neutral", "joy", "anger")
+    assert report.confusion == ((1, 0, 0),   # reference neutral
+                                (0, 2, 1),   # reference joy: one predicted anger
+                                (1, 0, 1))   # reference anger: one predicted neutral
+    assert report.accuracy == pytest.approx(4 / 6)
+    # F1 = 2TP / (2TP + FP + FN): neutral 2/(2+1+0), joy 4/(4+0+1), anger 2/(2+1+1)
+    assert report.per_label["neutral"].f1 == pytest.approx(2 / 3)
+    assert report.per_label["joy"].f1 == pytest.approx(4 / 5)
+    assert report.per_label["anger"].f1 == pytest.approx(1 / 2)
+    assert report.per_label["joy"].precision == 1.0
+    assert report.per_label["joy"].recall == pytest.approx(2 / 3)
+    assert report.macro_f1 == pytest.approx((2 / 3 + 4 / 5 + 1 / 2) / 3)  # = 59/90
+    empty = classification_report([], [])
+    assert empty.accuracy is None and empty.macro_f1 is None and empty.labels == ()
+
+
+def test_expected_calibration_error_on_known_scores():
+    # 5 bins of width 0.2:
+    #   [0.8, 1.0]: 0.95 T, 0.85 T -> confidence 0.9,   accuracy 1.0, gap 0.1
+    #   [0.6, 0.8): 0.75 F, 0.65 T -> confidence 0.7,   accuracy 0.5, gap 0.2
+    #   [0.2, 0.4): 0.30 F, 0.35 T -> confidence 0.325, accuracy 0.5, gap 0.175
+    # ECE = 2/6 * 0.1 + 2/6 * 0.2 + 2/6 * 0.175 = 0.95 / 6
+    cal = calibration([0.95, 0.85, 0.75, 0.65, 0.30, 0.35],
+                      [True, True, False, True, False, True], n_bins=5)
+    assert cal.ece == pytest.approx(0.95 / 6)
+    assert [b.count for b in cal.bins] == [0, 2, 0, 2, 2]
+    assert cal.bins[4].mean_confidence == pytest.approx(0.9) and cal.bins[4].accuracy == 1.0
+    assert cal.bins[1].mean_confidence == pytest.approx(0.325)
+    assert cal.bins[0].mean_confidence is None
+    edges = calibration([0.0, 1.0, 1.00001], [False, True, True], n_bins=10)
+    assert [b.count for b in edges.bins] == [1] + [0] * 8 + [2]  # 1.0 sits in the last bin
+    assert edges.ece == 0.0
+    assert calibration([], []).ece is None
+    with pytest.raises(ValueError, match="not a probability"):
+        calibration([1.5], [True])
+
+
+# -- a hand-made labelled output -------------------------------------------------------------
+
+TASKS = [get_task("asr"), get_task("emotion")]
+LABELS = ("neutral", "joy", "anger")
+A, B, C, D, E, F, G, H, I = (f"s3://audio/in/{x}.wav" for x in "abcdefghi")
+
+
+def emotion(label: str, p: float) -> dict[str, float]:
+    return {x: (p if x == label else (1 - p) / 2) for x in LABELS}  # top = p for p > 1/3
+
+
+def file_row(uri, transcript=None, status="ok", kind=None, etag=None, run="run-1"):
+    row = {"source_uri": uri, "status": status, "etag": etag or f"etag-{uri}", "run_id": run,
+           "model_id": "kimi-test"}
+    if status == "error":
+        row["error"] = {"kind": kind, "message": "boom"}
+    else:
+        row.update(transcript=transcript, duration_s=8.0, num_segments=1)
+    return row
+
+
+def seg_row(uri, index, start, end, scores=None, status="ok", transcript="x", etag=None,
+            kind="internal"):
+    row = {"source_uri": uri, "segment_index": index, "start_s": start, "end_s": end,
+           "status": status, "etag": etag or f"etag-{uri}", "run_id": "run-1"}
+    if status == "error":
+        row["error"] = {"kind": kind, "message": "boom"}
+    else:
+        label = max(scores, key=scores.__getitem__)
+        row.update(transcript=transcript, emotion=label, emotion_scores=scores)
+    return row
+
+
+def write_output(root, files, segments):
+    for table, rows, schema in (("files", files, files_schema(TASKS)),
+                                ("segments", segments, segments_schema(TASKS))):
+        os.makedirs(root / table, exist_ok=True)
+        pq.write_table(to_table(rows, schema), root / table / "part-0.parquet")
+    return str(root)
+
+
+# B's file label: duration-weighted mean of its two segments' scores (2 s and 6 s):
+#   anger   (2 * 0.60 + 6 * 0.20) / 8 = 0.30
+#   joy     (2 * 0.30 + 6 * 0.50) / 8 = 0.45   <- the file's label and confidence
+#   neutral (2 * 0.10 + 6 * 0.30) / 8 = 0.25
+# (by segment count it would be a 1:1 tie between anger and joy)
+B_SEGMENTS = [{"neutral": 0.1, "joy": 0.3, "anger": 0.6}, {"neutral": 0.3, "joy": 0.5,
+                                                           "anger": 0.2}]
+
+
+def make_output(root, *, a_emotion="joy", b_transcript="hello there world", c_ok=False):
+    files = [file_row(A, "the cat sat on mat"), file_row(B, b_transcript),
+             file_row(C, "anything") if c_ok else file_row(C, status="error", kind="undecodable"),
+             file_row(E), file_row(F, "你好世届"), file_row(G), file_row(H, "good morning"),
+             file_row(I, "")]
+    segments = [seg_row(A, 0, 0, 3, emotion(a_emotion, 0.95)),
+                seg_row(B, 0, 0, 2, B_SEGMENTS[0]), seg_row(B, 1, 2, 8, B_SEGMENTS[1]),
+                seg_row(E, 0, 0, 5, emotion("anger", 0.85)), seg_row(E, 1, 5, 8, status="error"),
+                seg_row(F, 0, 0, 2, emotion("neutral", 0.7)),
+                # a row of an older version of G (another etag) comes first and must not count
+                seg_row(G, 0, 0, 4, emotion("neutral", 0.9), etag="old"),
+                seg_row(G, 0, 0, 4, emotion("joy", 0.65)),
+                seg_row(H, 0, 0, 2, emotion("neutral", 0.5)),
+                seg_row(I, 0, 0, 2, emotion("neutral", 0.5), status="silent", transcript="")]
+    if c_ok:
+        segments.append(seg_row(C, 0, 0, 2, emotion("anger", 0.7)))
+    return write_output(root, files, segments)
+
+
+REFERENCES = [
+    {"source_uri": A, "transcript": "The cat sat on the mat.", "emotion": "joy"},
+    {"source_uri": B, "transcript": "hello world", "emotion": "Joy"},  # any case
+    {"source_uri": C, "transcript": "anything", "emotion": "anger"},  # errored: undecodable
+    {"source_uri": D, "emotion": "neutral"},  # missing: no output row
+    {"source_uri": E, "segment_index": 0, "emotion": "anger"},
+    {"source_uri": E, "segment_index": 1, "emotion": "anger"},  # errored segment: internal
+    {"source_uri": E, "segment_index": 5, "emotion": "neutral"},  # missing segment
+    {"source_uri": F, "transcript": "你好，世界！"},
+    {"source_uri": G, "emotion": "neutral", "speaker": "x"},  # wrong; speaker is ignored
+    {"source_uri": H, "transcript": ""},  # an empty reference transcript
+    {"source_uri": I, "transcript": "red green blue"},  # an empty hypothesis
+]
+
+
+def write_references(path, rows=REFERENCES):
+    columns = ["source_uri", "segment_index", "transcript", "emotion", "speaker"]
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns},
+                     schema=pa.schema([("source_uri", pa.string()), ("segment_index", pa.int32()),
+                                       ("transcript", pa.string()), ("emotion", pa.string()),
+                                       ("speaker", pa.string())]))
+    pq.write_table(table, path)
+    return str(path)
+
+
+@pytest.fixture
+def scored(tmp_path):
+    output = make_output(tmp_path / "out")
+    refs = write_references(tmp_path / "refs.parquet")
+    spec = EvaluationSpec(output=output, references=refs, report_dir=str(tmp_path / "eval"))
+    return evaluate(spec)
+
+
+def test_coverage_counts_missing_and_errored_references(scored):
+    coverage = scored["coverage"]
+    assert (coverage["references"], coverage["scored"], coverage["missing"],
+            coverage["errored"]) == (11, 7, 2, 2)
+    assert coverage["errors_by_kind"] == {"internal": 1, "undecodable": 1}
+    assert {(x["source_uri"], x["segment_index"]) for x in coverage["missing_examples"]} \
+        == {(D, None), (E, 5)}
+    assert scored["levels"] == {"file": 8, "segment": 3}
+    assert scored["tasks"] == ["transcript", "emotion"]
+    assert scored["ignored_reference_columns"] == ["speaker"]
+
+
+def test_asr_scores_of_the_output(scored):
+    asr = scored["results"]["transcript"]
+    assert (asr["references"], asr["scored"], asr["unlabelled"]) == (6, 5, 0)  # C errored
+    en, zh = asr["by_language"]["en"], asr["by_language"]["zh"]
+    # English: A 1 deletion of 6, B 1 insertion of 2, H 2 insertions of 0, I 3 deletions of 3
+    assert (en["substitutions"], en["deletions"], en["insertions"], en["reference_length"]) \
+        == (0, 4, 3, 11)
+    assert en["rate"] == pytest.approx(7 / 11) and en["utterances"] == 4
+    # Chinese: F 你好世界 -> 你好世届, one substitution of 4 characters
+    assert (zh["metric"], zh["substitutions"], zh["reference_length"], zh["rate"]) \
+        == ("cer", 1, 4, 0.25)
+    rows = {r["source_uri"]: r for r in asr["rows"]}
+    assert rows[H]["rate"] is None and rows[H]["insertions"] == 2
+    assert rows[I]["rate"] == 1.0 and rows[I]["hypothesis"] == ""
+    assert rows[A]["reference"] == "the cat sat on the mat"
+    assert scored["metrics"]["asr.wer.en"] == pytest.approx(7 / 11)
+    assert scored["metrics"]["asr.cer.zh"] == 0.25
+
+
+def test_closed_set_scores_of_the_output(scored):
+    emo = scored["results"]["emotion"]
+    # scored: A joy->joy (0.95), B joy->joy (file label, 0.45), E#0 anger->anger (0.85),
+    # G neutral->joy (0.65); C/E#1 errored, D/E#5 missing
+    assert (emo["references"], emo["scored"], emo["count"]) == (8, 4, 4)
+    rows = {(r["source_uri"], r["segment_index"]): r for r in emo["rows"]}
+    assert rows[(B, None)]["predicted"] == "joy"
+    assert rows[(B, None)]["confidence"] == pytest.approx(0.45, abs=1e-6)
+    assert rows[(G, None)]["predicted"] == "joy"  # not the stale row's neutral
+    assert emo["accuracy"] == 0.75
+    assert emo["labels"] == ["neutral", "joy", "anger"]  # the scores map's order
+    assert emo["confusion"] == [[0, 1, 0], [0, 2, 0], [0, 0, 1]]
+    # F1: neutral 0 (no TP), joy 2*2/(4+1+0) = 0.8, anger 1.0 -> macro (0 + 0.8 + 1) / 3
+    assert emo["macro_f1"] == pytest.approx(0.6)
+    # 10 bins: 0.95 T (bin 9, gap 0.05), 0.85 T (bin 8, 0.15), 0.65 F (bin 6, 0.65),
+    # 0.45 T (bin 4, 0.55) -> ECE = (0.05 + 0.15 + 0.65 + 0.55) / 4 = 0.35
+    assert emo["calibration"]["ece"] == pytest.approx(0.35, abs=1e-6)
+    assert [b["count"] for b in emo["calibration"]["bins"]] == [0, 0, 0, 0, 1, 0, 1, 0, 1, 1]
+
+
+def test_comparison_reports_deltas_and_changed_files(tmp_path):
+    output = make_output(tmp_path / "new")
+    other = make_output(tmp_path / "old", a_emotion="neutral", b_transcript="hello world",
+                        c_ok=True)
+    refs = write_references(tmp_path / "refs.parquet")
+    report = evaluate(EvaluationSpec(output=output, references=refs, compare=other,
+                                     report_dir=str(tmp_path / "eval")))
+    deltas = {d["metric"]: d for d in report["comparison"]["deltas"]}
+    # old: C is scored too (errored 1 instead of 2); English errors A 1, B 0, C 0, H 2, I 3 = 6
+    # over 6 + 2 + 1 + 0 + 3 = 12 words -> 0.5
+    assert deltas["coverage.errored"] == {"metric": "coverage.errored", "output": 2,
+                                          "compare": 1, "delta": 1}
+    assert deltas["asr.wer.en"]["compare"] == 0.5
+    assert deltas["asr.wer.en"]["delta"] == pytest.approx(7 / 11 - 0.5)
+    # old emotion: A neutral (wrong), B joy, C anger, E#0 anger, G joy (wrong) -> 3/5
+    assert deltas["emotion.accuracy"]["delta"] == pytest.approx(0.75 - 0.6)
+    changed = {(c["source_uri"], c["task"]): (c["output"], c["compare"])
+               for c in report["comparison"]["changed"]}
+    assert changed == {(A, "emotion"): ("joy", "neutral"),
+                       (B, "transcript"): ("hello there world", "hello world"),
+                       (C, "transcript"): ("<errored: undecodable>", "anything"),
+                       (C, "emotion"): ("<errored: undecodable>", "anger")}
+    assert report["comparison"]["changed_files"] == [A, B, C]
+    assert report["comparison"]["changed_by_task"] == {"transcript": 2, "emotion": 2}
+
+
+def test_csv_and_jsonl_references_read_like_parquet(tmp_path):
+    output = make_output(tmp_path / "out")
+    (tmp_path / "refs.csv").write_text(
+        "source_uri,segment_index,transcript,language,emotion\n"
+        f"{A},,The cat sat on the mat.,en,joy\n"
+        f"{E},0,,,anger\n"  # an empty cell is no reference: E#0 has no transcript
+        f"{F},,你好，世界！,zh-CN,\n")
+    (tmp_path / "refs.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"source_uri": A, "transcript": "The cat sat on the mat.", "emotion": "joy"},
+        {"source_uri": E, "segment_index": 0, "emotion": "anger"},
+        {"source_uri": F, "transcript": "你好，世界！", "language": "zh"}]) + "\n")
+    reports = [evaluate(EvaluationSpec(output=output, references=str(tmp_path / name),
+                                       report_dir=str(tmp_path / "eval")))
+               for name in ("refs.csv", "refs.jsonl")]
+    for report in reports:
+        assert report["levels"] == {"file": 2, "segment": 1}
+        assert report["metrics"]["asr.wer.en"] == pytest.approx(1 / 6)
+        assert report["metrics"]["asr.cer.zh"] == 0.25
+        assert report["metrics"]["emotion.accuracy"] == 1.0
+        assert report["results"]["transcript"]["references"] == 2
+
+
+def test_inputs_are_refused_with_the_file_and_the_reason(tmp_path):
+    output = make_output(tmp_path / "out")
+
+    def refused(references, match, out=output, **kwargs):
+        spec = EvaluationSpec(output=out, references=str(references),
+                              report_dir=str(tmp_path / "eval"), **kwargs)
+        with pytest.raises(EvaluationError, match=match):
+            check_inputs(spec)
+
+    missing = tmp_path / "nope.csv"
+    refused(missing, f"references {missing}: not_found")
+    (tmp_path / "refs.txt").write_text("x")
+    refused(tmp_path / "refs.txt", "refs.txt: unknown format")
+    (tmp_path / "nokey.csv").write_text("uri,emotion\na,joy\n")
+    refused(tmp_path / "nokey.csv", r"nokey.csv: no source_uri column \(columns: \['uri', ")
+    (tmp_path / "notask.csv").write_text(f"source_uri,caption\n{A},a dog\n")
+    refused(tmp_path / "notask.csv", "notask.csv: no task column the output can be scored on")
+    (tmp_path / "fr.csv").write_text(f"source_uri,transcript,language\n{A},a,en\n{B},b,fr\n")
+    refused(tmp_path / "fr.csv", "fr.csv: row 2: language 'fr' is not supported")
+    (tmp_path / "dup.csv").write_text(f"source_uri,emotion\n{A},joy\n{A},anger\n")
+    refused(tmp_path / "dup.csv", "dup.csv: row 2: .*a.wav is already referenced in row 1")
+    (tmp_path / "seg.csv").write_text(f"source_uri,segment_index,emotion\n{A},first,joy\n")
+    refused(tmp_path / "seg.csv", "seg.csv: row 1: segment_index 'first' is not")
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "dup.csv", "output .*empty: no files/", out=str(tmp_path / "empty"))
+    (tmp_path / "ok.csv").write_text(f"source_uri,emotion\n{A},joy\n")
+    refused(tmp_path / "ok.csv", "compare .*: no files/", compare=str(tmp_path / "empty"))
