@@ -4,6 +4,8 @@
       the label-corpus flow (ephemeral Prefect unless PREFECT_API_URL is set) -> the Ray job
   kimi-label stack up|down|status [--home DIR] [--prefect] [--ray]
       the embedded local stack (SeaweedFS, optional Prefect server and Ray head) on 127.0.0.1
+  kimi-label evaluate --output URI --references URI [--compare OTHER_OUTPUT] [--report-dir URI]
+      label quality against reference labels: prints a table, writes report.json + confusion.png
   kimi-label demo
       the main job on embedded defaults: stack, tiny checkpoint, sample audio, label-corpus flow
   kimi-label generate | audio-tokens | label | make-tiny-checkpoint      (see python -m kimi_ops)
@@ -73,6 +75,53 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
+def cmd_evaluate(argv: list[str]) -> int:
+    """Scores in this process (no Prefect, no Ray); the `evaluate` flow is for deployments."""
+    p = argparse.ArgumentParser(prog="kimi-label evaluate",
+                                description="score a labelled output against reference labels")
+    p.add_argument("--output", required=True, help="labelled output URI (files/, segments/)")
+    p.add_argument("--references", required=True,
+                   help="Parquet/CSV/JSONL keyed by source_uri[, segment_index] with any of "
+                        "transcript (+ language), emotion, scene, sound_event")
+    p.add_argument("--compare", default=None, help="another labelled output of the same inputs")
+    p.add_argument("--report-dir", default=None,
+                   help="where report.json and confusion.png go "
+                        "(default: <output>/_evaluations/<UTC time>)")
+    p.add_argument("--bins", type=int, default=10, help="calibration bins (equal width)")
+    p.add_argument("--storage-options", default=None,
+                   help="JSON (key, secret, endpoint_url...); default: AWS_* env")
+    args = p.parse_args(argv)
+    from pydantic import ValidationError
+
+    from pipelines.evaluate import (
+        EvaluationError,
+        EvaluationSpec,
+        check_inputs,
+        evaluate,
+        format_summary,
+        write_report,
+    )
+
+    try:
+        env, endpoint = options_to_env(json.loads(args.storage_options)
+                                       if args.storage_options else {})
+        os.environ.update(env)
+        spec = EvaluationSpec(output=args.output, references=args.references,
+                              compare=args.compare, report_dir=args.report_dir, n_bins=args.bins,
+                              storage_options={"endpoint_url": endpoint} if endpoint else None)
+        report = evaluate(spec, check_inputs(spec))
+        write_report(report, spec)
+    except ValidationError as exc:
+        print(f"error: invalid parameters: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
+              file=sys.stderr)
+        return 2
+    except (json.JSONDecodeError, ValueError, EvaluationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(report))
+    return 0
+
+
 def cmd_stack(argv: list[str]) -> int:
     from flows import stack
 
@@ -105,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(rest)
     if command == "stack":
         return cmd_stack(rest)
+    if command == "evaluate":
+        return cmd_evaluate(rest)
     if command == "demo":
         from flows.demo import main as demo_main
 

@@ -693,6 +693,24 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([line.rstrip(), "  ".join("-" * w for w in widths), *body])
 
 
+def format_summary(report: Mapping[str, Any]) -> str:
+    """What `kimi-label evaluate` prints: the metrics table, coverage, changes, file URIs."""
+    coverage = report["coverage"]
+    lines = [format_table(summary_rows(report)), "",
+             (f"{coverage['references']} reference items: {coverage['scored']} scored, "
+              f"{coverage['missing']} missing, {coverage['errored']} errored")]
+    comparison = report.get("comparison")
+    if comparison:
+        lines.append(f"{len(comparison['changed'])} items changed in "
+                     f"{len(comparison['changed_files'])} files (vs {comparison['compare']})")
+    files = report.get("files") or {}
+    if files.get("report"):
+        lines.append(f"report: {files['report']}")
+    if files.get("confusion_png"):
+        lines.append(f"confusion matrices: {files['confusion_png']}")
+    return "\n".join(lines)
+
+
 def confusion_png(report: Mapping[str, Any]) -> bytes | None:
     """One confusion-matrix panel per closed-set task (rows: reference, columns: predicted);
     None when no closed-set task has scored items."""
@@ -705,7 +723,7 @@ def confusion_png(report: Mapping[str, Any]) -> bytes | None:
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 
-    sizes = [max(4.0, 0.5 * len(rep["labels"]) + 2.5) for _, rep in panels]
+    sizes = [max(4.5, 0.5 * len(rep["labels"]) + 2.5) for _, rep in panels]
     fig, axes = plt.subplots(1, len(panels), figsize=(sum(sizes), max(sizes)), squeeze=False)
     try:
         for ax, (task, rep) in zip(axes[0], panels):
@@ -715,7 +733,8 @@ def confusion_png(report: Mapping[str, Any]) -> bytes | None:
             ax.set_yticks(range(len(labels)), labels)
             ax.set_xlabel("predicted")
             ax.set_ylabel("reference")
-            ax.set_title(f"{task}: accuracy {rep['accuracy']:.3f}, macro-F1 {rep['macro_f1']:.3f}")
+            ax.set_title(f"{task}\naccuracy {rep['accuracy']:.3f}, macro-F1 {rep['macro_f1']:.3f}",
+                         fontsize=10)
             peak = max(max(row) for row in matrix) or 1
             for i, row in enumerate(matrix):
                 for j, n in enumerate(row):

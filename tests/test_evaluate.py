@@ -3,6 +3,7 @@ hand-made labelled output (coverage, file/segment joins, comparison), the CLI an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -362,3 +363,94 @@ def test_inputs_are_refused_with_the_file_and_the_reason(tmp_path):
     refused(tmp_path / "dup.csv", "output .*empty: no files/", out=str(tmp_path / "empty"))
     (tmp_path / "ok.csv").write_text(f"source_uri,emotion\n{A},joy\n")
     refused(tmp_path / "ok.csv", "compare .*: no files/", compare=str(tmp_path / "empty"))
+
+
+# -- the command line and the flow -----------------------------------------------------------
+
+def test_kimi_label_evaluate_prints_and_writes_the_report(tmp_path, capsys):
+    from flows.cli import main
+
+    output = make_output(tmp_path / "new")
+    other = make_output(tmp_path / "old", a_emotion="neutral", b_transcript="hello world",
+                        c_ok=True)
+    refs = write_references(tmp_path / "refs.parquet")
+    assert main(["evaluate", "--output", output, "--references", refs,
+                 "--report-dir", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
+    assert lines["asr.wer.en"] == ["0.6364"]  # 7 / 11
+    assert lines["emotion.accuracy"] == ["0.75"] and lines["emotion.ece"] == ["0.35"]
+    assert "11 reference items: 7 scored, 2 missing, 2 errored" in printed
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["coverage"]["errors_by_kind"] == {"internal": 1, "undecodable": 1}
+    assert report["results"]["emotion"]["confusion"] == [[0, 1, 0], [0, 2, 0], [0, 0, 1]]
+    assert (tmp_path / "eval" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"confusion matrices: {tmp_path / 'eval' / 'confusion.png'}" in printed
+
+    # with --compare: both values and the delta; default report folder under the output
+    assert main(["evaluate", "--output", output, "--references", refs, "--compare", other]) == 0
+    printed = capsys.readouterr().out
+    lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
+    assert lines["metric"] == ["output", "compare", "delta"]
+    assert lines["coverage.errored"] == ["2", "1", "1"]
+    assert lines["emotion.accuracy"] == ["0.75", "0.6", "0.15"]
+    assert "4 items changed in 3 files" in printed
+    written = list((tmp_path / "new" / "_evaluations").glob("*/report.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["comparison"]["changed_files"] \
+        == [A, B, C]
+
+
+def test_kimi_label_evaluate_refuses_bad_inputs_before_scoring(tmp_path, capsys):
+    from flows.cli import main
+
+    output = make_output(tmp_path / "out")
+    missing = tmp_path / "refs.csv"
+    assert main(["evaluate", "--output", output, "--references", str(missing),
+                 "--report-dir", str(tmp_path / "eval")]) == 2
+    assert f"error: references {missing}: not_found" in capsys.readouterr().err
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"source_uri": A, "caption": "x"}))
+    assert main(["evaluate", "--output", output, "--references",
+                 str(tmp_path / "captions.jsonl"), "--report-dir", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "captions.jsonl: no task column the output can be scored on" in err
+    assert "output tasks: ['transcript', 'emotion']" in err
+    assert not (tmp_path / "eval").exists()  # nothing written for a refused evaluation
+
+
+@pytest.mark.slow
+def test_evaluate_flow_publishes_its_artifacts(harness, tmp_path):
+    from flows.evaluate import EvaluateParams, evaluate_flow
+    from tests.flow_helpers import artifacts
+
+    output = make_output(tmp_path / "new")
+    other = make_output(tmp_path / "old", a_emotion="neutral", b_transcript="hello world",
+                        c_ok=True)
+    refs = write_references(tmp_path / "refs.parquet")
+    report = evaluate_flow(EvaluateParams(output=output, references=refs, compare=other,
+                                          report_dir=str(tmp_path / "eval")))
+    assert report["metrics"]["emotion.accuracy"] == 0.75
+    keys = ["evaluation-summary", "evaluation-coverage", "evaluation-report",
+            "evaluation-changes"]
+    found = asyncio.run(artifacts(keys))
+    assert set(found) == set(keys)
+    summary = {row["metric"]: row for row in json.loads(found["evaluation-summary"].data)}
+    assert summary["asr.wer.en"]["output"] == round(7 / 11, 4)
+    assert summary["asr.wer.en"]["compare"] == 0.5
+    coverage = {row["state"]: row["references"]
+                for row in json.loads(found["evaluation-coverage"].data)}
+    assert coverage == {"scored": 7, "missing": 2, "errored": 2, "errored: internal": 1,
+                        "errored: undecodable": 1}
+    markdown = found["evaluation-report"].data
+    png = tmp_path / "eval" / "confusion.png"
+    assert f"![confusion matrices]({png})" in markdown and png.exists()
+    assert f"`{tmp_path / 'eval' / 'report.json'}`" in markdown
+    assert "| joy | 0 | 2 | 0 |" in markdown  # the emotion matrix's joy row
+    changes = json.loads(found["evaluation-changes"].data)
+    assert {(c["source_uri"], c["task"]) for c in changes} == {
+        (A, "emotion"), (B, "transcript"), (C, "transcript"), (C, "emotion")}
+
+    state = evaluate_flow(EvaluateParams(output=output, references=str(tmp_path / "no.csv")),
+                          return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="evaluate cannot run: references .*no.csv: not_found"):
+        state.result()

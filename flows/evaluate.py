@@ -1,0 +1,126 @@
+"""`evaluate`: score a labelled output against reference labels (and against another output).
+
+Thin by design: check the inputs (`pipelines.evaluate.check_inputs`: the references file, the
+outputs' footers, write access to the report folder) -> score -> write report.json and
+confusion.png -> publish them as artifacts. All logic lives in `pipelines.evaluate`.
+
+Artifacts: `evaluation-summary` (headline metrics; with `compare`, both values and the delta),
+`evaluation-coverage` (scored/missing/errored, errors by kind), `evaluation-report` (markdown:
+where report.json and the confusion-matrix PNG are, the matrices as tables) and, with `compare`,
+`evaluation-changes` (reference items whose label, transcript or state differs).
+
+Credentials are never flow parameters: they come from the worker's AWS_* environment; only the
+non-secret endpoint may be passed.
+"""
+
+# No `from __future__ import annotations`: served flows are pickled by value and pydantic
+# must resolve the parameter model from the real annotation, not a string.
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
+
+from pipelines.evaluate import (
+    EvaluationError,
+    EvaluationOptions,
+    EvaluationPlan,
+    EvaluationSpec,
+    check_inputs,
+    evaluate,
+    summary_rows,
+    write_report,
+)
+
+CHANGES_SHOWN = 500  # rows of the changes artifact; report.json has them all
+
+
+class EvaluateParams(EvaluationOptions):
+    endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
+
+    def spec(self) -> EvaluationSpec:
+        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
+        return EvaluationSpec(**self.model_dump(exclude={"endpoint_url"}),
+                              storage_options=options)
+
+
+def _unless_bad_input(task, task_run, state) -> bool:
+    """Retry storage hiccups, not an EvaluationError: bad input does not get better."""
+    return not isinstance(state.result(raise_on_failure=False), EvaluationError)
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_unless_bad_input)
+def check(spec: EvaluationSpec) -> EvaluationPlan:
+    return check_inputs(spec)
+
+
+@task(retries=1, retry_delay_seconds=30, retry_condition_fn=_unless_bad_input)
+def score_and_write(spec: EvaluationSpec, plan: EvaluationPlan) -> dict[str, Any]:
+    report = evaluate(spec, plan)
+    write_report(report, spec)
+    return report
+
+
+def _markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    files = report["files"]
+    parts = [f"### Evaluation of `{report['output']}`\n",
+             (f"- references: `{report['references']}` ({report['reference_rows']} items: "
+              f"{report['levels']['file']} files, {report['levels']['segment']} segments)"),
+             f"- report: `{files['report']}`"]
+    if report["comparison"]:
+        parts.append(f"- compared with: `{report['comparison']['compare']}`")
+    if files["confusion_png"]:
+        parts += [f"- confusion matrices: `{files['confusion_png']}`", "",
+                  f"![confusion matrices]({files['confusion_png']})"]
+    for name, result in report["results"].items():
+        if result["kind"] != "closed_set" or not result["count"]:
+            continue
+        labels = result["labels"]
+        parts += ["", f"#### {name} (rows: reference, columns: predicted)", "",
+                  _markdown_table(["", *labels],
+                                  [[label, *row] for label, row in zip(labels,
+                                                                       result["confusion"])])]
+    return "\n".join(parts) + "\n"
+
+
+@task
+def publish(report: dict[str, Any]) -> None:
+    create_table_artifact(key="evaluation-summary", table=summary_rows(report),
+                          description=f"{report['output']} against {report['references']}")
+    coverage = report["coverage"]
+    rows = [{"state": state, "references": coverage[state]}
+            for state in ("scored", "missing", "errored")]
+    rows += [{"state": f"errored: {kind}", "references": n}
+             for kind, n in coverage["errors_by_kind"].items()]
+    create_table_artifact(key="evaluation-coverage", table=rows,
+                          description=f"{coverage['references']} reference items")
+    create_markdown_artifact(key="evaluation-report", markdown=report_markdown(report))
+    comparison = report["comparison"]
+    if comparison:
+        create_table_artifact(
+            key="evaluation-changes", table=comparison["changed"][:CHANGES_SHOWN],
+            description=(f"{len(comparison['changed'])} changed items in "
+                         f"{len(comparison['changed_files'])} files, output vs "
+                         f"{comparison['compare']}"))
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
+    logger = get_run_logger()
+    try:
+        spec = params.spec()
+        plan = check(spec)
+        report = score_and_write(spec, plan)
+    except EvaluationError as exc:
+        raise ValueError(f"evaluate cannot run: {exc}") from None
+    publish(report)
+    logger.info("evaluated %d reference items: %s -> %s", report["reference_rows"],
+                report["metrics"], report["files"]["report"])
+    return report
