@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipelines.storage import RetryPolicy
+
 log = logging.getLogger(__name__)
 
 PLAN_SHARD_ROWS = 2000
@@ -40,6 +42,10 @@ class StageResources(BaseModel):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     concurrency: int = Field(1, ge=1)  # actors (actor stages) or max parallel tasks
+    # worker deaths survived: restarts of a dead actor and retries of the batch it held (actor
+    # stages), or re-runs of a task whose worker died (task stages); Ray's own default for
+    # actors is unbounded, which turns a batch that always kills its worker into a hang
+    max_restarts: int = Field(3, ge=0)
 
 
 class JobSpec(BaseModel):
@@ -55,7 +61,8 @@ class JobSpec(BaseModel):
     max_new_tokens: int = Field(256, ge=1)
     semantic_tokens: bool = False
     extensions: list[str] | None = None
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = Field(None, repr=False)  # may hold a secret
+    storage_retry: RetryPolicy = RetryPolicy()  # reads, listings and writes of this job
     ray_address: str | None = None
     device: str | None = None  # per actor; default cuda when the actor has a GPU
     run_id: str | None = None
@@ -64,6 +71,7 @@ class JobSpec(BaseModel):
     label: StageResources = StageResources(batch_size=8, num_cpus=0.5)
     write: StageResources = StageResources(batch_size=8, num_cpus=0.25)
     no_progress_timeout_s: float = 600.0
+    plan_shard_rows: int = Field(PLAN_SHARD_ROWS, ge=1)  # also the unit Ray hands to the stages
 
     @field_validator("tasks")
     @classmethod
@@ -82,7 +90,9 @@ class JobSpec(BaseModel):
 
 
 class JobError(Exception):
-    """The job could not run (bad spec, credentials, missing bucket, bad model path)."""
+    """The job could not run (bad spec, credentials, missing bucket, bad model path), or
+    stopped because the object store stayed unavailable past the retry budget (a rerun
+    resumes: finished shards are kept)."""
 
 
 def validate(spec: JobSpec) -> tuple[list, str]:
@@ -107,8 +117,8 @@ def validate(spec: JobSpec) -> tuple[list, str]:
     except KimiError as exc:
         raise JobError(f"model: {exc}") from None
     try:
-        open_input(spec.input, spec.storage_options)
-        check_output(spec.output, spec.storage_options)
+        open_input(spec.input, spec.storage_options, spec.storage_retry)
+        check_output(spec.output, spec.storage_options, spec.storage_retry)
     except StorageError as exc:
         raise JobError(str(exc)) from None
     return tasks, model_id(paths.root)
@@ -151,34 +161,49 @@ def model_id(root: Path, cache_file: Path | None = None) -> str:
 
 # -- planning ------------------------------------------------------------------------------
 
-def read_table_dir(fs, folder: str, columns: list[str]) -> list[tuple[str, pa.Table]]:
-    if not fs.exists(folder):
-        return []
-    out = []
-    for path in sorted(fs.find(folder)):
-        if path.endswith(".parquet"):
-            with fs.open(path, "rb") as handle:
-                out.append((path, pq.read_table(handle, columns=columns)))
-    return out
+def read_table_dir(fs, folder: str, columns: list[str] | None,
+                   retry: RetryPolicy | None = None) -> list[tuple[str, pa.Table]]:
+    """Every Parquet file under `folder` (sorted by path), each listing and read retried."""
+    from pipelines.storage import retrying, uri_of
+
+    def listing() -> list[str]:
+        return sorted(fs.find(folder)) if fs.exists(folder) else []
+
+    paths = retrying(listing, uri_of(fs, folder), action="list", policy=retry)
+    return [(path, read_parquet(fs, path, columns, retry))
+            for path in paths if path.endswith(".parquet")]
+
+
+def read_parquet(fs, path: str, columns: list[str] | None = None,
+                 retry: RetryPolicy | None = None) -> pa.Table:
+    from pipelines.storage import retrying, uri_of
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+
+    return retrying(read, uri_of(fs, path), action="read", policy=retry)
 
 
 def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
     """Write the to-do list as plan shards; returns counts and the shard paths."""
-    from pipelines.storage import list_objects, read_manifest, resolve
+    from pipelines.storage import list_objects, read_manifest, resolve, retrying
 
+    retry = spec.storage_retry
     fs, root = resolve(spec.output, spec.storage_options)
-    _remove_orphan_segment_shards(fs, root)
+    retrying(lambda: _remove_orphan_segment_shards(fs, root), spec.output, action="cleanup",
+             policy=retry)
     done: dict[str, str | None] = {}
-    for _, table in read_table_dir(fs, f"{root}/files", ["source_uri", "etag"]):
+    for _, table in read_table_dir(fs, f"{root}/files", ["source_uri", "etag"], retry):
         for uri, etag in zip(table["source_uri"].to_pylist(), table["etag"].to_pylist()):
             done[uri] = etag
 
     if spec.is_manifest():
-        listing = read_manifest(spec.input, spec.storage_options)
+        listing = read_manifest(spec.input, spec.storage_options, retry)
     elif spec.extensions:
-        listing = list_objects(spec.input, spec.extensions, storage_options=spec.storage_options)
+        listing = list_objects(spec.input, spec.extensions, spec.storage_options, retry)
     else:
-        listing = list_objects(spec.input, storage_options=spec.storage_options)
+        listing = list_objects(spec.input, storage_options=spec.storage_options, retry=retry)
     plan_dir = f"{root}/_runs/{run_id}/plan"
     fs.makedirs(plan_dir, exist_ok=True)
     shards, buffer, seen = [], [], set()
@@ -190,8 +215,13 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
         # clips of similar duration (a size-sorted shard is a cheap duration bucketing)
         buffer.sort(key=lambda row: row["size"] or 0)
         path = f"{plan_dir}/plan-{len(shards):05d}.parquet"
-        with fs.open(path, "wb") as handle:
-            pq.write_table(pa.Table.from_pylist(buffer, schema=PLAN_SCHEMA), handle)
+        table = pa.Table.from_pylist(buffer, schema=PLAN_SCHEMA)
+
+        def write():
+            with fs.open(path, "wb") as handle:
+                pq.write_table(table, handle)
+
+        retrying(write, f"{spec.output}/_runs/{run_id}/plan", action="write", policy=retry)
         shards.append(path)
         buffer.clear()
 
@@ -207,12 +237,12 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
             changed.add(info.uri)
         buffer.append({"uri": info.uri, "size": info.size, "etag": info.etag})
         counts["todo"] += 1
-        if len(buffer) >= PLAN_SHARD_ROWS:
+        if len(buffer) >= spec.plan_shard_rows:
             flush()
     if buffer:
         flush()
     if changed:
-        _drop_rows(fs, root, changed)
+        _drop_rows(fs, root, changed, retry)
         counts["changed"] = len(changed)
     return {"counts": dict(counts), "shards": shards, "plan_dir": plan_dir}
 
@@ -232,19 +262,18 @@ def _remove_orphan_segment_shards(fs, root: str) -> None:
             fs.rm(path)
 
 
-def _drop_rows(fs, root: str, uris: set[str]) -> None:
+def _drop_rows(fs, root: str, uris: set[str], retry: RetryPolicy | None = None) -> None:
     """Rewrite the shards that hold rows of `uris` without them (their content changed)."""
     from pipelines.stages import write_parquet_atomic
 
     for table_name in ("segments", "files"):
-        for path, table in read_table_dir(fs, f"{root}/{table_name}", ["source_uri"]):
+        for path, table in read_table_dir(fs, f"{root}/{table_name}", ["source_uri"], retry):
             stale = [u in uris for u in table["source_uri"].to_pylist()]
             if not any(stale):
                 continue
-            with fs.open(path, "rb") as handle:
-                full = pq.read_table(handle)
+            full = read_parquet(fs, path, None, retry)
             keep = pa.array([not s for s in stale])
-            write_parquet_atomic(fs, root, path[len(root) + 1:], full.filter(keep))
+            write_parquet_atomic(fs, root, path[len(root) + 1:], full.filter(keep), retry)
 
 
 # -- running ------------------------------------------------------------------------------
@@ -289,17 +318,20 @@ def build_dataset(spec: JobSpec, shards: list[str], model_id_: str, run_id: str)
     ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
     # The plan shards are read by a plain map task with the decode stage's CPU share: Ray's
     # read_parquet asks for a whole CPU per task, which small nodes full of actors never free.
+    retry = spec.storage_retry
     ds = ray.data.from_items([{"plan_shard": p} for p in shards]).map_batches(
-        PlanReader(spec.output, spec.storage_options), batch_format="pyarrow", batch_size=1,
-        num_cpus=spec.decode.num_cpus)
+        PlanReader(spec.output, spec.storage_options, retry), batch_format="pyarrow",
+        batch_size=1, num_cpus=spec.decode.num_cpus, max_retries=spec.decode.max_restarts)
     # task stages get an instance (a plain function for Ray); actor stages get the class
-    ds = ds.map_batches(DecodeStage(spec.storage_options), batch_format="pyarrow",
+    ds = ds.map_batches(DecodeStage(spec.storage_options, retry=retry), batch_format="pyarrow",
         batch_size=spec.decode.batch_size, num_cpus=spec.decode.num_cpus,
+        max_retries=spec.decode.max_restarts,
         compute=ray.data.TaskPoolStrategy(size=spec.decode.concurrency))
     ds = ds.map_batches(FrontendStage, fn_constructor_kwargs={
         "model": spec.model, "glm_tokenizer": spec.glm_tokenizer, "device": spec.device},
         batch_format="pyarrow", batch_size=spec.frontend.batch_size,
         num_cpus=spec.frontend.num_cpus, num_gpus=spec.frontend.num_gpus or None,
+        max_restarts=spec.frontend.max_restarts, max_task_retries=spec.frontend.max_restarts,
         compute=ActorPoolStrategy(size=spec.frontend.concurrency))
     ds = ds.map_batches(LabelStage, fn_constructor_kwargs={
         "model": spec.model, "glm_tokenizer": spec.glm_tokenizer, "device": spec.device,
@@ -307,10 +339,13 @@ def build_dataset(spec: JobSpec, shards: list[str], model_id_: str, run_id: str)
         "max_new_tokens": spec.max_new_tokens, "semantic_tokens": spec.semantic_tokens,
         "model_id": model_id_, "run_id": run_id},
         batch_format="pyarrow", batch_size=spec.label.batch_size, num_cpus=spec.label.num_cpus,
-        num_gpus=spec.label.num_gpus or None, compute=ActorPoolStrategy(size=spec.label.concurrency))
+        num_gpus=spec.label.num_gpus or None,
+        max_restarts=spec.label.max_restarts, max_task_retries=spec.label.max_restarts,
+        compute=ActorPoolStrategy(size=spec.label.concurrency))
     writer = WriteStage(spec.output, spec.storage_options, spec.tasks, spec.task_params(),
-                        spec.semantic_tokens)
+                        spec.semantic_tokens, retry=retry)
     return ds.map_batches(writer, batch_format="pyarrow", batch_size=spec.write.batch_size, num_cpus=spec.write.num_cpus,
+        max_retries=spec.write.max_restarts,
         compute=ray.data.TaskPoolStrategy(size=spec.write.concurrency))
 
 
@@ -320,6 +355,19 @@ def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
     started = time.time()
     tasks, model_id_ = validate(spec)
     run_id = spec.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    try:
+        return _run(spec, run_id, tasks, model_id_, started, ray_temp_dir)
+    except Exception as exc:
+        cause = storage_cause(exc)
+        if cause is None:
+            raise
+        raise JobError(f"{cause}; objects finished so far are kept, a rerun resumes") from None
+
+
+def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float,
+         ray_temp_dir: str | None) -> dict[str, Any]:
+    from pipelines.storage import resolve, retrying
+
     planned = plan(spec, run_id)
     summary: list[dict] = []
     if planned["shards"]:
@@ -339,14 +387,33 @@ def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
         stats = ""
     report = make_report(spec, run_id, model_id_, planned, summary, time.time() - started,
                          stats, [t.name for t in tasks])
-    from pipelines.storage import resolve
-
     fs, root = resolve(spec.output, spec.storage_options)
-    if fs.exists(planned["plan_dir"]):
-        fs.rm(planned["plan_dir"], recursive=True)  # the run completed: its to-do list is done
-    with fs.open(f"{root}/_runs/{run_id}/report.json", "w") as handle:
-        handle.write(json.dumps(report, indent=2))
+
+    def finish():
+        if fs.exists(planned["plan_dir"]):
+            fs.rm(planned["plan_dir"], recursive=True)  # the run completed: its to-do list
+        with fs.open(f"{root}/_runs/{run_id}/report.json", "w") as handle:
+            handle.write(json.dumps(report, indent=2))
+
+    retrying(finish, f"{spec.output}/_runs/{run_id}", action="write", policy=spec.storage_retry)
     return report
+
+
+def storage_cause(exc: BaseException):
+    """The StorageError that ended a run, also when Ray wrapped it (a stage raises one when
+    the store stays unavailable past the retry budget): found via causes and Ray's `.cause`."""
+    from pipelines.storage import StorageError
+
+    stack, seen = [exc], set()
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, StorageError) and "reason" in vars(err):
+            return err
+        stack += [getattr(err, "cause", None), err.__cause__, err.__context__]
+    return None
 
 
 def make_report(spec, run_id, model_id_, planned, summary, wall_s, stats, task_names):

@@ -16,6 +16,8 @@ Contract:
   * The data folder holds the data, ``weed.log`` (stdout/stderr), glog files under ``logs/``, the
     filer/S3 unix sockets and ``weed.pid``. The secret is written only to ``s3.json``.
   * ``stop()`` signals exactly the PID we started (SIGTERM, then SIGKILL) and is idempotent.
+    ``start()`` after ``stop()`` is a restart: the same data folder, ports and credentials, so
+    clients keep their endpoint (used to simulate an object-store outage).
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ def find_weed_binary() -> Path:
 
 def _port_free(port: int, host: str) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as weed (Go) binds: connections of a stopped server lingering in TIME_WAIT do not
+        # block a restart on the same port, a live listener does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -319,7 +324,8 @@ class SeaweedS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._refuse_if_running()
         weed = self._weed or find_weed_binary()
-        self.ports = pick_ports(self.host, self._fixed_ports)
+        # a restart keeps the endpoint: the ports of the previous start, unless fixed otherwise
+        self.ports = pick_ports(self.host, {**self.ports, **self._fixed_ports})
         self._write_identities()
         (self.data_dir / "logs").mkdir(exist_ok=True)
 

@@ -12,7 +12,8 @@ Rows flow one per input object, so a file's segments stay together:
 
 A file that cannot be used becomes an error row at the stage that finds out, carrying a stable
 `error_kind`, and flows on to the writer like any other row. Engine failures are not caught:
-they kill the worker and Ray retries it.
+they kill the worker and Ray retries it. A store that stays unavailable past the job's retry
+budget is not a property of the file either: that StorageError ends the run (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -37,29 +38,28 @@ def _error(row: dict[str, Any], kind: str, message: str) -> dict[str, Any]:
 class PlanReader:
     """Plan shard paths -> their rows (uri, size, etag)."""
 
-    def __init__(self, output: str, storage_options: dict | None):
+    def __init__(self, output: str, storage_options: dict | None, retry=None):
         self.output = output
         self.storage_options = storage_options
+        self.retry = retry  # a pipelines.storage.RetryPolicy; None: the default
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow.parquet as pq
-
+        from pipelines.job import read_parquet
         from pipelines.storage import resolve
 
         fs, _ = resolve(self.output, self.storage_options)
-        tables = []
-        for path in batch["plan_shard"].to_pylist():
-            with fs.open(path, "rb") as handle:
-                tables.append(pq.read_table(handle))
-        return pa.concat_tables(tables)
+        return pa.concat_tables([read_parquet(fs, path, None, self.retry)
+                                 for path in batch["plan_shard"].to_pylist()])
 
 
 class DecodeStage:
     """Fetch each object, decode to 16 kHz mono, cut into <= 30 s segments at pauses."""
 
-    def __init__(self, storage_options: dict | None, max_segment_seconds: float = 30.0):
+    def __init__(self, storage_options: dict | None, max_segment_seconds: float = 30.0,
+                 retry=None):
         self.storage_options = storage_options
         self.max_segment_seconds = max_segment_seconds
+        self.retry = retry  # a pipelines.storage.RetryPolicy; None: the default
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import soundfile as sf
@@ -77,7 +77,7 @@ class DecodeStage:
                    "segments": None, "audio": None, "decode_s": 0.0}
             start = time.perf_counter()
             try:
-                data = fetch(plan["uri"], self.storage_options)
+                data = fetch(plan["uri"], self.storage_options, retry=self.retry)
                 row["size_bytes"] = len(data)
                 try:
                     info = sf.info(io.BytesIO(data))
@@ -91,6 +91,8 @@ class DecodeStage:
                                    for s in segments]
                 row["audio"] = wave.astype(np.float32).tobytes()
             except StorageError as exc:
+                if exc.retryable:  # the store, not the file: end the run, do not label it
+                    raise
                 _error(row, exc.kind, str(exc))
             except KimiError as exc:
                 _error(row, exc.kind, str(exc))
@@ -240,18 +242,25 @@ class LabelStage:
         return file_row, seg_rows
 
 
-def write_parquet_atomic(fs, root: str, relative: str, table: pa.Table) -> None:
+def write_parquet_atomic(fs, root: str, relative: str, table: pa.Table, retry=None) -> None:
     """Write `<root>/<relative>` aside under `<root>/_staging/`, then move it into place, so a
-    reader never sees a partial object (an interrupted upload can be listed on some stores)."""
+    reader never sees a partial object (an interrupted upload can be listed on some stores).
+    The whole write-and-move is retried under `retry` (a `pipelines.storage.RetryPolicy`)."""
     import pyarrow.parquet as pq
 
+    from pipelines.storage import retrying, uri_of
+
     staged = f"{root}/_staging/{relative.replace('/', '-')}"
-    fs.makedirs(f"{root}/_staging", exist_ok=True)
-    with fs.open(staged, "wb") as handle:
-        pq.write_table(table, handle)
     final = f"{root}/{relative}"
-    fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-    fs.mv(staged, final)
+
+    def write() -> None:
+        fs.makedirs(f"{root}/_staging", exist_ok=True)
+        with fs.open(staged, "wb") as handle:
+            pq.write_table(table, handle)
+        fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        fs.mv(staged, final)
+
+    retrying(write, uri_of(fs, final), action="write", policy=retry)
 
 
 def shard_name(uris_and_etags: list[tuple[str, str | None]]) -> str:
@@ -268,7 +277,7 @@ class WriteStage:
     segments shards left without their files shard by a crash). Returns one summary row per file."""
 
     def __init__(self, output: str, storage_options: dict | None, task_specs: list[str],
-                 task_params: dict, semantic_tokens: bool):
+                 task_params: dict, semantic_tokens: bool, retry=None):
         from kimi_ops.tasks import get_task
         from pipelines.schema import files_schema, segments_schema
 
@@ -277,6 +286,7 @@ class WriteStage:
         self.storage_options = storage_options
         self.files_schema = files_schema(tasks)
         self.segments_schema = segments_schema(tasks, semantic_tokens)
+        self.retry = retry  # a pipelines.storage.RetryPolicy; None: the default
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipelines.schema import to_table
@@ -289,7 +299,8 @@ class WriteStage:
         fs, root = resolve(self.output, self.storage_options)
         for table_name, rows, schema in (("segments", segments, self.segments_schema),
                                          ("files", files, self.files_schema)):
-            write_parquet_atomic(fs, root, f"{table_name}/{name}", to_table(rows, schema))
+            write_parquet_atomic(fs, root, f"{table_name}/{name}", to_table(rows, schema),
+                                 self.retry)
         elapsed = time.perf_counter() - start
         return pa.table({
             "source_uri": [f["source_uri"] for f in files],

@@ -18,6 +18,13 @@ Contract:
     ``StorageError.KINDS``) and a message that names the URI and the reason. Messages never hold
     a secret: they are built from the server's error code and text, and any secret value known
     from the options is scrubbed out. Use ``safe_options`` for anything logged or written.
+  * Retries are ours, in one place: ``retrying`` runs an operation under a ``RetryPolicy``
+    (bounded attempts and total time, exponential backoff with jitter). Only kind
+    ``unavailable`` is retried (connection refused/reset, timeouts, HTTP 5xx, throttling);
+    not_found, access_denied, no_credentials and bucket_missing fail on the first answer.
+    botocore is told to try once (``config_kwargs`` may override that), so retries never nest.
+    Listings retry page by page, reads and the preflight checks as a whole; callers wrap their
+    own filesystem calls (the job's plan and shard writes) in ``retrying`` with the job's policy.
 """
 
 from __future__ import annotations
@@ -25,14 +32,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import posixpath
+import random
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 AUDIO_EXTENSIONS = frozenset({"wav", "flac", "ogg", "opus", "mp3"})  # what soundfile decodes
 MANIFEST_URI_COLUMNS = ("uri", "source_uri", "path")
@@ -52,17 +65,29 @@ class StorageError(Exception):
     """A storage failure with a stable, machine-readable ``kind`` and a message naming the URI."""
 
     KINDS = ("not_found", "access_denied", "no_credentials", "bucket_missing", "vanished",
-             "bad_manifest", "io_error")
+             "bad_manifest", "unavailable", "io_error")
     kind = "io_error"
 
-    def __init__(self, uri: str, reason: str, kind: str | None = None):
+    def __init__(self, uri: str, reason: str, kind: str | None = None, attempts: int = 1):
         if kind is not None:
             self.kind = kind
         if self.kind not in self.KINDS:
             raise ValueError(f"unknown StorageError kind {self.kind!r}")
         self.uri = redact_uri(uri)
         self.reason = reason
+        self.attempts = attempts  # requests made, retries included
         super().__init__(f"{self.kind}: {self.uri}: {reason}")
+
+    def __reduce__(self):  # keeps kind and attempts across Ray's pickling
+        return (_rebuild_error, (type(self), self.uri, self.reason, self.kind, self.attempts))
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in RETRYABLE_KINDS
+
+
+def _rebuild_error(cls, uri, reason, kind, attempts):
+    return cls(uri, reason, kind, attempts)
 
 
 class ObjectVanishedError(StorageError):
@@ -188,7 +213,11 @@ def resolve(uri: str, storage_options: Mapping[str, Any] | None = None):
 
         # no listings cache: other processes (Ray workers, other runs) write under the same
         # prefixes, and a stale listing would make `info` report new objects as missing
-        fs = s3fs.S3FileSystem(**{"use_listings_cache": False, **s3_options(storage_options)})
+        opts = {"use_listings_cache": False, **s3_options(storage_options)}
+        # botocore tries once: `retrying` owns retries (no nested backoff, no retry storm)
+        opts["config_kwargs"] = {"retries": {"total_max_attempts": 1},
+                                 **(opts.get("config_kwargs") or {})}
+        fs = s3fs.S3FileSystem(**opts)
         return fs, fs._strip_protocol(uri).rstrip("/")
     if protocol == "file":
         fs = fsspec.filesystem("file")  # options are for the remote side of the job
@@ -211,6 +240,11 @@ def _protocols(fs) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
+def uri_of(fs, path: str) -> str:
+    """The URI of a path on ``fs`` as ``resolve`` returned it (for messages)."""
+    return _uri(fs, path)
+
+
 def _uri(fs, path: str) -> str:
     if _is_local(fs):
         return path
@@ -226,18 +260,41 @@ _DENIED_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "Inval
 _BAD_KEY_CODES = {"SignatureDoesNotMatch": "the secret key does not match the access key",
                   "InvalidAccessKeyId": "the access key id is unknown to the server"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+_UNAVAILABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                      "TooManyRequests", "429", "RequestTimeout", "ServiceUnavailable",
+                      "InternalError", "500", "502", "503", "504"}
+# transport failures, by class name (botocore, aiohttp, fsspec, http.client; no imports needed)
+_UNAVAILABLE_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                       "ConnectionClosedError", "ProxyConnectionError", "ClientConnectorError",
+                       "ClientOSError", "ServerDisconnectedError", "ServerTimeoutError",
+                       "ClientPayloadError", "FSTimeoutError", "IncompleteRead",
+                       "ResponseParserError"}
+
+
+def _chain(exc: BaseException | None, limit: int = 6) -> Iterator[BaseException]:
+    while exc is not None and limit > 0:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+        limit -= 1
 
 
 def _client_error(exc: BaseException):
-    """The botocore ClientError behind an s3fs exception, if any: (code, message)."""
-    seen = 0
-    while exc is not None and seen < 5:
-        response = getattr(exc, "response", None)
+    """The botocore ClientError behind an s3fs exception, if any: (code, message, status)."""
+    for link in _chain(exc):
+        response = getattr(link, "response", None)
         if isinstance(response, Mapping) and "Error" in response:
             err = response["Error"]
-            return str(err.get("Code", "")), str(err.get("Message", ""))
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            return str(err.get("Code", "")), str(err.get("Message", "")), status
+    return None
+
+
+def _transport_failure(exc: BaseException) -> BaseException | None:
+    """The connection-level failure (refused, reset, timed out) behind ``exc``, if any."""
+    for link in _chain(exc):
+        if type(link).__name__ in _UNAVAILABLE_ERRORS or isinstance(
+                link, (ConnectionError, TimeoutError)):
+            return link
     return None
 
 
@@ -255,7 +312,7 @@ def storage_error(exc: BaseException, uri: str,
         reason = ("no S3 credentials: pass key/secret in storage_options or set "
                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     elif detail is not None:
-        code, message = detail
+        code, message, status = detail
         if code == "NoSuchBucket":
             kind, reason = "bucket_missing", f"bucket does not exist ({code})"
         elif code in _BAD_KEY_CODES:
@@ -264,8 +321,14 @@ def storage_error(exc: BaseException, uri: str,
             kind, reason = "access_denied", f"access denied for {action} ({code}: {message})"
         elif code in _NOT_FOUND_CODES:
             kind, reason = "not_found", f"not found ({code}: {message})"
+        elif code in _UNAVAILABLE_CODES or (isinstance(status, int) and status >= 500):
+            kind = "unavailable"
+            reason = f"store unavailable for {action} ({code or status}: {message})"
         else:
             kind, reason = "io_error", f"{action} failed ({code}: {message})"
+    elif (transport := _transport_failure(exc)) is not None:
+        kind = "unavailable"
+        reason = f"store unavailable for {action} ({type(transport).__name__}: {transport})"
     elif isinstance(exc, FileNotFoundError):
         kind, reason = "not_found", "not found"
     elif isinstance(exc, PermissionError):
@@ -284,6 +347,73 @@ def _translated(uri: str, storage_options, action: str):
         yield
     except Exception as exc:  # noqa: BLE001 - every backend error becomes a StorageError
         raise storage_error(exc, uri, storage_options, action) from None
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+RETRYABLE_KINDS = frozenset({"unavailable"})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a storage operation keeps trying while the store is unavailable.
+
+    Attempt ``n`` (from 1) that fails with a retryable error waits ``d/2 + uniform(0, d/2)``
+    with ``d = min(max_delay_s, base_delay_s * 2**(n-1))``, then tries again, until
+    ``attempts`` tries were made or the next try would start more than ``budget_s`` after the
+    first. Then it raises ``StorageError`` of kind ``unavailable`` saying so. Defaults ride out
+    a store restart of about a minute.
+    """
+
+    attempts: int = 12
+    base_delay_s: float = 0.5
+    max_delay_s: float = 10.0
+    budget_s: float = 90.0
+
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if min(self.base_delay_s, self.max_delay_s, self.budget_s) < 0:
+            raise ValueError("delays and budget must not be negative")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The pause after failed attempt ``attempt`` (1-based): exponential, half jittered."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def retrying(call: Callable[[], T], uri: str, storage_options: Mapping[str, Any] | None = None,
+             action: str = "access", policy: RetryPolicy | None = None) -> T:
+    """``call()`` under ``policy``; any failure comes out as a ``StorageError`` naming ``uri``.
+
+    Only ``unavailable`` errors are retried; every retry is logged (WARNING, no secrets) and
+    counted in the error's ``attempts``. ``call`` must be safe to repeat (a whole read, a
+    listing page, a staged write that is moved into place).
+    """
+    policy = policy or DEFAULT_RETRY
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - every backend error becomes a StorageError
+            err = storage_error(exc, uri, storage_options, action)
+        err.attempts = attempt
+        if not err.retryable:
+            raise err from None
+        elapsed = time.monotonic() - started
+        pause = policy.delay(attempt)
+        if attempt >= policy.attempts or elapsed + pause > policy.budget_s:
+            raise StorageError(uri, f"{err.reason}; gave up after {attempt} attempt(s) in "
+                                    f"{elapsed:.1f} s (retry budget: {policy.attempts} attempts, "
+                                    f"{policy.budget_s:g} s)", err.kind, attempt) from None
+        log.warning("storage %s: %s (attempt %d of %d); retrying in %.2f s",
+                    err.kind, err, attempt, policy.attempts, pause)
+        time.sleep(pause)
 
 
 # -- listing ---------------------------------------------------------------------------------
@@ -341,36 +471,45 @@ def _s3_info(bucket: str, obj: Mapping[str, Any]) -> ObjectInfo:
     )
 
 
-def _s3_head(fs, bucket: str, key: str) -> ObjectInfo | None:
+def _s3_head(fs, bucket: str, key: str, uri: str, storage_options,
+             retry: RetryPolicy | None) -> ObjectInfo | None:
     """The object's info, or None when there is no such key (or bucket: the caller lists next)."""
     try:
-        head = fs.call_s3("head_object", Bucket=bucket, Key=key)
-    except FileNotFoundError:
-        return None
+        head = retrying(lambda: fs.call_s3("head_object", Bucket=bucket, Key=key), uri,
+                        storage_options, "read", retry)
+    except StorageError as err:
+        if err.kind == "not_found":
+            return None
+        raise
     return _s3_info(bucket, {"Key": key, "Size": head.get("ContentLength"),
                              "ETag": head.get("ETag"), "LastModified": head.get("LastModified")})
 
 
-def _s3_pages(fs, bucket: str, prefix: str, page_size: int = LIST_PAGE_SIZE):
+def _s3_pages(fs, bucket: str, prefix: str, uri: str, storage_options,
+              retry: RetryPolicy | None, page_size: int = LIST_PAGE_SIZE):
     token = None
     while True:
         kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
         if token:
             kwargs["ContinuationToken"] = token
-        page = fs.call_s3("list_objects_v2", **kwargs)
+        page = retrying(partial(fs.call_s3, "list_objects_v2", **kwargs), uri,
+                        storage_options, "list", retry)
         yield page.get("Contents") or []
         token = page.get("NextContinuationToken")
         if not page.get("IsTruncated") or not token:
             return
 
 
-def _walk_s3(fs, path: str, extensions) -> Iterator[ObjectInfo]:
+def _walk_s3(fs, path: str, extensions, uri: str, storage_options=None,
+             retry: RetryPolicy | None = None) -> Iterator[ObjectInfo]:
     bucket, key, _ = fs.split_path(path)
     prefix, denied = key, None
     if key and not key.endswith("/"):
         try:
-            single = _s3_head(fs, bucket, key)
-        except PermissionError as exc:
+            single = _s3_head(fs, bucket, key, uri, storage_options, retry)
+        except StorageError as exc:
+            if exc.kind != "access_denied":
+                raise
             # HEAD's 403 has no reason; the listing below tells a wrong secret from a missing
             # grant. Keep the 403 in case the listing succeeds but is empty.
             single, denied = None, exc
@@ -379,7 +518,7 @@ def _walk_s3(fs, path: str, extensions) -> Iterator[ObjectInfo]:
             return
         prefix = key + "/"
     seen_any = False
-    for contents in _s3_pages(fs, bucket, prefix):
+    for contents in _s3_pages(fs, bucket, prefix, uri, storage_options, retry):
         seen_any = seen_any or bool(contents)
         for obj in contents:
             name = obj["Key"]
@@ -437,17 +576,19 @@ def _walk_generic(fs, path: str, extensions) -> Iterator[ObjectInfo]:
 
 
 def list_objects(uri: str, extensions: Iterable[str] | None = AUDIO_EXTENSIONS,
-                 storage_options: Mapping[str, Any] | None = None) -> Iterator[ObjectInfo]:
+                 storage_options: Mapping[str, Any] | None = None,
+                 retry: RetryPolicy | None = None) -> Iterator[ObjectInfo]:
     """Stream the objects under ``uri`` whose extension (case-insensitive) is in ``extensions``
     (``None``: all). A URI naming one object yields that object, whatever its extension.
 
-    S3 is walked with ``list_objects_v2`` one page at a time; local folders depth-first. Both
-    yield in plain string order of the path/key. Errors surface as ``StorageError`` when the walk reaches them.
+    S3 is walked with ``list_objects_v2`` one page at a time (each page retried under
+    ``retry``); local folders depth-first. Both yield in plain string order of the path/key.
+    Errors surface as ``StorageError`` when the walk reaches them.
     """
     exts = _normalize_extensions(extensions)
     fs, path = resolve(uri, storage_options)
     if _is_s3(fs):
-        walk = _walk_s3(fs, path, exts)
+        walk = _walk_s3(fs, path, exts, uri, storage_options, retry)
     elif _is_local(fs):
         walk = _walk_local(path, exts)
     else:
@@ -526,8 +667,8 @@ def _manifest_rows(fmt: str, handle, uri: str) -> Iterator[tuple[int, Mapping[st
             yield number, row
 
 
-def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None
-                  ) -> Iterator[ObjectInfo]:
+def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None,
+                  retry: RetryPolicy | None = None) -> Iterator[ObjectInfo]:
     """Stream the entries of a Parquet, CSV or JSON-lines manifest.
 
     Each row needs a ``uri`` (or ``source_uri``/``path``) column; ``size`` and ``etag`` are
@@ -540,8 +681,8 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None
     if fmt is None:
         raise StorageError(uri, "unknown manifest format (expected .parquet, .csv or .jsonl)",
                            "bad_manifest")
-    with _translated(uri, storage_options, "read manifest"):
-        handle = fs.open(path, "rb", compression=None if fmt == "parquet" else "infer")
+    handle = retrying(lambda: fs.open(path, "rb", compression=None if fmt == "parquet"
+                                      else "infer"), uri, storage_options, "read manifest", retry)
     column: str | None = None
     with handle:
         try:
@@ -578,40 +719,46 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None
 
 # -- preflight checks ------------------------------------------------------------------------
 
-def _s3_bucket_check(fs, bucket: str, uri: str, storage_options) -> None:
+def _s3_bucket_check(fs, bucket: str, uri: str, storage_options,
+                     retry: RetryPolicy | None) -> None:
     """bucket_missing / credential errors for the bucket itself. A 403 on HEAD is not final: it
     carries no reason (HEAD has no body), and an identity may lack ListBucket yet read or write
     objects, so the caller's next request reports the precise error."""
-    try:
-        fs.call_s3("head_bucket", Bucket=bucket)
-    except Exception as exc:  # noqa: BLE001 - sorted by error code below
-        detail = _client_error(exc)
-        code = detail[0] if detail else None
-        if code in ("404", "NoSuchBucket", "NotFound"):
-            raise StorageError(uri, f"bucket {bucket!r} does not exist", "bucket_missing") \
-                from None
-        if code != "403":
-            raise storage_error(exc, uri, storage_options, "bucket check") from None
+    def head() -> None:
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except Exception as exc:  # sorted by error code; the rest go to `retrying`
+            detail = _client_error(exc)
+            code = detail[0] if detail else None
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(uri, f"bucket {bucket!r} does not exist",
+                                   "bucket_missing") from None
+            if code != "403":
+                raise
+
+    retrying(head, uri, storage_options, "bucket check", retry)
 
 
-def _checked_bucket(fs, path: str, uri: str, storage_options) -> tuple[str, str]:
+def _checked_bucket(fs, path: str, uri: str, storage_options,
+                    retry: RetryPolicy | None) -> tuple[str, str]:
     """(bucket, key) of an S3 path whose bucket exists and answers these credentials."""
     bucket, key, _ = fs.split_path(path)
     if not bucket:
         raise StorageError(uri, "no bucket in the URI", "not_found")
-    _s3_bucket_check(fs, bucket, uri, storage_options)
+    _s3_bucket_check(fs, bucket, uri, storage_options, retry)
     return bucket, key
 
 
-def open_input(uri: str, storage_options: Mapping[str, Any] | None = None) -> InputInfo:
+def open_input(uri: str, storage_options: Mapping[str, Any] | None = None,
+               retry: RetryPolicy | None = None) -> InputInfo:
     """Check, before any Ray work, that ``uri`` names an object or a non-empty prefix/folder
     that these credentials can read. Raises ``StorageError`` (not_found, access_denied,
-    no_credentials, bucket_missing, io_error)."""
+    no_credentials, bucket_missing, unavailable, io_error)."""
     with _translated(uri, storage_options, "read"):
         fs, path = resolve(uri, storage_options)
         if _is_s3(fs):
-            bucket, key = _checked_bucket(fs, path, uri, storage_options)
-            first = next(_walk_s3(fs, path, None), None)
+            bucket, key = _checked_bucket(fs, path, uri, storage_options, retry)
+            first = next(_walk_s3(fs, path, None, uri, storage_options, retry), None)
             if first is not None and first.uri == f"s3://{bucket}/{key}":
                 return InputInfo(first.uri, False, first)
         elif _is_local(fs):
@@ -631,19 +778,22 @@ def open_input(uri: str, storage_options: Mapping[str, Any] | None = None) -> In
     return InputInfo(uri, True, first)
 
 
-def check_output(uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
+def check_output(uri: str, storage_options: Mapping[str, Any] | None = None,
+                 retry: RetryPolicy | None = None) -> None:
     """Check that ``uri`` (a prefix/folder) is writable by writing and deleting a probe object.
-    Raises ``StorageError`` (bucket_missing, access_denied, no_credentials, io_error)."""
+    Raises ``StorageError`` (bucket_missing, access_denied, no_credentials, unavailable,
+    io_error)."""
     probe_name = PROBE_PREFIX + uuid.uuid4().hex
     with _translated(uri, storage_options, "write"):
         fs, path = resolve(uri, storage_options)
         if _is_s3(fs):
-            bucket, key = _checked_bucket(fs, path, uri, storage_options)
+            bucket, key = _checked_bucket(fs, path, uri, storage_options, retry)
             probe_key = f"{key.rstrip('/')}/{probe_name}" if key else probe_name
-            fs.call_s3("put_object", Bucket=bucket, Key=probe_key, Body=b"probe")
+            retrying(lambda: fs.call_s3("put_object", Bucket=bucket, Key=probe_key,
+                                        Body=b"probe"), uri, storage_options, "write", retry)
             try:
-                with _translated(uri, storage_options, "delete of the write probe"):
-                    fs.call_s3("delete_object", Bucket=bucket, Key=probe_key)
+                retrying(lambda: fs.call_s3("delete_object", Bucket=bucket, Key=probe_key),
+                         uri, storage_options, "delete of the write probe", retry)
             except StorageError as err:
                 raise StorageError(uri, f"wrote s3://{bucket}/{probe_key} but could not delete "
                                         f"it: {err.reason}", err.kind) from None
@@ -659,23 +809,15 @@ def check_output(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
 # -- reading ---------------------------------------------------------------------------------
 
 def fetch(source: ObjectInfo | str, storage_options: Mapping[str, Any] | None = None, *,
-          retries: int = 2, backoff_s: float = 0.2) -> bytes:
-    """The whole object. Transient errors (anything not not-found/denied/credentials/bucket)
-    are retried ``retries`` times with exponential backoff, on top of the retries inside s3fs
-    and botocore (an unreachable endpoint already costs ~8 s per attempt); a missing object
-    raises ``ObjectVanishedError`` (it was listed, so it vanished since)."""
+          retry: RetryPolicy | None = None) -> bytes:
+    """The whole object, read under ``retry`` (see ``retrying``); a missing object raises
+    ``ObjectVanishedError`` (it was listed, so it vanished since)."""
     uri = source.uri if isinstance(source, ObjectInfo) else source
     fs, path = resolve(uri, storage_options)
-    attempt = 0
-    while True:
-        try:
-            with _translated(uri, storage_options, "read"):
-                return fs.cat_file(path)
-        except StorageError as exc:
-            err = exc
+    try:
+        return retrying(lambda: fs.cat_file(path), uri, storage_options, "read", retry)
+    except StorageError as err:
         if err.kind == "not_found":
-            raise ObjectVanishedError(uri, "object vanished after it was listed") from None
-        if err.kind != "io_error" or attempt >= retries:
-            raise err from None
-        time.sleep(backoff_s * (2 ** attempt))
-        attempt += 1
+            raise ObjectVanishedError(uri, "object vanished after it was listed",
+                                      attempts=err.attempts) from None
+        raise
