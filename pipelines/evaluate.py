@@ -742,7 +742,7 @@ def confusion_png(report: Mapping[str, Any]) -> bytes | None:
                             color="white" if n > peak / 2 else "black")
         fig.tight_layout()
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
     return buffer.getvalue()

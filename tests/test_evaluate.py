@@ -23,6 +23,7 @@ from kimi_ops.evaluation import (
 from kimi_ops.tasks import get_task
 from pipelines.evaluate import EvaluationError, EvaluationSpec, check_inputs, evaluate
 from pipelines.schema import files_schema, segments_schema, to_table
+from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
 
 # -- ASR metrics -----------------------------------------------------------------------------
 
@@ -364,6 +365,38 @@ def test_inputs_are_refused_with_the_file_and_the_reason(tmp_path):
     (tmp_path / "ok.csv").write_text(f"source_uri,emotion\n{A},joy\n")
     refused(tmp_path / "ok.csv", "compare .*: no files/", compare=str(tmp_path / "empty"))
 
+
+
+def test_references_output_and_report_on_s3(seaweed, s3_prefix, tmp_path):
+    import gzip
+
+    from pipelines.evaluate import write_report
+    from pipelines.storage import resolve
+
+    options = seaweed.storage_options
+    fs, root = resolve(s3_prefix, options)
+    fs.put(f"{make_output(tmp_path / 'out')}/", f"{root}/out", recursive=True)
+    lines = [json.dumps(r, ensure_ascii=False) for r in REFERENCES]
+    fs.pipe_file(f"{root}/refs.jsonl.gz", gzip.compress("\n".join(lines).encode()))
+    spec = EvaluationSpec(output=f"{s3_prefix}/out", references=f"{s3_prefix}/refs.jsonl.gz",
+                          storage_options=options)
+    report = evaluate(spec)
+    assert report["metrics"]["asr.wer.en"] == pytest.approx(7 / 11)
+    assert report["metrics"]["emotion.accuracy"] == 0.75
+    files = write_report(report, spec)
+    assert files["report"].startswith(f"{s3_prefix}/out/_evaluations/")
+    stored = json.loads(fs.cat_file(files["report"].removeprefix("s3://")))
+    assert stored["coverage"] == report["coverage"]
+    assert fs.cat_file(files["confusion_png"].removeprefix("s3://"))[:4] == b"\x89PNG"
+
+    # a read-only identity may read everything but not write the report: refused up front
+    reader = seaweed.storage_options_for("reader")
+    spec = EvaluationSpec(output=f"{s3_prefix}/out", references=f"{s3_prefix}/refs.jsonl.gz",
+                          report_dir=f"{s3_prefix}/eval", storage_options=reader)
+    with pytest.raises(EvaluationError, match=f"report folder {s3_prefix}/eval: access_denied") \
+            as refused:
+        check_inputs(spec)
+    assert reader["secret"] not in str(refused.value)
 
 # -- the command line and the flow -----------------------------------------------------------
 
