@@ -46,8 +46,9 @@ class EvaluateParams(EvaluationOptions):
 
 
 def _unless_bad_input(task, task_run, state) -> bool:
-    """Retry storage hiccups, not an EvaluationError: bad input does not get better."""
-    return not isinstance(state.result(raise_on_failure=False), EvaluationError)
+    """Retry storage hiccups, not bad input: it does not get better on retry."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, EvaluationError) or exc.retryable
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_unless_bad_input)

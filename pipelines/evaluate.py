@@ -80,7 +80,12 @@ MISSING, ERRORED, SCORED = "missing", "errored", "scored"
 
 
 class EvaluationError(Exception):
-    """The evaluation cannot run; the message names the file and the reason."""
+    """The evaluation cannot run; the message names the file and the reason. `retryable`: a
+    storage hiccup (kind io_error) that a retry may get past, unlike bad input."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class EvaluationOptions(BaseModel):
@@ -156,7 +161,11 @@ def _raw_rows(uri: str, storage_options) -> tuple[list[str], list[dict[str, Any]
             for number, line in enumerate(text, start=1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise EvaluationError(f"references {uri}: line {number}: not JSON "
+                                          f"({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise EvaluationError(f"references {uri}: line {number}: expected a JSON "
                                           "object")
@@ -165,9 +174,6 @@ def _raw_rows(uri: str, storage_options) -> tuple[list[str], list[dict[str, Any]
             return list(columns), rows
     except EvaluationError:
         raise
-    except json.JSONDecodeError as exc:
-        raise EvaluationError(f"references {uri}: line {exc.lineno}: not JSON ({exc.msg})") \
-            from None
     except (UnicodeDecodeError, csv.Error, EOFError) as exc:
         raise EvaluationError(f"references {uri}: unreadable {fmt} ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - storage and parquet errors come from many places
@@ -175,7 +181,8 @@ def _raw_rows(uri: str, storage_options) -> tuple[list[str], list[dict[str, Any]
             raise EvaluationError(f"references {uri}: unreadable {fmt} ({exc})") from None
         err = exc if isinstance(exc, StorageError) else storage_error(
             exc, uri, storage_options, "read references")
-        raise EvaluationError(f"references {uri}: {err.kind}: {err.reason}") from None
+        raise EvaluationError(f"references {uri}: {err.kind}: {err.reason}",
+                              retryable=err.kind == "io_error") from None
 
 
 def _segment_index(value: Any, uri: str, number: int) -> int | None:
@@ -284,7 +291,8 @@ def inspect_output(uri: str, storage_options: Mapping[str, Any] | None = None,
     except Exception as exc:  # noqa: BLE001
         err = exc if isinstance(exc, StorageError) else storage_error(
             exc, uri, storage_options, "read output")
-        raise EvaluationError(f"{role} {uri}: {err.kind}: {err.reason}") from None
+        raise EvaluationError(f"{role} {uri}: {err.kind}: {err.reason}",
+                              retryable=err.kind == "io_error") from None
     closed = sorted(c for c in columns if f"{c}_scores" in map_columns)
     closed += sorted(_choice_tasks(task_names) - set(closed))
     has_transcript = ASR_COLUMN in columns or "asr" in task_names
@@ -481,7 +489,8 @@ def check_inputs(spec: EvaluationSpec) -> EvaluationPlan:
     try:
         check_output(report_dir, spec.storage_options)
     except StorageError as err:
-        raise EvaluationError(f"report folder {err.uri}: {err.kind}: {err.reason}") from None
+        raise EvaluationError(f"report folder {err.uri}: {err.kind}: {err.reason}",
+                              retryable=err.kind == "io_error") from None
     return EvaluationPlan(references, tasks, ignored, outputs, created, report_dir)
 
 
@@ -767,5 +776,6 @@ def write_report(report: dict[str, Any], spec: EvaluationSpec) -> dict[str, str 
     except Exception as exc:  # noqa: BLE001
         err = exc if isinstance(exc, StorageError) else storage_error(
             exc, folder, spec.storage_options, "write report")
-        raise EvaluationError(f"report folder {folder}: {err.kind}: {err.reason}") from None
+        raise EvaluationError(f"report folder {folder}: {err.kind}: {err.reason}",
+                              retryable=err.kind == "io_error") from None
     return paths

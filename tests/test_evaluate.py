@@ -315,6 +315,18 @@ def test_comparison_reports_deltas_and_changed_files(tmp_path):
     assert report["comparison"]["changed_by_task"] == {"transcript": 2, "emotion": 2}
 
 
+def test_file_label_without_scores_is_the_longest_label():
+    from pipelines.evaluate import _file_label
+
+    # joy covers 1 s + 1 s, anger 3 s: anger wins by duration (2 segments to 1 by count)
+    segments = [{"start_s": 0.0, "end_s": 1.0, "emotion": "joy"},
+                {"start_s": 1.0, "end_s": 4.0, "emotion": "anger"},
+                {"start_s": 4.0, "end_s": 5.0, "emotion": "joy"},
+                {"start_s": 5.0, "end_s": 6.0, "emotion": None}]  # no label: no vote
+    assert _file_label(segments, "emotion") == ("anger", None)  # no scores: no confidence
+    assert _file_label(segments[3:], "emotion") == (None, None)
+
+
 def test_csv_and_jsonl_references_read_like_parquet(tmp_path):
     output = make_output(tmp_path / "out")
     (tmp_path / "refs.csv").write_text(
@@ -360,6 +372,9 @@ def test_inputs_are_refused_with_the_file_and_the_reason(tmp_path):
     refused(tmp_path / "dup.csv", "dup.csv: row 2: .*a.wav is already referenced in row 1")
     (tmp_path / "seg.csv").write_text(f"source_uri,segment_index,emotion\n{A},first,joy\n")
     refused(tmp_path / "seg.csv", "seg.csv: row 1: segment_index 'first' is not")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"source_uri": A, "emotion": "joy"})
+                                        + "\n{not json\n")
+    refused(tmp_path / "bad.jsonl", "bad.jsonl: line 2: not JSON")
     (tmp_path / "empty").mkdir()
     refused(tmp_path / "dup.csv", "output .*empty: no files/", out=str(tmp_path / "empty"))
     (tmp_path / "ok.csv").write_text(f"source_uri,emotion\n{A},joy\n")
