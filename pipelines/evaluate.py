@@ -2,8 +2,8 @@
 
     spec = EvaluationSpec(output="s3://audio/labels", references="s3://audio/refs.csv",
                           compare="s3://audio/labels-v0")
-    plan = check_inputs(spec)          # cheap, before any table is read; EvaluationError names
-    report = evaluate(spec, plan)      #   the file and the reason
+    plan = check_inputs(spec)          # references + output footers only; EvaluationError
+    report = evaluate(spec, plan)      #   names the file and the reason
     paths = write_report(report, spec) # report.json + confusion.png under the report folder
 
 References: one Parquet, CSV or JSON-lines file (CSV/JSONL may be .gz/.bz2/.zst/.xz), one row
