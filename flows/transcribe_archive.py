@@ -30,6 +30,7 @@ id (not the last attempt's report), so it covers all attempts.
 import hashlib
 import os
 import posixpath
+import unicodedata
 from collections import Counter, defaultdict
 from typing import Any, Literal
 
@@ -107,9 +108,26 @@ def relative_path(source_uri: str, prefix: tuple[str, str]) -> str:
     return name or hashlib.sha256(source_uri.encode()).hexdigest()[:8]
 
 
+def safe_relative(relative: str) -> str:
+    """A relative path every filesystem takes: control and format characters (NUL, newline,
+    bidi overrides) become '_', '', '.' and '..' parts become '_', and a part over 200 bytes is
+    cut and given a hash of itself (names stay under the 255-byte limit with .srt/.vtt)."""
+    parts = []
+    for part in relative.split("/"):
+        part = "".join("_" if unicodedata.category(c) in ("Cc", "Cf", "Cs") else c
+                       for c in part)
+        if part in ("", ".", ".."):
+            part = "_"
+        if len(part.encode("utf-8", "surrogatepass")) > 200:
+            digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            part = part.encode("utf-8", "surrogatepass")[:180].decode("utf-8", "ignore") + digest
+        parts.append(part)
+    return "/".join(parts)
+
+
 def subtitle_names(source_uris: list[str], prefix: tuple[str, str]) -> dict[str, str]:
     """source URI -> relative path of its subtitles (without .srt/.vtt), unique within the list."""
-    names = {uri: relative_path(uri, prefix) for uri in sorted(set(source_uris))}
+    names = {uri: safe_relative(relative_path(uri, prefix)) for uri in sorted(set(source_uris))}
     shared = Counter(names.values())
     return {uri: (f"{name}.{hashlib.sha256(uri.encode()).hexdigest()[:8]}" if shared[name] > 1
                   else name) for uri, name in names.items()}

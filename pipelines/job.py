@@ -288,6 +288,14 @@ def _init_ray(spec: JobSpec, temp_dir: str | None = None):
     if address:  # join a running cluster ("auto" on a head or RayJob driver pod)
         ray.init(address=address, log_to_driver=False)
     else:
+        # single-node mode, as the stack's Ray: otherwise Ray rewrites 127.0.0.1 to the routable
+        # address and its gRPC servers listen on every interface (tests/test_exposure.py). The
+        # env var reaches Ray's daemons and workers; the driver read it when ray was imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir, log_to_driver=False)
     return True
