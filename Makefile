@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m flows.cli demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_engine.py
+	$(PY) bench/cpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -140,7 +140,7 @@ def test_expected_calibration_error_on_known_scores():
 
 TASKS = [get_task("asr"), get_task("emotion")]
 LABELS = ("neutral", "joy", "anger")
-A, B, C, D, E, F, G, H, I = (f"s3://audio/in/{x}.wav" for x in "abcdefghi")
+A, B, C, D, E, F, G, H, I = (f"s3://audio/in/{x}.wav" for x in "abcdefghi")  # noqa: E741
 
 
 def emotion(label: str, p: float) -> dict[str, float]:

@@ -28,6 +28,7 @@ DEPLOYMENTS = {
     "label-corpus": "flows/label_corpus.py:label_corpus",
     "transcribe-archive": "flows/transcribe_archive.py:transcribe_archive",
     "prepare-training-data": "flows/prepare_training_data.py:prepare_training_data",
+    "evaluate": "flows/evaluate.py:evaluate_flow",
 }
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|API_KEY|ACCESS_KEY"
                          r"|^(secret|token|password|auth_token)$")
