@@ -324,6 +324,9 @@ def build_dataset(spec: JobSpec, shards: list[str], model_id_: str, run_id: str)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
     ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
+    # a stage's StorageError reaches the driver as itself (kind, URI), not as a bare
+    # UserCodeException whose cause Ray drops on the way
+    ctx.raise_original_map_exception = True
     # The plan shards are read by a plain map task with the decode stage's CPU share: Ray's
     # read_parquet asks for a whole CPU per task, which small nodes full of actors never free.
     retry = spec.storage_retry
