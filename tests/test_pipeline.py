@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -189,6 +190,12 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+def comparable(rows: list[dict]) -> list[dict]:
+    """Rows without what differs between runs by design (run_id), in a stable order."""
+    return sorted(({k: v for k, v in r.items() if k != "run_id"} for r in rows),
+                  key=lambda r: (r["source_uri"], r.get("segment_index", 0)))
+
+
 def test_job_killed_mid_run_then_rerun_is_complete_without_duplicates(seaweed, s3_prefix,
                                                                       ray_local, tmp_path):
     names = {f"clip{i:02d}.wav": (lambda i=i: encode(tone(1 + i % 3, 16000, freq=200 + 40 * i),
@@ -214,8 +221,11 @@ def test_job_killed_mid_run_then_rerun_is_complete_without_duplicates(seaweed, s
                 break
             assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
             time.sleep(0.3)
-        os.killpg(proc.pid, 9)  # the driver and everything it started
+        os.kill(proc.pid, 9)  # the driver dies first, as a lost driver pod would
+        assert proc.wait(timeout=60) == -9
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)  # and whatever of its own Ray outlived it
         proc.wait(timeout=60)
         shutil.rmtree(ray_dir, ignore_errors=True)
     fs.invalidate_cache()
@@ -231,6 +241,19 @@ def test_job_killed_mid_run_then_rerun_is_complete_without_duplicates(seaweed, s
     segments = read_table(seaweed, f"{s3_prefix}/out", "segments").to_pylist()
     keys = [(s["source_uri"], s["segment_index"]) for s in segments]
     assert len(keys) == len(set(keys)) == sum(f["num_segments"] for f in files)
+
+    # the killed-and-resumed output equals a clean run's (greedy decoding is deterministic)
+    clean = run_job(spec.model_copy(update={"output": f"{s3_prefix}/clean"}))
+    assert clean["processed"] == len(names) > report["processed"]
+    assert comparable(files) == comparable(
+        read_table(seaweed, f"{s3_prefix}/clean", "files").to_pylist())
+    resumed = comparable(segments)
+    fresh = comparable(read_table(seaweed, f"{s3_prefix}/clean", "segments").to_pylist())
+    assert [{k: v for k, v in r.items() if not k.endswith("_scores")} for r in resumed] == [
+        {k: v for k, v in r.items() if not k.endswith("_scores")} for r in fresh]
+    for a, b in zip(resumed, fresh):  # float32 scores; batches differed between the runs
+        for name in (k for k in a if k.endswith("_scores")):
+            assert dict(a[name]) == pytest.approx(dict(b[name]), abs=1e-4)
 
 
 def test_cli_refuses_to_start_with_a_clear_reason(seaweed, s3_prefix, tmp_path):
