@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kimi_ops.engine.decoders import DynamicDecoder, StaticDecoder
 from kimi_ops.engine.prompt import Prompt
 from kimi_ops.engine.sampling import StreamSampling, sample
-from kimi_ops.model.modeling import KimiAudioForCausalLM, key_spans
+from kimi_ops.model.modeling import KimiAudioForCausalLM
 from kimi_ops.model.text_tokenizer import SpecialIds
 
 AUDIO_DELAY_TOKENS = 6  # hard-coded in the reference loop, whatever config.json says
@@ -157,12 +158,13 @@ def prefill(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], pad_id: int,
 
 @torch.inference_mode()
 def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], special: SpecialIds,
-                   params: GenerationParams, seed_ids: Sequence[int] | None = None
-                   ) -> list[GenerationResult]:
+                   params: GenerationParams, seed_ids: Sequence[int] | None = None,
+                   static_cache: bool | None = None) -> list[GenerationResult]:
     """Run one batch to completion; results in the order of `prompts`.
 
     `seed_ids` (default 0..B-1) number the rows for their per-sequence random generators, so a
-    sampled sequence does not depend on which batch it lands in.
+    sampled sequence does not depend on which batch it lands in. `static_cache` picks the
+    fixed-shape decoder (default: on CUDA, where its steps are replayed as CUDA graphs).
     """
     device = model.lm_head.weight.device
     both = params.output_type == "both"
@@ -190,13 +192,24 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
         model, [prompts[r.index] for r in live], special.pad, both,
         extra_capacity=min(64, max(r.budget for r in live)))
     positions = torch.tensor([[len(prompts[r.index]) - 1] for r in live], device=device)
-    first_key = [valid.shape[1] - len(prompts[r.index]) for r in live]
+    if static_cache is None:
+        static_cache = device.type == "cuda"
+    if static_cache:
+        decoder = StaticDecoder(model, cache, valid, positions, both, special.text_blank,
+                                budget=max(r.budget for r in live),
+                                cuda_graph=device.type == "cuda")
+    else:
+        decoder = DynamicDecoder(model, cache, valid, positions,
+                                 [valid.shape[1] - len(prompts[r.index]) for r in live], both)
+    del cache, valid  # owned by the decoder from here
     step = 0
     while True:
-        history = torch.tensor([r.text for r in live], device=device) if step else None
+        history = (torch.tensor([r.text for r in live], device=device)
+                   if step and params.text.penalised else None)
         next_text = sample(text_logits, history, params.text, generators)
         if both:
-            audio_history = torch.tensor([r.audio for r in live], device=device) if step else None
+            audio_history = (torch.tensor([r.audio for r in live], device=device)
+                             if step and params.audio.penalised else None)
             next_audio = sample(audio_logits, audio_history, params.audio, generators)
         next_text_list = next_text.tolist()
         next_audio_list = next_audio.tolist() if both else [special.text_blank] * len(live)
@@ -229,22 +242,12 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
         if not keep:
             return results
         if len(keep) < len(live):
-            index = torch.tensor(keep, device=device)
-            cache.select_rows(index)
-            valid = valid.index_select(0, index)
-            positions = positions.index_select(0, index)
+            decoder.keep(keep)
             live = [live[j] for j in keep]
-            first_key = [first_key[j] for j in keep]
             generators = [generators[j] for j in keep] if generators else None
             next_text_list = [next_text_list[j] for j in keep]
             next_audio_list = [next_audio_list[j] for j in keep]
-        positions = positions + 1
-        valid = torch.cat([valid, valid.new_ones(len(live), 1)], dim=1)
-        cache.reserve(1)
-        out = model(torch.tensor(next_audio_list, device=device)[:, None],
-                    torch.tensor(next_text_list, device=device)[:, None],
-                    positions, valid, cache, with_mimo=both, last_only=True,
-                    spans=key_spans(first_key, valid.shape[1]))
+        out = decoder.step(next_audio_list, next_text_list)
         text_logits = out.text_logits[:, -1]
         audio_logits = out.audio_logits[:, -1] if both else None
 

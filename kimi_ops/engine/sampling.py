@@ -33,6 +33,11 @@ class StreamSampling:
             raise ValueError(f"{stream}_repetition_window_size must be >= 1")
 
     @property
+    def penalised(self) -> bool:
+        """Whether the repetition penalty does anything (it needs the token history)."""
+        return self.repetition_penalty > 1.0
+
+    @property
     def greedy(self) -> bool:
         return self.temperature <= GREEDY_BELOW
 

@@ -61,6 +61,10 @@ class KVCache:
 
     Tensors are [B, kv_heads, capacity, head_dim]; all rows share one write cursor `length`
     (rows are left-padded, so their real tokens end at the same column).
+
+    A *static* cache (`write_at` set: a 1-element int64 tensor on the device) keeps every shape
+    fixed for CUDA graphs: one-token steps write at column `write_at` and attend over the
+    whole capacity, unwritten columns being masked by the caller's key mask.
     """
 
     def __init__(self, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
@@ -70,6 +74,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
+        self.write_at: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -91,6 +96,10 @@ class KVCache:
         self.values = [grow(v) for v in self.values]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.write_at is not None:
+            self.keys[layer].index_copy_(2, self.write_at, k)
+            self.values[layer].index_copy_(2, self.write_at, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
@@ -309,15 +318,22 @@ class KimiAudioForCausalLM(nn.Module):
         """
         cfg = self.config
         _, s = audio_ids.shape
+        static = cache is not None and cache.write_at is not None
+        if static and s != 1:
+            raise ValueError("a static cache takes one token per row per step")
         x = self.embed(audio_ids, text_ids, continuous_mask, continuous_features,
-                       row_valid=key_valid[:, -s:], text_embedding=text_embedding)
+                       row_valid=None if static else key_valid[:, -s:],
+                       text_embedding=text_embedding)
         cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-        k = key_valid.shape[1]
-        causal = torch.ones(s, k, dtype=torch.bool, device=x.device).tril(k - s)
-        mask = (causal[None] & key_valid[:, None, :])[:, None]  # [B, 1, S, K]
-        # A left-pad query row sees no key at all; let it see itself so softmax stays finite.
-        rows = torch.arange(s, device=x.device)[:, None] + (k - s)
-        mask = mask | (torch.arange(k, device=x.device)[None] == rows)
+        if static:  # key_valid covers the whole capacity, the column being written included
+            mask = key_valid[:, None, None, :]
+        else:
+            k = key_valid.shape[1]
+            causal = torch.ones(s, k, dtype=torch.bool, device=x.device).tril(k - s)
+            mask = (causal[None] & key_valid[:, None, :])[:, None]  # [B, 1, S, K]
+            # A left-pad query row sees no key at all; let it see itself so softmax stays finite.
+            rows = torch.arange(s, device=x.device)[:, None] + (k - s)
+            mask = mask | (torch.arange(k, device=x.device)[None] == rows)
 
         fork = cfg.kimia_mimo_transformer_from_layer_index
         h, mimo_h = x, None
@@ -335,7 +351,7 @@ class KimiAudioForCausalLM(nn.Module):
             if last_only:
                 mimo_h = mimo_h[:, -1:]
             audio_logits = self.mimo_output(self.model.mimo_norm(mimo_h)).float()
-        if cache is not None:
+        if cache is not None and not static:
             cache.length += s
         return ForwardOutput(text_logits, audio_logits)
 

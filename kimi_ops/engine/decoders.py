@@ -1,0 +1,135 @@
+"""The decode step of the generation loop, in two forms with the same results.
+
+`DynamicDecoder` (the CPU default) grows the KV cache as it goes, drops a finished row at once
+and lets attention skip each row block's left padding: the least work per step.
+
+`StaticDecoder` (the CUDA default) keeps every tensor shape fixed so that one step can be
+captured as a CUDA graph and replayed: a 7B decode step is several hundred small kernels whose
+launch cost otherwise rivals the step's memory-bound work. Rows live in slots; a finished
+row's slot idles (fed blanks, output ignored) until at most half the slots are live, then the
+live rows move to a smaller batch and a new graph. The cache grows by `chunk` columns when
+full (a new graph too). Without CUDA the same fixed-shape step runs eagerly, which is how the
+tests check it against the dynamic one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kimi_ops.model.modeling import ForwardOutput, KimiAudioForCausalLM, KVCache, key_spans
+
+
+class DynamicDecoder:
+    def __init__(self, model: KimiAudioForCausalLM, cache: KVCache, valid: torch.Tensor,
+                 positions: torch.Tensor, first_key: list[int], with_mimo: bool):
+        self.model, self.cache, self.valid = model, cache, valid
+        self.positions, self.first_key, self.with_mimo = positions, first_key, with_mimo
+
+    def keep(self, index: Sequence[int]) -> None:
+        """Keep only these live rows (positions in the current live order)."""
+        rows = torch.tensor(list(index), device=self.valid.device)
+        self.cache.select_rows(rows)
+        self.valid = self.valid.index_select(0, rows)
+        self.positions = self.positions.index_select(0, rows)
+        self.first_key = [self.first_key[j] for j in index]
+
+    def step(self, audio_ids: Sequence[int], text_ids: Sequence[int]) -> ForwardOutput:
+        device = self.valid.device
+        self.positions = self.positions + 1
+        self.valid = torch.cat([self.valid, self.valid.new_ones(len(audio_ids), 1)], dim=1)
+        self.cache.reserve(1)
+        return self.model(torch.tensor(audio_ids, device=device)[:, None],
+                          torch.tensor(text_ids, device=device)[:, None],
+                          self.positions, self.valid, self.cache, with_mimo=self.with_mimo,
+                          last_only=True, spans=key_spans(self.first_key, self.valid.shape[1]))
+
+
+class StaticDecoder:
+    CHUNK = 256  # cache columns added when full
+
+    def __init__(self, model: KimiAudioForCausalLM, cache: KVCache, valid: torch.Tensor,
+                 positions: torch.Tensor, with_mimo: bool, blank: int, budget: int,
+                 cuda_graph: bool):
+        self.model, self.with_mimo, self.blank, self.chunk = model, with_mimo, blank, self.CHUNK
+        self.cuda_graph = cuda_graph
+        self.device = valid.device
+        self.length = valid.shape[1]  # next column to write
+        batch = valid.shape[0]
+        self.slots = list(range(batch))  # the slot of each live row, in live order
+        self._allocate(batch, self.length + min(budget, self.chunk))
+        self._copy_in(cache.keys, cache.values, valid, positions, torch.arange(batch))
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _allocate(self, batch: int, capacity: int) -> None:
+        self.cache = self.model.new_cache(batch, capacity, self.with_mimo)
+        self.cache.write_at = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.audio = torch.full((batch, 1), self.blank, dtype=torch.long, device=self.device)
+        self.text = torch.full((batch, 1), self.blank, dtype=torch.long, device=self.device)
+        self.graph, self.out = None, None
+
+    def _copy_in(self, keys, values, valid, positions, rows: torch.Tensor) -> None:
+        """Rows `rows` of the given state, first `self.length` columns, into our slots 0..n-1."""
+        rows = rows.to(self.device)
+        n = self.length
+        for mine, theirs in ((self.cache.keys, keys), (self.cache.values, values)):
+            for layer, tensor in enumerate(theirs):
+                mine[layer][:, :, :n] = tensor.index_select(0, rows)[:, :, :n]
+        self.valid[:, :n] = valid.index_select(0, rows)[:, :n]
+        self.positions.copy_(positions.index_select(0, rows))
+
+    def _rebuild(self, rows: list[int], capacity: int) -> None:
+        old = (self.cache.keys, self.cache.values, self.valid, self.positions)
+        self._allocate(len(rows), capacity)
+        self._copy_in(*old, torch.tensor(rows))
+
+    def keep(self, index: Sequence[int]) -> None:
+        self.slots = [self.slots[j] for j in index]
+        batch = self.valid.shape[0]
+        if 2 * len(self.slots) <= batch:  # compact: a smaller batch and a new graph
+            self._rebuild(self.slots, self.valid.shape[1])
+            self.slots = list(range(len(self.slots)))
+
+    # -- the step ------------------------------------------------------------------------
+
+    def _forward(self) -> ForwardOutput:
+        return self.model(self.audio, self.text, self.positions, self.valid, self.cache,
+                          with_mimo=self.with_mimo, last_only=True)
+
+    def _run(self) -> ForwardOutput:
+        if not self.cuda_graph:
+            return self._forward()
+        if self.graph is None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up outside the graph (workspaces, autotuning)
+                self._forward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._forward()
+        self.graph.replay()
+        return self.out
+
+    def step(self, audio_ids: Sequence[int], text_ids: Sequence[int]) -> ForwardOutput:
+        if self.length >= self.valid.shape[1]:
+            self._rebuild(list(range(self.valid.shape[0])), self.valid.shape[1] + self.chunk)
+        batch = self.valid.shape[0]
+        slots = torch.tensor(self.slots)
+        for buffer, ids in ((self.audio, audio_ids), (self.text, text_ids)):
+            host = torch.full((batch,), self.blank, dtype=torch.long)
+            host[slots] = torch.tensor(list(ids), dtype=torch.long)
+            buffer.copy_(host[:, None])
+        self.positions += 1
+        self.valid[:, self.length] = True
+        self.cache.write_at.fill_(self.length)
+        out = self._run()
+        self.length += 1
+        live = slots.to(self.device)
+        return ForwardOutput(out.text_logits.index_select(0, live),
+                             None if out.audio_logits is None
+                             else out.audio_logits.index_select(0, live))
