@@ -45,7 +45,11 @@ def cmd_run(argv: list[str]) -> int:
 
     from pipelines.cli import build_run_parser, format_report
 
-    args = build_run_parser().parse_args(argv)
+    parser = build_run_parser()
+    parser.add_argument("--credentials-block", default=None,
+                        help="name of a Prefect Secret block with the S3 credentials "
+                             '({"key": ..., "secret": ...}); read when the flow runs')
+    args = parser.parse_args(argv)
     try:
         options = json.loads(args.storage_options) if args.storage_options else {}
         stages = json.loads(args.stages) if args.stages else {}
@@ -62,7 +66,8 @@ def cmd_run(argv: list[str]) -> int:
             tasks=[t for t in args.tasks.split(",") if t], language=args.language,
             question=args.question, max_new_tokens=args.max_new_tokens,
             semantic_tokens=args.semantic_tokens, endpoint_url=endpoint,
-            ray_address=args.ray_address, stages=stages)
+            credentials_block=args.credentials_block, ray_address=args.ray_address,
+            stages=stages)
     except ValidationError as exc:
         print(f"error: invalid parameters: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
               file=sys.stderr)

@@ -4,8 +4,11 @@ Thin by design: validate the parameters -> run the Ray Data job (`pipelines.job`
 output -> publish a summary. All logic lives in `pipelines`; a retried run resumes, because the
 job skips every object already labelled with the same etag.
 
-Credentials are never flow parameters (Prefect stores parameters): the job reads them from the
-worker's AWS_* environment; only the non-secret endpoint may be passed.
+Credentials are never flow parameters (Prefect stores parameters). They come from the worker's
+AWS_* environment, or from a Prefect Secret block named by `credentials_block` (the name is the
+parameter; the values are read when the flow runs, held in memory, and reach the job's
+storage options only: reports and artifacts show them masked). Only the non-secret endpoint
+may be passed as such.
 """
 
 # No `from __future__ import annotations`: served flows are pickled by value and pydantic
@@ -33,16 +36,59 @@ class LabelCorpusParams(BaseModel):
     max_new_tokens: int = Field(256, ge=1)
     semantic_tokens: bool = False
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
+    credentials_block: str | None = Field(
+        None, description="name of a Prefect Secret block holding the S3 credentials as JSON "
+                          '{"key": ..., "secret": ..., "token": optional}; default: AWS_* env')
     ray_address: str | None = None
     stages: dict[str, StageResources] = {}
 
-    def job_spec(self, run_id: str | None = None) -> JobSpec:
-        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
+    def job_spec(self, run_id: str | None = None,
+                 credentials: dict[str, str] | None = None) -> JobSpec:
+        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
+        options = {**options, **(credentials or {})} or None
         return JobSpec(input=self.input, output=self.output, model=self.model, tasks=self.tasks,
                        language=self.language, question=self.question,
                        max_new_tokens=self.max_new_tokens, semantic_tokens=self.semantic_tokens,
                        storage_options=options, ray_address=self.ray_address, run_id=run_id,
                        **self.stages)
+
+
+_CREDENTIAL_NAMES = {"key": ("key", "access_key", "access_key_id", "aws_access_key_id"),
+                     "secret": ("secret", "secret_key", "secret_access_key",
+                                "aws_secret_access_key"),
+                     "token": ("token", "session_token", "aws_session_token")}
+
+
+def load_credentials(block_name: str) -> dict[str, str]:
+    """s3fs `key`/`secret`[/`token`] from the Secret block `block_name`, read now (at run time).
+    Errors name the block and the fields, never a value."""
+    import json
+
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block_name).get()
+    except ValueError as exc:  # Prefect's "Unable to find block document named ..."
+        raise ValueError(f"credentials block {block_name!r} not found ({exc})") from None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"credentials block {block_name!r} must hold a JSON object with "
+                         "key and secret")
+    lowered = {str(k).lower(): v for k, v in value.items()}
+    found = {}
+    for field, names in _CREDENTIAL_NAMES.items():
+        hit = next((lowered[n] for n in names if lowered.get(n)), None)
+        if hit is not None:
+            found[field] = str(hit)
+    missing = [f for f in ("key", "secret") if f not in found]
+    if missing:
+        raise ValueError(f"credentials block {block_name!r} has no {' or '.join(missing)} "
+                         f"(fields: {sorted(lowered)})")
+    return found
 
 
 def flow_run_id() -> str | None:
@@ -144,7 +190,12 @@ def publish(report: dict[str, Any], distribution: dict[str, dict[str, int]], out
 @flow(name="label-corpus", log_prints=True)
 def label_corpus(params: LabelCorpusParams) -> dict[str, Any]:
     logger = get_run_logger()
-    spec = params.job_spec(run_id=flow_run_id())
+    try:
+        credentials = (load_credentials(params.credentials_block)
+                       if params.credentials_block else None)
+    except ValueError as exc:
+        raise ValueError(f"label-corpus cannot run: {exc}") from None
+    spec = params.job_spec(run_id=flow_run_id(), credentials=credentials)
     try:
         check_inputs(spec)
     except JobError as exc:
