@@ -32,6 +32,8 @@ from pipelines.storage import RetryPolicy
 log = logging.getLogger(__name__)
 
 PLAN_SHARD_ROWS = 2000
+UNIT_ROWS = 64
+UNIT_BYTES = 256 << 20
 
 
 class StageResources(BaseModel):
@@ -71,7 +73,12 @@ class JobSpec(BaseModel):
     label: StageResources = StageResources(batch_size=8, num_cpus=0.5)
     write: StageResources = StageResources(batch_size=8, num_cpus=0.25)
     no_progress_timeout_s: float = 600.0
-    plan_shard_rows: int = Field(PLAN_SHARD_ROWS, ge=1)  # also the unit Ray hands to the stages
+    plan_shard_rows: int = Field(PLAN_SHARD_ROWS, ge=1)  # rows per plan file
+    # the work unit Ray hands to the stages: a slice of a plan shard of at most this many
+    # objects and input bytes (one larger object is a unit alone). It bounds what a stage
+    # holds at once, whatever the corpus size, and spreads the corpus over the cluster.
+    unit_rows: int = Field(UNIT_ROWS, ge=1)
+    unit_bytes: int = Field(UNIT_BYTES, ge=1)
 
     @field_validator("tasks")
     @classmethod
@@ -206,7 +213,7 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
         listing = list_objects(spec.input, storage_options=spec.storage_options, retry=retry)
     plan_dir = f"{root}/_runs/{run_id}/plan"
     fs.makedirs(plan_dir, exist_ok=True)
-    shards, buffer, seen = [], [], set()
+    shards, units, buffer, seen = [], [], [], set()
     counts = Counter()
     changed: set[str] = set()
 
@@ -223,6 +230,9 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
 
         retrying(write, f"{spec.output}/_runs/{run_id}/plan", action="write", policy=retry)
         shards.append(path)
+        units.extend({"plan_shard": path, "start": a, "stop": b}
+                     for a, b in work_units([row["size"] for row in buffer], spec.unit_rows,
+                                            spec.unit_bytes))
         buffer.clear()
 
     for info in listing:
@@ -244,7 +254,22 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
     if changed:
         _drop_rows(fs, root, changed, retry)
         counts["changed"] = len(changed)
-    return {"counts": dict(counts), "shards": shards, "plan_dir": plan_dir}
+    return {"counts": dict(counts), "shards": shards, "units": units, "plan_dir": plan_dir}
+
+
+def work_units(sizes: list[int | None], max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most `max_rows` rows and `max_bytes` bytes (unknown sizes
+    count as 0; a row larger than `max_bytes` is a unit alone)."""
+    units, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        size = size or 0
+        if i > start and (i - start >= max_rows or total + size > max_bytes):
+            units.append((start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        units.append((start, len(sizes)))
+    return units
 
 
 PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string())])
@@ -315,7 +340,7 @@ def place_on_gpus(spec: JobSpec, gpus: float) -> JobSpec:
     })
 
 
-def build_dataset(spec: JobSpec, shards: list[str], model_id_: str, run_id: str):
+def build_dataset(spec: JobSpec, units: list[dict], model_id_: str, run_id: str):
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -330,7 +355,7 @@ def build_dataset(spec: JobSpec, shards: list[str], model_id_: str, run_id: str)
     # The plan shards are read by a plain map task with the decode stage's CPU share: Ray's
     # read_parquet asks for a whole CPU per task, which small nodes full of actors never free.
     retry = spec.storage_retry
-    ds = ray.data.from_items([{"plan_shard": p} for p in shards]).map_batches(
+    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         PlanReader(spec.output, spec.storage_options, retry), batch_format="pyarrow",
         batch_size=1, num_cpus=spec.decode.num_cpus, max_retries=spec.decode.max_restarts)
     # task stages get an instance (a plain function for Ray); actor stages get the class
@@ -387,7 +412,7 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
         started_ray = _init_ray(spec, ray_temp_dir)
         try:
             spec = place_on_gpus(spec, ray.cluster_resources().get("GPU", 0))
-            ds = build_dataset(spec, planned["shards"], model_id_, run_id)
+            ds = build_dataset(spec, planned["units"], model_id_, run_id)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 summary.extend(batch.to_pylist())
             stats = ds.stats()

@@ -167,14 +167,33 @@ def _sha256(data: bytes) -> str:
 
 def _put_atomic(fs, root: str, relative: str, data: bytes) -> None:
     """As `pipelines.stages.write_parquet_atomic`, for bytes already serialized (so the sha256
-    in the manifest is that of exactly what was uploaded)."""
-    staged = f"{root}/_staging/{relative.replace('/', '-')}"
-    fs.makedirs(f"{root}/_staging", exist_ok=True)
-    with fs.open(staged, "wb") as handle:
-        handle.write(data)
-    final = f"{root}/{relative}"
-    fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-    fs.mv(staged, final)
+    in the manifest is that of exactly what was uploaded); retried whole while the store is
+    unavailable (a staged write moved into place is safe to repeat)."""
+    from pipelines.storage import retrying
+
+    def put() -> None:
+        staged = f"{root}/_staging/{relative.replace('/', '-')}"
+        fs.makedirs(f"{root}/_staging", exist_ok=True)
+        with fs.open(staged, "wb") as handle:
+            handle.write(data)
+        final = f"{root}/{relative}"
+        fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        fs.mv(staged, final)
+
+    retrying(put, f"{root}/{relative}", action="write")
+
+
+def _read_shard(fs, path: str, tasks) -> pa.Table:
+    """The columns the build needs from one `segments/` shard, retried while unavailable."""
+    from pipelines.storage import retrying
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as handle:
+            shard = pq.ParquetFile(handle)
+            return shard.read(columns=[c for c in shard.schema_arrow.names
+                                       if c in _wanted(tasks)])
+
+    return retrying(read, path, action="read")
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -471,10 +490,7 @@ def build_training_data(spec: TrainingDataSpec) -> dict[str, Any]:
     runs, models = set(), set()
     split_cache: dict[str, str] = {}
     for path in info.segments_shards:
-        with fs.open(path, "rb") as handle:
-            shard = pq.ParquetFile(handle)
-            columns = [c for c in shard.schema_arrow.names if c in _wanted(info.tasks)]
-            kept = select(shard.read(columns=columns))
+        kept = select(_read_shard(fs, path, info.tasks))
         if not kept.num_rows:
             continue
         runs.update(r for r in kept["run_id"].to_pylist() if r)

@@ -324,3 +324,12 @@ def test_manifest_input_with_vanished_and_non_finite_objects(seaweed, s3_prefix,
     assert files["nan.wav"]["error"]["kind"] == "non_finite"
     assert files["gone.wav"]["error"]["kind"] == "vanished"
     assert report["errors_by_kind"] == {"non_finite": 1, "vanished": 1}
+
+
+def test_work_units_bound_rows_and_bytes():
+    from pipelines.job import work_units
+
+    assert work_units([1] * 10, 4, 100) == [(0, 4), (4, 8), (8, 10)]
+    # bytes: 60 + 50 > 100 starts a new unit; a 500-byte object is a unit alone
+    assert work_units([60, 50, 500, 10, None, 20], 10, 100) == [(0, 1), (1, 2), (2, 3), (3, 6)]
+    assert work_units([], 4, 100) == []

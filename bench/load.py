@@ -1,13 +1,13 @@
 """Load: many short files through the whole pipeline on this machine, with peak memory per process.
 
-    .venv/bin/python benchmarks/bench_load.py --files 200 2000
+    .venv/bin/python bench/load.py --files 200 2000
 
 For each size: generate N clips of 0.3-1 s (16 kHz PCM WAV, local folder), run the labelling
 job (tiny checkpoint, ASR, local Ray) in a fresh driver process, and sample /proc every 0.2 s
 for the driver and every process it started (Ray's GCS, raylet and workers are its
 descendants). Reports wall time, files/s, the rows in `files/` (each input must appear exactly
 once), and peak RSS: the driver, the largest single Ray worker, all workers together and Ray's
-system processes. Prints a table and writes `bench_output/bench_load.json`.
+system processes. Prints a table and writes `bench_output/load.json`.
 
 Peak memory must not grow with the corpus: the plan is streamed into shards, audio is decoded
 inside the stages, and the driver keeps only one small summary row per file.
@@ -57,7 +57,7 @@ def _status(pid: int) -> dict[str, int]:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "PPid"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "PPid"):
                 out[key] = int(value.split()[0])
     except (OSError, ValueError, IndexError):
         return {}
@@ -109,7 +109,8 @@ def role(pid: int, root: int) -> str:
 
 
 class MemorySampler(threading.Thread):
-    """Peak VmRSS / RssAnon (kB) of a process tree, sampled until `stop()`."""
+    """Peak RSS (the kernel's high-water mark VmHWM, exact) and peak RssAnon (sampled) in kB
+    of a process tree, until `stop()`."""
 
     def __init__(self, root: int):
         super().__init__(daemon=True)
@@ -133,7 +134,7 @@ class MemorySampler(threading.Thread):
                     rec["role"] = role(pid, self.root)
                 if rec["role"] == "worker" and st["VmRSS"] > rec["rss"]:
                     rec["name"] = _cmdline(pid)[:60]  # Ray titles a worker by its current task
-                rec["rss"] = max(rec["rss"], st["VmRSS"])
+                rec["rss"] = max(rec["rss"], st.get("VmHWM", st["VmRSS"]))
                 rec["anon"] = max(rec["anon"], st.get("RssAnon", 0))
                 if rec["role"] == "worker":
                     workers_total += st["VmRSS"]
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--model", type=Path, default=CHECKPOINT)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_output" / "bench_load.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_output",
+                        help="folder for load.json")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="kl-load-"))
     results = []
@@ -282,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if ratios:
         print("peak growth, largest/smallest: " + ", ".join(f"{k} x{v}" for k, v in
                                                             ratios.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpus": os.cpu_count(), "runs": results,
-                                    "growth": ratios}, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "load.json").write_text(json.dumps({"cpus": os.cpu_count(), "runs": results,
+                                                    "growth": ratios}, indent=2))
     return 0 if all(r["all_accounted_once"] for r in results) else 1
 
 
