@@ -77,7 +77,9 @@ def plot(result: dict, path: Path) -> None:
     ax3.set_xlabel("files")
     ax3.set_ylabel("peak RSS, MB")
     ax3.set_title("memory")
-    ax3.legend()
+    peak = max(max(r["driver_rss_mb"], r["worker_max_rss_mb"]) for r in memory["runs"])
+    ax3.set_ylim(0, 1.3 * peak)
+    ax3.legend(loc="upper left", ncol=2)
     fig.suptitle(f"kimi-label CPU benchmarks: {result['machine']['cpu']}, "
                  f"{result['machine']['cpu_count']} cores, torch {result['machine']['torch']}")
     fig.tight_layout()
