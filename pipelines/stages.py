@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -265,25 +266,30 @@ class LabelStage:
         return file_row, seg_rows
 
 
-def write_parquet_atomic(fs, root: str, relative: str, table: pa.Table, retry=None) -> None:
-    """Write `<root>/<relative>` aside under `<root>/_staging/`, then move it into place, so a
-    reader never sees a partial object (an interrupted upload can be listed on some stores).
+def write_atomic(fs, root: str, relative: str, write: Callable[[Any], None],
+                 retry=None) -> None:
+    """`write(handle)` into `<root>/_staging/`, then move the object to `<root>/<relative>`, so
+    a reader never sees a partial object (an interrupted upload can be listed on some stores).
     The whole write-and-move is retried under `retry` (a `pipelines.storage.RetryPolicy`)."""
-    import pyarrow.parquet as pq
-
     from pipelines.storage import retrying, uri_of
 
     staged = f"{root}/_staging/{relative.replace('/', '-')}"
     final = f"{root}/{relative}"
 
-    def write() -> None:
+    def write_and_move() -> None:
         fs.makedirs(f"{root}/_staging", exist_ok=True)
         with fs.open(staged, "wb") as handle:
-            pq.write_table(table, handle)
+            write(handle)
         fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         fs.mv(staged, final)
 
-    retrying(write, uri_of(fs, final), action="write", policy=retry)
+    retrying(write_and_move, uri_of(fs, final), action="write", policy=retry)
+
+
+def write_parquet_atomic(fs, root: str, relative: str, table: pa.Table, retry=None) -> None:
+    import pyarrow.parquet as pq
+
+    write_atomic(fs, root, relative, lambda handle: pq.write_table(table, handle), retry)
 
 
 def shard_name(uris_and_etags: list[tuple[str, str | None]]) -> str:

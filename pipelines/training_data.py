@@ -166,21 +166,11 @@ def _sha256(data: bytes) -> str:
 
 
 def _put_atomic(fs, root: str, relative: str, data: bytes) -> None:
-    """As `pipelines.stages.write_parquet_atomic`, for bytes already serialized (so the sha256
-    in the manifest is that of exactly what was uploaded); retried whole while the store is
-    unavailable (a staged write moved into place is safe to repeat)."""
-    from pipelines.storage import retrying
+    """Bytes already serialized (so the sha256 in the manifest is that of exactly what was
+    uploaded), staged and moved into place, retried while the store is unavailable."""
+    from pipelines.stages import write_atomic
 
-    def put() -> None:
-        staged = f"{root}/_staging/{relative.replace('/', '-')}"
-        fs.makedirs(f"{root}/_staging", exist_ok=True)
-        with fs.open(staged, "wb") as handle:
-            handle.write(data)
-        final = f"{root}/{relative}"
-        fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        fs.mv(staged, final)
-
-    retrying(put, f"{root}/{relative}", action="write")
+    write_atomic(fs, root, relative, lambda handle: handle.write(data))
 
 
 def _read_shard(fs, path: str, tasks) -> pa.Table:
