@@ -7,7 +7,7 @@
 
 Everything is built in memory from soundfile encodings and hand-crafted headers (RIFF/WAVE
 layout: https://www.mmsp.ece.mcgill.ca/Documents/AudioFormats/WAVE/WAVE.html), so the corpus is
-deterministic and small: the whole set is about 1 MB, the 3-hour file included (FLAC of digital
+deterministic and small: the whole set is about 1 MB, the 7-hour file included (FLAC of digital
 silence compresses to a few bytes per block).
 """
 
@@ -90,7 +90,7 @@ def valid_files() -> dict[str, bytes]:
     }
 
 
-def hostile_corpus(long_hours: float = 3.0) -> dict[str, HostileCase]:
+def hostile_corpus(long_hours: float = 7.0) -> dict[str, HostileCase]:
     """name -> case. The name's extension is what a listing would see (some lie on purpose)."""
     seeds = valid_files()
     wav = seeds["wav"]
