@@ -21,12 +21,13 @@ Every failure is an `AudioError` subclass naming the source (`name`, else the pa
 Guards against hostile input (each checked from the header, before any sample is decoded):
   * Sample rate outside [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE] (1 kHz .. 768 kHz) -> `bad_sample_rate`;
     a 1 Hz header would otherwise resample 1,000 frames into 16 M samples.
-  * Duration over `max_seconds` -> `too_long`. The default is 6 hours (`MAX_SECONDS`: long archive recordings pass), or the
-    `KIMI_MAX_AUDIO_SECONDS` environment variable (read at each call, so a Ray worker started
-    with it set uses it); `max_seconds=None` disables the guard. The limit bounds memory: the
-    whole recording is decoded at once, about 58 MB of 16 kHz float32 per hour plus the source
-    rate's mono copy while resampling (6 h of 48 kHz: about 4 GB at peak). Channels are mixed
-    down block by block, so a multichannel source never sits in memory whole.
+  * Duration over `max_seconds` -> `too_long`. The default is 6 hours (`MAX_SECONDS`, so long
+    archive recordings pass), or the `KIMI_MAX_AUDIO_SECONDS` environment variable (read at
+    each call, so a Ray worker started with it set uses it); `max_seconds=None` disables the
+    guard. The limit bounds memory: the whole recording is decoded at once, about 58 MB of
+    16 kHz float32 per hour plus the source rate's mono copy while resampling (6 h of 48 kHz:
+    about 4 GB at peak). Channels are mixed down block by block, so a multichannel source
+    never sits in memory whole.
   * A decoder error anywhere in the stream (a truncated FLAC or Ogg file) makes the file
     `undecodable`: a partial recording is not labelled as if it were whole. Formats whose
     decoder reads a truncated stream without complaint (WAV, MP3) give what is there.
