@@ -195,3 +195,11 @@ def test_static_decoder_equals_dynamic(tiny_model, tokenizer, golden_prompts, sm
     for d, s in zip(dynamic, static):
         assert (s.text_token_ids, s.audio_token_ids, s.finish_reason, s.steps) == \
             (d.text_token_ids, d.audio_token_ids, d.finish_reason, d.steps)
+
+
+def test_static_decoder_is_the_cuda_default_and_can_be_turned_off(monkeypatch):
+    from kimi_ops.engine.decoders import CUDA_GRAPHS_ENV, use_static_decoder
+
+    assert use_static_decoder(torch.device("cuda")) and not use_static_decoder(torch.device("cpu"))
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "0")
+    assert not use_static_decoder(torch.device("cuda"))

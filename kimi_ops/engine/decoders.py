@@ -14,11 +14,21 @@ tests check it against the dynamic one.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 
 import torch
 
 from kimi_ops.model.modeling import ForwardOutput, KimiAudioForCausalLM, KVCache, key_spans
+
+log = logging.getLogger(__name__)
+CUDA_GRAPHS_ENV = "KIMI_CUDA_GRAPHS"  # "0": decode on CUDA without graphs (the dynamic decoder)
+
+
+def use_static_decoder(device: torch.device) -> bool:
+    """The default: the fixed-shape decoder with CUDA graphs on CUDA, unless turned off."""
+    return device.type == "cuda" and os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
 
 
 class DynamicDecoder:
@@ -104,16 +114,25 @@ class StaticDecoder:
         if not self.cuda_graph:
             return self._forward()
         if self.graph is None:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up outside the graph (workspaces, autotuning)
-                self._forward()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._forward()
+            try:
+                self._capture()
+            except RuntimeError as exc:  # keep decoding, eagerly, rather than fail the batch
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
+                self.cuda_graph, self.graph = False, None
+                return self._forward()
         self.graph.replay()
         return self.out
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph (workspaces, autotuning)
+            self._forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.out = self._forward()
+        self.graph = graph
 
     def step(self, audio_ids: Sequence[int], text_ids: Sequence[int]) -> ForwardOutput:
         if self.length >= self.valid.shape[1]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kimi_ops.engine.decoders import DynamicDecoder, StaticDecoder
+from kimi_ops.engine.decoders import DynamicDecoder, StaticDecoder, use_static_decoder
 from kimi_ops.engine.prompt import Prompt
 from kimi_ops.engine.sampling import StreamSampling, sample
 from kimi_ops.model.modeling import KimiAudioForCausalLM
@@ -164,7 +164,8 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
 
     `seed_ids` (default 0..B-1) number the rows for their per-sequence random generators, so a
     sampled sequence does not depend on which batch it lands in. `static_cache` picks the
-    fixed-shape decoder (default: on CUDA, where its steps are replayed as CUDA graphs).
+    fixed-shape decoder (default: on CUDA, where its steps are replayed as CUDA graphs, unless
+    KIMI_CUDA_GRAPHS=0).
     """
     device = model.lm_head.weight.device
     both = params.output_type == "both"
@@ -193,7 +194,7 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
         extra_capacity=min(64, max(r.budget for r in live)))
     positions = torch.tensor([[len(prompts[r.index]) - 1] for r in live], device=device)
     if static_cache is None:
-        static_cache = device.type == "cuda"
+        static_cache = use_static_decoder(device)
     if static_cache:
         decoder = StaticDecoder(model, cache, valid, positions, both, special.text_blank,
                                 budget=max(r.budget for r in live),
