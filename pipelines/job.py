@@ -20,6 +20,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -313,17 +314,33 @@ def _init_ray(spec: JobSpec, temp_dir: str | None = None):
     if address:  # join a running cluster ("auto" on a head or RayJob driver pod)
         ray.init(address=address, log_to_driver=False)
     else:
-        # single-node mode, as the stack's Ray: otherwise Ray rewrites 127.0.0.1 to the routable
-        # address and its gRPC servers listen on every interface (tests/test_exposure.py). The
-        # env var reaches Ray's daemons and workers; the driver read it when ray was imported.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-            from ray._private import ray_constants
-
-            ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
-                 num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir, log_to_driver=False)
+        with loopback_ray():
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
+                     num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir,
+                     log_to_driver=False)
     return True
+
+
+@contextmanager
+def loopback_ray():
+    """Around a local `ray.init`: single-node mode, as the stack's Ray. Otherwise Ray rewrites
+    127.0.0.1 to the routable address and its gRPC servers listen on every interface
+    (tests/test_exposure.py). The env var reaches the daemons and workers `ray.init` starts;
+    the driver read it when ray was imported, hence the constant. Both are restored after (an
+    explicit RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 is left alone)."""
+    from ray._private import ray_constants
+
+    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    saved_env, saved_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    if saved_env is None or saved_env == "0":
+        os.environ[key] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(key, None)
 
 
 def place_on_gpus(spec: JobSpec, gpus: float) -> JobSpec:

@@ -48,10 +48,13 @@ def ray_local():
 
     import ray
 
+    from pipelines.job import loopback_ray
+
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     temp = tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, _temp_dir=temp,
-             log_to_driver=False)
+    with loopback_ray():
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+                 _temp_dir=temp, log_to_driver=False)
     yield temp
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
