@@ -101,6 +101,7 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
                                 codebook_positions=375, final_layer_norm=False)
         glm = AudioEncoder(glm_cfg)
     model = randomize(model, device, dtype)
+    model.fuse_projections()  # as `load_state_dict` does for a real checkpoint
     frontend = AudioFrontend(GlmVqTokenizer(randomize(glm, device, dtype, seed=1)),
                              KimiWhisperEncoder(randomize(whisper, device, dtype, seed=2)))
     return config, model, frontend

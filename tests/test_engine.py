@@ -128,17 +128,21 @@ def test_key_spans_blocks_skip_left_padding():
 
 
 def test_decode_attention_blocks_equal_the_full_padded_read():
-    from kimi_ops.model.modeling import decode_attention, key_spans
+    from kimi_ops.model.modeling import decode_attention, key_spans, mask_bias
 
     torch.manual_seed(0)
     starts = [0, 3, 9, 20, 21, 30]
     k, v = torch.randn(6, 2, 32, 8), torch.randn(6, 2, 32, 8)
     q = torch.randn(6, 4, 1, 8)
     mask = (torch.arange(32)[None] >= torch.tensor(starts)[:, None])[:, None, None]
+    bias = mask_bias(mask, torch.float32)
     spans = key_spans(starts, 32, min_rows=2)
     assert len(spans) > 1
-    full = decode_attention(q, k, v, mask)
-    torch.testing.assert_close(decode_attention(q, k, v, mask, spans), full, rtol=1e-5, atol=1e-6)
+    full = decode_attention(q, k, v, bias)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                               enable_gqa=True)
+    torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decode_attention(q, k, v, bias, spans), full, rtol=1e-5, atol=1e-6)
 
 
 def test_many_mixed_length_rows_decode_in_blocks_equal_to_single(tiny_model, tokenizer,

@@ -125,13 +125,20 @@ def prefill_groups(lengths: Sequence[int], max_padding: float, max_tokens: int) 
     return groups
 
 
+def prefill_group_tokens(device: torch.device) -> int:
+    """Tokens per prefill forward. On CPU a group's activations should stay cache-sized (32 ASR
+    prompts, `small` preset: 1024 prefilled 1.5x faster than 16384); a GPU wants large groups."""
+    return 1024 if device.type == "cpu" else 16384
+
+
 def prefill(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], pad_id: int, with_mimo: bool,
-            extra_capacity: int, max_padding: float = 1.25, max_tokens: int = 16384):
+            extra_capacity: int, max_padding: float = 1.25, max_tokens: int | None = None):
     """Forward every prompt, in length groups, into one left-padded KV cache.
 
     Returns (cache, key_valid [B, P], text logits [B, V], audio logits [B, V] or None).
     """
     device = model.lm_head.weight.device
+    max_tokens = max_tokens or prefill_group_tokens(device)
     lengths = [len(p) for p in prompts]
     width = max(lengths)
     cache = model.new_cache(len(prompts), width + extra_capacity, with_mimo)

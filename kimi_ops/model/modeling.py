@@ -118,7 +118,13 @@ class KVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean key mask as the additive bias `decode_attention` takes: 0 where True, -inf
+    where False (computed once per step, shared by every layer)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                      spans: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:
     """One query per row against the cache: two batched matmuls with the query heads grouped by
     their KV head. On CPU this is several times faster than SDPA's kernel for q_len = 1.
@@ -127,20 +133,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     the left padding before their first real key (see `key_spans`): decode attention is bound
     by reading the cache, and in a batch of mixed lengths much of it is padding.
 
-    q [B, H, 1, d]; k, v [B, KV, K, d]; mask [B, 1, 1, K] -> [B, H, 1, d].
+    q [B, H, 1, d]; k, v [B, KV, K, d]; bias [B, 1, 1, K] (`mask_bias`) -> [B, H, 1, d].
     """
     if spans is not None and len(spans) > 1:
-        return torch.cat([decode_attention(q[a:b], k[a:b, :, c:], v[a:b, :, c:], mask[a:b, ..., c:])
+        return torch.cat([decode_attention(q[a:b], k[a:b, :, c:], v[a:b, :, c:], bias[a:b, ..., c:])
                           for a, b, c in spans])
     if spans:
         c = spans[0][2]
-        k, v, mask = k[:, :, c:], v[:, :, c:], mask[..., c:]
+        k, v, bias = k[:, :, c:], v[:, :, c:], bias[..., c:]
     b, h, _, d = q.shape
     kv = k.shape[1]
     q = q.view(b, kv, h // kv, d)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5  # [B, KV, group, K]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    # bias + scale * scores in one op: the same numbers as scaling, then masking
+    scores = torch.add(bias, torch.matmul(q, k.transpose(-1, -2)), alpha=d**-0.5)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # [B, KV, group, K]
     return torch.matmul(probs, v).view(b, h, 1, d)
 
 
@@ -161,6 +167,19 @@ def key_spans(first_key: Sequence[int], num_keys: int, min_rows: int = 4, shrink
     return [(a, b, min(first_key[a:b])) for a, b in bounds if b > a]
 
 
+def fused_linear(parts: Sequence[nn.Linear]) -> nn.Linear:
+    """One linear layer whose outputs are `parts`' outputs side by side: one larger GEMM instead
+    of several (each output element is the same dot product, so the numbers do not change)."""
+    weight = torch.cat([p.weight for p in parts])
+    bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+    with torch.device("meta"):
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, config: KimiAudioConfig):
         super().__init__()
@@ -172,12 +191,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by `fuse_projections`
+
+    def fuse_projections(self) -> None:
+        self.qkv_proj = fused_linear((self.q_proj, self.k_proj, self.v_proj))
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer_index: int, spans=None):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            kv_width = self.kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split(
+                (self.num_heads * self.head_dim, kv_width, kv_width), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer_index, k, v)
@@ -196,9 +226,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by `fuse_projections`
+
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = fused_linear((self.gate_proj, self.up_proj))
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -267,6 +306,13 @@ class KimiAudioForCausalLM(nn.Module):
     def num_cache_layers(self) -> int:
         return self.config.num_hidden_layers + self.config.kimia_mimo_layers
 
+    def fuse_projections(self) -> None:
+        """After loading: q/k/v and gate/up of every layer become one matmul each (fewer, larger
+        GEMMs; module names then no longer match the checkpoint's)."""
+        for layer in (*self.model.layers, *self.model.mimo_layers):
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
     def new_cache(self, batch: int, capacity: int, with_mimo: bool) -> KVCache:
         layers = self.num_cache_layers if with_mimo else self.config.num_hidden_layers
         p = self.lm_head.weight
@@ -325,8 +371,11 @@ class KimiAudioForCausalLM(nn.Module):
                        row_valid=None if static else key_valid[:, -s:],
                        text_embedding=text_embedding)
         cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-        if static:  # key_valid covers the whole capacity, the column being written included
-            mask = key_valid[:, None, None, :]
+        if s == 1:  # decoding: `decode_attention` takes an additive bias
+            if not static:  # (a static key_valid covers the capacity, this column included)
+                key_valid = key_valid.clone()
+                key_valid[:, -1] = True  # a left-pad row sees itself, as below
+            mask = mask_bias(key_valid[:, None, None, :], x.dtype)
         else:
             k = key_valid.shape[1]
             causal = torch.ones(s, k, dtype=torch.bool, device=x.device).tril(k - s)

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from kimi_ops.errors import CheckpointError
+from kimi_ops.model.modeling import KimiAudioForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -37,9 +38,10 @@ def shard_map(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def load_state_dict(model: torch.nn.Module, model_dir: str | Path, dtype: torch.dtype,
+def load_state_dict(model: KimiAudioForCausalLM, model_dir: str | Path, dtype: torch.dtype,
                     device: torch.device | str = "cpu") -> None:
-    """Fill `model`'s parameters from the checkpoint in place, casting to `dtype`."""
+    """Fill `model`'s parameters from the checkpoint in place, casting to `dtype`, then fuse its
+    projections (`KimiAudioForCausalLM.fuse_projections`)."""
     model_dir = Path(model_dir)
     expected = dict(model.state_dict())
     locations = {n: p for n, p in shard_map(model_dir).items() if not n.endswith(IGNORED_SUFFIXES)}
@@ -68,3 +70,4 @@ def load_state_dict(model: torch.nn.Module, model_dir: str | Path, dtype: torch.
                         f"expected {want} from config.json")
                 loaded[name] = tensor.to(dtype)
     model.load_state_dict(loaded, strict=True, assign=True)
+    model.fuse_projections()
