@@ -56,6 +56,36 @@ def write_clips(folder: Path, count: int, seed: int = 0, low: float = 1.0,
     return paths
 
 
+def machine_limits(repeats: int = 5) -> dict:
+    """This machine's fp32 ceilings, measured: GEMM throughput on a prefill-shaped matmul and
+    memory read bandwidth (a sum over 256 MiB, far beyond the caches)."""
+    a, w = torch.randn(2048, 512), torch.randn(1408, 512)
+    big = torch.randn(64 * 2**20)
+    gemm = min(timed(lambda: a @ w.T)[1] for _ in range(repeats))
+    read = min(timed(big.sum)[1] for _ in range(repeats))
+    return {"gemm_flops": 2 * a.shape[0] * w.shape[0] * a.shape[1] / gemm,
+            "read_bytes_s": big.numel() * big.element_size() / read}
+
+
+def batched_floor(model, prompt_lengths: list[int], budget: int, limits: dict) -> dict:
+    """Seconds the batched language model cannot beat on this machine, greedy text output, every
+    row running the whole budget. Prefill: 2 x parameters FLOPs per prompt token at the GEMM
+    ceiling. Each decode step does 2 x parameters FLOPs per row and reads the weights once plus
+    every row's KV cache; it takes at least the larger of its compute and read times."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.model.layers.parameters()) + model.lm_head.weight.numel()
+    size = model.lm_head.weight.element_size()
+    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * size
+    rows = len(prompt_lengths)
+    prefill = 2 * params * sum(prompt_lengths) / limits["gemm_flops"]
+    decode = 0.0
+    for step in range(1, budget):
+        keys = sum(prompt_lengths) + rows * step
+        decode += max(2 * params * rows / limits["gemm_flops"],
+                      (params * size + kv_per_token * keys) / limits["read_bytes_s"])
+    return {"prefill_s": prefill, "decode_s": decode}
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -74,6 +104,7 @@ def run(out: Path, conversations: int = 32, budgets=(16, 64, 256), preset: str =
     # the language model's own batching gain
     _, front_single = timed(lambda: [engine.build_prompts([c]) for c in convs])
     prompts, front_batch = timed(lambda: engine.build_prompts(convs))
+    limits = machine_limits()
     runs = []
     for budget in budgets:
         params = {"max_new_tokens": budget}
@@ -81,6 +112,8 @@ def run(out: Path, conversations: int = 32, budgets=(16, 64, 256), preset: str =
                                                     for c in convs])
         batched, t_batch = timed(lambda p=params: engine.generate_batch(convs, **p))
         _, t_llm = timed(lambda p=params: engine.run_prompts(prompts, sampling_params(**p)))
+        floor = batched_floor(engine.model, [len(p) for p in prompts], budget, limits)
+        floor_llm = floor["prefill_s"] + floor["decode_s"]
         runs.append({
             "max_new_tokens": budget,
             "generated_tokens": sum(r.steps for r in batched),
@@ -89,12 +122,17 @@ def run(out: Path, conversations: int = 32, budgets=(16, 64, 256), preset: str =
             == [b.text_token_ids for b in batched],
             "single_llm_s": t_single - front_single, "batch_llm_s": t_llm,
             "llm_speedup": (t_single - front_single) / t_llm,
+            # the best ratio a batched arm could reach here against these singles: the
+            # front-end's measured time (the same work in both arms) plus the floor above
+            "batch_floor_s": floor, "ceiling_speedup":
+                t_single / (min(front_single, front_batch) + floor_llm),
+            "llm_ceiling_speedup": (t_single - front_single) / floor_llm,
         })
     return {
         "preset": preset, "conversations": conversations, "device": device,
         "audio_s": sum(sf.info(p).duration for p in clips),
         "frontend_single_s": front_single, "frontend_batch_s": front_batch,
-        "max_batch_size": engine.max_batch_size, "runs": runs,
+        "max_batch_size": engine.max_batch_size, "limits": limits, "runs": runs,
     }
 
 
@@ -103,13 +141,19 @@ def print_table(result: dict) -> None:
           f"{result['conversations']} conversations ({result['audio_s']:.0f} s of audio), "
           f"device={result['device']}; front-end {result['frontend_batch_s']:.1f} s batched, "
           f"{result['frontend_single_s']:.1f} s one by one")
-    head = ("new tokens", "single s", "batch s", "speed-up", "tokens/s", "identical",
-            "LLM speed-up")
+    limits = result["limits"]
+    print(f"machine ceilings: fp32 GEMM {limits['gemm_flops'] / 1e9:.0f} GFLOP/s, "
+          f"memory read {limits['read_bytes_s'] / 1e9:.1f} GB/s; 'ceiling' = the speed-up a "
+          "batched arm at those limits would reach against the same singles")
+    head = ("new tokens", "single s", "batch s", "speed-up", "ceiling", "tokens/s", "identical",
+            "LLM speed-up", "LLM ceiling")
     print("".join(f"{h:>13}" for h in head))
     for r in result["runs"]:
         cells = (r["max_new_tokens"], f"{r['single_s']:.1f}", f"{r['batch_s']:.1f}",
-                 f"{r['speedup']:.1f}x", f"{r['generated_tokens'] / r['batch_s']:.0f}",
-                 str(r["identical_tokens"]), f"{r['llm_speedup']:.1f}x")
+                 f"{r['speedup']:.1f}x", f"{r['ceiling_speedup']:.1f}x",
+                 f"{r['generated_tokens'] / r['batch_s']:.0f}",
+                 str(r["identical_tokens"]), f"{r['llm_speedup']:.1f}x",
+                 f"{r['llm_ceiling_speedup']:.1f}x")
         print("".join(f"{c:>13}" for c in cells))
 
 

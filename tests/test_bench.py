@@ -35,4 +35,8 @@ def test_engine_benchmark_compares_identical_tokens(tmp_path):
     (run,) = result["runs"]
     assert run["identical_tokens"] is True
     assert run["generated_tokens"] == 3 * 3
+    # the machine's measured limits turn into a floor for the batched arm and a ceiling ratio
+    assert result["limits"]["gemm_flops"] > 1e8 and result["limits"]["read_bytes_s"] > 1e8
+    assert run["batch_floor_s"]["prefill_s"] > 0 and run["batch_floor_s"]["decode_s"] > 0
+    assert run["ceiling_speedup"] > 0 and run["llm_ceiling_speedup"] > 0
     assert result["machine"]["torch"]
