@@ -9,8 +9,28 @@ descendants). Reports wall time, files/s, the rows in `files/` (each input must 
 once), and peak RSS: the driver, the largest single Ray worker, all workers together and Ray's
 system processes. Prints a table and writes `bench_output/load.json`.
 
+Per process it reports the peaks (MB) of:
+  rss      VmHWM, the kernel's exact high-water mark of the resident set: the headline figure
+  rss_now  VmRSS as sampled (the high-water mark can fall between two samples)
+  anon     RssAnon: the private heap (Python, torch, oneDNN, arrow buffers)
+  shmem    RssShmem: shared memory the process touched, here Ray's object store (a /dev/shm
+           file every Ray process maps; a block a stage reads or writes lands in its RSS)
+  file     RssFile: mapped files (shared libraries, the checkpoint)
+  own      VmRSS - RssShmem: the process's own memory without the object store's pages
+`worker_max_<x>` is the largest of each over the workers (they may come from different
+workers; the per-worker list names them). `object_store_touched_mb` is the peak growth of the
+machine's Shmem (/proc/meminfo) over the run: the object store's pages touched by anyone,
+counted once (machine-wide, so another program's shared memory would show too).
+
 Peak memory must not grow with the corpus: the plan is streamed into shards, audio is decoded
-inside the stages, and the driver keeps only one small summary row per file.
+inside the stages, and the driver keeps only one small summary row per file. The object store
+is bounded by configuration: the blocks in flight between the stages by the job's in-flight
+budget (`JobSpec.inflight_bytes`, 64 MiB on CPUs), the job's local object store by twice that.
+Before the budget, Ray Data let the decode stage run ahead by the whole corpus (its default
+budget is half the object store, 30 % of RAM): the front-end actor's shmem grew 8.6 -> 78 MB at
+200 -> 2,000 files and its VmHWM x1.08-1.11. With the budget the shmem stops below it (28-32 MB
+at 2,000 and 4,000 files), so at 200 files, whose 8.6 MB of audio never fill it, the shmem
+ratio is large while the bytes stay bounded; the figures to hold flat are rss, anon and own.
 """
 
 from __future__ import annotations
@@ -57,11 +77,20 @@ def _status(pid: int) -> dict[str, int]:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "PPid"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "PPid"):
                 out[key] = int(value.split()[0])
     except (OSError, ValueError, IndexError):
         return {}
     return out
+
+
+def shmem_kb() -> int:
+    """The machine's shared memory in use (/proc/meminfo Shmem, kB): tmpfs pages, of which Ray's
+    object store (a file in /dev/shm that every Ray process maps) is the part that moves."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1])
+    return 0
 
 
 def start_time(pid: int) -> int | None:
@@ -108,9 +137,15 @@ def role(pid: int, root: int) -> str:
     return "system"
 
 
+# per process, in kB: rss = VmHWM (the kernel's exact high-water mark of VmRSS); the others are
+# the peaks of the samples: rss_now = VmRSS, anon = RssAnon (private heap), shmem = RssShmem
+# (shared memory touched: Ray's object store), file = RssFile (mapped files: libraries),
+# own = VmRSS - RssShmem
+PEAKS = ("rss", "rss_now", "anon", "shmem", "file", "own")
+
+
 class MemorySampler(threading.Thread):
-    """Peak RSS (the kernel's high-water mark VmHWM, exact) and peak RssAnon (sampled) in kB
-    of a process tree, until `stop()`."""
+    """Per-process peaks (see PEAKS) of a process tree, until `stop()`."""
 
     def __init__(self, root: int):
         super().__init__(daemon=True)
@@ -118,24 +153,31 @@ class MemorySampler(threading.Thread):
         self.done = threading.Event()
         self.peak_by_pid: dict[int, dict] = {}
         self.peak_workers_total = 0
+        self.shmem_base = shmem_kb()
+        self.peak_shmem = 0
         self.samples = 0
 
     def run(self) -> None:
         while not self.done.is_set():
+            self.peak_shmem = max(self.peak_shmem, shmem_kb() - self.shmem_base)
             workers_total = 0
             for pid in [self.root, *descendants(self.root)]:
                 st = _status(pid)
                 if "VmRSS" not in st:
                     continue
                 rec = self.peak_by_pid.setdefault(pid, {"role": role(pid, self.root),
-                                                        "rss": 0, "anon": 0,
-                                                        "start": start_time(pid)})
+                                                        "start": start_time(pid),
+                                                        **dict.fromkeys(PEAKS, 0)})
                 if rec["role"] == "gone":
                     rec["role"] = role(pid, self.root)
-                if rec["role"] == "worker" and st["VmRSS"] > rec["rss"]:
+                if rec["role"] == "worker" and st["VmRSS"] > rec["rss_now"]:
                     rec["name"] = _cmdline(pid)[:60]  # Ray titles a worker by its current task
                 rec["rss"] = max(rec["rss"], st.get("VmHWM", st["VmRSS"]))
+                rec["rss_now"] = max(rec["rss_now"], st["VmRSS"])
                 rec["anon"] = max(rec["anon"], st.get("RssAnon", 0))
+                rec["shmem"] = max(rec["shmem"], st.get("RssShmem", 0))
+                rec["file"] = max(rec["file"], st.get("RssFile", 0))
+                rec["own"] = max(rec["own"], st["VmRSS"] - st.get("RssShmem", 0))
                 if rec["role"] == "worker":
                     workers_total += st["VmRSS"]
             self.peak_workers_total = max(self.peak_workers_total, workers_total)
@@ -150,17 +192,19 @@ class MemorySampler(threading.Thread):
             by_role.setdefault(rec["role"], []).append(rec)
         mb = 1024.0
         workers = by_role.get("worker", [])
+        out = {}
+        for who, recs in (("driver", by_role.get("driver", [])), ("worker_max", workers)):
+            for key in PEAKS:
+                out[f"{who}_{key}_mb"] = max((r[key] for r in recs), default=0) / mb
         return {
-            "driver_rss_mb": max((r["rss"] for r in by_role.get("driver", [])), default=0) / mb,
-            "driver_anon_mb": max((r["anon"] for r in by_role.get("driver", [])), default=0) / mb,
-            "worker_max_rss_mb": max((r["rss"] for r in workers), default=0) / mb,
-            "worker_max_anon_mb": max((r["anon"] for r in workers), default=0) / mb,
+            **out,
             "workers_total_rss_mb": self.peak_workers_total / mb,
             "worker_processes": len(workers),
-            "workers": sorted(({"name": r.get("name", ""), "rss_mb": round(r["rss"] / mb, 1),
-                                "anon_mb": round(r["anon"] / mb, 1)} for r in workers),
-                              key=lambda w: -w["rss_mb"]),
+            "workers": sorted(({"name": r.get("name", ""),
+                                **{f"{k}_mb": round(r[k] / mb, 1) for k in PEAKS}}
+                               for r in workers), key=lambda w: -w["rss_mb"]),
             "system_rss_mb": sum(r["rss"] for r in by_role.get("system", [])) / mb,
+            "object_store_touched_mb": self.peak_shmem / mb,
             "samples": self.samples,
         }
 
@@ -177,8 +221,10 @@ print("REPORT " + json.dumps({k: report[k] for k in ("processed", "status", "err
 """
 
 
-def run_size(count: int, workdir: Path, model: Path = CHECKPOINT, timeout_s: float = 900) -> dict:
-    """Generate `count` clips, run the job in a fresh driver, return counts and peak memory."""
+def run_size(count: int, workdir: Path, model: Path = CHECKPOINT, timeout_s: float = 900,
+             spec_overrides: dict | None = None) -> dict:
+    """Generate `count` clips, run the job in a fresh driver, return counts and peak memory.
+    `spec_overrides`: JobSpec fields that replace the defaults below."""
     import pyarrow.parquet as pq
 
     data = workdir / f"n{count}"
@@ -188,7 +234,7 @@ def run_size(count: int, workdir: Path, model: Path = CHECKPOINT, timeout_s: flo
             "label": {"batch_size": 16, "num_cpus": 0.5},
             "frontend": {"batch_size": 16, "num_cpus": 0.5},
             "decode": {"batch_size": 16, "num_cpus": 0.5},
-            "write": {"batch_size": 64, "num_cpus": 0.25}}
+            "write": {"batch_size": 64, "num_cpus": 0.25}, **(spec_overrides or {})}
     ray_dir = tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")  # socket paths < 107 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
            "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -217,12 +263,17 @@ def run_size(count: int, workdir: Path, model: Path = CHECKPOINT, timeout_s: flo
     report = json.loads(report_line[0][7:])
     rows = pq.read_table(data / "out" / "files", columns=["source_uri", "status"]).to_pylist()
     uris = [r["source_uri"] for r in rows]
+    from pipelines.job import JobSpec, inflight_budget, local_gpus, local_object_store_bytes
+
+    job, gpus = JobSpec(**spec), local_gpus()
     result = {
         "files": count, "wall_s": round(wall, 2), "files_per_s": round(count / wall, 2),
         "rows": len(rows), "unique_rows": len(set(uris)),
         "all_accounted_once": sorted(uris) == sorted(inputs),
         "ok_rows": sum(r["status"] == "ok" for r in rows),
         "report_processed": report["processed"],
+        "inflight_budget_mb": round(inflight_budget(job, gpus) / 2**20, 1),
+        "object_store_mb": round(local_object_store_bytes(job, gpus) / 2**20, 1),
         **{k: round(v, 1) if isinstance(v, float) else v for k, v in memory.items()},
     }
     shutil.rmtree(data, ignore_errors=True)
@@ -256,7 +307,7 @@ def _stop_tree(proc: subprocess.Popen, seen: list[tuple[int, int | None]]) -> No
 
 def growth(small: dict, large: dict) -> dict[str, float]:
     """large / small peak ratios of the memory figures the flatness claim is about."""
-    keys = ("driver_rss_mb", "worker_max_rss_mb", "driver_anon_mb", "worker_max_anon_mb")
+    keys = [f"{who}_{k}_mb" for who in ("driver", "worker_max") for k in PEAKS]
     return {k: round(large[k] / small[k], 3) for k in keys if small[k]}
 
 
@@ -264,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--model", type=Path, default=CHECKPOINT)
+    parser.add_argument("--spec", type=json.loads, default={},
+                        help="JobSpec fields as JSON, over the defaults (experiments)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_output",
                         help="folder for load.json")
     args = parser.parse_args(argv)
@@ -271,19 +324,27 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for count in args.files:
-            results.append(run_size(count, workdir, args.model))
+            results.append(run_size(count, workdir, args.model, spec_overrides=args.spec))
             print(f"done {count} files", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     cols = ["files", "wall_s", "files_per_s", "rows", "all_accounted_once", "driver_rss_mb",
-            "worker_max_rss_mb", "workers_total_rss_mb", "worker_processes", "system_rss_mb"]
+            "worker_max_rss_mb", "workers_total_rss_mb", "worker_processes", "system_rss_mb",
+            "object_store_touched_mb", "inflight_budget_mb", "object_store_mb"]
     print(" | ".join(cols))
     for r in results:
         print(" | ".join(str(r[c]) for c in cols))
+    for r in results:
+        print(f"{r['files']} files, per process peaks (MB): " + " | ".join(PEAKS))
+        print("  driver: " + " | ".join(f"{r[f'driver_{k}_mb']}" for k in PEAKS))
+        for w in r["workers"][:4]:
+            print(f"  {w['name'][:50]}: " + " | ".join(str(w[f'{k}_mb']) for k in PEAKS))
     ratios = growth(results[0], results[-1]) if len(results) > 1 else {}
     if ratios:
         print("peak growth, largest/smallest: " + ", ".join(f"{k} x{v}" for k, v in
                                                             ratios.items()))
+        print("(shmem is the object store's pages: bounded by inflight_budget_mb, not by its "
+              "ratio; the figures that must stay flat are rss, anon and own)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps({"cpus": os.cpu_count(), "runs": results,
                                                     "growth": ratios}, indent=2))

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 PLAN_SHARD_ROWS = 2000
 UNIT_ROWS = 64
 UNIT_BYTES = 256 << 20
+INFLIGHT_BYTES = 64 << 20  # CPU-only: a few blocks of short clips per stage boundary
+INFLIGHT_BYTES_PER_GPU = 1 << 30  # a 30 s segment's features are 7.7 MB with the full model
 
 
 class StageResources(BaseModel):
@@ -80,6 +82,12 @@ class JobSpec(BaseModel):
     # holds at once, whatever the corpus size, and spreads the corpus over the cluster.
     unit_rows: int = Field(UNIT_ROWS, ge=1)
     unit_bytes: int = Field(UNIT_BYTES, ge=1)
+    # object-store bytes the job's blocks in flight between the stages may take (Ray Data's
+    # object-store budget; None: `inflight_budget`). Without it Ray Data lets the queues grow to
+    # half the node's object store (Ray's default store is 30 % of RAM), so a fast stage ran
+    # ahead by the whole corpus and the shared memory the next stage touched grew with it. A
+    # job's own local Ray gets an object store of twice this (Ray Data's share of it is half).
+    inflight_bytes: int | None = Field(None, ge=1 << 20)
 
     @field_validator("tasks")
     @classmethod
@@ -317,8 +325,40 @@ def _init_ray(spec: JobSpec, temp_dir: str | None = None):
         with loopback_ray():
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
                      num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir,
+                     object_store_memory=local_object_store_bytes(spec, local_gpus()),
                      log_to_driver=False)
     return True
+
+
+def inflight_budget(spec: JobSpec, gpus: float) -> int:
+    """Object-store bytes of the job's blocks in flight: `spec.inflight_bytes`, else 64 MiB
+    on CPUs or 1 GiB per GPU (feature blocks of long audio are large; the GPU stages must not
+    wait on each other). Fixed, whatever the corpus size."""
+    if spec.inflight_bytes is not None:
+        return spec.inflight_bytes
+    whole = int(gpus)
+    return whole * INFLIGHT_BYTES_PER_GPU if whole >= 1 else INFLIGHT_BYTES
+
+
+def local_object_store_bytes(spec: JobSpec, gpus: float = 0) -> int:
+    """The object store of the job's own local Ray: twice the in-flight budget (Ray Data
+    budgets half of a store; Ray's minimum is 75 MiB), so what the stages' shared memory can
+    reach is bounded by configuration, not by the RAM. An object larger than the store still
+    goes through (Ray's fallback allocation, a file in Ray's temp folder)."""
+    from ray._private.ray_constants import OBJECT_STORE_MINIMUM_MEMORY_BYTES
+
+    return max(2 * inflight_budget(spec, gpus), OBJECT_STORE_MINIMUM_MEMORY_BYTES)
+
+
+def local_gpus() -> int:
+    """GPUs a local `ray.init` will see (Ray's own detection: CUDA_VISIBLE_DEVICES, else NVML)."""
+    try:
+        from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager as nv
+
+        visible = nv.get_current_process_visible_accelerator_ids()
+        return len(visible) if visible is not None else nv.get_current_node_num_accelerators()
+    except Exception:  # no NVML, or Ray moved it: size the store for CPUs
+        return 0
 
 
 @contextmanager
@@ -366,6 +406,10 @@ def build_dataset(spec: JobSpec, units: list[dict], model_id_: str, run_id: str)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
     ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
+    # the queues between the stages stop at a fixed budget (`inflight_budget`), not at half
+    # the object store, so what the stages hold and touch does not grow with the corpus
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=spec.inflight_bytes)
     # a stage's StorageError reaches the driver as itself (kind, URI), not as a bare
     # UserCodeException whose cause Ray drops on the way
     ctx.raise_original_map_exception = True
@@ -428,7 +472,9 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
 
         started_ray = _init_ray(spec, ray_temp_dir)
         try:
-            spec = place_on_gpus(spec, ray.cluster_resources().get("GPU", 0))
+            gpus = ray.cluster_resources().get("GPU", 0)
+            spec = place_on_gpus(spec, gpus)
+            spec = spec.model_copy(update={"inflight_bytes": inflight_budget(spec, gpus)})
             ds = build_dataset(spec, planned["units"], model_id_, run_id)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 summary.extend(batch.to_pylist())

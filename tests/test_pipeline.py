@@ -294,6 +294,18 @@ def test_gpu_placement_by_configuration_only():
     assert place_on_gpus(pinned, 8) == pinned  # explicit settings win
 
 
+def test_inflight_budget_and_local_object_store_are_fixed_sizes():
+    from pipelines.job import INFLIGHT_BYTES, inflight_budget, local_object_store_bytes
+
+    spec = JobSpec(input="/in", output="/out", model=MODEL)
+    assert inflight_budget(spec, 0) == INFLIGHT_BYTES == 64 << 20  # not the corpus, not RAM
+    assert local_object_store_bytes(spec) == 2 * INFLIGHT_BYTES
+    assert inflight_budget(spec, 8) == 8 << 30  # GPU stages: feature blocks are large
+    small = JobSpec(input="/in", output="/out", model=MODEL, inflight_bytes=16 << 20)
+    assert inflight_budget(small, 8) == 16 << 20  # explicit settings win
+    assert local_object_store_bytes(small) == 75 << 20  # Ray's minimum store
+
+
 def test_model_id_is_a_content_hash(tmp_path):
     from pipelines.job import model_id
 
