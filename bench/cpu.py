@@ -101,8 +101,8 @@ def main() -> None:
         pipeline_args = ["--files", "4", "--max-new-tokens", "4"]
         load_args = ["--files", "20", "200"]
     else:
-        engine_args = ["--conversations", "32", "--max-new-tokens", "16", "64", "256", "1024"]
-        pipeline_args = ["--files", "64", "--max-new-tokens", "32"]
+        engine_args = ["--conversations", "32", "--max-new-tokens", "16", "64", "256", "512"]
+        pipeline_args = ["--files", "256", "--max-new-tokens", "32"]
         load_args = ["--files", "200", "2000"]
     started = time.time()
     result = {"engine": section("engine.py", out, *engine_args),

@@ -7,7 +7,7 @@ decode / front-end / label / write stages) in a subprocess. Reported: the comman
 the Ray job's own wall time (from its run report: without Prefect's and the interpreter's
 start-up), their ratios to the engine-only time, and each stage's busy share of the job.
 
-    .venv/bin/python bench/pipeline.py [--files 48] [--max-new-tokens 32]
+    .venv/bin/python bench/pipeline.py [--files 256] [--max-new-tokens 32]
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -50,46 +49,61 @@ def run(out: Path, files: int = 48, max_new_tokens: int = 32, preset: str = "sma
     clips = write_clips(corpus, files, seed=1, low=2.0, high=28.0)
 
     rows, engine_s = engine_only(checkpoint, clips, max_new_tokens)
-
-    output = out / "pipeline_output"
-    shutil.rmtree(output, ignore_errors=True)
-    command = [sys.executable, "-m", "flows.cli", "run", "--input", str(corpus),
-               "--output", str(output), "--model", str(checkpoint), "--tasks", "asr",
-               "--max-new-tokens", str(max_new_tokens), "--stages", json.dumps(STAGES)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"kimi-label run failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    command_s = time.perf_counter() - start
-    report = json.loads(next((output / "_runs").glob("*/report.json")).read_text())
+    command_s, report = label_command(corpus, out / "pipeline_output", checkpoint, max_new_tokens)
     job_s = report["wall_s"]
+    # the fixed part: the same command on one of the files (Ray start, actors, model loads)
+    one = out / "pipeline_one_file"
+    shutil.rmtree(one, ignore_errors=True)
+    one.mkdir(parents=True)
+    shutil.copy(clips[0], one / clips[0].name)
+    fixed_command_s, fixed = label_command(one, out / "pipeline_one_output", checkpoint,
+                                           max_new_tokens)
     return {
         "preset": preset, "files": files, "max_new_tokens": max_new_tokens,
         "audio_s": sum(r.get("duration_s", 0) for r in rows),
         "engine_only_s": engine_s, "command_s": command_s, "job_s": job_s,
         "command_ratio": command_s / engine_s, "job_ratio": job_s / engine_s,
+        "one_file_job_s": fixed["wall_s"], "one_file_command_s": fixed_command_s,
+        # what each further file costs next to the engine: the job less its one-file time
+        "marginal_job_ratio": (job_s - fixed["wall_s"]) / engine_s,
         "labelled": report["status"], "stage_busy_share": {
             stage: seconds / job_s for stage, seconds in report["stage_seconds"].items()},
         "stages": STAGES,
     }
 
 
+def label_command(corpus: Path, output: Path, checkpoint: Path, max_new_tokens: int):
+    """(seconds, run report) of `kimi-label run` over `corpus` in a subprocess."""
+    shutil.rmtree(output, ignore_errors=True)
+    command = [sys.executable, "-m", "flows.cli", "run", "--input", str(corpus),
+               "--output", str(output), "--model", str(checkpoint), "--tasks", "asr",
+               "--max-new-tokens", str(max_new_tokens), "--stages", json.dumps(STAGES)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done, seconds = timed(lambda: subprocess.run(command, env=env, capture_output=True,
+                                                 text=True))
+    if done.returncode:
+        sys.exit(f"kimi-label run failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return seconds, json.loads(next((output / "_runs").glob("*/report.json")).read_text())
+
+
 def print_table(r: dict) -> None:
     print(f"\npipeline: kimi-label run vs engine only, preset={r['preset']}, {r['files']} files "
           f"({r['audio_s']:.0f} s of audio), ASR, {r['max_new_tokens']} new tokens")
     print(f"{'engine only s':>15}{'job s':>10}{'job ratio':>11}{'command s':>11}"
-          f"{'command ratio':>15}  stage busy share of the job")
+          f"{'command ratio':>15}{'1-file job s':>14}{'marginal':>10}  stage busy share")
     share = ", ".join(f"{k} {v:.0%}" for k, v in r["stage_busy_share"].items())
     print(f"{r['engine_only_s']:>15.1f}{r['job_s']:>10.1f}{r['job_ratio']:>10.2f}x"
-          f"{r['command_s']:>11.1f}{r['command_ratio']:>14.2f}x  {share}")
+          f"{r['command_s']:>11.1f}{r['command_ratio']:>14.2f}x{r['one_file_job_s']:>14.1f}"
+          f"{r['marginal_job_ratio']:>9.2f}x  {share}")
+    print("(marginal: (job - 1-file job) / engine only, what the files cost beyond the fixed "
+          "start-up of Ray, the actors and their model loads)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", type=int, default=48)
+    parser.add_argument("--files", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--out", default="bench_output")

@@ -56,6 +56,14 @@ def release_free_memory() -> None:
 _malloc_trim = None
 
 
+def set_threads(threads: int | None) -> None:
+    """Torch's intra-op threads in this actor (None: what Ray set, its whole CPUs, at least 1)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 class PlanReader:
     """Work units (plan shard path, start, stop) -> those rows of the shard (uri, size, etag)."""
 
@@ -138,13 +146,15 @@ class FrontendStage:
     """Actor: GLM-4 VQ tokens and Whisper features for every segment of every file in a batch,
     in one front-end call. The waveform column is dropped here."""
 
-    def __init__(self, model: str, glm_tokenizer: str | None, device: str | None):
+    def __init__(self, model: str, glm_tokenizer: str | None, device: str | None,
+                 threads: int | None = None):
         import torch
 
         from kimi_ops.engine.api import default_device, default_dtype
         from kimi_ops.frontend import AudioFrontend
         from kimi_ops.model.checkpoint import resolve_checkpoint
 
+        set_threads(threads)
         paths = resolve_checkpoint(model, glm_tokenizer)
         dev = torch.device(device) if device else default_device()
         self.frontend = AudioFrontend.from_checkpoint(paths.root, glm_dir=paths.glm, device=dev,
@@ -182,12 +192,13 @@ class LabelStage:
 
     def __init__(self, model: str, glm_tokenizer: str | None, device: str | None,
                  task_specs: list[str], task_params: dict, max_new_tokens: int,
-                 semantic_tokens: bool, model_id: str, run_id: str):
+                 semantic_tokens: bool, model_id: str, run_id: str, threads: int | None = None):
         import torch
 
         from kimi_ops.engine.api import KimiAudio
         from kimi_ops.tasks import get_task
 
+        set_threads(threads)
         self.engine = KimiAudio(model, device=torch.device(device) if device else None,
                                 glm_tokenizer=glm_tokenizer, load_frontend=False)
         self.tasks = [get_task(spec, **task_params) for spec in task_specs]

@@ -294,6 +294,32 @@ def test_gpu_placement_by_configuration_only():
     assert place_on_gpus(pinned, 8) == pinned  # explicit settings win
 
 
+def test_cpu_actors_get_threads_for_the_node_unless_set():
+    import torch
+
+    from pipelines.job import place_on_cpus
+    from pipelines.stages import set_threads
+
+    spec = place_on_cpus(JobSpec(input="/in", output="/out", model=MODEL), 8)
+    assert (spec.frontend.threads, spec.label.threads) == (8, 8)
+    assert spec.decode.threads is None  # task stages keep Ray's setting
+    two = place_on_cpus(JobSpec(input="/in", output="/out", model=MODEL,
+                                label={"concurrency": 2}, frontend={"threads": 3}), 8)
+    assert (two.frontend.threads, two.label.threads) == (3, 4)  # explicit wins; split by actors
+    on_gpu = place_on_cpus(JobSpec(input="/in", output="/out", model=MODEL,
+                                   label={"num_gpus": 1}), 8)
+    assert on_gpu.label.threads is None and on_gpu.frontend.threads == 8
+    assert place_on_cpus(JobSpec(input="/in", output="/out", model=MODEL), 0.5).label.threads == 1
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)  # leaves it
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_inflight_budget_and_local_object_store_are_fixed_sizes():
     from pipelines.job import INFLIGHT_BYTES, inflight_budget, local_object_store_bytes
 
