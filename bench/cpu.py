@@ -46,6 +46,8 @@ def plot(result: dict, path: Path) -> None:
     engine = result["engine"]
     budgets = [r["max_new_tokens"] for r in engine["runs"]]
     ax1.plot(budgets, [r["speedup"] for r in engine["runs"]], "o-", label="end to end")
+    ax1.plot(budgets, [r["ceiling_speedup"] for r in engine["runs"]], "^:",
+             label="ceiling (roofline of this machine)")
     ax1.plot(budgets, [r["llm_speedup"] for r in engine["runs"]], "s--",
              label="language model only")
     ax1.axhline(ENGINE_TARGET, color="grey", lw=0.8, ls=":", label=f"target {ENGINE_TARGET:.0f}x")
@@ -116,10 +118,15 @@ def main() -> None:
     result["targets"] = {
         "engine_speedup": {"target": ENGINE_TARGET, "best": best["speedup"],
                            "at_new_tokens": best["max_new_tokens"],
+                           "ceiling_there": best["ceiling_speedup"],
+                           "best_ceiling": max(r["ceiling_speedup"]
+                                               for r in result["engine"]["runs"]),
                            "identical_tokens": all(r["identical_tokens"]
                                                    for r in result["engine"]["runs"])},
         "pipeline_job_ratio": {"target": PIPELINE_TARGET,
-                               "measured": result["pipeline"]["job_ratio"]},
+                               "measured": result["pipeline"]["job_ratio"],
+                               "files": result["pipeline"]["files"],
+                               "marginal": result["pipeline"]["marginal_job_ratio"]},
         "memory_growth": {"target": MEMORY_TARGET, "measured": max(
             mem[-1][k] / mem[0][k] for k in ("driver_rss_mb", "worker_max_rss_mb"))},
     }
