@@ -3,7 +3,7 @@ a 100-file run. Every file is accounted exactly once; peak RSS must not grow wit
 
 1,000 files take about 50-100 s here and 100 files about 15-25 s, the most `make test` can spend;
 `bench/load.py --files 200 2000` runs the full-size comparison (same code, default budget).
-The 1,000 clips decode to about 42 MB, less than the default in-flight budget (64 MiB), which
+The 1,000 clips decode to about 42 MB, less than the default in-flight budget (128 MiB), which
 a queue would then never reach; the test gives the job a 16 MiB budget, which it does reach.
 """
 

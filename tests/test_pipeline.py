@@ -324,7 +324,7 @@ def test_inflight_budget_and_local_object_store_are_fixed_sizes():
     from pipelines.job import INFLIGHT_BYTES, inflight_budget, local_object_store_bytes
 
     spec = JobSpec(input="/in", output="/out", model=MODEL)
-    assert inflight_budget(spec, 0) == INFLIGHT_BYTES == 64 << 20  # not the corpus, not RAM
+    assert inflight_budget(spec, 0) == INFLIGHT_BYTES == 128 << 20  # not the corpus, not RAM
     assert local_object_store_bytes(spec) == 2 * INFLIGHT_BYTES
     assert inflight_budget(spec, 8) == 8 << 30  # GPU stages: feature blocks are large
     small = JobSpec(input="/in", output="/out", model=MODEL, inflight_bytes=16 << 20)
