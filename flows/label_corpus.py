@@ -34,6 +34,8 @@ class LabelCorpusParams(BaseModel):
     language: str = "auto"
     question: str | None = None
     max_new_tokens: int = Field(256, ge=1)
+    max_audio_seconds: float | None = Field(
+        None, gt=0, description="longer inputs get a too_long error row (default 6 h)")
     semantic_tokens: bool = False
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
     credentials_block: str | None = Field(
@@ -49,6 +51,7 @@ class LabelCorpusParams(BaseModel):
         return JobSpec(input=self.input, output=self.output, model=self.model, tasks=self.tasks,
                        language=self.language, question=self.question,
                        max_new_tokens=self.max_new_tokens, semantic_tokens=self.semantic_tokens,
+                       max_audio_seconds=self.max_audio_seconds,
                        storage_options=options, ray_address=self.ray_address, run_id=run_id,
                        **self.stages)
 

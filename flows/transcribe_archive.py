@@ -54,6 +54,8 @@ class TranscribeArchiveParams(BaseModel):
     model: str = Field(description="Kimi-Audio checkpoint folder on the workers")
     language: Literal["auto", "en", "zh"] = "auto"
     max_new_tokens: int = Field(384, ge=1, description="per segment of up to 30 s")
+    max_audio_seconds: float | None = Field(
+        None, gt=0, description="longer recordings get a too_long error row (default 6 h)")
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
     ray_address: str | None = None
     stages: dict[str, StageResources] = {}
@@ -70,7 +72,7 @@ class TranscribeArchiveParams(BaseModel):
         options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
         return JobSpec(input=self.input, output=self.output, model=self.model, tasks=["asr"],
                        language=self.language, max_new_tokens=self.max_new_tokens,
-                       storage_options=options, ray_address=self.ray_address, run_id=run_id,
+                       max_audio_seconds=self.max_audio_seconds, storage_options=options, ray_address=self.ray_address, run_id=run_id,
                        **self.stages)
 
 

@@ -28,6 +28,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", choices=["auto", "en", "zh"], default="auto")
     p.add_argument("--question", default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-audio-seconds", type=float, default=None,
+                   help="longer inputs get a too_long error row (default: "
+                        "$KIMI_MAX_AUDIO_SECONDS, else 6 hours)")
     p.add_argument("--semantic-tokens", action="store_true",
                    help="also write each segment's 12.5 Hz VQ tokens (training-data preparation)")
     p.add_argument("--extensions", default=None, help="comma-separated, e.g. wav,flac")
@@ -60,6 +63,7 @@ def cmd_run(argv: list[str]) -> int:
             input=args.input, output=args.output, model=args.model,
             glm_tokenizer=args.glm_tokenizer, tasks=[t for t in args.tasks.split(",") if t],
             language=args.language, question=args.question, max_new_tokens=args.max_new_tokens,
+            max_audio_seconds=args.max_audio_seconds,
             semantic_tokens=args.semantic_tokens, storage_options=options,
             extensions=args.extensions.split(",") if args.extensions else None,
             ray_address=args.ray_address, device=args.device, run_id=args.run_id, **stages)

@@ -67,6 +67,9 @@ class JobSpec(BaseModel):
     language: str = "auto"
     question: str | None = None
     max_new_tokens: int = Field(256, ge=1)
+    # a longer input gets a `too_long` error row, read from its header before decoding
+    # (None: KIMI_MAX_AUDIO_SECONDS on the workers, else 6 h; kimi_ops.audio.decode)
+    max_audio_seconds: float | None = Field(None, gt=0)
     semantic_tokens: bool = False
     extensions: list[str] | None = None
     storage_options: dict[str, Any] | None = Field(None, repr=False)  # may hold a secret
@@ -443,7 +446,9 @@ def build_dataset(spec: JobSpec, units: list[dict], model_id_: str, run_id: str)
         PlanReader(spec.output, spec.storage_options, retry), batch_format="pyarrow",
         batch_size=1, num_cpus=spec.decode.num_cpus, max_retries=spec.decode.max_restarts)
     # task stages get an instance (a plain function for Ray); actor stages get the class
-    ds = ds.map_batches(DecodeStage(spec.storage_options, retry=retry), batch_format="pyarrow",
+    ds = ds.map_batches(DecodeStage(spec.storage_options, retry=retry,
+                                    max_audio_seconds=spec.max_audio_seconds),
+        batch_format="pyarrow",
         batch_size=spec.decode.batch_size, num_cpus=spec.decode.num_cpus,
         max_retries=spec.decode.max_restarts,
         compute=ray.data.TaskPoolStrategy(size=spec.decode.concurrency))

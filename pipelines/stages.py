@@ -87,9 +87,11 @@ class DecodeStage:
     """Fetch each object, decode to 16 kHz mono, cut into <= 30 s segments at pauses."""
 
     def __init__(self, storage_options: dict | None, max_segment_seconds: float = 30.0,
-                 retry=None):
+                 retry=None, max_audio_seconds: float | None = None):
         self.storage_options = storage_options
         self.max_segment_seconds = max_segment_seconds
+        # None: the decoder's default (KIMI_MAX_AUDIO_SECONDS, else 6 h)
+        self.limit = {"max_seconds": max_audio_seconds} if max_audio_seconds else {}
         self.retry = retry  # a pipelines.storage.RetryPolicy; None: the default
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -115,7 +117,7 @@ class DecodeStage:
                     row["sample_rate"], row["channels"] = int(info.samplerate), int(info.channels)
                 except (RuntimeError, sf.LibsndfileError):
                     pass  # load_audio reports it with the file name
-                wave = load_audio(data, name=plan["uri"])
+                wave = load_audio(data, name=plan["uri"], **self.limit)
                 segments = segment_audio(wave, SAMPLE_RATE, max_seconds=self.max_segment_seconds)
                 row["duration_s"] = len(wave) / SAMPLE_RATE
                 row["segments"] = [{"start": s.start, "end": s.end, "silent": s.silent}

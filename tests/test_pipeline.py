@@ -294,6 +294,40 @@ def test_gpu_placement_by_configuration_only():
     assert place_on_gpus(pinned, 8) == pinned  # explicit settings win
 
 
+def test_max_audio_seconds_reaches_the_decode_stage(tmp_path):
+    """JobSpec.max_audio_seconds (CLI --max-audio-seconds, the flows' parameter) refuses longer
+    inputs as `too_long` rows, naming the object; shorter ones decode."""
+    import pyarrow as pa
+    from pydantic import ValidationError
+
+    from flows.label_corpus import LabelCorpusParams
+    from flows.transcribe_archive import TranscribeArchiveParams
+    from pipelines.cli import build_run_parser
+    from pipelines.stages import DecodeStage
+
+    for seconds in (1, 3):
+        sf.write(tmp_path / f"tone{seconds}.wav",
+                 0.1 * np.sin(np.arange(16000 * seconds) / 10).astype(np.float32), 16000)
+    plan = pa.Table.from_pylist([{"uri": str(tmp_path / f"tone{s}.wav"), "etag": None, "size": 0}
+                                 for s in (1, 3)])
+    rows = DecodeStage(None, max_audio_seconds=2.0)(plan).to_pylist()
+    assert [r["error_kind"] for r in rows] == [None, "too_long"]
+    assert "tone3.wav" in rows[1]["error_message"] and "2 s limit" in rows[1]["error_message"]
+    assert rows[0]["duration_s"] == 1.0
+    unlimited = DecodeStage(None)(plan).to_pylist()  # the decoder's default: 6 h
+    assert [r["error_kind"] for r in unlimited] == [None, None]
+
+    args = build_run_parser().parse_args(["--input", "/in", "--output", "/out", "--model", MODEL,
+                                          "--max-audio-seconds", "90"])
+    assert args.max_audio_seconds == 90.0
+    assert LabelCorpusParams(input="/in", output="/out", model=MODEL, max_audio_seconds=90
+                             ).job_spec().max_audio_seconds == 90
+    assert TranscribeArchiveParams(input="/in", output="/out", model=MODEL,
+                                   max_audio_seconds=90).job_spec().max_audio_seconds == 90
+    with pytest.raises(ValidationError, match="max_audio_seconds"):
+        JobSpec(input="/in", output="/out", model=MODEL, max_audio_seconds=0)
+
+
 def test_cpu_actors_get_threads_for_the_node_unless_set():
     import torch
 
