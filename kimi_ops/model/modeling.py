@@ -169,7 +169,8 @@ def key_spans(first_key: Sequence[int], num_keys: int, min_rows: int = 4, shrink
 
 def fused_linear(parts: Sequence[nn.Linear]) -> nn.Linear:
     """One linear layer whose outputs are `parts`' outputs side by side: one larger GEMM instead
-    of several (each output element is the same dot product, so the numbers do not change)."""
+    of several. Each output element is the same dot product; on CPU the results were bitwise
+    equal to the separate layers' in our checks, and the golden tests hold the tokens to it."""
     weight = torch.cat([p.weight for p in parts])
     bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
     with torch.device("meta"):
