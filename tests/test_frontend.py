@@ -105,10 +105,13 @@ def test_kimi_whisper_logmel_matches_reference(frontend, wavs, debug):
 
 
 def test_vq_input_features_match_reference(frontend, wavs, debug):
+    """Within the goldens' feature tolerance (1e-4, as the Kimi whisper log-mel above): the fp32
+    STFT rounds differently per CPU. The AMD machine matched to 1e-5, the Intel AVX-512 one to
+    3.8e-5, in the low-power bins; the VQ codes built on them are exact on both."""
     mel, mask = frontend.vq.input_features(wavs["a02_chirp_3s_16k"])
     expected = debug["debug_vq_input_features__a02_chirp_3s_16k"]
     assert mel.shape == expected.shape
-    np.testing.assert_allclose(mel, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mel, expected, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(mask, debug["debug_vq_attention_mask__a02_chirp_3s_16k"])
 
 
