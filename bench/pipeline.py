@@ -42,7 +42,7 @@ def engine_only(checkpoint: Path, clips: list[Path], max_new_tokens: int):
     return timed(lambda: label_files(engine, clips, tasks, max_new_tokens))
 
 
-def run(out: Path, files: int = 48, max_new_tokens: int = 32, preset: str = "small") -> dict:
+def run(out: Path, files: int = 256, max_new_tokens: int = 32, preset: str = "small") -> dict:
     checkpoint = make_tiny_checkpoint(out / f"{preset}_checkpoint", seed=0, preset=preset)
     corpus = out / "pipeline_corpus"
     shutil.rmtree(corpus, ignore_errors=True)

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipelines.local_s3 import SeaweedError, SeaweedS3, pick_ports
-from pipelines.procfs import port_free, proc_stat
+from pipelines.procfs import alive, port_free, proc_stat
 
 SERVICES = ("s3", "prefect", "ray")
 BUCKET = "audio"
@@ -105,8 +105,7 @@ def _reap(pid: int) -> None:
 def is_alive(proc: Proc) -> bool:
     """Running (not a zombie) and still the same process."""
     _reap(proc.pid)
-    st = proc_stat(proc.pid)
-    return st is not None and st[0] not in "ZXx" and st[2] == proc.start
+    return alive(proc.pid, proc.start)
 
 
 def _cmdline(pid: int) -> str:

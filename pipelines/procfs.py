@@ -21,6 +21,12 @@ def proc_stat(pid: int) -> tuple[str, int, int] | None:
     return rest[0], int(rest[3]), int(rest[19])
 
 
+def alive(pid: int, start: int) -> bool:
+    """Running (not a zombie) and still the same process."""
+    st = proc_stat(pid)
+    return st is not None and st[0] not in "ZXx" and st[2] == start
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a listener could bind `host:port` now (as weed, uvicorn and gRPC bind)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -11,13 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from pipelines.procfs import proc_stat
-
-
-def alive(pid: int, start: int) -> bool:
-    """Running (not a zombie) and still the same process."""
-    st = proc_stat(pid)
-    return st is not None and st[0] not in "ZXx" and st[2] == start
+from pipelines.procfs import alive, proc_stat
 
 
 def comm(pid: int) -> str:
