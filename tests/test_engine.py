@@ -147,8 +147,9 @@ def test_decode_attention_blocks_equal_the_full_padded_read():
 
 def test_many_mixed_length_rows_decode_in_blocks_equal_to_single(tiny_model, tokenizer,
                                                                    golden_prompts):
-    """Enough rows of spread lengths that decode attention runs in several row blocks."""
-    from kimi_ops.model.modeling import key_spans
+    """Enough rows of spread lengths that decode attention runs in several row blocks, and
+    that the CPU decode steps take `Linear`'s transposed product (16-48 rows)."""
+    from kimi_ops.model.modeling import key_spans, small_gemm_rows
 
     base = sorted((golden_prompts[c] for c in GENERATION_CASES), key=len)
     prompts = base * 2  # duplicates in one batch, shuffled order on purpose
@@ -156,6 +157,7 @@ def test_many_mixed_length_rows_decode_in_blocks_equal_to_single(tiny_model, tok
     width = max(len(p) for p in prompts)
     first_key = sorted(width - len(p) for p in prompts)
     assert len(key_spans(first_key, width)) > 1, "the batch should split into row blocks"
+    assert small_gemm_rows(torch.zeros(len(prompts), 1, 8)), "the batch should be 16-48 rows"
     batched = run(tiny_model, tokenizer, prompts, max_new_tokens=12)
     for prompt, res in zip(prompts, batched):
         assert res.text_token_ids == run(tiny_model, tokenizer, [prompt],

@@ -138,3 +138,22 @@ def test_missing_shard_file_is_named(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CheckpointError, match="model-1-of-1.safetensors"):
         load_state_dict(_new_model(), tmp_path, torch.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 32, 48, 49, 300])
+def test_linear_and_mlp_agree_with_plain_products_at_every_row_count(tiny_model, rows):
+    """`Linear` and the fused MLP switch to a transposed product at 16-48 rows on CPU; every row
+    count gives the plain x @ W^T + b result (to fp32 rounding: the kernels may sum differently)."""
+    from kimi_ops.model.modeling import small_gemm_rows
+
+    layer = tiny_model.model.layers[0]
+    x = torch.randn(rows, 1, tiny_model.config.hidden_size,
+                    generator=torch.Generator().manual_seed(rows))
+    assert bool(small_gemm_rows(x)) == (16 <= rows <= 48)
+    qkv = layer.self_attn.qkv_proj
+    torch.testing.assert_close(qkv(x), x @ qkv.weight.T + qkv.bias, rtol=1e-5, atol=1e-5)
+    mlp = layer.mlp
+    gate, up = (x @ mlp.gate_up_proj.weight.T).chunk(2, dim=-1)
+    expected = (torch.nn.functional.silu(gate) * up) @ mlp.down_proj.weight.T
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
