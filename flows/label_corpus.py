@@ -143,7 +143,10 @@ def check_output(spec: JobSpec) -> dict[str, int]:
 
 @task
 def label_distribution(spec: JobSpec, run_id: str) -> dict[str, dict[str, int]]:
-    """Counts of each closed-set label over this run's segments."""
+    """Counts of each closed-set label over this run's segments (one shard in memory at a
+    time, two columns of it)."""
+    import pyarrow.compute as pc
+
     from kimi_ops.tasks import ChoiceTask, get_task
     from pipelines.job import read_table_dir
     from pipelines.storage import resolve
@@ -155,11 +158,10 @@ def label_distribution(spec: JobSpec, run_id: str) -> dict[str, dict[str, int]]:
     fs, root = resolve(spec.output, spec.storage_options)
     dist: dict[str, Counter] = {name: Counter() for name in names}
     for _, table in read_table_dir(fs, f"{root}/segments", ["run_id", *names]):
-        for row in table.to_pylist():
-            if row["run_id"] == run_id:
-                for name in names:
-                    if row[name] is not None:
-                        dist[name][row[name]] += 1
+        mine = table.filter(pc.equal(table["run_id"], run_id))
+        for name in names:
+            for count in pc.value_counts(mine[name].drop_null()).to_pylist():
+                dist[name][count["values"]] += count["counts"]
     return {name: dict(counter) for name, counter in dist.items()}
 
 

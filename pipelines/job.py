@@ -20,6 +20,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -184,16 +185,18 @@ def model_id(root: Path, cache_file: Path | None = None) -> str:
 # -- planning ------------------------------------------------------------------------------
 
 def read_table_dir(fs, folder: str, columns: list[str] | None,
-                   retry: RetryPolicy | None = None) -> list[tuple[str, pa.Table]]:
-    """Every Parquet file under `folder` (sorted by path), each listing and read retried."""
+                   retry: RetryPolicy | None = None) -> Iterator[tuple[str, pa.Table]]:
+    """Every Parquet file under `folder` (sorted by path), each listing and read retried. The
+    folder is listed at once; its files are read one at a time as the caller iterates, so a
+    caller that folds them holds one shard, not the whole table."""
     from pipelines.storage import retrying, uri_of
 
     def listing() -> list[str]:
         return sorted(fs.find(folder)) if fs.exists(folder) else []
 
     paths = retrying(listing, uri_of(fs, folder), action="list", policy=retry)
-    return [(path, read_parquet(fs, path, columns, retry))
-            for path in paths if path.endswith(".parquet")]
+    return ((path, read_parquet(fs, path, columns, retry))
+            for path in paths if path.endswith(".parquet"))
 
 
 def read_parquet(fs, path: str, columns: list[str] | None = None,
@@ -336,14 +339,16 @@ def _init_ray(spec: JobSpec, temp_dir: str | None = None):
     return True
 
 
-def inflight_budget(spec: JobSpec, gpus: float) -> int:
-    """Object-store bytes of the job's blocks in flight: `spec.inflight_bytes`, else 128 MiB
-    on CPUs or 1 GiB per GPU (feature blocks of long audio are large; the GPU stages must not
-    wait on each other). Fixed, whatever the corpus size."""
+def inflight_budget(spec: JobSpec, gpus: float, nodes: int = 1) -> int:
+    """Object-store bytes of the job's blocks in flight: `spec.inflight_bytes`, else 1 GiB per
+    GPU (feature blocks of long audio are large; the GPU stages must not wait on each other) or,
+    without GPUs, 128 MiB per node (Ray Data's budget is one figure for the whole cluster: a
+    fixed 128 MiB would feed about four 32-file units at a time, whatever the node count).
+    Fixed, whatever the corpus size."""
     if spec.inflight_bytes is not None:
         return spec.inflight_bytes
     whole = int(gpus)
-    return whole * INFLIGHT_BYTES_PER_GPU if whole >= 1 else INFLIGHT_BYTES
+    return whole * INFLIGHT_BYTES_PER_GPU if whole >= 1 else max(nodes, 1) * INFLIGHT_BYTES
 
 
 def local_object_store_bytes(spec: JobSpec, gpus: float = 0) -> int:
@@ -417,10 +422,14 @@ def place_on_cpus(spec: JobSpec, node_cpus: float) -> JobSpec:
     return spec.model_copy(update=update) if update else spec
 
 
-def smallest_node_cpus() -> float:
+def alive_nodes() -> list[dict]:
     import ray
 
-    return min((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def smallest_node_cpus() -> float:
+    return min((n["Resources"].get("CPU", 0) for n in alive_nodes()), default=1)
 
 
 def build_dataset(spec: JobSpec, units: list[dict], model_id_: str, run_id: str):
@@ -504,7 +513,8 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
             gpus = ray.cluster_resources().get("GPU", 0)
             spec = place_on_gpus(spec, gpus)
             spec = place_on_cpus(spec, smallest_node_cpus())
-            spec = spec.model_copy(update={"inflight_bytes": inflight_budget(spec, gpus)})
+            spec = spec.model_copy(update={
+                "inflight_bytes": inflight_budget(spec, gpus, len(alive_nodes()))})
             ds = build_dataset(spec, planned["units"], model_id_, run_id)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 summary.extend(batch.to_pylist())

@@ -80,3 +80,24 @@ def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 processed" in done.stdout and "'ok': 1" in done.stdout
     assert list((tmp_path / "out" / "files").glob("part-*.parquet"))
+
+
+def test_label_distribution_counts_this_runs_labels_shard_by_shard(tmp_path):
+    """The closed-set counts cover this run's segments only, summed over every shard, nulls
+    (segments without that label) left out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flows.label_corpus import label_distribution
+    from pipelines.job import JobSpec
+
+    segments = tmp_path / "out" / "segments"
+    segments.mkdir(parents=True)
+    pq.write_table(pa.table({"run_id": ["r1", "r1", "r0", "r1"],
+                             "emotion": ["happy", "sad", "happy", None]}), segments / "a.parquet")
+    pq.write_table(pa.table({"run_id": ["r1", None], "emotion": ["happy", "sad"]}),
+                   segments / "b.parquet")
+    spec = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=MODEL,
+                   tasks=["asr", "emotion"])
+    assert label_distribution.fn(spec, "r1") == {"emotion": {"happy": 2, "sad": 1}}
+    assert label_distribution.fn(spec.model_copy(update={"tasks": ["asr"]}), "r1") == {}

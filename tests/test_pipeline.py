@@ -359,6 +359,8 @@ def test_inflight_budget_and_local_object_store_are_fixed_sizes():
 
     spec = JobSpec(input="/in", output="/out", model=MODEL)
     assert inflight_budget(spec, 0) == INFLIGHT_BYTES == 128 << 20  # not the corpus, not RAM
+    assert inflight_budget(spec, 0, nodes=4) == 4 * INFLIGHT_BYTES  # a CPU cluster: per node
+    assert inflight_budget(spec, 8, nodes=4) == 8 << 30  # per GPU, wherever they are
     assert local_object_store_bytes(spec) == 2 * INFLIGHT_BYTES
     assert inflight_budget(spec, 8) == 8 << 30  # GPU stages: feature blocks are large
     small = JobSpec(input="/in", output="/out", model=MODEL, inflight_bytes=16 << 20)
