@@ -209,6 +209,66 @@ class MemorySampler(threading.Thread):
         }
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_group(cmdline: str) -> str:
+    """What a process of a `kimi-label run` tree is, from its command line (Ray titles a worker
+    by what it runs: "ray::MapWorker(MapBatches(LabelStage))", "ray::IDLE", ...)."""
+    if "uvicorn" in cmdline and "prefect" in cmdline:
+        return "Prefect server"
+    if cmdline.startswith("ray::MapWorker(MapBatches("):
+        return cmdline[len("ray::MapWorker(MapBatches("):].split(")")[0] + " actor"
+    if cmdline.startswith(("ray::_", "ray::ActorLocationTracker", "ray::DashboardAgent",
+                           "ray::RuntimeEnvAgent")):
+        return "Ray's own actors"
+    if cmdline.startswith("ray::") or "default_worker.py" in cmdline:
+        return "task workers (plan, decode, write)"
+    return "Ray daemons (GCS, raylet, ...)"
+
+
+class CpuSampler(threading.Thread):
+    """CPU seconds of a process tree by `cpu_group`, until `stop()`: the root is the driver.
+    A process's last 0.2 s before it exits can be missed."""
+
+    def __init__(self, root: int):
+        super().__init__(daemon=True)
+        self.root = root
+        self.done = threading.Event()
+        self.by_process: dict[tuple[int, int | None], dict] = {}
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for pid in [self.root, *descendants(self.root)]:
+                seconds = cpu_seconds(pid)
+                if seconds is None:
+                    continue
+                rec = self.by_process.setdefault((pid, start_time(pid)), {"group": None})
+                rec["cpu_s"] = seconds
+                title = _cmdline(pid)
+                if pid == self.root:
+                    rec["group"] = "driver (flow, Ray Data's executor)"
+                elif title and rec["group"] in (None, cpu_group("ray::IDLE")):
+                    rec["group"] = cpu_group(title)  # a worker may become an actor later
+            self.done.wait(SAMPLE_EVERY_S)
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.join()
+        groups: dict[str, float] = {}
+        for rec in self.by_process.values():
+            group = rec["group"] or "Ray daemons (GCS, raylet, ...)"
+            groups[group] = groups.get(group, 0.0) + rec["cpu_s"]
+        return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
 # -- one run --------------------------------------------------------------------------------
 
 DRIVER = """

@@ -16,14 +16,17 @@ import argparse
 import json
 import os
 import shutil
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import machine, timed, write_clips  # noqa: E402
+from load import CpuSampler  # noqa: E402
 
 from kimi_ops.engine.api import KimiAudio  # noqa: E402
 from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
@@ -35,11 +38,15 @@ STAGES = {"decode": {"batch_size": 8}, "frontend": {"batch_size": 16},
 
 
 def engine_only(checkpoint: Path, clips: list[Path], max_new_tokens: int):
-    """(rows, seconds) of labelling `clips` in this process; the model is freed on return."""
+    """(rows, seconds, CPU seconds) of labelling `clips` in this process, the model loaded and
+    warmed up before; the model is freed on return."""
     engine = KimiAudio(checkpoint, device="cpu")
     tasks = [get_task("asr")]
     label_files(engine, clips[:2], tasks, max_new_tokens=4)  # warm-up
-    return timed(lambda: label_files(engine, clips, tasks, max_new_tokens))
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    rows, seconds = timed(lambda: label_files(engine, clips, tasks, max_new_tokens))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return rows, seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def run(out: Path, files: int = 256, max_new_tokens: int = 32, preset: str = "small") -> dict:
@@ -48,7 +55,7 @@ def run(out: Path, files: int = 256, max_new_tokens: int = 32, preset: str = "sm
     shutil.rmtree(corpus, ignore_errors=True)
     clips = write_clips(corpus, files, seed=1, low=2.0, high=28.0)
 
-    rows, engine_s = engine_only(checkpoint, clips, max_new_tokens)
+    rows, engine_s, engine_cpu_s = engine_only(checkpoint, clips, max_new_tokens)
     command_s, report = label_command(corpus, out / "pipeline_output", checkpoint, max_new_tokens)
     job_s = report["wall_s"]
     # the fixed part: the same command on one of the files (Ray start, actors, model loads)
@@ -66,6 +73,10 @@ def run(out: Path, files: int = 256, max_new_tokens: int = 32, preset: str = "sm
         "one_file_job_s": fixed["wall_s"], "one_file_command_s": fixed_command_s,
         # what each further file costs next to the engine: the job less its one-file time
         "marginal_job_ratio": (job_s - fixed["wall_s"]) / engine_s,
+        # CPU seconds by process over the whole command, against the engine-only arm's
+        # (labelling only) and what the machine's CPUs could give
+        "engine_only_cpu_s": engine_cpu_s, "command_cpu_s": report["cpu_s"],
+        "command_cpu_capacity_s": (os.cpu_count() or 1) * command_s,
         "labelled": report["status"], "stage_busy_share": {
             stage: seconds / job_s for stage, seconds in report["stage_seconds"].items()},
         "stages": STAGES,
@@ -80,11 +91,18 @@ def label_command(corpus: Path, output: Path, checkpoint: Path, max_new_tokens: 
                "--max-new-tokens", str(max_new_tokens), "--stages", json.dumps(STAGES)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    done, seconds = timed(lambda: subprocess.run(command, env=env, capture_output=True,
-                                                 text=True))
-    if done.returncode:
-        sys.exit(f"kimi-label run failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return seconds, json.loads(next((output / "_runs").glob("*/report.json")).read_text())
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    sampler = CpuSampler(proc.pid)
+    sampler.start()
+    _, stderr = proc.communicate()
+    seconds = time.perf_counter() - start
+    cpu = sampler.stop()
+    if proc.returncode:
+        sys.exit(f"kimi-label run failed ({proc.returncode}):\n{stderr[-4000:]}")
+    report = json.loads(next((output / "_runs").glob("*/report.json")).read_text())
+    return seconds, {**report, "cpu_s": cpu}
 
 
 def print_table(r: dict) -> None:
@@ -98,6 +116,10 @@ def print_table(r: dict) -> None:
           f"{r['marginal_job_ratio']:>9.2f}x  {share}")
     print("(marginal: (job - 1-file job) / engine only, what the files cost beyond the fixed "
           "start-up of Ray, the actors and their model loads)")
+    print(f"CPU seconds over the command (of {r['command_cpu_capacity_s']:.0f} the CPUs could "
+          f"give; the engine-only arm used {r['engine_only_cpu_s']:.1f}):")
+    for group, seconds in r["command_cpu_s"].items():
+        print(f"{seconds:>10.1f}  {group}")
 
 
 def main() -> None:

@@ -40,3 +40,19 @@ def test_engine_benchmark_compares_identical_tokens(tmp_path):
     assert run["batch_floor_s"]["prefill_s"] > 0 and run["batch_floor_s"]["decode_s"] > 0
     assert run["ceiling_speedup"] > 0 and run["llm_ceiling_speedup"] > 0
     assert result["machine"]["torch"]
+
+
+def test_pipeline_benchmark_accounts_the_command_cpu_by_process(tmp_path):
+    out = run_script("bench/pipeline.py", "--preset", "tiny", "--files", "3",
+                     "--max-new-tokens", "2", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "pipeline.json").read_text())
+    assert result["labelled"] == {"ok": 3}
+    assert result["engine_only_s"] > 0 and result["job_s"] > 0 and result["one_file_job_s"] > 0
+    assert result["engine_only_cpu_s"] > 0
+    cpu = result["command_cpu_s"]
+    # the stage actors are told apart by their Ray titles; the flow's own process is the driver
+    assert {"FrontendStage actor", "LabelStage actor"} <= set(cpu), cpu
+    assert all(seconds >= 0 for seconds in cpu.values())
+    assert cpu["driver (flow, Ray Data's executor)"] > 0 and cpu["LabelStage actor"] > 0
+    assert sum(cpu.values()) <= result["command_cpu_capacity_s"]
+    assert "CPU seconds over the command" in out
