@@ -143,12 +143,12 @@ def check_output(spec: JobSpec) -> dict[str, int]:
 
 @task
 def label_distribution(spec: JobSpec, run_id: str) -> dict[str, dict[str, int]]:
-    """Counts of each closed-set label over this run's segments (one shard in memory at a
-    time, two columns of it)."""
+    """Counts of each closed-set label over this run's segments (read one shard at a time, and
+    of it only the run and the labels)."""
     import pyarrow.compute as pc
 
     from kimi_ops.tasks import ChoiceTask, get_task
-    from pipelines.job import read_table_dir
+    from pipelines.job import read_table_dir, this_run
     from pipelines.storage import resolve
 
     names = [t.name for t in (get_task(s, **spec.task_params()) for s in spec.tasks)
@@ -157,8 +157,9 @@ def label_distribution(spec: JobSpec, run_id: str) -> dict[str, dict[str, int]]:
         return {}
     fs, root = resolve(spec.output, spec.storage_options)
     dist: dict[str, Counter] = {name: Counter() for name in names}
-    for _, table in read_table_dir(fs, f"{root}/segments", ["run_id", *names]):
-        mine = table.filter(pc.equal(table["run_id"], run_id))
+    for _, table in read_table_dir(fs, f"{root}/segments", ["run_id", *names],
+                                   spec.storage_retry):
+        mine = this_run(table, run_id)
         for name in names:
             for count in pc.value_counts(mine[name].drop_null()).to_pylist():
                 dist[name][count["values"]] += count["counts"]

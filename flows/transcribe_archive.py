@@ -157,36 +157,20 @@ def write_file_subtitles(fs, root: str, name: str, segments: list[dict]) -> list
     return paths
 
 
-def _read_parquet(fs, path: str, columns: list[str]):
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
-
-
-def _parquet_files(fs, folder: str) -> list[str]:
-    return sorted(p for p in fs.find(folder) if p.endswith(".parquet")) if fs.exists(folder) \
-        else []
-
-
-def _this_run(table, run_id: str):
-    import pyarrow.compute as pc
-
-    return table.filter(pc.equal(table["run_id"], run_id))
-
-
 def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
     """Subtitles for every ok file of `run_id`; stale subtitles of its error files removed.
 
     Reads `files/` (a few columns) for the run's rows, then, for the shards holding them, the
     segments shard of the same name (the writer names both parts of a shard alike), falling back
     to a scan of `segments/` for files it did not find there. Returns counts and kinds."""
+    from pipelines.job import read_parquet, read_table_dir, this_run
     from pipelines.storage import open_input, resolve
 
     fs, root = resolve(spec.output, spec.storage_options)
+    retry = spec.storage_retry
     files_by_shard: dict[str, list[dict]] = defaultdict(list)
-    for path in _parquet_files(fs, f"{root}/files"):
-        rows = _this_run(_read_parquet(fs, path, FILE_COLUMNS), run_id).to_pylist()
+    for path, table in read_table_dir(fs, f"{root}/files", FILE_COLUMNS, retry):
+        rows = this_run(table, run_id).to_pylist()
         if rows:
             files_by_shard[path.rsplit("/", 1)[-1]].extend(rows)
     file_rows = [row for rows in files_by_shard.values() for row in rows]
@@ -226,20 +210,21 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
                 counts["subtitle_files"] += 2
                 pending.discard(uri)
 
-    def segments_of(path: str) -> dict[str, list[dict]]:
+    def segments_of(table) -> dict[str, list[dict]]:
         found: dict[str, list[dict]] = defaultdict(list)
-        for row in _this_run(_read_parquet(fs, path, SEGMENT_COLUMNS), run_id).to_pylist():
+        for row in this_run(table, run_id).to_pylist():
             if row["source_uri"] in pending:
                 found[row["source_uri"]].append(row)
         return found
 
     for shard, rows in sorted(files_by_shard.items()):
         if any(r["source_uri"] in pending for r in rows) and fs.exists(f"{root}/segments/{shard}"):
-            write(segments_of(f"{root}/segments/{shard}"))
+            write(segments_of(read_parquet(fs, f"{root}/segments/{shard}", SEGMENT_COLUMNS,
+                                           retry)))
     if pending:  # not in their shard's segments part: scan everything once
         collected: dict[str, list[dict]] = defaultdict(list)
-        for path in _parquet_files(fs, f"{root}/segments"):
-            for uri, segs in segments_of(path).items():
+        for _, table in read_table_dir(fs, f"{root}/segments", SEGMENT_COLUMNS, retry):
+            for uri, segs in segments_of(table).items():
                 collected[uri].extend(segs)
         write(collected)
     for uri in sorted(pending):  # an ok file without segment rows: empty subtitles, counted

@@ -199,6 +199,13 @@ def read_table_dir(fs, folder: str, columns: list[str] | None,
             for path in paths if path.endswith(".parquet"))
 
 
+def this_run(table: pa.Table, run_id: str) -> pa.Table:
+    """The rows of `table` written by run `run_id`."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table["run_id"], run_id))
+
+
 def read_parquet(fs, path: str, columns: list[str] | None = None,
                  retry: RetryPolicy | None = None) -> pa.Table:
     from pipelines.storage import retrying, uri_of
