@@ -141,6 +141,18 @@ def check_output(spec: JobSpec) -> dict[str, int]:
     return {"files_rows": sum(counts.values())}
 
 
+def label_checked(spec: JobSpec, flow_name: str) -> dict[str, Any]:
+    """A flow's labelling: inputs checked (a bad input or output is the caller's error, not a
+    task to retry), the job run, its output checked for duplicates. Returns the job's report."""
+    try:
+        check_inputs(spec)
+    except JobError as exc:
+        raise ValueError(f"{flow_name} cannot run: {exc}") from None
+    report = run_labelling(spec)
+    check_output(spec)
+    return report
+
+
 @task
 def label_distribution(spec: JobSpec, run_id: str) -> dict[str, dict[str, int]]:
     """Counts of each closed-set label over this run's segments (read one shard at a time, and
@@ -202,12 +214,7 @@ def label_corpus(params: LabelCorpusParams) -> dict[str, Any]:
     except ValueError as exc:
         raise ValueError(f"label-corpus cannot run: {exc}") from None
     spec = params.job_spec(run_id=flow_run_id(), credentials=credentials)
-    try:
-        check_inputs(spec)
-    except JobError as exc:
-        raise ValueError(f"label-corpus cannot run: {exc}") from None
-    report = run_labelling(spec)
-    check_output(spec)
+    report = label_checked(spec, "label-corpus")
     distribution = label_distribution(spec, report["run_id"])
     publish(report, distribution, spec.output)
     logger.info("run %s: %s processed, status %s", report["run_id"], report["processed"],

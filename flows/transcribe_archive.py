@@ -38,9 +38,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flows.label_corpus import check_inputs, check_output, flow_run_id, run_labelling
+from flows.label_corpus import flow_run_id, label_checked
 from flows.subtitles import to_srt, to_webvtt
-from pipelines.job import JobError, JobSpec, StageResources
+from pipelines.job import JobSpec, StageResources
 
 STAGES = ("decode", "frontend", "label", "write")
 SUBTITLES_DIR = "subtitles"
@@ -269,12 +269,7 @@ def publish(report: dict[str, Any], subtitles: dict[str, Any], output: str) -> N
 def transcribe_archive(params: TranscribeArchiveParams) -> dict[str, Any]:
     logger = get_run_logger()
     spec = params.job_spec(run_id=flow_run_id())
-    try:
-        check_inputs(spec)
-    except JobError as exc:
-        raise ValueError(f"transcribe-archive cannot run: {exc}") from None
-    report = run_labelling(spec)
-    check_output(spec)
+    report = label_checked(spec, "transcribe-archive")
     subtitles = write_subtitles(spec, report["run_id"])
     publish(report, subtitles, spec.output)
     logger.info("run %s: %s recordings, %s subtitle files, errors %s", report["run_id"],
