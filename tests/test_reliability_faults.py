@@ -209,17 +209,23 @@ def test_an_outage_past_the_budget_fails_fast_and_clearly(own_store):
     assert "s3://audio/x/a.wav" in str(err.value) and "gave up after" in str(err.value)
 
 
+def job_past_its_first_shard(store, prefix: str, names: dict, policy: RetryPolicy):
+    """Upload `names`, start the job in the background (slow labels, small shards) and wait
+    until its first files shard is written. Returns (spec, job, files shards written so far)."""
+    upload(store, f"{prefix}/in", names)
+    spec = small_batches(store, prefix, storage_retry=policy)
+    fs, root = resolve(f"{prefix}/out", store.storage_options)
+    job = JobThread(spec)
+    job.start()
+    return spec, job, len(wait_for(lambda: files_shards(fs, root), job, 180,
+                                   "the first files shard"))
+
+
 def test_job_survives_a_ten_second_store_outage(own_store, ray_local, slow_labels):
     names = clips(8)
     prefix = "s3://audio/outage"
-    upload(own_store, f"{prefix}/in", names)
-    spec = small_batches(own_store, prefix, storage_retry=RetryPolicy(
+    _, job, written_before = job_past_its_first_shard(own_store, prefix, names, RetryPolicy(
         attempts=60, base_delay_s=0.2, max_delay_s=2.0, budget_s=60))
-    fs, root = resolve(f"{prefix}/out", own_store.storage_options)
-    job = JobThread(spec)
-    job.start()
-    wait_for(lambda: files_shards(fs, root), job, 180, "the first files shard")
-    written_before = len(files_shards(fs, root))
     own_store.stop()
     down_at = time.monotonic()
     time.sleep(10)  # the fault itself: ten seconds without a store
@@ -243,13 +249,8 @@ def test_outage_beyond_the_budget_fails_clearly_and_a_rerun_resumes(own_store, r
                                                                      slow_labels):
     names = clips(8)
     prefix = "s3://audio/long-outage"
-    upload(own_store, f"{prefix}/in", names)
-    spec = small_batches(own_store, prefix, storage_retry=RetryPolicy(
+    spec, job, _ = job_past_its_first_shard(own_store, prefix, names, RetryPolicy(
         attempts=20, base_delay_s=0.2, max_delay_s=1.0, budget_s=3))
-    fs, root = resolve(f"{prefix}/out", own_store.storage_options)
-    job = JobThread(spec)
-    job.start()
-    wait_for(lambda: files_shards(fs, root), job, 180, "the first files shard")
     own_store.stop()
     job.join(timeout=120)
     assert not job.is_alive()
