@@ -12,7 +12,8 @@ Rows flow one per input object, so a file's segments stay together:
 
 A file that cannot be used becomes an error row at the stage that finds out, carrying a stable
 `error_kind`, and flows on to the writer like any other row. Engine failures are not caught:
-they kill the worker and Ray retries it. A store that stays unavailable past the job's retry
+they kill the worker and Ray retries it. The exception is a file that does not fit the device's
+memory even alone: an `out_of_memory` error row (`LabelStage._label`). A store that stays unavailable past the job's retry
 budget is not a property of the file either: that StorageError ends the run (a rerun resumes).
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 SEGMENT_KEYS = ("start", "end", "silent")
+OUT_OF_MEMORY = "out_of_memory"  # the error kind of a file the device cannot label (LabelStage)
 
 
 def _error(row: dict[str, Any], kind: str, message: str) -> dict[str, Any]:
@@ -163,6 +165,8 @@ class FrontendStage:
                                                       dtype=default_dtype(dev))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from kimi_ops.engine.api import halve_on_oom
+
         start = time.perf_counter()
         rows = batch.to_pylist()
         pieces, owners = [], []
@@ -173,7 +177,7 @@ class FrontendStage:
             for seg in row["segments"]:
                 pieces.append(wave[seg["start"]: seg["end"]])
                 owners.append(r)
-        encodings = self.frontend.encode(pieces) if pieces else []
+        encodings = halve_on_oom(self.frontend.encode, pieces, "audio front-end") if pieces else []
         tokens: list[list] = [[] for _ in rows]
         features: list[list] = [[] for _ in rows]
         for r, enc in zip(owners, encodings):
@@ -218,7 +222,6 @@ class LabelStage:
         import torch
 
         from kimi_ops.frontend import AudioEncoding
-        from kimi_ops.tasks.runner import label_segments
 
         start = time.perf_counter()
         rows = batch.to_pylist()
@@ -233,8 +236,7 @@ class LabelStage:
                                                torch.from_numpy(array.copy())))
                 silent.append(bool(seg["silent"]))
                 owners.append(r)
-        fields = (label_segments(self.engine, encodings, self.tasks, self.max_new_tokens, silent)
-                  if encodings else [])
+        fields = self._label(rows, encodings, silent, owners) if encodings else []
         elapsed = time.perf_counter() - start
         files_json, segments_json = [], []
         for r, row in enumerate(rows):
@@ -250,6 +252,36 @@ class LabelStage:
             "decode_s": batch["decode_s"], "frontend_s": batch["frontend_s"],
             "label_s": pa.array([elapsed / max(len(rows), 1)] * len(rows), pa.float64()),
         })
+
+    def _label(self, rows: list[dict], encodings: list, silent: list[bool], owners: list[int]
+               ) -> list[dict]:
+        """Task fields per segment. The engine already halves a batch that runs out of device
+        memory (`kimi_ops.engine.api.halve_on_oom`) and raises only when one prompt alone does
+        not fit: the batch is then labelled file by file, and a file that does not fit becomes
+        an `out_of_memory` error row (a property of that file; retrying the batch would fail
+        the same way) while the others are labelled."""
+        import torch
+
+        from kimi_ops.tasks.runner import label_segments
+
+        try:
+            return label_segments(self.engine, encodings, self.tasks, self.max_new_tokens, silent)
+        except torch.OutOfMemoryError:
+            pass
+        fields: list[dict] = [{} for _ in encodings]
+        for r in sorted(set(owners)):
+            mine = [i for i, o in enumerate(owners) if o == r]
+            try:
+                part = label_segments(self.engine, [encodings[i] for i in mine], self.tasks,
+                                      self.max_new_tokens, [silent[i] for i in mine])
+            except torch.OutOfMemoryError as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
+                _error(rows[r], OUT_OF_MEMORY, f"{rows[r]['source_uri']}: the device ran out of "
+                       f"memory labelling it, even one prompt at a time ({reason})")
+                continue
+            for i, f in zip(mine, part):
+                fields[i] = f
+        return fields
 
     def _rows(self, row: dict, seg_fields: list[dict], encodings: list) -> tuple[dict, list]:
         from kimi_ops.audio import SAMPLE_RATE

@@ -1,5 +1,6 @@
 """The batched engine against the reference's greedy goldens, and batch == single invariants."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,3 +210,66 @@ def test_static_decoder_is_the_cuda_default_and_can_be_turned_off(monkeypatch):
     assert use_static_decoder(torch.device("cuda")) and not use_static_decoder(torch.device("cpu"))
     monkeypatch.setenv(CUDA_GRAPHS_ENV, "0")
     assert not use_static_decoder(torch.device("cuda"))
+
+
+def running_out_of_memory_above(limit: int, real, calls: list[int]):
+    """`real` that raises the device's out-of-memory error for more than `limit` items."""
+
+    def run(first, *args, **kwargs):
+        items = args[0] if not isinstance(first, list) else first
+        calls.append(len(items))
+        if len(items) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(first, *args, **kwargs)
+
+    return run
+
+
+def test_out_of_memory_halves_the_batch_and_changes_no_result(engine, golden_prompts,
+                                                              monkeypatch, caplog):
+    """Generation, option scoring and the front-end: the device running out of memory on a
+    batch re-runs it in halves: the same tokens (sampled ones too: per-row seeds), the same
+    scores and features up to fp32 rounding."""
+    import kimi_ops.engine.api as api
+    from kimi_ops.engine.api import sampling_params
+    from kimi_ops.tasks import get_task
+
+    prompts = list(golden_prompts.values())
+    params = sampling_params(text_temperature=0.8, text_top_k=5, max_new_tokens=6)
+    expected = [r.text_token_ids for r in engine.run_prompts(prompts, params)]
+    calls: list[int] = []
+    monkeypatch.setattr(api, "generate_batch",
+                        running_out_of_memory_above(2, api.generate_batch, calls))
+    with caplog.at_level("WARNING", logger="kimi_ops.engine.api"):
+        got = engine.run_prompts(prompts, params)
+    assert [r.text_token_ids for r in got] == expected
+    assert calls == [8, 4, 2, 2, 4, 2, 2]
+    assert "generation: out of memory with 8 at once" in caplog.text
+
+    clips = [str(goldens.INPUTS / n) for n in ("a01_tone_0p5s_16k.wav", "a02_chirp_3s_16k.wav",
+                                               "a06_speech_2p37s_16k.flac")]
+    emotion = get_task("emotion")
+    conversations = [emotion.messages(c) for c in clips]
+    expected_probs = [s.probs for s in engine.score_options(conversations, list(emotion.labels))]
+    expected_features = [e.features for e in engine.encode_audio(clips)]
+    monkeypatch.setattr(api, "score_continuations",
+                        running_out_of_memory_above(1, api.score_continuations, calls := []))
+    monkeypatch.setattr(engine.frontend, "encode",
+                        running_out_of_memory_above(1, engine.frontend.encode, []))
+    scores = engine.score_options(conversations, list(emotion.labels))
+    assert calls[0] == 3 and len(calls) > 1
+    for got_probs, want in zip([s.probs for s in scores], expected_probs):  # batch rounding only
+        np.testing.assert_allclose(got_probs, want, rtol=1e-6, atol=1e-9)
+    for enc, features in zip(engine.encode_audio(clips), expected_features):
+        torch.testing.assert_close(enc.features, features, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_memory_on_a_single_item_is_raised(engine, golden_prompts, monkeypatch):
+    import kimi_ops.engine.api as api
+    from kimi_ops.engine.api import sampling_params
+
+    monkeypatch.setattr(api, "generate_batch",
+                        running_out_of_memory_above(0, api.generate_batch, calls := []))
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.run_prompts(list(golden_prompts.values())[:2], sampling_params(max_new_tokens=2))
+    assert calls == [2, 1]  # halved once, then the lone prompt's error is the caller's

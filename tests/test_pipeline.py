@@ -407,3 +407,42 @@ def test_work_units_bound_rows_and_bytes():
     # bytes: 60 + 50 > 100 starts a new unit; a 500-byte object is a unit alone
     assert work_units([60, 50, 500, 10, None, 20], 10, 100) == [(0, 1), (1, 2), (2, 3), (3, 6)]
     assert work_units([], 4, 100) == []
+
+
+def test_a_file_too_large_for_the_device_becomes_an_error_row_and_the_batch_goes_on(
+        monkeypatch):
+    """When one file's prompt does not fit the device even alone (the engine has halved the
+    batch down to it and re-raised), the label stage labels the batch file by file: that file
+    gets an `out_of_memory` error row naming it, the others their normal rows."""
+    import pyarrow as pa
+    import torch
+
+    import kimi_ops.tasks.runner as runner
+    from pipelines.stages import DecodeStage, FrontendStage, LabelStage
+
+    names = ("a01_tone_0p5s_16k.wav", "a02_chirp_3s_16k.wav", "a06_speech_2p37s_16k.flac")
+    plan = pa.Table.from_pylist([{"uri": str(goldens.INPUTS / n), "etag": None, "size": 0}
+                                 for n in names])
+    encoded = FrontendStage(MODEL, None, "cpu")(DecodeStage(None)(plan))
+    label = LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model", "run")
+
+    def files(batch):
+        return [json.loads(f) for f in batch["files_json"].to_pylist()]
+
+    expected = files(label(encoded))
+    poison = len(encoded["tokens"][1].as_py()[0])  # the chirp's one segment
+    real = runner.label_segments
+
+    def label_segments(engine, encodings, *args, **kwargs):
+        if any(len(e.tokens) == poison for e in encodings):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(engine, encodings, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "label_segments", label_segments)
+    got = files(label(encoded))
+    assert [f["status"] for f in got] == ["ok", "error", "ok"]
+    assert got[1]["error"]["kind"] == "out_of_memory"
+    assert names[1] in got[1]["error"]["message"] and "9.00 GiB" in got[1]["error"]["message"]
+    assert json.loads(label(encoded)["segments_json"][1].as_py()) == []  # no segment rows
+    for i in (0, 2):
+        assert got[i]["transcript"] == expected[i]["transcript"]

@@ -8,8 +8,9 @@ front-end together, then prompts are grouped by length into batches for the engi
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,31 @@ from kimi_ops.model.config import KimiAudioConfig
 from kimi_ops.model.modeling import KimiAudioForCausalLM
 from kimi_ops.model.text_tokenizer import TextTokenizer
 from kimi_ops.model.weights import load_state_dict
+
+
+log = logging.getLogger(__name__)
+
+
+def halve_on_oom(run: Callable[[list], list], items: list, what: str) -> list:
+    """`run(items)`, one result per item, in order. When the device runs out of memory, what
+    the failed attempt held is freed and each half of `items` runs on its own, recursively; one
+    item that still does not fit raises the error. How the engine's inputs are batched changes
+    its numbers only by fp32 rounding (per-row positions, masks, stops and seeded generators;
+    greedy and sampled tokens equal those of the rows run alone), so a split costs time, not a
+    different answer."""
+    try:
+        return run(items)
+    except torch.OutOfMemoryError as exc:
+        if len(items) == 1:
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
+    # out of the handler: the failed attempt's frames, and the tensors they held, are gone
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.warning("%s: out of memory with %d at once (%s); running them in two halves", what,
+                len(items), reason)
+    half = len(items) // 2
+    return halve_on_oom(run, items[:half], what) + halve_on_oom(run, items[half:], what)
 
 
 @dataclass
@@ -125,7 +151,8 @@ class KimiAudio:
             if self.frontend is None:
                 raise PromptError("this KimiAudio was loaded without its audio front-end: "
                                   "pass AudioEncoding contents, not raw audio")
-            for positions, enc in zip(pending.values(), self.frontend.encode(waves)):
+            encoded = halve_on_oom(self.frontend.encode, waves, "audio front-end")
+            for positions, enc in zip(pending.values(), encoded):
                 for i in positions:
                     encodings[i] = enc
         return encodings
@@ -156,8 +183,10 @@ class KimiAudio:
         batch: list[int] = []
 
         def flush():
-            out = generate_batch(self.model, [prompts[i] for i in batch], self.tokenizer.special,
-                                 params, seed_ids=batch)
+            out = halve_on_oom(
+                lambda rows: generate_batch(self.model, [prompts[i] for i in rows],
+                                            self.tokenizer.special, params, seed_ids=rows),
+                batch, "generation")
             for i, res in zip(batch, out):
                 res.text = self.decode_text(res.text_token_ids)
                 results[i] = res
@@ -207,7 +236,11 @@ class KimiAudio:
                 raise ValueError(f"conversation {i}: options must be two or more non-empty strings")
             continuations.append([self.tokenizer.encode(o) + eos for o in opts])
         prompts = self.build_prompts(conversations)
-        totals = score_continuations(self.model, prompts, continuations, self.tokenizer.special)
+        totals = halve_on_oom(
+            lambda rows: score_continuations(self.model, [prompts[i] for i in rows],
+                                             [continuations[i] for i in rows],
+                                             self.tokenizer.special),
+            list(range(len(prompts))), "option scoring")
         return [OptionScores.from_logprobs(list(opts), t)
                 for opts, t in zip(per_conversation, totals)]
 

@@ -149,7 +149,7 @@ class GlmVqTokenizer:
             wave = torch.zeros(len(rows), padded)
             for j, row in enumerate(rows):
                 samples = batch[row][0]
-                wave[j, : len(samples)] = torch.from_numpy(samples)
+                wave.numpy()[j, : len(samples)] = samples  # also from a read-only buffer
             feats = log_mel(wave, self.filters, self.n_fft, hop)  # [n, mels, padded / hop]
             mel[rows, :, : feats.shape[-1]] = feats
         for row, (samples, _) in enumerate(batch):

@@ -98,7 +98,7 @@ class KimiWhisperEncoder:
     def _log_mel(self, chunks: list[np.ndarray]) -> torch.Tensor:
         wave = torch.zeros(len(chunks), CHUNK_SAMPLES)  # pad_or_trim to 30 s with zeros
         for row, samples in enumerate(chunks):
-            wave[row, : len(samples)] = torch.from_numpy(samples)
+            wave.numpy()[row, : len(samples)] = samples  # also from a read-only buffer
         return log_mel(wave, self.filters)  # [n, 128, 3000]
 
     @torch.inference_mode()
