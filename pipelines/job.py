@@ -37,6 +37,7 @@ PLAN_SHARD_ROWS = 2000
 UNIT_ROWS = 32  # 2 CPUs, 256 files: 64-row units ran 1.1x slower (later overlap)
 UNIT_BYTES = 256 << 20
 INFLIGHT_BYTES = 128 << 20  # CPU-only; 2 CPUs, 256 files: 64 MiB held the stages back (1.1x slower)
+DECODE_TASKS_PER_GPU = 4  # see `place_io_tasks`
 INFLIGHT_BYTES_PER_GPU = 1 << 30  # a 30 s segment's features are 7.7 MB with the full model
 
 
@@ -415,6 +416,21 @@ def place_on_gpus(spec: JobSpec, gpus: float) -> JobSpec:
     })
 
 
+def place_io_tasks(spec: JobSpec, gpus: float, nodes: int) -> JobSpec:
+    """Unless their concurrency is set, enough decode and write tasks to feed the model actors:
+    one decode task per node on CPUs, and with GPUs `DECODE_TASKS_PER_GPU` decode tasks and one
+    writer per GPU. At the 1000x real-time target a GPU takes about 33 clips of 30 s a second,
+    while one decode task fetches each object (tens of ms from S3) and decodes it (tens of ms
+    for 30 s of MP3) one after another: a single task for the cluster, the default, would
+    starve it (estimated; no GPU run measured it yet)."""
+    whole = int(gpus)
+    want = {"decode": max(nodes, DECODE_TASKS_PER_GPU * whole, 1), "write": max(whole, 1)}
+    update = {name: getattr(spec, name).model_copy(update={"concurrency": n})
+              for name, n in want.items()
+              if "concurrency" not in getattr(spec, name).model_fields_set}
+    return spec.model_copy(update=update) if update else spec
+
+
 def place_on_cpus(spec: JobSpec, node_cpus: float) -> JobSpec:
     """On CPUs, and unless set, the front-end and label actors get torch threads for a node's
     CPUs over the stage's actor count. With a fraction of a CPU apiece Ray gives each one
@@ -518,10 +534,10 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
         started_ray = _init_ray(spec, ray_temp_dir)
         try:
             gpus = ray.cluster_resources().get("GPU", 0)
+            nodes = len(alive_nodes())
             spec = place_on_gpus(spec, gpus)
-            spec = place_on_cpus(spec, smallest_node_cpus())
-            spec = spec.model_copy(update={
-                "inflight_bytes": inflight_budget(spec, gpus, len(alive_nodes()))})
+            spec = place_io_tasks(place_on_cpus(spec, smallest_node_cpus()), gpus, nodes)
+            spec = spec.model_copy(update={"inflight_bytes": inflight_budget(spec, gpus, nodes)})
             ds = build_dataset(spec, planned["units"], model_id_, run_id)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 summary.extend(batch.to_pylist())

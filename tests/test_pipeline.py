@@ -294,6 +294,23 @@ def test_gpu_placement_by_configuration_only():
     assert place_on_gpus(pinned, 8) == pinned  # explicit settings win
 
 
+def test_decode_and_write_tasks_scale_with_nodes_and_gpus_unless_set():
+    from pipelines.job import place_io_tasks
+
+    spec = JobSpec(input="/in", output="/out", model=MODEL)
+    local = place_io_tasks(spec, 0, 1)
+    assert (local.decode.concurrency, local.write.concurrency) == (1, 1)
+    cpus = place_io_tasks(spec, 0, 4)  # a CPU cluster: a decode task per node
+    assert (cpus.decode.concurrency, cpus.write.concurrency) == (4, 1)
+    gpus = place_io_tasks(spec, 8, 2)  # four decode tasks and a writer per GPU
+    assert (gpus.decode.concurrency, gpus.write.concurrency) == (32, 8)
+    assert gpus.decode.batch_size == spec.decode.batch_size  # only the concurrency moves
+    pinned = JobSpec(input="/in", output="/out", model=MODEL,
+                     decode={"concurrency": 2}, write={"batch_size": 16, "concurrency": 1})
+    kept = place_io_tasks(pinned, 8, 2)
+    assert (kept.decode.concurrency, kept.write.concurrency) == (2, 1)  # explicit settings win
+
+
 def test_max_audio_seconds_reaches_the_decode_stage(tmp_path):
     """JobSpec.max_audio_seconds (CLI --max-audio-seconds, the flows' parameter) refuses longer
     inputs as `too_long` rows, naming the object; shorter ones decode."""
