@@ -13,8 +13,9 @@ Rows flow one per input object, so a file's segments stay together:
 A file that cannot be used becomes an error row at the stage that finds out, carrying a stable
 `error_kind`, and flows on to the writer like any other row. Engine failures are not caught:
 they kill the worker and Ray retries it. The exception is a file that does not fit the device's
-memory even alone: an `out_of_memory` error row (`LabelStage._label`). A store that stays unavailable past the job's retry
-budget is not a property of the file either: that StorageError ends the run (a rerun resumes).
+memory even alone: an `out_of_memory` error row (`LabelStage._label`). A store that stays
+unavailable past the job's retry budget is not a property of the file either: that
+StorageError ends the run (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -262,6 +263,7 @@ class LabelStage:
         the same way) while the others are labelled."""
         import torch
 
+        from kimi_ops.engine.api import oom_reason
         from kimi_ops.tasks.runner import label_segments
 
         try:
@@ -275,9 +277,8 @@ class LabelStage:
                 part = label_segments(self.engine, [encodings[i] for i in mine], self.tasks,
                                       self.max_new_tokens, [silent[i] for i in mine])
             except torch.OutOfMemoryError as exc:
-                reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
                 _error(rows[r], OUT_OF_MEMORY, f"{rows[r]['source_uri']}: the device ran out of "
-                       f"memory labelling it, even one prompt at a time ({reason})")
+                       f"memory labelling it, even one prompt at a time ({oom_reason(exc)})")
                 continue
             for i, f in zip(mine, part):
                 fields[i] = f

@@ -34,6 +34,11 @@ from kimi_ops.model.weights import load_state_dict
 log = logging.getLogger(__name__)
 
 
+def oom_reason(exc: BaseException) -> str:
+    """The first line of an out-of-memory error (CUDA's goes on about allocator settings)."""
+    return str(exc).splitlines()[0] if str(exc) else "out of memory"
+
+
 def halve_on_oom(run: Callable[[list], list], items: list, what: str) -> list:
     """`run(items)`, one result per item, in order. When the device runs out of memory, what
     the failed attempt held is freed and each half of `items` runs on its own, recursively; one
@@ -46,7 +51,7 @@ def halve_on_oom(run: Callable[[list], list], items: list, what: str) -> list:
     except torch.OutOfMemoryError as exc:
         if len(items) == 1:
             raise
-        reason = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        reason = oom_reason(exc)
     # out of the handler: the failed attempt's frames, and the tensors they held, are gone
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
