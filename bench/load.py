@@ -25,12 +25,13 @@ counted once (machine-wide, so another program's shared memory would show too).
 Peak memory must not grow with the corpus: the plan is streamed into shards, audio is decoded
 inside the stages, and the driver keeps only one small summary row per file. The object store
 is bounded by configuration: the blocks in flight between the stages by the job's in-flight
-budget (`JobSpec.inflight_bytes`, 128 MiB per node on CPUs), the job's local object store by twice that.
-Before the budget, Ray Data let the decode stage run ahead by the whole corpus (its default
-budget is half the object store, 30 % of RAM): the front-end actor's shmem grew 8.6 -> 78 MB at
-200 -> 2,000 files and its VmHWM x1.08-1.11. With the budget the shmem stops below it (28-32 MB
-at 2,000 and 4,000 files), so at 200 files, whose 8.6 MB of audio never fill it, the shmem
-ratio is large while the bytes stay bounded; the figures to hold flat are rss, anon and own.
+budget (`JobSpec.inflight_bytes`, 128 MiB per node on CPUs), the job's local object store by
+twice that. Before the budget, Ray Data let the decode stage run ahead by the whole corpus (its
+default budget is half the object store, 30 % of RAM): the front-end actor's shmem grew 8.6 ->
+78 MB at 200 -> 2,000 files and its VmHWM x1.08-1.11. With the budget the shmem stops below it
+(28-32 MB at 2,000 and 4,000 files), so at 200 files, whose 8.6 MB of audio never fill it, the
+shmem ratio is large while the bytes stay bounded; the figures to hold flat are rss, anon and
+own.
 """
 
 from __future__ import annotations
