@@ -147,6 +147,26 @@ DECODED_SCHEMA = pa.schema([
 ])
 
 
+def features_to_bytes(features) -> tuple[bytes, str]:
+    """A CPU feature tensor's raw bytes in its own dtype, and that dtype's name."""
+    import torch
+
+    name = str(features.dtype).removeprefix("torch.")
+    data = features.cpu().contiguous()
+    if features.dtype == torch.bfloat16:  # numpy has no bfloat16: the same 16 bits as int16
+        data = data.view(torch.int16)
+    return data.numpy().tobytes(), name
+
+
+def features_from_bytes(data: bytes, dtype: str, rows: int):
+    """`features_to_bytes`' inverse: a [rows, dim] tensor of `dtype`."""
+    import torch
+
+    array = np.frombuffer(data, dtype=np.int16 if dtype == "bfloat16" else np.dtype(dtype))
+    tensor = torch.from_numpy(array.reshape(rows, len(array) // max(rows, 1)).copy())
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
 class FrontendStage:
     """Actor: GLM-4 VQ tokens and Whisper features for every segment of every file in a batch,
     in one front-end call. The waveform column is dropped here."""
@@ -178,16 +198,22 @@ class FrontendStage:
             for seg in row["segments"]:
                 pieces.append(wave[seg["start"]: seg["end"]])
                 owners.append(r)
-        encodings = halve_on_oom(self.frontend.encode, pieces, "audio front-end") if pieces else []
+        # features in the encoder's own dtype: from a bf16 GPU encoder half the bytes of fp32
+        # through the object store, and the label model casts them to bf16 anyway
+        encodings = halve_on_oom(lambda p: self.frontend.encode(p, features_dtype=None), pieces,
+                                 "audio front-end") if pieces else []
         tokens: list[list] = [[] for _ in rows]
         features: list[list] = [[] for _ in rows]
+        dtypes: list[str | None] = [None] * len(rows)
         for r, enc in zip(owners, encodings):
             tokens[r].append(enc.tokens.astype(np.int32).tolist())
-            features[r].append(enc.features.float().cpu().numpy().tobytes())
+            data, dtypes[r] = features_to_bytes(enc.features)
+            features[r].append(data)
         elapsed = time.perf_counter() - start
         out = batch.drop_columns(["audio"])
         out = out.append_column("tokens", pa.array(tokens, pa.list_(pa.list_(pa.int32()))))
         out = out.append_column("features", pa.array(features, pa.list_(pa.large_binary())))
+        out = out.append_column("features_dtype", pa.array(dtypes, pa.string()))
         release_free_memory()
         return out.append_column("frontend_s", pa.array([elapsed / max(len(rows), 1)] * len(rows),
                                                         pa.float64()))
@@ -220,8 +246,6 @@ class LabelStage:
                                      sort_keys=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
         from kimi_ops.frontend import AudioEncoding
 
         start = time.perf_counter()
@@ -231,10 +255,9 @@ class LabelStage:
             if row["error_kind"] is not None:
                 continue
             for seg, toks, feats in zip(row["segments"], row["tokens"], row["features"]):
-                dim = len(feats) // 4 // max(len(toks), 1)
-                array = np.frombuffer(feats, dtype=np.float32).reshape(len(toks), dim)
                 encodings.append(AudioEncoding(np.asarray(toks, dtype=np.int64),
-                                               torch.from_numpy(array.copy())))
+                                               features_from_bytes(feats, row["features_dtype"],
+                                                                   len(toks))))
                 silent.append(bool(seg["silent"]))
                 owners.append(r)
         fields = self._label(rows, encodings, silent, owners) if encodings else []

@@ -463,3 +463,47 @@ def test_a_file_too_large_for_the_device_becomes_an_error_row_and_the_batch_goes
     assert json.loads(label(encoded)["segments_json"][1].as_py()) == []  # no segment rows
     for i in (0, 2):
         assert got[i]["transcript"] == expected[i]["transcript"]
+
+
+def test_features_travel_in_the_encoders_dtype_and_bf16_changes_no_label():
+    """The front-end stage sends features in its encoder's dtype (bf16 from a GPU: half the
+    bytes); the label stage reads them back exactly, and since the label model casts features
+    to its own dtype, bf16 features give the same labels as their exact fp32 upcast."""
+    import pyarrow as pa
+    import torch
+
+    from pipelines.stages import (DecodeStage, FrontendStage, LabelStage, features_from_bytes,
+                                  features_to_bytes)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        original = torch.randn(7, 12).to(dtype)
+        data, name = features_to_bytes(original)
+        assert len(data) == original.numel() * original.element_size()
+        assert torch.equal(features_from_bytes(data, name, 7), original)
+    empty, name = features_to_bytes(torch.zeros(0, 12))
+    assert features_from_bytes(empty, name, 0).shape[0] == 0
+
+    plan = pa.Table.from_pylist([{"uri": str(goldens.INPUTS / n), "etag": None, "size": 0}
+                                 for n in ("a02_chirp_3s_16k.wav", "a05_stereo_5s_44k1.wav")])
+    encoded = FrontendStage(MODEL, None, "cpu")(DecodeStage(None)(plan))
+    assert encoded["features_dtype"].to_pylist() == ["float32", "float32"]  # a CPU encoder
+
+    def with_features(to_dtype):
+        """The batch with every feature rounded to bf16, then sent as `to_dtype`."""
+        rows = encoded.to_pylist()
+        for row in rows:
+            parts = []
+            for data, toks in zip(row["features"], row["tokens"]):
+                rounded = features_from_bytes(data, "float32", len(toks)).to(torch.bfloat16)
+                parts.append(features_to_bytes(rounded.to(to_dtype))[0])
+            row["features"] = parts
+            row["features_dtype"] = str(to_dtype).removeprefix("torch.")
+        return pa.Table.from_pylist(rows, schema=encoded.schema)
+
+    label = LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model", "run")
+    as_bf16 = with_features(torch.bfloat16)
+    as_fp32 = with_features(torch.float32)
+    assert sum(map(len, as_bf16["features"].to_pylist()[0])) * 2 == sum(
+        map(len, as_fp32["features"].to_pylist()[0]))
+    assert label(as_bf16)["segments_json"].to_pylist() == \
+        label(as_fp32)["segments_json"].to_pylist()

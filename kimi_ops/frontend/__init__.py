@@ -73,11 +73,13 @@ class AudioFrontend:
     def feature_dim(self) -> int:
         return self.whisper.feature_dim
 
-    def encode(self, wavs: list[np.ndarray]) -> list[AudioEncoding]:
+    def encode(self, wavs: list[np.ndarray],
+               features_dtype: torch.dtype | None = torch.float32) -> list[AudioEncoding]:
         """16 kHz float32 mono waveforms (see `kimi_ops.audio.load_audio`) -> one
-        `AudioEncoding` per waveform, in order."""
+        `AudioEncoding` per waveform, in order. Features are float32 by default; `None` keeps
+        the Whisper encoder's own dtype (bf16 on CUDA: half the bytes, the same numbers)."""
         tokens = self.vq.tokenize(wavs)
-        features = self.whisper.features(wavs)
+        features = self.whisper.features(wavs, out_dtype=features_dtype)
         out = []
         for index, (ids, feats) in enumerate(zip(tokens, features)):
             if ids.shape[0] != feats.shape[0]:
