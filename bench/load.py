@@ -48,6 +48,8 @@ import threading
 import time
 from pathlib import Path
 
+from pipelines.procfs import stat_fields
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT.parent / "shared" / "kimi_tiny" / "checkpoint"
 SAMPLE_EVERY_S = 0.2
@@ -96,11 +98,8 @@ def shmem_kb() -> int:
 
 def start_time(pid: int) -> int | None:
     """Clock ticks after boot: with the PID, names one process even if the PID is reused."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(raw[raw.rindex(")") + 2:].split()[19])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def descendants(root: int) -> list[int]:
@@ -212,12 +211,9 @@ class MemorySampler(threading.Thread):
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process so far."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf(
+        "SC_CLK_TCK")
 
 
 def cpu_group(cmdline: str) -> str:

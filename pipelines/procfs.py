@@ -11,14 +11,21 @@ import socket
 from pathlib import Path
 
 
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, session id, start time) of a process, or None when it does not exist."""
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name, from the state on (the name may contain spaces
+    and ')'), or None when the process does not exist: index 0 state, 3 session id, 11 and 12
+    user and system CPU ticks, 19 start time."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except (OSError, ValueError):
         return None
-    rest = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces and ')'
-    return rest[0], int(rest[3]), int(rest[19])
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, session id, start time) of a process, or None when it does not exist."""
+    rest = stat_fields(pid)
+    return None if rest is None else (rest[0], int(rest[3]), int(rest[19]))
 
 
 def alive(pid: int, start: int) -> bool:
