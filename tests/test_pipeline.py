@@ -426,22 +426,31 @@ def test_work_units_bound_rows_and_bytes():
     assert work_units([], 4, 100) == []
 
 
+def golden_files_through_the_front_end(names):
+    """(the front-end stage's batch for these golden inputs, a label stage for asr + emotion),
+    both in this process on CPU."""
+    import pyarrow as pa
+
+    from pipelines.stages import DecodeStage, FrontendStage, LabelStage
+
+    plan = pa.Table.from_pylist([{"uri": str(goldens.INPUTS / n), "etag": None, "size": 0}
+                                 for n in names])
+    encoded = FrontendStage(MODEL, None, "cpu")(DecodeStage(None)(plan))
+    return encoded, LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model",
+                               "run")
+
+
 def test_a_file_too_large_for_the_device_becomes_an_error_row_and_the_batch_goes_on(
         monkeypatch):
     """When one file's prompt does not fit the device even alone (the engine has halved the
     batch down to it and re-raised), the label stage labels the batch file by file: that file
     gets an `out_of_memory` error row naming it, the others their normal rows."""
-    import pyarrow as pa
     import torch
 
     import kimi_ops.tasks.runner as runner
-    from pipelines.stages import DecodeStage, FrontendStage, LabelStage
 
     names = ("a01_tone_0p5s_16k.wav", "a02_chirp_3s_16k.wav", "a06_speech_2p37s_16k.flac")
-    plan = pa.Table.from_pylist([{"uri": str(goldens.INPUTS / n), "etag": None, "size": 0}
-                                 for n in names])
-    encoded = FrontendStage(MODEL, None, "cpu")(DecodeStage(None)(plan))
-    label = LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model", "run")
+    encoded, label = golden_files_through_the_front_end(names)
 
     def files(batch):
         return [json.loads(f) for f in batch["files_json"].to_pylist()]
@@ -472,8 +481,7 @@ def test_features_travel_in_the_encoders_dtype_and_bf16_changes_no_label():
     import pyarrow as pa
     import torch
 
-    from pipelines.stages import (DecodeStage, FrontendStage, LabelStage, features_from_bytes,
-                                  features_to_bytes)
+    from pipelines.stages import features_from_bytes, features_to_bytes
 
     for dtype in (torch.float32, torch.bfloat16):
         original = torch.randn(7, 12).to(dtype)
@@ -483,9 +491,8 @@ def test_features_travel_in_the_encoders_dtype_and_bf16_changes_no_label():
     empty, name = features_to_bytes(torch.zeros(0, 12))
     assert features_from_bytes(empty, name, 0).shape[0] == 0
 
-    plan = pa.Table.from_pylist([{"uri": str(goldens.INPUTS / n), "etag": None, "size": 0}
-                                 for n in ("a02_chirp_3s_16k.wav", "a05_stereo_5s_44k1.wav")])
-    encoded = FrontendStage(MODEL, None, "cpu")(DecodeStage(None)(plan))
+    encoded, label = golden_files_through_the_front_end(("a02_chirp_3s_16k.wav",
+                                                         "a05_stereo_5s_44k1.wav"))
     assert encoded["features_dtype"].to_pylist() == ["float32", "float32"]  # a CPU encoder
 
     def with_features(to_dtype):
@@ -500,7 +507,6 @@ def test_features_travel_in_the_encoders_dtype_and_bf16_changes_no_label():
             row["features_dtype"] = str(to_dtype).removeprefix("torch.")
         return pa.Table.from_pylist(rows, schema=encoded.schema)
 
-    label = LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model", "run")
     as_bf16 = with_features(torch.bfloat16)
     as_fp32 = with_features(torch.float32)
     assert sum(map(len, as_bf16["features"].to_pylist()[0])) * 2 == sum(
