@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipelines.stages import PIECE_SECONDS
 from pipelines.storage import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class JobSpec(BaseModel):
     label: StageResources = StageResources(batch_size=8, num_cpus=0.5)
     write: StageResources = StageResources(batch_size=8, num_cpus=0.25)
     no_progress_timeout_s: float = 600.0
+    # a file with more audio than this travels through the stages as pieces of whole segments
+    # of at most this much, stitched back by the driver (`pipelines.stages.PieceStitcher`)
+    piece_seconds: float = Field(PIECE_SECONDS, ge=30)
     plan_shard_rows: int = Field(PLAN_SHARD_ROWS, ge=1)  # rows per plan file
     # the work unit Ray hands to the stages: a slice of a plan shard of at most this many
     # objects and input bytes (one larger object is a unit alone). It bounds what a stage
@@ -455,11 +459,12 @@ def smallest_node_cpus() -> float:
     return min((n["Resources"].get("CPU", 0) for n in alive_nodes()), default=1)
 
 
-def build_dataset(spec: JobSpec, units: list[dict], model_id_: str, run_id: str):
+def build_dataset(spec: JobSpec, units: list[dict], model_id_: str, run_id: str, writer):
+    """The job's dataset: plan units through the stages to `writer` (a `WriteStage`)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.stages import DecodeStage, FrontendStage, LabelStage, PlanReader, WriteStage
+    from pipelines.stages import DecodeStage, FrontendStage, LabelStage, PlanReader
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
@@ -479,7 +484,8 @@ def build_dataset(spec: JobSpec, units: list[dict], model_id_: str, run_id: str)
         batch_size=1, num_cpus=spec.decode.num_cpus, max_retries=spec.decode.max_restarts)
     # task stages get an instance (a plain function for Ray); actor stages get the class
     ds = ds.map_batches(DecodeStage(spec.storage_options, retry=retry,
-                                    max_audio_seconds=spec.max_audio_seconds),
+                                    max_audio_seconds=spec.max_audio_seconds,
+                                    piece_seconds=spec.piece_seconds),
         batch_format="pyarrow",
         batch_size=spec.decode.batch_size, num_cpus=spec.decode.num_cpus,
         max_retries=spec.decode.max_restarts,
@@ -500,8 +506,6 @@ def build_dataset(spec: JobSpec, units: list[dict], model_id_: str, run_id: str)
         num_gpus=spec.label.num_gpus or None,
         max_restarts=spec.label.max_restarts, max_task_retries=spec.label.max_restarts,
         compute=ActorPoolStrategy(size=spec.label.concurrency))
-    writer = WriteStage(spec.output, spec.storage_options, spec.tasks, spec.task_params(),
-                        spec.semantic_tokens, retry=retry)
     return ds.map_batches(writer, batch_format="pyarrow", batch_size=spec.write.batch_size, num_cpus=spec.write.num_cpus,
         max_retries=spec.write.max_restarts,
         compute=ray.data.TaskPoolStrategy(size=spec.write.concurrency))
@@ -524,10 +528,13 @@ def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
 
 def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float,
          ray_temp_dir: str | None) -> dict[str, Any]:
+    # the stage classes are looked up at run time (tests replace them on the module)
+    from pipelines.stages import PieceStitcher, WriteStage
     from pipelines.storage import resolve, retrying
 
     planned = plan(spec, run_id)
     summary: list[dict] = []
+    pieces = {"files": 0, "pieces": 0}
     if planned["shards"]:
         import ray
 
@@ -538,10 +545,16 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
             spec = place_on_gpus(spec, gpus)
             spec = place_io_tasks(place_on_cpus(spec, smallest_node_cpus()), gpus, nodes)
             spec = spec.model_copy(update={"inflight_bytes": inflight_budget(spec, gpus, nodes)})
-            ds = build_dataset(spec, planned["units"], model_id_, run_id)
+            writer = WriteStage(spec.output, spec.storage_options, spec.tasks,
+                                spec.task_params(), spec.semantic_tokens, retry=spec.storage_retry)
+            stitcher = PieceStitcher(writer)
+            ds = build_dataset(spec, planned["units"], model_id_, run_id, writer)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                summary.extend(batch.to_pylist())
+                for row in batch.to_pylist():
+                    summary.extend(stitcher.add(row))
+            stitcher.check_complete()
             stats = ds.stats()
+            pieces = {"files": stitcher.files, "pieces": stitcher.pieces}
         finally:
             if started_ray:
                 ray.shutdown()
@@ -549,6 +562,7 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
         stats = ""
     report = make_report(spec, run_id, model_id_, planned, summary, time.time() - started,
                          stats, [t.name for t in tasks])
+    report["long_files_in_pieces"] = pieces
     fs, root = resolve(spec.output, spec.storage_options)
 
     def finish():

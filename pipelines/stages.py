@@ -2,13 +2,21 @@
 (`pipelines.job`) decides how it is scheduled. A stage owns columns and error bookkeeping; the
 model lives behind `kimi_ops` and returns one result per input, in order.
 
-Rows flow one per input object, so a file's segments stay together:
+Rows flow one per input object, so a file's segments stay together, except that a long one
+travels as several *pieces* (consecutive segments, at most `piece_seconds` of audio each):
 
   plan rows (uri, size, etag)
-  -> DecodeStage    fetch, decode, resample, segment           (CPU tasks)
-  -> FrontendStage  VQ tokens + Whisper features per segment   (actor, GPU when present)
-  -> LabelStage     tasks over every segment, file row stitched (actor, GPU when present)
-  -> WriteStage     typed Parquet shards: segments/ then files/ (CPU tasks)
+  -> DecodeStage    fetch, decode, resample, segment, cut pieces (CPU tasks)
+  -> FrontendStage  VQ tokens + Whisper features per segment     (actor, GPU when present)
+  -> LabelStage     tasks over every segment, file row stitched  (actor, GPU when present)
+  -> WriteStage     typed Parquet shards: segments/ then files/  (CPU tasks)
+  -> the driver     stitches a long file's pieces and writes its shards (`PieceStitcher`)
+
+A row's waveform and then its features are single objects, which the stages batch by row count:
+without pieces one multi-hour archive (1.4 GB of waveform for 6 h, 2.8 GB of the full model's
+features) or a batch of hour-long files would set the workers' memory, whatever the in-flight
+budget, and one long recording would keep one actor busy while the others idle (Ray Data cuts
+the decode task's output into blocks of about 128 MiB, each a separate actor call).
 
 A file that cannot be used becomes an error row at the stage that finds out, carrying a stable
 `error_kind`, and flows on to the writer like any other row. Engine failures are not caught:
@@ -32,6 +40,7 @@ import pyarrow as pa
 
 SEGMENT_KEYS = ("start", "end", "silent")
 OUT_OF_MEMORY = "out_of_memory"  # the error kind of a file the device cannot label (LabelStage)
+PIECE_SECONDS = 300.0  # a long file's pieces: at most this much audio each (JobSpec.piece_seconds)
 
 
 def _error(row: dict[str, Any], kind: str, message: str) -> dict[str, Any]:
@@ -87,12 +96,15 @@ class PlanReader:
 
 
 class DecodeStage:
-    """Fetch each object, decode to 16 kHz mono, cut into <= 30 s segments at pauses."""
+    """Fetch each object, decode to 16 kHz mono, cut into <= 30 s segments at pauses, and
+    emit the file as one row, or as pieces of at most `piece_seconds` of whole segments."""
 
     def __init__(self, storage_options: dict | None, max_segment_seconds: float = 30.0,
-                 retry=None, max_audio_seconds: float | None = None):
+                 retry=None, max_audio_seconds: float | None = None,
+                 piece_seconds: float = PIECE_SECONDS):
         self.storage_options = storage_options
         self.max_segment_seconds = max_segment_seconds
+        self.piece_seconds = piece_seconds
         # None: the decoder's default (KIMI_MAX_AUDIO_SECONDS, else 6 h)
         self.limit = {"max_seconds": max_audio_seconds} if max_audio_seconds else {}
         self.retry = retry  # a pipelines.storage.RetryPolicy; None: the default
@@ -103,6 +115,7 @@ class DecodeStage:
         from kimi_ops.audio import SAMPLE_RATE, load_audio
         from kimi_ops.audio.segment import segment_audio
         from kimi_ops.errors import KimiError
+        from pipelines.job import work_units
         from pipelines.storage import StorageError, fetch
 
         out = []
@@ -110,7 +123,8 @@ class DecodeStage:
             row = {"source_uri": plan["uri"], "etag": plan.get("etag"),
                    "size_bytes": plan.get("size"), "error_kind": None, "error_message": None,
                    "sample_rate": None, "channels": None, "duration_s": None,
-                   "segments": None, "audio": None, "decode_s": 0.0}
+                   "segments": None, "audio": None, "decode_s": 0.0,
+                   "piece": 0, "pieces": 1, "first_segment": 0, "offset": 0}
             start = time.perf_counter()
             try:
                 data = fetch(plan["uri"], self.storage_options, retry=self.retry)
@@ -123,9 +137,6 @@ class DecodeStage:
                 wave = load_audio(data, name=plan["uri"], **self.limit)
                 segments = segment_audio(wave, SAMPLE_RATE, max_seconds=self.max_segment_seconds)
                 row["duration_s"] = len(wave) / SAMPLE_RATE
-                row["segments"] = [{"start": s.start, "end": s.end, "silent": s.silent}
-                                   for s in segments]
-                row["audio"] = wave.astype(np.float32).tobytes()
             except StorageError as exc:
                 if exc.retryable:  # the store, not the file: end the run, do not label it
                     raise
@@ -133,7 +144,20 @@ class DecodeStage:
             except KimiError as exc:
                 _error(row, exc.kind, str(exc))
             row["decode_s"] = time.perf_counter() - start
-            out.append(row)
+            if row["error_kind"] is not None:
+                out.append(row)
+                continue
+            # runs of consecutive segments of at most `piece_seconds` (a file has >= 1 segment)
+            cuts = work_units([s.end - s.start for s in segments], len(segments),
+                              int(self.piece_seconds * SAMPLE_RATE))
+            for piece, (first, stop) in enumerate(cuts):
+                offset = segments[first].start
+                audio = wave[offset: segments[stop - 1].end].astype(np.float32, copy=False)
+                out.append({**row, "piece": piece, "pieces": len(cuts), "first_segment": first,
+                            "offset": offset, "decode_s": row["decode_s"] / len(cuts),
+                            "segments": [{"start": s.start, "end": s.end, "silent": s.silent}
+                                         for s in segments[first:stop]],
+                            "audio": audio.tobytes()})
         return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 
 
@@ -144,6 +168,10 @@ DECODED_SCHEMA = pa.schema([
     ("segments", pa.list_(pa.struct([("start", pa.int64()), ("end", pa.int64()),
                                      ("silent", pa.bool_())]))),
     ("audio", pa.large_binary()), ("decode_s", pa.float64()),
+    # which piece of its file the row is, and where it starts: its first segment's index in
+    # the file and its first sample (its segments' start/end are sample offsets in the file)
+    ("piece", pa.int32()), ("pieces", pa.int32()), ("first_segment", pa.int32()),
+    ("offset", pa.int64()),
 ])
 
 
@@ -190,18 +218,18 @@ class FrontendStage:
 
         start = time.perf_counter()
         rows = batch.to_pylist()
-        pieces, owners = [], []
+        clips, owners = [], []
         for r, row in enumerate(rows):
             if row["error_kind"] is not None:
                 continue
-            wave = np.frombuffer(row["audio"], dtype=np.float32)
+            wave, offset = np.frombuffer(row["audio"], dtype=np.float32), row["offset"]
             for seg in row["segments"]:
-                pieces.append(wave[seg["start"]: seg["end"]])
+                clips.append(wave[seg["start"] - offset: seg["end"] - offset])
                 owners.append(r)
         # features in the encoder's own dtype: from a bf16 GPU encoder half the bytes of fp32
         # through the object store, and the label model casts them to bf16 anyway
-        encodings = halve_on_oom(lambda p: self.frontend.encode(p, features_dtype=None), pieces,
-                                 "audio front-end") if pieces else []
+        encodings = halve_on_oom(lambda c: self.frontend.encode(c, features_dtype=None), clips,
+                                 "audio front-end") if clips else []
         tokens: list[list] = [[] for _ in rows]
         features: list[list] = [[] for _ in rows]
         dtypes: list[str | None] = [None] * len(rows)
@@ -271,6 +299,7 @@ class LabelStage:
             segments_json.append(json.dumps(seg_rows))
         return pa.table({
             "source_uri": batch["source_uri"], "etag": batch["etag"],
+            "piece": batch["piece"], "pieces": batch["pieces"],
             "files_json": pa.array(files_json, pa.large_string()),
             "segments_json": pa.array(segments_json, pa.large_string()),
             "decode_s": batch["decode_s"], "frontend_s": batch["frontend_s"],
@@ -323,7 +352,8 @@ class LabelStage:
         file_row.update(status="ok", duration_s=row["duration_s"], num_segments=len(segments),
                         transcript=merged.get("transcript"))
         seg_rows = []
-        for i, (seg, f, enc) in enumerate(zip(segments, seg_fields, encodings)):
+        for i, (seg, f, enc) in enumerate(zip(segments, seg_fields, encodings),
+                                          row["first_segment"]):
             seg_row = {"source_uri": row["source_uri"], "segment_index": i,
                        "start_s": seg["start"] / SAMPLE_RATE, "end_s": seg["end"] / SAMPLE_RATE,
                        "status": "silent" if seg["silent"] else "ok",
@@ -372,41 +402,126 @@ def shard_name(uris_and_etags: list[tuple[str, str | None]]) -> str:
 class WriteStage:
     """Typed Parquet shards: the segments shard first, then the files shard, whose presence marks
     the shard complete (a reader of `files/` never sees a half-written shard; the planner removes
-    segments shards left without their files shard by a crash). Returns one summary row per file."""
+    segments shards left without their files shard by a crash). Returns one summary row per file
+    (`SUMMARY_SCHEMA`); a piece of a long file is not written here but handed on, rows and all,
+    to the driver's `PieceStitcher`, which writes the file once all its pieces are in."""
 
     def __init__(self, output: str, storage_options: dict | None, task_specs: list[str],
                  task_params: dict, semantic_tokens: bool, retry=None):
         from kimi_ops.tasks import get_task
         from pipelines.schema import files_schema, segments_schema
 
-        tasks = [get_task(spec, **task_params) for spec in task_specs]
+        self.tasks = [get_task(spec, **task_params) for spec in task_specs]
         self.output = output.rstrip("/")
         self.storage_options = storage_options
-        self.files_schema = files_schema(tasks)
-        self.segments_schema = segments_schema(tasks, semantic_tokens)
+        self.files_schema = files_schema(self.tasks)
+        self.segments_schema = segments_schema(self.tasks, semantic_tokens)
         self.retry = retry  # a pipelines.storage.RetryPolicy; None: the default
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        start = time.perf_counter()
+        whole = pc.equal(batch["pieces"], 1)
+        done = batch.filter(whole)
+        files = [json.loads(s) for s in done["files_json"].to_pylist()]
+        if files:
+            self.write(files, [seg for s in done["segments_json"].to_pylist()
+                               for seg in json.loads(s)])
+        elapsed = time.perf_counter() - start
+        rows = [{**summary_row(f, **times, write_s=elapsed / len(files)), "piece": 0, "pieces": 1}
+                for f, times in zip(files, done.select(STAGE_TIMES).to_pylist())]
+        for piece in batch.filter(pc.invert(whole)).to_pylist():
+            file_row = json.loads(piece["files_json"])
+            rows.append({**summary_row(file_row, **{k: piece[k] for k in STAGE_TIMES},
+                                       write_s=0.0),
+                         **{k: piece[k] for k in ("piece", "pieces", "files_json",
+                                                  "segments_json")}})
+        return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+    def write(self, files: list[dict], segments: list[dict]) -> None:
+        """One shard of `files` (and their `segments`), named by the files' URIs and etags."""
         from pipelines.schema import to_table
         from pipelines.storage import resolve
 
-        start = time.perf_counter()
-        files = [json.loads(s) for s in batch["files_json"].to_pylist()]
-        segments = [seg for s in batch["segments_json"].to_pylist() for seg in json.loads(s)]
         name = shard_name([(f["source_uri"], f["etag"]) for f in files])
         fs, root = resolve(self.output, self.storage_options)
         for table_name, rows, schema in (("segments", segments, self.segments_schema),
                                          ("files", files, self.files_schema)):
             write_parquet_atomic(fs, root, f"{table_name}/{name}", to_table(rows, schema),
                                  self.retry)
-        elapsed = time.perf_counter() - start
-        return pa.table({
-            "source_uri": [f["source_uri"] for f in files],
-            "status": [f["status"] for f in files],
-            "error_kind": [(f.get("error") or {}).get("kind") for f in files],
-            "duration_s": [f.get("duration_s") or 0.0 for f in files],
-            "num_segments": [f.get("num_segments") or 0 for f in files],
-            "decode_s": batch["decode_s"], "frontend_s": batch["frontend_s"],
-            "label_s": batch["label_s"],
-            "write_s": [elapsed / max(len(files), 1)] * len(files),
-        })
+
+
+STAGE_TIMES = ("decode_s", "frontend_s", "label_s")
+REPORT_COLUMNS = ("source_uri", "status", "error_kind", "duration_s", "num_segments",
+                  *STAGE_TIMES, "write_s")  # a file's line in the run report
+SUMMARY_SCHEMA = pa.schema([
+    ("source_uri", pa.string()), ("status", pa.string()), ("error_kind", pa.string()),
+    ("duration_s", pa.float64()), ("num_segments", pa.int64()),
+    *((name, pa.float64()) for name in (*STAGE_TIMES, "write_s")),
+    # a piece of a long file: which one, of how many, and its rows for the stitcher
+    ("piece", pa.int32()), ("pieces", pa.int32()),
+    ("files_json", pa.large_string()), ("segments_json", pa.large_string()),
+])
+
+
+def summary_row(file_row: dict, **seconds: float) -> dict:
+    """A written file's line in the run report: its status, audio and each stage's seconds."""
+    return {"source_uri": file_row["source_uri"], "status": file_row["status"],
+            "error_kind": (file_row.get("error") or {}).get("kind"),
+            "duration_s": file_row.get("duration_s") or 0.0,
+            "num_segments": file_row.get("num_segments") or 0, **seconds}
+
+
+class PieceStitcher:
+    """The driver's end of the job: passes whole files' summary rows through and holds a long
+    file's pieces until all are in, then stitches and writes the file (its segments in order,
+    its transcript joined over all of them) through `writer.write`, as one shard, like any
+    other. A file with a failed piece gets that piece's error row and no segments: every input
+    stays one row. Nothing of a file is written before all its pieces are labelled, so a run
+    that dies in between leaves no trace of it and the rerun labels it again."""
+
+    def __init__(self, writer: WriteStage):
+        self.writer = writer
+        self.pending: dict[str, dict[int, dict]] = {}
+        self.files = 0  # long files stitched
+        self.pieces = 0
+
+    def add(self, row: dict) -> list[dict]:
+        """Summary rows that are final after `row` (a `SUMMARY_SCHEMA` row): [] while its file
+        waits for pieces."""
+        if row["pieces"] == 1:
+            return [{k: row[k] for k in REPORT_COLUMNS}]
+        got = self.pending.setdefault(row["source_uri"], {})
+        got[row["piece"]] = row  # a piece Ray re-ran replaces itself
+        if len(got) < row["pieces"]:
+            return []
+        del self.pending[row["source_uri"]]
+        return [self._stitch([got[i] for i in sorted(got)])]
+
+    def _stitch(self, pieces: list[dict]) -> dict:
+        from kimi_ops.tasks.runner import merge_segments
+
+        start = time.perf_counter()
+        files = [json.loads(p["files_json"]) for p in pieces]
+        failed = next((f for f in files if f["status"] == "error"), None)
+        file_row, segments = dict(failed or files[0]), []
+        if failed is None:
+            segments = [seg for p in pieces for seg in json.loads(p["segments_json"])]
+            lengths = [seg["end_s"] - seg["start_s"] for seg in segments]
+            file_row.update(num_segments=len(segments), transcript=merge_segments(
+                segments, lengths, self.writer.tasks).get("transcript"))
+        self.writer.write([file_row], segments)
+        self.files, self.pieces = self.files + 1, self.pieces + len(pieces)
+        return summary_row(file_row, **{k: sum(p[k] for p in pieces) for k in STAGE_TIMES},
+                           write_s=time.perf_counter() - start)
+
+    def check_complete(self) -> None:
+        """Raise if a file still misses pieces when the dataset is exhausted (never expected:
+        Ray Data delivers every row or fails the run)."""
+        if self.pending:
+            uri, got = next(iter(self.pending.items()))
+            raise RuntimeError(f"{len(self.pending)} long file(s) lack pieces at the end of the "
+                               f"run, e.g. {uri}: {len(got)} of {next(iter(got.values()))['pieces']}"
+                               "; a rerun labels them")
+

@@ -233,6 +233,7 @@ def _write_shard(out: Path, uris: list[str]) -> list[str]:
     files = [{"source_uri": u, "status": "error", "etag": None, "run_id": "r",
               "error": {"kind": "undecodable", "message": "x"}} for u in uris]
     batch = pa.table({"source_uri": uris, "etag": [None] * len(uris),
+                      "piece": [0] * len(uris), "pieces": [1] * len(uris),
                       "files_json": pa.array([json.dumps(f) for f in files], pa.large_string()),
                       "segments_json": pa.array(["[]"] * len(uris), pa.large_string()),
                       "decode_s": [0.0] * len(uris), "frontend_s": [0.0] * len(uris),

@@ -20,6 +20,7 @@ import pytest
 import soundfile as sf
 
 from pipelines.job import JobSpec, run_job
+from pipelines.stages import PIECE_SECONDS
 from pipelines.storage import resolve
 from tests import goldens
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
@@ -97,7 +98,8 @@ def spec_for(seaweed, prefix: str, **overrides) -> JobSpec:
 def test_job_labels_mixed_formats_segments_long_audio_and_reports_bad_files(
         seaweed, s3_prefix, ray_local, caplog, capfd):
     upload(seaweed, f"{s3_prefix}/in", {**GOOD, **BAD, "notes.txt": lambda: b"skip me"})
-    report = run_job(spec_for(seaweed, s3_prefix))
+    # the 65 s archive travels as pieces of at most 30 s, stitched back by the driver
+    report = run_job(spec_for(seaweed, s3_prefix, piece_seconds=30))
 
     files = read_table(seaweed, f"{s3_prefix}/out", "files")
     segments = read_table(seaweed, f"{s3_prefix}/out", "segments")
@@ -132,6 +134,7 @@ def test_job_labels_mixed_formats_segments_long_audio_and_reports_bad_files(
         assert n == int(np.ceil((end - start) * 16000 / 1280))  # 12.5 Hz semantic tokens
     stitched = " ".join(t for *_, t in segs if t)
     assert by_uri[archive]["transcript"] == stitched
+    assert report["long_files_in_pieces"] == {"files": 1, "pieces": len(segs)}
 
     scores = con.sql("select emotion_scores from segments").fetchall()
     assert all(abs(sum(v for v in s[0].values()) - 1) < 1e-4 for s in scores)
@@ -426,7 +429,7 @@ def test_work_units_bound_rows_and_bytes():
     assert work_units([], 4, 100) == []
 
 
-def golden_files_through_the_front_end(names):
+def golden_files_through_the_front_end(names, piece_seconds: float = PIECE_SECONDS):
     """(the front-end stage's batch for these golden inputs, a label stage for asr + emotion),
     both in this process on CPU."""
     import pyarrow as pa
@@ -435,7 +438,7 @@ def golden_files_through_the_front_end(names):
 
     plan = pa.Table.from_pylist([{"uri": str(goldens.INPUTS / n), "etag": None, "size": 0}
                                  for n in names])
-    encoded = FrontendStage(MODEL, None, "cpu")(DecodeStage(None)(plan))
+    encoded = FrontendStage(MODEL, None, "cpu")(DecodeStage(None, piece_seconds=piece_seconds)(plan))
     return encoded, LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model",
                                "run")
 
@@ -513,3 +516,63 @@ def test_features_travel_in_the_encoders_dtype_and_bf16_changes_no_label():
         map(len, as_fp32["features"].to_pylist()[0]))
     assert label(as_bf16)["segments_json"].to_pylist() == \
         label(as_fp32)["segments_json"].to_pylist()
+
+
+def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whole(
+        tmp_path, monkeypatch):
+    """With `piece_seconds` below its length, the 31 s golden input runs through the stages as
+    two rows (one per segment), and the driver's stitcher writes exactly the files and segments
+    rows it gives as one row. A piece the device cannot label makes the whole file one
+    `out_of_memory` error row with no segments, and the other file is labelled."""
+    import pyarrow as pa
+    import torch
+
+    import kimi_ops.tasks.runner as runner
+    from pipelines.stages import PieceStitcher, WriteStage
+
+    names = ("a04_mix_31s_16k.wav", "a02_chirp_3s_16k.wav")
+
+    def run(piece_seconds: float, out: Path):
+        encoded, label = golden_files_through_the_front_end(names, piece_seconds)
+        writer = WriteStage(str(out), None, ["asr", "emotion"], {}, False)
+        stitcher = PieceStitcher(writer)
+        summary = [row for written in writer(label(encoded)).to_pylist()
+                   for row in stitcher.add(written)]
+        stitcher.check_complete()
+        tables = {name: pa.concat_tables(pq.read_table(p) for p in sorted((out / name).iterdir()))
+                  .sort_by([("source_uri", "ascending")]
+                           + ([("segment_index", "ascending")] if name == "segments" else []))
+                  for name in ("files", "segments")}
+        return encoded, summary, stitcher, tables
+
+    encoded, summary, stitcher, pieces = run(30.0, tmp_path / "pieces")
+    assert encoded["pieces"].to_pylist() == [2, 2, 1]
+    assert encoded["first_segment"].to_pylist() == [0, 1, 0]
+    assert [len(s) for s in encoded["segments"].to_pylist()] == [1, 1, 1]
+    assert (stitcher.files, stitcher.pieces) == (1, 2)
+    whole_encoded, whole_summary, _, whole = run(PIECE_SECONDS, tmp_path / "whole")
+    assert whole_encoded["pieces"].to_pylist() == [1, 1]
+    for name in ("files", "segments"):
+        assert pieces[name].to_pylist() == whole[name].to_pylist(), name
+    assert pieces["files"]["num_segments"].to_pylist() == [1, 2]  # the chirp sorts first
+    key = ("source_uri", "status", "num_segments", "duration_s")
+    assert (sorted([r[k] for k in key] for r in summary)
+            == sorted([r[k] for k in key] for r in whole_summary))
+
+    poison = len(encoded["tokens"][1].as_py()[0])  # the 31 s file's second piece
+    real = runner.label_segments
+
+    def label_segments(engine, encodings, *args, **kwargs):
+        if any(len(e.tokens) == poison for e in encodings):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(engine, encodings, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "label_segments", label_segments)
+    _, summary, _, failed = run(30.0, tmp_path / "failed")
+    rows = {Path(r["source_uri"]).name: r for r in failed["files"].to_pylist()}
+    assert rows[names[0]]["status"] == "error" and rows[names[0]]["error"]["kind"] == "out_of_memory"
+    assert names[0] in rows[names[0]]["error"]["message"]
+    assert rows[names[1]] == next(r for r in whole["files"].to_pylist()
+                                  if r["source_uri"].endswith(names[1]))
+    assert set(failed["segments"]["source_uri"].to_pylist()) == {str(goldens.INPUTS / names[1])}
+    assert sorted(r["status"] for r in summary) == ["error", "ok"]
