@@ -73,6 +73,24 @@ def make_corpus(folder: Path, count: int, seed: int = 0) -> list[str]:
     return paths
 
 
+def make_long_corpus(folder: Path, count: int, seconds: float) -> list[str]:
+    """`count` recordings of `seconds` each (a tone with a 0.6 s pause every 9 s), 16 kHz WAV."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * 16000)) / 16000
+    paths = []
+    for i in range(count):
+        wave = 0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t) * (0.6 + 0.4 * np.sin(6 * t))
+        for start in range(7, int(seconds), 9):
+            wave[start * 16000: int((start + 0.6) * 16000)] = 0.0
+        path = folder / f"long{i:03d}.wav"
+        sf.write(path, wave.astype(np.float32), 16000, subtype="PCM_16")
+        paths.append(str(path))
+    return paths
+
+
 # -- /proc sampling -----------------------------------------------------------------------
 
 def _status(pid: int) -> dict[str, int]:
@@ -279,13 +297,15 @@ print("REPORT " + json.dumps({k: report[k] for k in ("processed", "status", "err
 
 
 def run_size(count: int, workdir: Path, model: Path = CHECKPOINT, timeout_s: float = 900,
-             spec_overrides: dict | None = None) -> dict:
-    """Generate `count` clips, run the job in a fresh driver, return counts and peak memory.
+             spec_overrides: dict | None = None, long_seconds: float | None = None) -> dict:
+    """Generate `count` clips (or, with `long_seconds`, recordings that long), run the job in a
+    fresh driver, return counts and peak memory.
     `spec_overrides`: JobSpec fields that replace the defaults below."""
     import pyarrow.parquet as pq
 
-    data = workdir / f"n{count}"
-    inputs = make_corpus(data / "in", count)
+    data = Path(tempfile.mkdtemp(prefix=f"n{count}-", dir=workdir))
+    inputs = (make_long_corpus(data / "in", count, long_seconds) if long_seconds
+              else make_corpus(data / "in", count))
     spec = {"input": str(data / "in"), "output": str(data / "out"), "model": str(model),
             "tasks": ["asr"], "max_new_tokens": 4, "no_progress_timeout_s": 300,
             "label": {"batch_size": 16, "num_cpus": 0.5},
@@ -362,6 +382,29 @@ def _stop_tree(proc: subprocess.Popen, seen: list[tuple[int, int | None]]) -> No
             return
 
 
+def long_files(count: int, seconds: float, workdir: Path, model: Path,
+               spec: dict) -> list[dict]:
+    """The same long recordings twice, side by side: as pieces (the default `piece_seconds`)
+    and whole (`piece_seconds` past their length). Per arm: wall time, rows, and the peak RSS of
+    the driver and of each model actor."""
+    arms = []
+    for arm, overrides in (("pieces", {}), ("whole", {"piece_seconds": 2 * seconds})):
+        r = run_size(count, workdir, model, spec_overrides={**spec, **overrides},
+                     long_seconds=seconds)
+        actors = {}
+        for w in r["workers"]:
+            group = cpu_group(w["name"])
+            if group.endswith(" actor"):
+                actors[group] = max(actors.get(group, 0.0), w["rss_mb"])
+        arms.append({"arm": arm, "files": count, "seconds_each": seconds,
+                     "wall_s": r["wall_s"], "all_accounted_once": r["all_accounted_once"],
+                     "driver_rss_mb": r["driver_rss_mb"],
+                     "worker_max_rss_mb": r["worker_max_rss_mb"],
+                     "workers_total_rss_mb": r["workers_total_rss_mb"], "actors_rss_mb": actors})
+        print(f"done {arm}", file=sys.stderr, flush=True)
+    return arms
+
+
 def growth(small: dict, large: dict) -> dict[str, float]:
     """large / small peak ratios of the memory figures the flatness claim is about."""
     keys = [f"{who}_{k}_mb" for who in ("driver", "worker_max") for k in PEAKS]
@@ -372,17 +415,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--model", type=Path, default=CHECKPOINT)
+    parser.add_argument("--long", type=float, nargs=2, metavar=("FILES", "SECONDS"),
+                        help="also run this many recordings of this length, as pieces and "
+                             "whole, side by side")
     parser.add_argument("--spec", type=json.loads, default={},
                         help="JobSpec fields as JSON, over the defaults (experiments)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_output",
                         help="folder for load.json")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="kl-load-"))
-    results = []
+    results, long = [], []
     try:
         for count in args.files:
             results.append(run_size(count, workdir, args.model, spec_overrides=args.spec))
             print(f"done {count} files", file=sys.stderr, flush=True)
+        if args.long:
+            long = long_files(int(args.long[0]), args.long[1], workdir, args.model, args.spec)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     cols = ["files", "wall_s", "files_per_s", "rows", "all_accounted_once", "driver_rss_mb",
@@ -402,10 +450,19 @@ def main(argv: list[str] | None = None) -> int:
                                                             ratios.items()))
         print("(shmem is the object store's pages: bounded by inflight_budget_mb, not by its "
               "ratio; the figures that must stay flat are rss, anon and own)")
+    if long:
+        print("long files | arm | wall_s | all_accounted_once | driver_rss_mb | "
+              "worker_max_rss_mb | workers_total_rss_mb | model actors' rss_mb")
+        for r in long:
+            print(f"{r['files']} x {r['seconds_each']:.0f} s | {r['arm']} | {r['wall_s']} | "
+                  f"{r['all_accounted_once']} | {r['driver_rss_mb']:.0f} | "
+                  f"{r['worker_max_rss_mb']:.0f} | {r['workers_total_rss_mb']:.0f} | "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["actors_rss_mb"].items())))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps({"cpus": os.cpu_count(), "runs": results,
-                                                    "growth": ratios}, indent=2))
-    return 0 if all(r["all_accounted_once"] for r in results) else 1
+                                                    "growth": ratios, "long_files": long},
+                                                   indent=2))
+    return 0 if all(r["all_accounted_once"] for r in results + long) else 1
 
 
 if __name__ == "__main__":
