@@ -7,7 +7,8 @@ tables, and writes `bench/results/cpu.json` and `bench/results/cpu.png`:
   32 mixed-length conversations; throughput ratio and whether the tokens are identical.
 * pipeline (bench/pipeline.py): `kimi-label run` end to end vs the engine alone on the same
   files; stage busy shares.
-* memory   (bench/load.py): peak RSS of the driver and the Ray workers at N and 10 N files.
+* memory   (bench/load.py): peak RSS of the driver and the Ray workers at N and 10 N files,
+  and two 2-hour recordings run as pieces and whole (`JobSpec.piece_seconds`).
 
     .venv/bin/python bench/cpu.py [--quick]
 """
@@ -101,11 +102,12 @@ def main() -> None:
     if args.quick:
         engine_args = ["--conversations", "4", "--max-new-tokens", "4", "8"]
         pipeline_args = ["--files", "4", "--max-new-tokens", "4"]
-        load_args = ["--files", "20", "200"]
+        load_args = ["--files", "20", "200", "--long", "1", "120", "--piece-seconds", "40"]
     else:
         engine_args = ["--conversations", "32", "--max-new-tokens", "16", "64", "256", "512"]
         pipeline_args = ["--files", "256", "--max-new-tokens", "32"]
-        load_args = ["--files", "200", "2000"]
+        # and two 2-hour recordings, as pieces and whole
+        load_args = ["--files", "200", "2000", "--long", "2", "7200"]
     started = time.time()
     result = {"engine": section("engine.py", out, *engine_args),
               "pipeline": section("pipeline.py", out, *pipeline_args),

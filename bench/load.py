@@ -292,7 +292,8 @@ from pipelines.job import JobSpec, run_job
 spec = JobSpec(**json.loads(sys.argv[1]))
 report = run_job(spec, ray_temp_dir=sys.argv[2])
 print("REPORT " + json.dumps({k: report[k] for k in ("processed", "status", "errors_by_kind",
-                                                     "wall_s", "planned")}))
+                                                     "wall_s", "planned",
+                                                     "long_files_in_pieces")}))
 """
 
 
@@ -349,6 +350,7 @@ def run_size(count: int, workdir: Path, model: Path = CHECKPOINT, timeout_s: flo
         "all_accounted_once": sorted(uris) == sorted(inputs),
         "ok_rows": sum(r["status"] == "ok" for r in rows),
         "report_processed": report["processed"],
+        "long_files_in_pieces": report["long_files_in_pieces"],
         "inflight_budget_mb": round(inflight_budget(job, gpus) / 2**20, 1),
         "object_store_mb": round(local_object_store_bytes(job, gpus) / 2**20, 1),
         **{k: round(v, 1) if isinstance(v, float) else v for k, v in memory.items()},
@@ -382,13 +384,14 @@ def _stop_tree(proc: subprocess.Popen, seen: list[tuple[int, int | None]]) -> No
             return
 
 
-def long_files(count: int, seconds: float, workdir: Path, model: Path,
-               spec: dict) -> list[dict]:
-    """The same long recordings twice, side by side: as pieces (the default `piece_seconds`)
-    and whole (`piece_seconds` past their length). Per arm: wall time, rows, and the peak RSS of
-    the driver and of each model actor."""
+def long_files(count: int, seconds: float, workdir: Path, model: Path, spec: dict,
+               piece_seconds: float | None = None) -> list[dict]:
+    """The same long recordings twice, side by side: as pieces (of `piece_seconds`, default
+    JobSpec's) and whole (`piece_seconds` past their length). Per arm: wall time, rows, pieces,
+    and the peak RSS of the driver and of each model actor."""
     arms = []
-    for arm, overrides in (("pieces", {}), ("whole", {"piece_seconds": 2 * seconds})):
+    pieces = {"piece_seconds": piece_seconds} if piece_seconds else {}
+    for arm, overrides in (("pieces", pieces), ("whole", {"piece_seconds": 2 * seconds})):
         r = run_size(count, workdir, model, spec_overrides={**spec, **overrides},
                      long_seconds=seconds)
         actors = {}
@@ -398,6 +401,7 @@ def long_files(count: int, seconds: float, workdir: Path, model: Path,
                 actors[group] = max(actors.get(group, 0.0), w["rss_mb"])
         arms.append({"arm": arm, "files": count, "seconds_each": seconds,
                      "wall_s": r["wall_s"], "all_accounted_once": r["all_accounted_once"],
+                     "in_pieces": r["long_files_in_pieces"],
                      "driver_rss_mb": r["driver_rss_mb"],
                      "worker_max_rss_mb": r["worker_max_rss_mb"],
                      "workers_total_rss_mb": r["workers_total_rss_mb"], "actors_rss_mb": actors})
@@ -418,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", type=float, nargs=2, metavar=("FILES", "SECONDS"),
                         help="also run this many recordings of this length, as pieces and "
                              "whole, side by side")
+    parser.add_argument("--piece-seconds", type=float, default=None,
+                        help="the pieces' length in the --long run (default: JobSpec's)")
     parser.add_argument("--spec", type=json.loads, default={},
                         help="JobSpec fields as JSON, over the defaults (experiments)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_output",
@@ -430,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_size(count, workdir, args.model, spec_overrides=args.spec))
             print(f"done {count} files", file=sys.stderr, flush=True)
         if args.long:
-            long = long_files(int(args.long[0]), args.long[1], workdir, args.model, args.spec)
+            long = long_files(int(args.long[0]), args.long[1], workdir, args.model, args.spec,
+                              args.piece_seconds)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     cols = ["files", "wall_s", "files_per_s", "rows", "all_accounted_once", "driver_rss_mb",
@@ -451,10 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         print("(shmem is the object store's pages: bounded by inflight_budget_mb, not by its "
               "ratio; the figures that must stay flat are rss, anon and own)")
     if long:
-        print("long files | arm | wall_s | all_accounted_once | driver_rss_mb | "
+        print("long files | arm | pieces | wall_s | all_accounted_once | driver_rss_mb | "
               "worker_max_rss_mb | workers_total_rss_mb | model actors' rss_mb")
         for r in long:
-            print(f"{r['files']} x {r['seconds_each']:.0f} s | {r['arm']} | {r['wall_s']} | "
+            print(f"{r['files']} x {r['seconds_each']:.0f} s | {r['arm']} | "
+                  f"{r['in_pieces']['pieces'] or r['files']} | {r['wall_s']} | "
                   f"{r['all_accounted_once']} | {r['driver_rss_mb']:.0f} | "
                   f"{r['worker_max_rss_mb']:.0f} | {r['workers_total_rss_mb']:.0f} | "
                   + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["actors_rss_mb"].items())))

@@ -32,7 +32,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -109,7 +109,15 @@ class DecodeStage:
         self.limit = {"max_seconds": max_audio_seconds} if max_audio_seconds else {}
         self.retry = retry  # a pipelines.storage.RetryPolicy; None: the default
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        """One table per object, yielded as it is decoded: Ray Data stores each before the
+        next object is fetched, so a task holds one object's waveform at a time."""
+        for plan in batch.to_pylist():
+            yield self.decode(plan)
+
+    def decode(self, plan: dict) -> pa.Table:
+        """One object's rows: an error row, or its pieces (one for most files). The pieces'
+        `audio` values are views of the one waveform buffer, not copies."""
         import soundfile as sf
 
         from kimi_ops.audio import SAMPLE_RATE, load_audio
@@ -118,47 +126,49 @@ class DecodeStage:
         from pipelines.job import work_units
         from pipelines.storage import StorageError, fetch
 
-        out = []
-        for plan in batch.to_pylist():
-            row = {"source_uri": plan["uri"], "etag": plan.get("etag"),
-                   "size_bytes": plan.get("size"), "error_kind": None, "error_message": None,
-                   "sample_rate": None, "channels": None, "duration_s": None,
-                   "segments": None, "audio": None, "decode_s": 0.0,
-                   "piece": 0, "pieces": 1, "first_segment": 0, "offset": 0}
-            start = time.perf_counter()
+        row = {"source_uri": plan["uri"], "etag": plan.get("etag"),
+               "size_bytes": plan.get("size"), "error_kind": None, "error_message": None,
+               "sample_rate": None, "channels": None, "duration_s": None,
+               "segments": None, "audio": None, "decode_s": 0.0,
+               "piece": 0, "pieces": 1, "first_segment": 0, "offset": 0}
+        start = time.perf_counter()
+        try:
+            data = fetch(plan["uri"], self.storage_options, retry=self.retry)
+            row["size_bytes"] = len(data)
             try:
-                data = fetch(plan["uri"], self.storage_options, retry=self.retry)
-                row["size_bytes"] = len(data)
-                try:
-                    info = sf.info(io.BytesIO(data))
-                    row["sample_rate"], row["channels"] = int(info.samplerate), int(info.channels)
-                except (RuntimeError, sf.LibsndfileError):
-                    pass  # load_audio reports it with the file name
-                wave = load_audio(data, name=plan["uri"], **self.limit)
-                segments = segment_audio(wave, SAMPLE_RATE, max_seconds=self.max_segment_seconds)
-                row["duration_s"] = len(wave) / SAMPLE_RATE
-            except StorageError as exc:
-                if exc.retryable:  # the store, not the file: end the run, do not label it
-                    raise
-                _error(row, exc.kind, str(exc))
-            except KimiError as exc:
-                _error(row, exc.kind, str(exc))
-            row["decode_s"] = time.perf_counter() - start
-            if row["error_kind"] is not None:
-                out.append(row)
-                continue
-            # runs of consecutive segments of at most `piece_seconds` (a file has >= 1 segment)
-            cuts = work_units([s.end - s.start for s in segments], len(segments),
-                              int(self.piece_seconds * SAMPLE_RATE))
-            for piece, (first, stop) in enumerate(cuts):
-                offset = segments[first].start
-                audio = wave[offset: segments[stop - 1].end].astype(np.float32, copy=False)
-                out.append({**row, "piece": piece, "pieces": len(cuts), "first_segment": first,
-                            "offset": offset, "decode_s": row["decode_s"] / len(cuts),
-                            "segments": [{"start": s.start, "end": s.end, "silent": s.silent}
-                                         for s in segments[first:stop]],
-                            "audio": audio.tobytes()})
-        return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+                info = sf.info(io.BytesIO(data))
+                row["sample_rate"], row["channels"] = int(info.samplerate), int(info.channels)
+            except (RuntimeError, sf.LibsndfileError):
+                pass  # load_audio reports it with the file name
+            wave = load_audio(data, name=plan["uri"], **self.limit)
+            del data
+            segments = segment_audio(wave, SAMPLE_RATE, max_seconds=self.max_segment_seconds)
+            row["duration_s"] = len(wave) / SAMPLE_RATE
+        except StorageError as exc:
+            if exc.retryable:  # the store, not the file: end the run, do not label it
+                raise
+            _error(row, exc.kind, str(exc))
+        except KimiError as exc:
+            _error(row, exc.kind, str(exc))
+        row["decode_s"] = time.perf_counter() - start
+        if row["error_kind"] is not None:
+            return pa.Table.from_pylist([row], schema=DECODED_SCHEMA)
+        # runs of consecutive segments of at most `piece_seconds` (a file has >= 1 segment);
+        # the segments cover the waveform, so the pieces split it without gaps
+        cuts = work_units([s.end - s.start for s in segments], len(segments),
+                          int(self.piece_seconds * SAMPLE_RATE))
+        rows = [{**row, "piece": piece, "pieces": len(cuts), "first_segment": first,
+                 "offset": segments[first].start, "decode_s": row["decode_s"] / len(cuts),
+                 "segments": [{"start": s.start, "end": s.end, "silent": s.silent}
+                              for s in segments[first:stop]]}
+                for piece, (first, stop) in enumerate(cuts)]
+        bounds = np.array([r["offset"] for r in rows] + [len(wave)], dtype=np.int64)
+        wave = np.ascontiguousarray(wave, dtype=np.float32)
+        audio = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), len(rows),
+            [None, pa.py_buffer(bounds * wave.itemsize), pa.py_buffer(wave)])
+        table = pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+        return table.set_column(table.schema.get_field_index("audio"), "audio", audio)
 
 
 DECODED_SCHEMA = pa.schema([
@@ -338,7 +348,7 @@ class LabelStage:
 
     def _rows(self, row: dict, seg_fields: list[dict], encodings: list) -> tuple[dict, list]:
         from kimi_ops.audio import SAMPLE_RATE
-        from kimi_ops.tasks.runner import merge_segments
+        from kimi_ops.tasks.base import merge_segments
 
         common = {"etag": row["etag"], "run_id": self.run_id, "model_id": self.model_id}
         file_row = {"source_uri": row["source_uri"], "size_bytes": row["size_bytes"],
@@ -500,7 +510,7 @@ class PieceStitcher:
         return [self._stitch([got[i] for i in sorted(got)])]
 
     def _stitch(self, pieces: list[dict]) -> dict:
-        from kimi_ops.tasks.runner import merge_segments
+        from kimi_ops.tasks.base import merge_segments
 
         start = time.perf_counter()
         files = [json.loads(p["files_json"]) for p in pieces]

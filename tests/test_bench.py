@@ -56,3 +56,19 @@ def test_pipeline_benchmark_accounts_the_command_cpu_by_process(tmp_path):
     assert cpu["driver (flow, Ray Data's executor)"] > 0 and cpu["LabelStage actor"] > 0
     assert sum(cpu.values()) <= result["command_cpu_capacity_s"]
     assert "CPU seconds over the command" in out
+
+
+def test_load_benchmark_runs_long_recordings_as_pieces_and_whole(tmp_path):
+    out = run_script("bench/load.py", "--files", "3", "--long", "1", "100", "--piece-seconds",
+                     "40", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "load.json").read_text())
+    (short,) = result["runs"]
+    assert short["all_accounted_once"] and short["rows"] == 3
+    assert [r["arm"] for r in result["long_files"]] == ["pieces", "whole"]
+    pieces, whole = result["long_files"]
+    assert pieces["in_pieces"]["files"] == 1 and pieces["in_pieces"]["pieces"] >= 3
+    assert whole["in_pieces"] == {"files": 0, "pieces": 0}
+    for arm in result["long_files"]:
+        assert arm["all_accounted_once"] and arm["seconds_each"] == 100
+        assert {"FrontendStage actor", "LabelStage actor"} <= set(arm["actors_rss_mb"]), arm
+    assert "long files | arm" in out

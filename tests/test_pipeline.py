@@ -330,11 +330,11 @@ def test_max_audio_seconds_reaches_the_decode_stage(tmp_path):
                  0.1 * np.sin(np.arange(16000 * seconds) / 10).astype(np.float32), 16000)
     plan = pa.Table.from_pylist([{"uri": str(tmp_path / f"tone{s}.wav"), "etag": None, "size": 0}
                                  for s in (1, 3)])
-    rows = DecodeStage(None, max_audio_seconds=2.0)(plan).to_pylist()
+    rows = pa.concat_tables(DecodeStage(None, max_audio_seconds=2.0)(plan)).to_pylist()
     assert [r["error_kind"] for r in rows] == [None, "too_long"]
     assert "tone3.wav" in rows[1]["error_message"] and "2 s limit" in rows[1]["error_message"]
     assert rows[0]["duration_s"] == 1.0
-    unlimited = DecodeStage(None)(plan).to_pylist()  # the decoder's default: 6 h
+    unlimited = pa.concat_tables(DecodeStage(None)(plan)).to_pylist()  # default: 6 h
     assert [r["error_kind"] for r in unlimited] == [None, None]
 
     args = build_run_parser().parse_args(["--input", "/in", "--output", "/out", "--model", MODEL,
@@ -438,7 +438,8 @@ def golden_files_through_the_front_end(names, piece_seconds: float = PIECE_SECON
 
     plan = pa.Table.from_pylist([{"uri": str(goldens.INPUTS / n), "etag": None, "size": 0}
                                  for n in names])
-    encoded = FrontendStage(MODEL, None, "cpu")(DecodeStage(None, piece_seconds=piece_seconds)(plan))
+    decoded = pa.concat_tables(DecodeStage(None, piece_seconds=piece_seconds)(plan))
+    encoded = FrontendStage(MODEL, None, "cpu")(decoded)
     return encoded, LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model",
                                "run")
 

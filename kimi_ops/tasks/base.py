@@ -104,3 +104,25 @@ class ChoiceTask:
 
 
 Task = GenerativeTask | ChoiceTask
+
+
+def merge_segments(parts: list[dict[str, Any]], weights: list[int], tasks: Sequence[Task]
+                   ) -> dict[str, Any]:
+    """One file's fields from its segments' (`parts`): choice scores averaged with `weights`
+    (the segments' lengths) and the best label, text fields joined, flags or-ed. Torch-free,
+    so the job's driver stitches a long file's pieces without loading the model's stack."""
+    merged: dict[str, Any] = {}
+    total = float(sum(weights)) or 1.0
+    for task in tasks:
+        if isinstance(task, ChoiceTask):
+            key = f"{task.name}_scores"
+            avg = {label: sum(p[key][label] * w for p, w in zip(parts, weights)) / total
+                   for label in task.labels} if parts else {}
+            merged[key] = avg
+            merged[task.name] = max(avg, key=avg.get) if avg else None
+            continue
+        for name in task.text_fields:
+            merged[name] = " ".join(p[name] for p in parts if p.get(name))
+        for flag in task.flags:
+            merged[flag] = any(p.get(flag, False) for p in parts)
+    return merged

@@ -20,7 +20,7 @@ from kimi_ops.audio import SAMPLE_RATE, load_audio
 from kimi_ops.audio.segment import Segment, segment_audio
 from kimi_ops.errors import KimiError
 from kimi_ops.frontend import AudioEncoding
-from kimi_ops.tasks.base import ChoiceTask, GenerativeTask, Task
+from kimi_ops.tasks.base import ChoiceTask, GenerativeTask, Task, merge_segments
 
 
 def label_segments(engine, encodings: Sequence[AudioEncoding], tasks: Sequence[Task],
@@ -88,23 +88,6 @@ def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
     return rows
 
 
-def merge_segments(parts: list[dict[str, Any]], weights: list[int], tasks: Sequence[Task]
-                   ) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    total = float(sum(weights)) or 1.0
-    for task in tasks:
-        if isinstance(task, ChoiceTask):
-            key = f"{task.name}_scores"
-            avg = {label: sum(p[key][label] * w for p, w in zip(parts, weights)) / total
-                   for label in task.labels} if parts else {}
-            merged[key] = avg
-            merged[task.name] = max(avg, key=avg.get) if avg else None
-            continue
-        for field in task.text_fields:
-            merged[field] = " ".join(p[field] for p in parts if p.get(field))
-        for flag in task.flags:
-            merged[flag] = any(p.get(flag, False) for p in parts)
-    return merged
 
 
 def label_files(engine, sources: Sequence[Any], tasks: Sequence[Task],
