@@ -78,6 +78,30 @@ def test_16k_input_is_not_resampled():
     np.testing.assert_array_equal(load_audio(path), raw)
 
 
+@pytest.mark.parametrize("rate", [48000, 44100, 22050])
+def test_block_by_block_decoding_equals_one_shot_resampling(tmp_path, rate):
+    """A file longer than the decoder's read block (1 Mi frames) is read, mixed down and
+    resampled block by block; the result is bit for bit soxr's one-shot resample of the whole
+    mono signal with librosa's length fix, what the reference gets from librosa.load."""
+    import math
+
+    import soxr
+
+    from kimi_ops.audio import decode
+
+    seconds = 2.5 * decode._BLOCK_FRAMES / rate  # two whole blocks and a half one
+    t = np.arange(int(seconds * rate)) / rate
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 97 * t)], 1)
+    path = tmp_path / "long.flac"
+    sf.write(path, stereo.astype(np.float32), rate, subtype="PCM_24")
+    mono = sf.read(path, dtype="float32", always_2d=True)[0].mean(axis=1, dtype=np.float32)
+    expected = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    target = math.ceil(mono.size * SAMPLE_RATE / rate)
+    expected = np.pad(expected, (0, max(target - expected.size, 0)))[:target]
+    np.testing.assert_array_equal(load_audio(path), expected)
+    np.testing.assert_array_equal(load_audio((mono, rate)), expected)
+
+
 def _wav_bytes(samples: np.ndarray, rate: int = 16000, subtype: str = "PCM_16") -> bytes:
     buf = io.BytesIO()
     sf.write(buf, samples, rate, format="WAV", subtype=subtype)
