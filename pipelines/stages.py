@@ -101,8 +101,12 @@ class DecodeStage:
 
     def __init__(self, storage_options: dict | None, max_segment_seconds: float = 30.0,
                  retry=None, max_audio_seconds: float | None = None,
-                 piece_seconds: float = PIECE_SECONDS):
+                 piece_seconds: float = PIECE_SECONDS, spool_bytes: int | None = None):
+        from pipelines.storage import SPOOL_BYTES
+
         self.storage_options = storage_options
+        # objects over this many bytes are decoded from a local copy (None: storage's default)
+        self.spool_bytes = SPOOL_BYTES if spool_bytes is None else spool_bytes
         self.max_segment_seconds = max_segment_seconds
         self.piece_seconds = piece_seconds
         # None: the decoder's default (KIMI_MAX_AUDIO_SECONDS, else 6 h)
@@ -124,7 +128,7 @@ class DecodeStage:
         from kimi_ops.audio.segment import segment_audio
         from kimi_ops.errors import KimiError
         from pipelines.job import work_units
-        from pipelines.storage import StorageError, fetch
+        from pipelines.storage import StorageError, fetched
 
         row = {"source_uri": plan["uri"], "etag": plan.get("etag"),
                "size_bytes": plan.get("size"), "error_kind": None, "error_message": None,
@@ -133,15 +137,16 @@ class DecodeStage:
                "piece": 0, "pieces": 1, "first_segment": 0, "offset": 0}
         start = time.perf_counter()
         try:
-            data = fetch(plan["uri"], self.storage_options, retry=self.retry)
-            row["size_bytes"] = len(data)
-            try:
-                info = sf.info(io.BytesIO(data))
-                row["sample_rate"], row["channels"] = int(info.samplerate), int(info.channels)
-            except (RuntimeError, sf.LibsndfileError):
-                pass  # load_audio reports it with the file name
-            wave = load_audio(data, name=plan["uri"], **self.limit)
-            del data
+            # bytes, or for a large object a local file, which the decoder reads block by block
+            with fetched(plan["uri"], self.storage_options, retry=self.retry,
+                         size=plan.get("size"), spool_bytes=self.spool_bytes) as (data, size):
+                row["size_bytes"] = size
+                try:
+                    info = sf.info(data if isinstance(data, str) else io.BytesIO(data))
+                    row["sample_rate"], row["channels"] = int(info.samplerate), int(info.channels)
+                except (RuntimeError, sf.LibsndfileError):
+                    pass  # load_audio reports it with the file name
+                wave = load_audio(data, name=plan["uri"], **self.limit)
             segments = segment_audio(wave, SAMPLE_RATE, max_seconds=self.max_segment_seconds)
             row["duration_s"] = len(wave) / SAMPLE_RATE
         except StorageError as exc:

@@ -36,6 +36,7 @@ import logging
 import os
 import posixpath
 import random
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -814,8 +815,38 @@ def fetch(source: ObjectInfo | str, storage_options: Mapping[str, Any] | None = 
     ``ObjectVanishedError`` (it was listed, so it vanished since)."""
     uri = source.uri if isinstance(source, ObjectInfo) else source
     fs, path = resolve(uri, storage_options)
+    return _read(lambda: fs.cat_file(path), uri, storage_options, retry)
+
+
+SPOOL_BYTES = 64 << 20  # a larger object is decoded from a local file, not from memory
+
+
+@contextmanager
+def fetched(uri: str, storage_options: Mapping[str, Any] | None = None, *,
+            retry: RetryPolicy | None = None, size: int | None = None,
+            spool_bytes: int = SPOOL_BYTES) -> Iterator[tuple[bytes | str, int]]:
+    """The object for a decoder, with its size: its bytes (`fetch`), or, when its listed `size`
+    is over `spool_bytes`, a local path: a local object's own, or a copy downloaded under
+    ``retry`` into the temp dir and removed on exit. A decoder reads a path block by block, so
+    an archive of gigabytes (6 h of 48 kHz stereo WAV is 4 GB) never sits in memory whole.
+    A missing object raises ``ObjectVanishedError`` either way."""
+    if size is None or size <= spool_bytes:
+        data = fetch(uri, storage_options, retry=retry)
+        yield data, len(data)
+        return
+    fs, path = resolve(uri, storage_options)
+    if _is_local(fs):
+        yield path, _read(lambda: fs.size(path), uri, storage_options, retry)
+        return
+    with tempfile.TemporaryDirectory(prefix="kimi-label-fetch-") as folder:
+        local = os.path.join(folder, "object")
+        _read(lambda: fs.get_file(path, local), uri, storage_options, retry)
+        yield local, os.path.getsize(local)
+
+
+def _read(call: Callable[[], T], uri: str, storage_options, retry: RetryPolicy | None) -> T:
     try:
-        return retrying(lambda: fs.cat_file(path), uri, storage_options, "read", retry)
+        return retrying(call, uri, storage_options, "read", retry)
     except StorageError as err:
         if err.kind == "not_found":
             raise ObjectVanishedError(uri, "object vanished after it was listed",

@@ -577,3 +577,28 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
                                   if r["source_uri"].endswith(names[1]))
     assert set(failed["segments"]["source_uri"].to_pylist()) == {str(goldens.INPUTS / names[1])}
     assert sorted(r["status"] for r in summary) == ["error", "ok"]
+
+
+def test_a_large_object_decodes_from_a_local_copy_to_the_same_rows(seaweed, s3_prefix):  # noqa: F811
+    """An object over the decode stage's `spool_bytes` is downloaded to a temp file and read
+    block by block from there: the rows equal those decoded from the object's bytes."""
+    import pyarrow as pa
+
+    from pipelines.stages import DecodeStage
+
+    upload(seaweed, f"{s3_prefix}/in", {"stereo_44k.flac": lambda: encode(
+        long_with_pauses(40, 44100)[:, None].repeat(2, axis=1), 44100, "FLAC", "PCM_16")})
+    fs, root = resolve(f"{s3_prefix}/in/stereo_44k.flac", seaweed.storage_options)
+    size = fs.size(root)
+    plan = pa.Table.from_pylist([{"uri": f"{s3_prefix}/in/stereo_44k.flac", "etag": "e",
+                                  "size": size}])
+
+    def decoded(spool_bytes):
+        rows = pa.concat_tables(DecodeStage(seaweed.storage_options, spool_bytes=spool_bytes,
+                                            piece_seconds=30)(plan)).to_pylist()
+        return [{k: v for k, v in r.items() if k != "decode_s"} for r in rows]
+
+    spooled, in_memory = decoded(0), decoded(size)
+    assert spooled == in_memory
+    assert len(spooled) == 2 and spooled[0]["error_kind"] is None
+    assert spooled[0]["size_bytes"] == size and spooled[0]["channels"] == 2

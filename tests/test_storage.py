@@ -21,6 +21,7 @@ from pipelines.storage import (
     StorageError,
     check_output,
     fetch,
+    fetched,
     list_objects,
     open_input,
     read_manifest,
@@ -391,6 +392,36 @@ def test_fetch_and_vanished(seaweed, s3_prefix, tmp_path):  # noqa: F811
     path.unlink()
     with pytest.raises(ObjectVanishedError):
         fetch(str(path))
+
+
+def test_fetched_decodes_a_large_object_from_a_local_copy_then_removes_it(
+        seaweed, s3_prefix, tmp_path):  # noqa: F811
+    opts = seaweed.storage_options
+    payload = os.urandom(3000)
+    _put(seaweed, s3_prefix, {"big.wav": payload})
+    uri = f"{s3_prefix}/big.wav"
+    with fetched(uri, opts, size=3000, spool_bytes=1000) as (data, size):
+        assert isinstance(data, str) and size == 3000
+        assert open(data, "rb").read() == payload
+        copy = data
+    assert not os.path.exists(copy) and not os.path.exists(os.path.dirname(copy))
+    for known in (3000, None):  # small enough, or size unknown: the bytes
+        with fetched(uri, opts, size=known, spool_bytes=4000 if known else 0) as (data, size):
+            assert data == payload and size == 3000
+
+    local = tmp_path / "big.wav"
+    local.write_bytes(payload)
+    with fetched(str(local), size=3000, spool_bytes=1000) as (data, size):
+        assert data == str(local) and size == 3000  # a local object is read in place
+    assert local.exists()
+
+    _fs(seaweed).rm_file(uri)
+    local.unlink()
+    for gone in (uri, str(local)):
+        with pytest.raises(ObjectVanishedError) as err:
+            with fetched(gone, opts, size=3000, spool_bytes=1000):
+                pass
+        assert gone in str(err.value)
 
 
 # -- redaction -------------------------------------------------------------------------------
