@@ -444,14 +444,29 @@ def golden_files_through_the_front_end(names, piece_seconds: float = PIECE_SECON
                                "run")
 
 
+def out_of_memory_on(monkeypatch, tokens: int) -> None:
+    """The engine runs out of device memory on any labelling call that holds a segment of
+    `tokens` VQ tokens (as it raises once halving is down to that one prompt)."""
+    import torch
+
+    import kimi_ops.tasks.runner as runner
+
+    real = runner.label_segments
+
+    def label_segments(engine, encodings, *args, **kwargs):
+        if any(len(e.tokens) == tokens for e in encodings):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(engine, encodings, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "label_segments", label_segments)
+
+
 def test_a_file_too_large_for_the_device_becomes_an_error_row_and_the_batch_goes_on(
         monkeypatch):
     """When one file's prompt does not fit the device even alone (the engine has halved the
     batch down to it and re-raised), the label stage labels the batch file by file: that file
     gets an `out_of_memory` error row naming it, the others their normal rows."""
-    import torch
 
-    import kimi_ops.tasks.runner as runner
 
     names = ("a01_tone_0p5s_16k.wav", "a02_chirp_3s_16k.wav", "a06_speech_2p37s_16k.flac")
     encoded, label = golden_files_through_the_front_end(names)
@@ -460,15 +475,7 @@ def test_a_file_too_large_for_the_device_becomes_an_error_row_and_the_batch_goes
         return [json.loads(f) for f in batch["files_json"].to_pylist()]
 
     expected = files(label(encoded))
-    poison = len(encoded["tokens"][1].as_py()[0])  # the chirp's one segment
-    real = runner.label_segments
-
-    def label_segments(engine, encodings, *args, **kwargs):
-        if any(len(e.tokens) == poison for e in encodings):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return real(engine, encodings, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "label_segments", label_segments)
+    out_of_memory_on(monkeypatch, len(encoded["tokens"][1].as_py()[0]))  # the chirp's segment
     got = files(label(encoded))
     assert [f["status"] for f in got] == ["ok", "error", "ok"]
     assert got[1]["error"]["kind"] == "out_of_memory"
@@ -526,9 +533,7 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
     rows it gives as one row. A piece the device cannot label makes the whole file one
     `out_of_memory` error row with no segments, and the other file is labelled."""
     import pyarrow as pa
-    import torch
 
-    import kimi_ops.tasks.runner as runner
     from pipelines.stages import PieceStitcher, WriteStage
 
     names = ("a04_mix_31s_16k.wav", "a02_chirp_3s_16k.wav")
@@ -560,15 +565,7 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
     assert (sorted([r[k] for k in key] for r in summary)
             == sorted([r[k] for k in key] for r in whole_summary))
 
-    poison = len(encoded["tokens"][1].as_py()[0])  # the 31 s file's second piece
-    real = runner.label_segments
-
-    def label_segments(engine, encodings, *args, **kwargs):
-        if any(len(e.tokens) == poison for e in encodings):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return real(engine, encodings, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "label_segments", label_segments)
+    out_of_memory_on(monkeypatch, len(encoded["tokens"][1].as_py()[0]))  # 2nd piece's segment
     _, summary, _, failed = run(30.0, tmp_path / "failed")
     rows = {Path(r["source_uri"]).name: r for r in failed["files"].to_pylist()}
     assert rows[names[0]]["status"] == "error" and rows[names[0]]["error"]["kind"] == "out_of_memory"
