@@ -446,12 +446,8 @@ class WriteStage:
         elapsed = time.perf_counter() - start
         rows = [{**summary_row(f, **times, write_s=elapsed / len(files)), "piece": 0, "pieces": 1}
                 for f, times in zip(files, done.select(STAGE_TIMES).to_pylist())]
-        for piece in batch.filter(pc.invert(whole)).to_pylist():
-            file_row = json.loads(piece["files_json"])
-            rows.append({**summary_row(file_row, **{k: piece[k] for k in STAGE_TIMES},
-                                       write_s=0.0),
-                         **{k: piece[k] for k in ("piece", "pieces", "files_json",
-                                                  "segments_json")}})
+        # a piece goes on as the stitcher's input; its file's summary comes from the stitch
+        rows += batch.filter(pc.invert(whole)).select(PIECE_COLUMNS).to_pylist()
         return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
     def write(self, files: list[dict], segments: list[dict]) -> None:
@@ -478,6 +474,7 @@ SUMMARY_SCHEMA = pa.schema([
     ("piece", pa.int32()), ("pieces", pa.int32()),
     ("files_json", pa.large_string()), ("segments_json", pa.large_string()),
 ])
+PIECE_COLUMNS = ("source_uri", "piece", "pieces", "files_json", "segments_json", *STAGE_TIMES)
 
 
 def summary_row(file_row: dict, **seconds: float) -> dict:
