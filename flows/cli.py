@@ -65,7 +65,7 @@ def cmd_run(argv: list[str]) -> int:
             input=args.input, output=args.output, model=args.model,
             tasks=[t for t in args.tasks.split(",") if t], language=args.language,
             question=args.question, max_new_tokens=args.max_new_tokens,
-            max_audio_seconds=args.max_audio_seconds,
+            max_audio_seconds=args.max_audio_seconds, piece_seconds=args.piece_seconds,
             semantic_tokens=args.semantic_tokens, endpoint_url=endpoint,
             credentials_block=args.credentials_block, ray_address=args.ray_address,
             stages=stages)

@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.job import JobError, JobSpec, StageResources, run_job, validate
+from pipelines.stages import PIECE_SECONDS
 
 
 class LabelCorpusParams(BaseModel):
@@ -36,6 +37,9 @@ class LabelCorpusParams(BaseModel):
     max_new_tokens: int = Field(256, ge=1)
     max_audio_seconds: float | None = Field(
         None, gt=0, description="longer inputs get a too_long error row (default 6 h)")
+    piece_seconds: float = Field(
+        PIECE_SECONDS, ge=30, description="a longer recording travels as pieces of at most this "
+                                          "much audio; smaller pieces spread it over more actors")
     semantic_tokens: bool = False
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
     credentials_block: str | None = Field(
@@ -51,7 +55,7 @@ class LabelCorpusParams(BaseModel):
         return JobSpec(input=self.input, output=self.output, model=self.model, tasks=self.tasks,
                        language=self.language, question=self.question,
                        max_new_tokens=self.max_new_tokens, semantic_tokens=self.semantic_tokens,
-                       max_audio_seconds=self.max_audio_seconds,
+                       max_audio_seconds=self.max_audio_seconds, piece_seconds=self.piece_seconds,
                        storage_options=options, ray_address=self.ray_address, run_id=run_id,
                        **self.stages)
 

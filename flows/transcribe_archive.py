@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from flows.label_corpus import flow_run_id, label_checked
 from flows.subtitles import to_srt, to_webvtt
 from pipelines.job import JobSpec, StageResources
+from pipelines.stages import PIECE_SECONDS
 
 STAGES = ("decode", "frontend", "label", "write")
 SUBTITLES_DIR = "subtitles"
@@ -56,6 +57,9 @@ class TranscribeArchiveParams(BaseModel):
     max_new_tokens: int = Field(384, ge=1, description="per segment of up to 30 s")
     max_audio_seconds: float | None = Field(
         None, gt=0, description="longer recordings get a too_long error row (default 6 h)")
+    piece_seconds: float = Field(
+        PIECE_SECONDS, ge=30, description="a longer recording travels as pieces of at most this "
+                                          "much audio; smaller pieces spread it over more actors")
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
     ray_address: str | None = None
     stages: dict[str, StageResources] = {}
@@ -72,7 +76,7 @@ class TranscribeArchiveParams(BaseModel):
         options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
         return JobSpec(input=self.input, output=self.output, model=self.model, tasks=["asr"],
                        language=self.language, max_new_tokens=self.max_new_tokens,
-                       max_audio_seconds=self.max_audio_seconds, storage_options=options,
+                       max_audio_seconds=self.max_audio_seconds, piece_seconds=self.piece_seconds, storage_options=options,
                        ray_address=self.ray_address, run_id=run_id, **self.stages)
 
 

@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 
+from pipelines.stages import PIECE_SECONDS
+
 
 def build_run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kimi-label run",
@@ -31,6 +33,10 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-audio-seconds", type=float, default=None,
                    help="longer inputs get a too_long error row (default: "
                         "$KIMI_MAX_AUDIO_SECONDS, else 6 hours)")
+    p.add_argument("--piece-seconds", type=float, default=PIECE_SECONDS,
+                   help="a longer file travels through the stages as pieces of whole segments of "
+                        "at most this much audio (>= 30): smaller pieces spread one long "
+                        "recording over more actors")
     p.add_argument("--semantic-tokens", action="store_true",
                    help="also write each segment's 12.5 Hz VQ tokens (training-data preparation)")
     p.add_argument("--extensions", default=None, help="comma-separated, e.g. wav,flac")
@@ -63,7 +69,7 @@ def cmd_run(argv: list[str]) -> int:
             input=args.input, output=args.output, model=args.model,
             glm_tokenizer=args.glm_tokenizer, tasks=[t for t in args.tasks.split(",") if t],
             language=args.language, question=args.question, max_new_tokens=args.max_new_tokens,
-            max_audio_seconds=args.max_audio_seconds,
+            max_audio_seconds=args.max_audio_seconds, piece_seconds=args.piece_seconds,
             semantic_tokens=args.semantic_tokens, storage_options=options,
             extensions=args.extensions.split(",") if args.extensions else None,
             ray_address=args.ray_address, device=args.device, run_id=args.run_id, **stages)

@@ -316,7 +316,8 @@ def test_decode_and_write_tasks_scale_with_nodes_and_gpus_unless_set():
 
 def test_max_audio_seconds_reaches_the_decode_stage(tmp_path):
     """JobSpec.max_audio_seconds (CLI --max-audio-seconds, the flows' parameter) refuses longer
-    inputs as `too_long` rows, naming the object; shorter ones decode."""
+    inputs as `too_long` rows, naming the object; shorter ones decode. JobSpec.piece_seconds
+    comes in the same ways (--piece-seconds, the flows' parameter)."""
     import pyarrow as pa
     from pydantic import ValidationError
 
@@ -346,6 +347,20 @@ def test_max_audio_seconds_reaches_the_decode_stage(tmp_path):
                                    max_audio_seconds=90).job_spec().max_audio_seconds == 90
     with pytest.raises(ValidationError, match="max_audio_seconds"):
         JobSpec(input="/in", output="/out", model=MODEL, max_audio_seconds=0)
+
+    # the pieces' length takes the same ways in (the pieces test shows what the stage does)
+    args = build_run_parser().parse_args(["--input", "/in", "--output", "/out", "--model", MODEL,
+                                          "--piece-seconds", "60"])
+    assert args.piece_seconds == 60.0
+    assert build_run_parser().parse_args(["--input", "/in", "--output", "/out", "--model", MODEL]
+                                         ).piece_seconds == PIECE_SECONDS
+    for params in (LabelCorpusParams, TranscribeArchiveParams):
+        assert params(input="/in", output="/out", model=MODEL, piece_seconds=60
+                      ).job_spec().piece_seconds == 60
+        assert params(input="/in", output="/out", model=MODEL).job_spec().piece_seconds == (
+            PIECE_SECONDS)
+    with pytest.raises(ValidationError, match="piece_seconds"):
+        JobSpec(input="/in", output="/out", model=MODEL, piece_seconds=10)
 
 
 def test_cpu_actors_get_threads_for_the_node_unless_set():
