@@ -38,8 +38,8 @@ class LabelCorpusParams(BaseModel):
     max_audio_seconds: float | None = Field(
         None, gt=0, description="longer inputs get a too_long error row (default 6 h)")
     piece_seconds: float = Field(
-        PIECE_SECONDS, ge=30, description="a longer recording travels as pieces of at most this "
-                                          "much audio; smaller pieces spread it over more actors")
+        PIECE_SECONDS, ge=30, description="a longer recording travels through the stages as "
+                                          "pieces of at most this much audio")
     semantic_tokens: bool = False
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
     credentials_block: str | None = Field(

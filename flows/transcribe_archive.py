@@ -58,8 +58,8 @@ class TranscribeArchiveParams(BaseModel):
     max_audio_seconds: float | None = Field(
         None, gt=0, description="longer recordings get a too_long error row (default 6 h)")
     piece_seconds: float = Field(
-        PIECE_SECONDS, ge=30, description="a longer recording travels as pieces of at most this "
-                                          "much audio; smaller pieces spread it over more actors")
+        PIECE_SECONDS, ge=30, description="a longer recording travels through the stages as "
+                                          "pieces of at most this much audio")
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
     ray_address: str | None = None
     stages: dict[str, StageResources] = {}

@@ -35,8 +35,8 @@ def build_run_parser() -> argparse.ArgumentParser:
                         "$KIMI_MAX_AUDIO_SECONDS, else 6 hours)")
     p.add_argument("--piece-seconds", type=float, default=PIECE_SECONDS,
                    help="a longer file travels through the stages as pieces of whole segments of "
-                        "at most this much audio (>= 30): smaller pieces spread one long "
-                        "recording over more actors")
+                        "at most this much audio (>= 30), so a stage's batch of N rows holds at "
+                        "most N times this much")
     p.add_argument("--semantic-tokens", action="store_true",
                    help="also write each segment's 12.5 Hz VQ tokens (training-data preparation)")
     p.add_argument("--extensions", default=None, help="comma-separated, e.g. wav,flac")
