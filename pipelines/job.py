@@ -534,7 +534,9 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
 
     planned = plan(spec, run_id)
     summary: list[dict] = []
-    pieces = {"files": 0, "pieces": 0}
+    writer = WriteStage(spec.output, spec.storage_options, spec.tasks, spec.task_params(),
+                        spec.semantic_tokens, retry=spec.storage_retry)
+    stitcher = PieceStitcher(writer)
     if planned["shards"]:
         import ray
 
@@ -545,16 +547,12 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
             spec = place_on_gpus(spec, gpus)
             spec = place_io_tasks(place_on_cpus(spec, smallest_node_cpus()), gpus, nodes)
             spec = spec.model_copy(update={"inflight_bytes": inflight_budget(spec, gpus, nodes)})
-            writer = WriteStage(spec.output, spec.storage_options, spec.tasks,
-                                spec.task_params(), spec.semantic_tokens, retry=spec.storage_retry)
-            stitcher = PieceStitcher(writer)
             ds = build_dataset(spec, planned["units"], model_id_, run_id, writer)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.to_pylist():
                     summary.extend(stitcher.add(row))
             stitcher.check_complete()
             stats = ds.stats()
-            pieces = {"files": stitcher.files, "pieces": stitcher.pieces}
         finally:
             if started_ray:
                 ray.shutdown()
@@ -562,7 +560,7 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
         stats = ""
     report = make_report(spec, run_id, model_id_, planned, summary, time.time() - started,
                          stats, [t.name for t in tasks])
-    report["long_files_in_pieces"] = pieces
+    report["long_files_in_pieces"] = {"files": stitcher.files, "pieces": stitcher.pieces}
     fs, root = resolve(spec.output, spec.storage_options)
 
     def finish():
