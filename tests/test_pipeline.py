@@ -557,21 +557,28 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
         encoded, label = golden_files_through_the_front_end(names, piece_seconds)
         writer = WriteStage(str(out), None, ["asr", "emotion"], {}, False)
         stitcher = PieceStitcher(writer)
-        summary = [row for written in writer(label(encoded)).to_pylist()
-                   for row in stitcher.add(written)]
+        written = writer(label(encoded)).to_pylist()
+        summary = [row for w in written for row in stitcher.add(w)]
         stitcher.check_complete()
         tables = {name: pa.concat_tables(pq.read_table(p) for p in sorted((out / name).iterdir()))
                   .sort_by([("source_uri", "ascending")]
                            + ([("segment_index", "ascending")] if name == "segments" else []))
                   for name in ("files", "segments")}
-        return encoded, summary, stitcher, tables
+        return encoded, written, summary, stitcher, tables
 
-    encoded, summary, stitcher, pieces = run(30.0, tmp_path / "pieces")
+    encoded, written, summary, stitcher, pieces = run(30.0, tmp_path / "pieces")
     assert encoded["pieces"].to_pylist() == [2, 2, 1]
     assert encoded["first_segment"].to_pylist() == [0, 1, 0]
     assert [len(s) for s in encoded["segments"].to_pylist()] == [1, 1, 1]
     assert (stitcher.files, stitcher.pieces) == (1, 2)
-    whole_encoded, whole_summary, _, whole = run(PIECE_SECONDS, tmp_path / "whole")
+    # a run that ends with only the first piece in writes nothing of the file and says so
+    partial = PieceStitcher(WriteStage(str(tmp_path / "partial"), None, ["asr", "emotion"], {},
+                                       False))
+    assert partial.add(next(w for w in written if (w["pieces"], w["piece"]) == (2, 0))) == []
+    assert not (tmp_path / "partial").exists()
+    with pytest.raises(RuntimeError, match=names[0]):
+        partial.check_complete()
+    whole_encoded, _, whole_summary, _, whole = run(PIECE_SECONDS, tmp_path / "whole")
     assert whole_encoded["pieces"].to_pylist() == [1, 1]
     for name in ("files", "segments"):
         assert pieces[name].to_pylist() == whole[name].to_pylist(), name
@@ -581,7 +588,7 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
             == sorted([r[k] for k in key] for r in whole_summary))
 
     out_of_memory_on(monkeypatch, len(encoded["tokens"][1].as_py()[0]))  # 2nd piece's segment
-    _, summary, _, failed = run(30.0, tmp_path / "failed")
+    _, _, summary, _, failed = run(30.0, tmp_path / "failed")
     rows = {Path(r["source_uri"]).name: r for r in failed["files"].to_pylist()}
     assert rows[names[0]]["status"] == "error" and rows[names[0]]["error"]["kind"] == "out_of_memory"
     assert names[0] in rows[names[0]]["error"]["message"]
