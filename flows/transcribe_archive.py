@@ -76,7 +76,8 @@ class TranscribeArchiveParams(BaseModel):
         options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
         return JobSpec(input=self.input, output=self.output, model=self.model, tasks=["asr"],
                        language=self.language, max_new_tokens=self.max_new_tokens,
-                       max_audio_seconds=self.max_audio_seconds, piece_seconds=self.piece_seconds, storage_options=options,
+                       max_audio_seconds=self.max_audio_seconds, piece_seconds=self.piece_seconds,
+                       storage_options=options,
                        ray_address=self.ray_address, run_id=run_id, **self.stages)
 
 

@@ -533,7 +533,7 @@ class PieceStitcher:
         Ray Data delivers every row or fails the run)."""
         if self.pending:
             uri, got = next(iter(self.pending.items()))
+            expected = next(iter(got.values()))["pieces"]
             raise RuntimeError(f"{len(self.pending)} long file(s) lack pieces at the end of the "
-                               f"run, e.g. {uri}: {len(got)} of {next(iter(got.values()))['pieces']}"
-                               "; a rerun labels them")
+                               f"run, e.g. {uri}: {len(got)} of {expected}; a rerun labels them")
 

@@ -590,7 +590,8 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
     out_of_memory_on(monkeypatch, len(encoded["tokens"][1].as_py()[0]))  # 2nd piece's segment
     _, _, summary, _, failed = run(30.0, tmp_path / "failed")
     rows = {Path(r["source_uri"]).name: r for r in failed["files"].to_pylist()}
-    assert rows[names[0]]["status"] == "error" and rows[names[0]]["error"]["kind"] == "out_of_memory"
+    assert rows[names[0]]["status"] == "error"
+    assert rows[names[0]]["error"]["kind"] == "out_of_memory"
     assert names[0] in rows[names[0]]["error"]["message"]
     assert rows[names[1]] == next(r for r in whole["files"].to_pylist()
                                   if r["source_uri"].endswith(names[1]))
@@ -598,7 +599,8 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
     assert sorted(r["status"] for r in summary) == ["error", "ok"]
 
 
-def test_a_large_object_decodes_from_a_local_copy_to_the_same_rows(seaweed, s3_prefix):  # noqa: F811
+def test_a_large_object_decodes_from_a_local_copy_to_the_same_rows(
+        seaweed, s3_prefix):  # noqa: F811
     """An object over the decode stage's `spool_bytes` is downloaded to a temp file and read
     block by block from there: the rows equal those decoded from the object's bytes."""
     import pyarrow as pa

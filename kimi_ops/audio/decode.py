@@ -213,8 +213,8 @@ class _To16k:
         return n if self.stream is None else math.ceil(n * (SAMPLE_RATE / self.rate))
 
     def add(self, mono: np.ndarray, last: bool = False) -> None:
-        chunk = (np.asarray(mono, dtype=np.float32) if self.stream is None else
-                 self.stream.resample_chunk(np.ascontiguousarray(mono, dtype=np.float32), last=last))
+        mono = np.ascontiguousarray(mono, dtype=np.float32)
+        chunk = mono if self.stream is None else self.stream.resample_chunk(mono, last=last)
         self._reserve(self.size + len(chunk))
         self.buffer[self.size: self.size + len(chunk)] = chunk
         self.size += len(chunk)
