@@ -530,11 +530,14 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
          ray_temp_dir: str | None) -> dict[str, Any]:
     # the stage classes are looked up at run time (tests replace them on the module)
     from pipelines.stages import PieceStitcher, WriteStage
-    from pipelines.storage import resolve, retrying
+    from pipelines.storage import options_for_workers, resolve, retrying
 
     planned = plan(spec, run_id)
     summary: list[dict] = []
-    writer = WriteStage(spec.output, spec.storage_options, spec.tasks, spec.task_params(),
+    # the stages get this process's S3 endpoint and credentials (a running cluster's workers
+    # do not share its AWS_* environment); the report keeps the options as given
+    worker_options = options_for_workers((spec.input, spec.output), spec.storage_options)
+    writer = WriteStage(spec.output, worker_options, spec.tasks, spec.task_params(),
                         spec.semantic_tokens, retry=spec.storage_retry)
     stitcher = PieceStitcher(writer)
     if planned["shards"]:
@@ -547,7 +550,8 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
             spec = place_on_gpus(spec, gpus)
             spec = place_io_tasks(place_on_cpus(spec, smallest_node_cpus()), gpus, nodes)
             spec = spec.model_copy(update={"inflight_bytes": inflight_budget(spec, gpus, nodes)})
-            ds = build_dataset(spec, planned["units"], model_id_, run_id, writer)
+            ds = build_dataset(spec.model_copy(update={"storage_options": worker_options}),
+                               planned["units"], model_id_, run_id, writer)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.to_pylist():
                     summary.extend(stitcher.add(row))

@@ -39,7 +39,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -199,6 +199,18 @@ def s3_options(storage_options: Mapping[str, Any] | None = None) -> dict[str, An
             if token:
                 opts["token"] = token
     return opts
+
+
+def options_for_workers(uris: Sequence[str],
+                        storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The options to hand to processes on other machines: with an S3 URI among `uris` (or a
+    manifest, whose entries may be), `s3_options` as this process resolves them, so workers of a
+    running cluster, whose environment is not this one's, reach the same endpoint with the same
+    credentials. They travel in memory with the stages, as a credentials block's values do;
+    reports show `safe_options`. Other URIs: the options as given."""
+    if not any(_protocol(u) in _S3_PROTOCOLS or is_manifest(u) for u in uris):
+        return dict(storage_options) if storage_options is not None else None
+    return s3_options(storage_options)
 
 
 def resolve(uri: str, storage_options: Mapping[str, Any] | None = None):

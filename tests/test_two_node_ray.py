@@ -1,7 +1,8 @@
 """The Ray Data job on a real two-node Ray cluster on one machine: a head and a second node, each
 with one logical CPU, on 127.0.0.1. The job runs in its own driver process that joins the cluster
 through RAY_ADDRESS (as a Prefect worker or a RayJob driver does) and must spread its work over
-both nodes and write one files row per input.
+both nodes and write one files row per input, to S3 (SeaweedFS) with the endpoint and
+credentials in the driver's AWS_* environment only: the cluster's nodes started without them.
 
 Every process this test starts is found by its session or a marker in its environment and stopped
 by PID; `ray stop` is never used (it would kill every Ray process of the user).
@@ -39,6 +40,7 @@ from tests.processes import comm as _comm
 from tests.processes import marked
 from tests.processes import proc_stat as _stat
 from tests.processes import stop as _stop
+from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -310,12 +312,15 @@ def _clip(i: int) -> bytes:
     return buf.getvalue()
 
 
-def test_job_joins_a_two_node_cluster_and_both_nodes_work(cluster, tmp_path):
+def test_job_joins_a_two_node_cluster_and_both_nodes_work(cluster, seaweed, s3_prefix,
+                                                         tmp_path):
+    from pipelines.storage import resolve
+
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(CLIPS):
         (inputs / f"clip{i:02d}.wav").write_bytes(_clip(i))
-    output = tmp_path / "out"
+    output = f"{s3_prefix}/out"
     record = tmp_path / "record.jsonl"
     # Two logical CPUs in all, one per node. The job's plan read (`read_parquet`: a ListFiles
     # and a ReadFiles task) asks for a whole CPU per task and cannot be given less through the
@@ -334,7 +339,7 @@ def test_job_joins_a_two_node_cluster_and_both_nodes_work(cluster, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     driver_marker = f"{cluster.run_id}/driver"
-    env = {**_clean_env(), **cluster.env, MARKER_ENV: driver_marker,
+    env = {**_clean_env(), **cluster.env, **seaweed.env, MARKER_ENV: driver_marker,
            "PYTHONPATH": str(ROOT)}
     log = tmp_path / "driver.log"
     started = time.monotonic()
@@ -383,15 +388,26 @@ def test_job_joins_a_two_node_cluster_and_both_nodes_work(cluster, tmp_path):
 
     # The output is complete: one files row per input, all ok, one run.
     assert result["processed"] == CLIPS and result["status"] == {"ok": CLIPS}
-    files = [r for p in sorted((output / "files").rglob("*.parquet"))
-             for r in pq.read_table(p).to_pylist()]
+    fs, root = resolve(output, seaweed.storage_options)
+
+    def rows(table: str, columns=None) -> list[dict]:
+        return [r for p in sorted(fs.find(f"{root}/{table}")) if p.endswith(".parquet")
+                for r in pq.read_table(fs.open(p, "rb"), columns=columns).to_pylist()]
+
+    files = rows("files")
     assert sorted(Path(r["source_uri"]).name for r in files) == sorted(
         f"clip{i:02d}.wav" for i in range(CLIPS))
     assert {r["status"] for r in files} == {"ok"}
     assert {r["run_id"] for r in files} == {result["run_id"]}
-    segments = [r for p in sorted((output / "segments").rglob("*.parquet"))
-                for r in pq.read_table(p, columns=["source_uri", "emotion"]).to_pylist()]
+    segments = rows("segments", ["source_uri", "emotion"])
     assert len(segments) == CLIPS and all(s["emotion"] for s in segments)
+
+    # The credentials reached the workers in memory only: no log or file of the cluster or the
+    # driver holds the secret.
+    secret = seaweed.env["AWS_SECRET_ACCESS_KEY"].encode()
+    leaked = [str(f) for f in [*cluster.base.rglob("*"), *tmp_path.rglob("*")]
+              if f.is_file() and not f.is_symlink() and secret in f.read_bytes()]
+    assert leaked == []
 
     # Every socket of both nodes is on loopback.
     exposed = {}
