@@ -63,11 +63,14 @@ def cmd_run(argv: list[str]) -> int:
     try:
         params = LabelCorpusParams(
             input=args.input, output=args.output, model=args.model,
-            tasks=[t for t in args.tasks.split(",") if t], language=args.language,
-            question=args.question, max_new_tokens=args.max_new_tokens,
+            glm_tokenizer=args.glm_tokenizer, tasks=[t for t in args.tasks.split(",") if t],
+            language=args.language, question=args.question, max_new_tokens=args.max_new_tokens,
             max_audio_seconds=args.max_audio_seconds, piece_seconds=args.piece_seconds,
-            semantic_tokens=args.semantic_tokens, endpoint_url=endpoint,
-            credentials_block=args.credentials_block, ray_address=args.ray_address,
+            semantic_tokens=args.semantic_tokens,
+            extensions=([e.strip() for e in args.extensions.split(",") if e.strip()]
+                        if args.extensions is not None else None),
+            endpoint_url=endpoint, credentials_block=args.credentials_block,
+            ray_address=args.ray_address, device=args.device, run_id=args.run_id,
             stages=stages)
     except ValidationError as exc:
         print(f"error: invalid parameters: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",

@@ -14,15 +14,19 @@ may be passed as such.
 # No `from __future__ import annotations`: served flows are pickled by value and pydantic
 # must resolve the parameter model from the real annotation, not a string.
 
+import re
 from collections import Counter
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines.job import JobError, JobSpec, StageResources, run_job, validate
 from pipelines.stages import PIECE_SECONDS
+
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder name under <output>/_runs/
 
 
 class LabelCorpusParams(BaseModel):
@@ -31,6 +35,8 @@ class LabelCorpusParams(BaseModel):
     input: str = Field(description="s3://bucket/prefix, a local folder or a manifest")
     output: str
     model: str = Field(description="Kimi-Audio checkpoint folder on the workers")
+    glm_tokenizer: str | None = Field(
+        None, description="GLM-4-Voice tokenizer folder or hub id (default: in the checkpoint)")
     tasks: list[str] = ["asr", "emotion", "scene"]
     language: str = "auto"
     question: str | None = None
@@ -41,23 +47,55 @@ class LabelCorpusParams(BaseModel):
         PIECE_SECONDS, ge=30, description="a longer recording travels through the stages as "
                                           "pieces of at most this much audio")
     semantic_tokens: bool = False
+    extensions: list[str] | None = Field(
+        None, description="file extensions to label, e.g. [\"wav\", \"flac\"] (default: "
+                          "every audio extension the decoder reads)")
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
     credentials_block: str | None = Field(
         None, description="name of a Prefect Secret block holding the S3 credentials as JSON "
                           '{"key": ..., "secret": ..., "token": optional}; default: AWS_* env')
     ray_address: str | None = None
+    device: str | None = Field(None, description="cpu, cuda or cuda:N per actor (default: cuda "
+                                                 "when the actor has a GPU)")
+    run_id: str | None = Field(None, description="default: derived from the flow run (stable "
+                                                 "across its retries)")
     stages: dict[str, StageResources] = {}
+
+    @field_validator("extensions")
+    @classmethod
+    def _some_extensions(cls, extensions: list[str] | None) -> list[str] | None:
+        if extensions is not None and not [e for e in extensions if e.strip(" .")]:
+            raise ValueError("name at least one extension, e.g. wav,flac")
+        return extensions
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str | None) -> str | None:
+        if device is not None and not DEVICE.fullmatch(device):
+            raise ValueError(f"{device!r} is not a device (cpu, cuda, cuda:N, mps, xpu)")
+        return device
+
+    @field_validator("run_id")
+    @classmethod
+    def _folder_name(cls, run_id: str | None) -> str | None:
+        if run_id is not None and not RUN_ID.fullmatch(run_id):
+            raise ValueError(f"{run_id!r} must be 1-128 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit (it names a folder)")
+        return run_id
 
     def job_spec(self, run_id: str | None = None,
                  credentials: dict[str, str] | None = None) -> JobSpec:
+        """The job of these parameters; `run_id` is its run id unless they name one."""
         options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
         options = {**options, **(credentials or {})} or None
-        return JobSpec(input=self.input, output=self.output, model=self.model, tasks=self.tasks,
+        return JobSpec(input=self.input, output=self.output, model=self.model,
+                       glm_tokenizer=self.glm_tokenizer, tasks=self.tasks,
                        language=self.language, question=self.question,
                        max_new_tokens=self.max_new_tokens, semantic_tokens=self.semantic_tokens,
                        max_audio_seconds=self.max_audio_seconds, piece_seconds=self.piece_seconds,
-                       storage_options=options, ray_address=self.ray_address, run_id=run_id,
-                       **self.stages)
+                       extensions=self.extensions, storage_options=options,
+                       ray_address=self.ray_address, device=self.device,
+                       run_id=self.run_id or run_id, **self.stages)
 
 
 _CREDENTIAL_NAMES = {"key": ("key", "access_key", "access_key_id", "aws_access_key_id"),

@@ -76,9 +76,14 @@ def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
     refused = run("--model", str(tmp_path / "nope"))
     assert refused.returncode == 2
     assert "checkpoint folder not found" in refused.stderr
-    done = run("--model", MODEL, "--tasks", "asr,scene", "--max-new-tokens", "4")
+    # the job options reach the job: a .flac the --extensions leave out, an explicit run id
+    shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", tmp_path / "in")
+    done = run("--model", MODEL, "--tasks", "asr,scene", "--max-new-tokens", "4",
+               "--extensions", "wav", "--run-id", "my-run-1", "--device", "cpu",
+               "--glm-tokenizer", str(goldens.CHECKPOINT / "glm-4-voice-tokenizer"))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "1 processed" in done.stdout and "'ok': 1" in done.stdout
+    assert "run my-run-1: 1 processed" in done.stdout and "'ok': 1" in done.stdout
+    assert (tmp_path / "out" / "_runs" / "my-run-1" / "report.json").is_file()
     assert list((tmp_path / "out" / "files").glob("part-*.parquet"))
 
 
