@@ -27,8 +27,12 @@ CREDENTIAL_KEYS = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY"
 def options_to_env(options: dict) -> tuple[dict[str, str], str | None]:
     """Credentials from --storage-options go to this process's AWS_* environment (inherited by
     a local Ray), never into flow parameters, which Prefect stores. Returns (env, endpoint)."""
-    env = {CREDENTIAL_KEYS[k]: str(v) for k, v in options.items() if k in CREDENTIAL_KEYS}
+    if not isinstance(options, dict):
+        raise ValueError('--storage-options must be a JSON object, e.g. {"endpoint_url": ...}')
     client = options.get("client_kwargs") or {}
+    if not isinstance(client, dict):
+        raise ValueError("--storage-options: client_kwargs must be a JSON object")
+    env = {CREDENTIAL_KEYS[k]: str(v) for k, v in options.items() if k in CREDENTIAL_KEYS}
     endpoint = options.get("endpoint_url") or client.get("endpoint_url")
     region = options.get("region") or client.get("region_name")
     if region:
@@ -43,7 +47,13 @@ def options_to_env(options: dict) -> tuple[dict[str, str], str | None]:
 def cmd_run(argv: list[str]) -> int:
     from pydantic import ValidationError
 
-    from pipelines.cli import build_run_parser, format_report
+    from pipelines.cli import (
+        build_run_parser,
+        format_report,
+        option_error,
+        parse_stages,
+        parse_storage_options,
+    )
 
     parser = build_run_parser()
     parser.add_argument("--credentials-block", default=None,
@@ -51,10 +61,9 @@ def cmd_run(argv: list[str]) -> int:
                              '({"key": ..., "secret": ...}); read when the flow runs')
     args = parser.parse_args(argv)
     try:
-        options = json.loads(args.storage_options) if args.storage_options else {}
-        stages = json.loads(args.stages) if args.stages else {}
-        env, endpoint = options_to_env(options)
-    except (json.JSONDecodeError, ValueError) as exc:
+        stages = parse_stages(args.stages)
+        env, endpoint = options_to_env(parse_storage_options(args.storage_options) or {})
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ.update(env)
@@ -73,8 +82,7 @@ def cmd_run(argv: list[str]) -> int:
             ray_address=args.ray_address, device=args.device, run_id=args.run_id,
             stages=stages)
     except ValidationError as exc:
-        print(f"error: invalid parameters: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
-              file=sys.stderr)
+        print(f"error: {option_error(exc)}", file=sys.stderr)
         return 2
     state = label_corpus(params, return_state=True)
     if not state.is_completed():
@@ -110,10 +118,10 @@ def cmd_evaluate(argv: list[str]) -> int:
         format_summary,
         write_report,
     )
+    from pipelines.cli import parse_storage_options
 
     try:
-        env, endpoint = options_to_env(json.loads(args.storage_options)
-                                       if args.storage_options else {})
+        env, endpoint = options_to_env(parse_storage_options(args.storage_options) or {})
         os.environ.update(env)
         spec = EvaluationSpec(output=args.output, references=args.references,
                               compare=args.compare, report_dir=args.report_dir, n_bins=args.bins,
@@ -124,7 +132,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         print(f"error: invalid parameters: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
               file=sys.stderr)
         return 2
-    except (json.JSONDecodeError, ValueError, EvaluationError) as exc:
+    except (ValueError, EvaluationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(report))

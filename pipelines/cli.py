@@ -16,6 +16,9 @@ import sys
 
 from pipelines.stages import PIECE_SECONDS
 
+STAGES = ("decode", "frontend", "label", "write")  # the StageResources fields of a JobSpec
+OPTIONS = {"endpoint_url": "--storage-options endpoint_url"}  # not named `--<field name>`
+
 
 def build_run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kimi-label run",
@@ -52,6 +55,51 @@ def build_run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def json_object(option: str, text: str | None, example: str) -> dict | None:
+    """The JSON object an option holds (None when not given), or a ValueError naming the
+    option. Messages quote the position of a syntax error, never the text (it may hold a
+    secret)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{option} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, e.g. {example}")
+    return value
+
+
+def parse_storage_options(text: str | None) -> dict | None:
+    options = json_object("--storage-options", text, '{"endpoint_url": "http://host:8333"}')
+    if options is not None and not isinstance(options.get("client_kwargs") or {}, dict):
+        raise ValueError("--storage-options: client_kwargs must be a JSON object, e.g. "
+                         '{"client_kwargs": {"region_name": "eu-west-1"}}')
+    return options
+
+
+def parse_stages(text: str | None) -> dict:
+    stages = json_object("--stages", text, '{"label": {"batch_size": 32}}') or {}
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"--stages: unknown stages {unknown} (known: {', '.join(STAGES)})")
+    return stages
+
+
+def option_error(exc) -> str:
+    """A pydantic ValidationError's first error as one line naming the option it came from
+    (`--stages label.batch_size: ...`); messages carry no input values."""
+    error = exc.errors()[0]
+    message = error["msg"].removeprefix("Value error, ")
+    loc = [str(part) for part in error["loc"]]
+    if not loc:
+        return message
+    if loc[0] in STAGES:  # a JobSpec's stage fields come from --stages
+        loc = ["stages", *loc]
+    option = OPTIONS.get(loc[0], "--" + loc[0].replace("_", "-"))
+    return f"{option} {'.'.join(loc[1:])}: {message}" if loc[1:] else f"{option}: {message}"
+
+
 def cmd_run(argv: list[str]) -> int:
     from pydantic import ValidationError
 
@@ -59,10 +107,10 @@ def cmd_run(argv: list[str]) -> int:
 
     args = build_run_parser().parse_args(argv)
     try:
-        options = json.loads(args.storage_options) if args.storage_options else None
-        stages = json.loads(args.stages) if args.stages else {}
-    except json.JSONDecodeError as exc:
-        print(f"error: --storage-options/--stages is not valid JSON ({exc.msg})", file=sys.stderr)
+        options = parse_storage_options(args.storage_options)
+        stages = parse_stages(args.stages)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         spec = JobSpec(
@@ -75,8 +123,7 @@ def cmd_run(argv: list[str]) -> int:
             ray_address=args.ray_address, device=args.device, run_id=args.run_id, **stages)
         report = run_job(spec)
     except ValidationError as exc:
-        print(f"error: invalid job: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
-              file=sys.stderr)
+        print(f"error: {option_error(exc)}", file=sys.stderr)
         return 2
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)

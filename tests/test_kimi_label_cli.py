@@ -15,11 +15,12 @@ from tests import goldens
 MODEL = str(goldens.CHECKPOINT)
 
 
-def kimi_label(*args, env=None):
+def kimi_label(*args, env=None, module="flows.cli"):
+    """`kimi-label ARGS` (`pipelines.cli`: the bare job's command line, no Prefect)."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], env=env,
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -54,3 +55,39 @@ def test_label_corpus_params_reach_the_job_spec():
                                   ("extensions", [" ", "."], "at least one extension")):
         with pytest.raises(ValidationError, match=message):
             LabelCorpusParams(input="/in", output="/out", model=MODEL, **{field: value})
+
+
+SECRET = "s3cr3t-never-printed"
+BAD_OPTIONS = [
+    (["--storage-options", "[1]"], ["--storage-options must be a JSON object"]),
+    (["--storage-options", '{"client_kwargs": "x"}'], ["client_kwargs must be a JSON object"]),
+    (["--storage-options", '{"secret": "%s", "key": ' % SECRET],
+     ["--storage-options is not valid JSON (Expecting value: line 1 column"]),
+    (["--stages", "{bad"], ["--stages is not valid JSON (Expecting property name"]),
+    (["--stages", "[1]"], ["--stages must be a JSON object"]),
+    (["--stages", '{"labels": {"batch_size": 2}}'],
+     ["--stages: unknown stages ['labels'] (known: decode, frontend, label, write)"]),
+    (["--stages", '{"input": "/elsewhere"}'], ["--stages: unknown stages ['input']"]),
+    (["--stages", '{"label": {"batch_size": 0}}'], ["--stages label.batch_size: ", "greater than or equal to 1"]),
+    (["--tasks", ""], ["--tasks: name at least one task"]),
+]
+
+
+@pytest.mark.parametrize("module", ["flows.cli", "pipelines.cli"])
+@pytest.mark.parametrize("args, expected", BAD_OPTIONS)
+def test_run_names_the_bad_option(tmp_path, module, args, expected):
+    """A malformed option is refused in the command line process, naming the option, before
+    the flow (or the job) starts; a secret in --storage-options is never echoed."""
+    line = refused(kimi_label("run", "--input", goldens.INPUTS, "--output", tmp_path / "out",
+                              "--model", MODEL, *args, module=module), *expected)
+    assert SECRET not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_names_the_storage_option_behind_a_flow_parameter(tmp_path):
+    """kimi-label run passes the endpoint of --storage-options on as the flow's endpoint_url."""
+    line = refused(kimi_label("run", "--input", goldens.INPUTS, "--output", tmp_path / "out",
+                              "--model", MODEL, "--storage-options",
+                              '{"secret": "%s", "endpoint_url": 5}' % SECRET),
+                   "--storage-options endpoint_url: Input should be a valid string")
+    assert SECRET not in line
