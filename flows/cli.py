@@ -44,6 +44,35 @@ def options_to_env(options: dict) -> tuple[dict[str, str], str | None]:
     return env, endpoint
 
 
+def check_job(spec, storage: bool = True) -> None:
+    """What the flow's `check_inputs` checks, done here before a flow run (and the temporary
+    Prefect server) starts, so that a common mistake costs a second and one line: tasks,
+    checkpoint, then input listing and output access (`pipelines.job.validate`). Credentials
+    from a Prefect block are read when the flow runs, so with one (`storage=False`) the
+    storage checks are left to the flow. Raises JobError."""
+    from kimi_ops.errors import KimiError
+    from kimi_ops.model.checkpoint import resolve_checkpoint
+    from kimi_ops.tasks import get_task
+    from pipelines.job import JobError, validate
+
+    glm = spec.glm_tokenizer
+    if glm and (Path(glm).is_absolute() or glm.startswith((".", "~"))) and not Path(
+            glm).expanduser().is_dir():
+        raise JobError(f"--glm-tokenizer {glm}: folder not found")
+    if storage:
+        validate(spec)
+        return
+    try:
+        for name in spec.tasks:
+            get_task(name, **spec.task_params())
+    except ValueError as exc:
+        raise JobError(f"tasks: {exc}") from None
+    try:
+        resolve_checkpoint(spec.model, spec.glm_tokenizer)
+    except KimiError as exc:
+        raise JobError(f"model: {exc}") from None
+
+
 def cmd_run(argv: list[str]) -> int:
     from pydantic import ValidationError
 
@@ -68,6 +97,7 @@ def cmd_run(argv: list[str]) -> int:
         return 2
     os.environ.update(env)
     from flows.label_corpus import LabelCorpusParams, label_corpus
+    from pipelines.job import JobError
 
     try:
         params = LabelCorpusParams(
@@ -81,8 +111,12 @@ def cmd_run(argv: list[str]) -> int:
             endpoint_url=endpoint, credentials_block=args.credentials_block,
             ray_address=args.ray_address, device=args.device, run_id=args.run_id,
             stages=stages)
+        check_job(params.job_spec(), storage=params.credentials_block is None)
     except ValidationError as exc:
         print(f"error: {option_error(exc)}", file=sys.stderr)
+        return 2
+    except JobError as exc:
+        print(f"error: label-corpus cannot run: {exc}", file=sys.stderr)
         return 2
     state = label_corpus(params, return_state=True)
     if not state.is_completed():

@@ -91,3 +91,42 @@ def test_run_names_the_storage_option_behind_a_flow_parameter(tmp_path):
                               '{"secret": "%s", "endpoint_url": 5}' % SECRET),
                    "--storage-options endpoint_url: Input should be a valid string")
     assert SECRET not in line
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "/nonexistent/model"],
+     ["label-corpus cannot run: model: /nonexistent/model: checkpoint folder not found"]),
+    (["--glm-tokenizer", "/nonexistent/glm"], ["--glm-tokenizer /nonexistent/glm: folder not found"]),
+    (["--input", "/nonexistent/audio"], ["not_found: /nonexistent/audio"]),
+    (["--tasks", "asr,bogus"], ["tasks: unknown task 'bogus'"]),
+    (["--device", "gpu0"], ["--device: 'gpu0' is not a device"]),
+    (["--run-id", "a/b"], ["--run-id: 'a/b' must be", "names a folder"]),
+    (["--extensions", ","], ["--extensions: name at least one extension"]),
+])
+def test_run_refuses_a_job_that_cannot_run_before_the_flow(tmp_path, args, expected):
+    """The job's own checks (checkpoint, tasks, input, output) run in the command line process:
+    one line, exit 2, no flow run, no temporary Prefect server, no Ray."""
+    given = dict(zip(args[::2], args[1::2]))
+    base = {"--input": goldens.INPUTS, "--output": tmp_path / "out", "--model": MODEL}
+    refused(kimi_label("run", *[x for k, v in {**base, **given}.items() for x in (k, v)]),
+            *expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_with_a_credentials_block_the_storage_checks_wait_for_the_flow(tmp_path):
+    """The block's credentials are read when the flow runs: before it, only the tasks and the
+    checkpoint can be checked."""
+    from flows.cli import check_job
+    from flows.label_corpus import LabelCorpusParams
+    from pipelines.job import JobError
+
+    params = LabelCorpusParams(input="s3://no-bucket/in", output="s3://no-bucket/out",
+                               model=MODEL, credentials_block="s3-creds")
+    check_job(params.job_spec(), storage=False)
+    with pytest.raises(JobError, match="checkpoint folder not found"):
+        check_job(params.model_copy(update={"model": str(tmp_path / "no")}).job_spec(),
+                  storage=False)
+    with pytest.raises(JobError, match="unknown task 'bogus'"):
+        check_job(params.model_copy(update={"tasks": ["bogus"]}).job_spec(), storage=False)
+    with pytest.raises(JobError, match="not_found"):
+        check_job(params.model_copy(update={"input": str(tmp_path / "no")}).job_spec())
