@@ -198,9 +198,39 @@ def cmd_stack(argv: list[str]) -> int:
     return 0
 
 
+COMMANDS = {  # one line each for `kimi-label --help`; the module docstring shows their usage
+    "run": "label every audio object under --input into Parquet (Prefect flow, Ray job)",
+    "stack": "up | down | status of the embedded local stack (SeaweedFS, Prefect, Ray)",
+    "evaluate": "score a labelled output against reference labels (table, report.json)",
+    "demo": "the main job end to end on embedded defaults (tiny checkpoint, sample audio)",
+    "generate": "run message list(s) through the model",
+    "audio-tokens": "GLM-4-Voice VQ codes of audio files",
+    "label": "label local audio files with tasks in this process (JSON lines)",
+    "make-tiny-checkpoint": "a random checkpoint in the official layout",
+}
+
+
+def usage() -> str:
+    lines = ["usage: kimi-label COMMAND [options]   (kimi-label COMMAND --help: its options)",
+             "", "Label audio with Kimi-Audio: Ray Data jobs run by Prefect flows.", "",
+             "commands:"]
+    lines += [f"  {name:<22}{text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not command:
+        print(f"{usage()}\n\nerror: name a command", file=sys.stderr)
+        return 2
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r} (commands: {', '.join(COMMANDS)}; "
+              "kimi-label --help describes them)", file=sys.stderr)
+        return 2
     if command == "run":
         return cmd_run(rest)
     if command == "stack":

@@ -130,3 +130,23 @@ def test_with_a_credentials_block_the_storage_checks_wait_for_the_flow(tmp_path)
         check_job(params.model_copy(update={"tasks": ["bogus"]}).job_spec(), storage=False)
     with pytest.raises(JobError, match="not_found"):
         check_job(params.model_copy(update={"input": str(tmp_path / "no")}).job_spec())
+
+
+ALL_COMMANDS = ["run", "stack", "evaluate", "demo", "generate", "audio-tokens", "label",
+                "make-tiny-checkpoint"]
+
+
+def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
+    helped = kimi_label("--help")
+    assert helped.returncode == 0 and "python -m kimi_ops" not in helped.stdout
+    listed = {line.split()[0] for line in helped.stdout.splitlines() if line.startswith("  ")}
+    assert listed == set(ALL_COMMANDS)
+    bare = kimi_label()
+    assert bare.returncode == 2 and all(f"  {c} " in bare.stderr for c in ALL_COMMANDS)
+    line = refused(kimi_label("bogus"), "unknown command 'bogus'")
+    assert all(c in line for c in ALL_COMMANDS)
+    # each command keeps its own help; the model commands still reach kimi_ops
+    run_help = kimi_label("run", "--help")
+    assert run_help.returncode == 0 and "--credentials-block" in run_help.stdout
+    generate_help = kimi_label("generate", "--help")
+    assert generate_help.returncode == 0 and "--messages" in generate_help.stdout
