@@ -74,6 +74,10 @@ def check_job(spec, storage: bool = True) -> None:
 
 
 def cmd_run(argv: list[str]) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        # the temporary Prefect server of this run sends no telemetry (offline machines logged
+        # an ERROR for it); set before Prefect is imported, an explicit setting wins
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from pydantic import ValidationError
 
     from pipelines.cli import (
