@@ -238,6 +238,7 @@ def label_distribution(spec: JobSpec, run_id: str) -> dict[str, dict[str, int]]:
 
 @task
 def publish(report: dict[str, Any], distribution: dict[str, dict[str, int]], output: str) -> None:
+    output = output.rstrip("/")
     ok = report["status"].get("ok", 0)
     rows = [{"metric": "inputs processed", "value": report["processed"]},
             {"metric": "already labelled (skipped)",

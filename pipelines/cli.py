@@ -133,13 +133,14 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def format_report(report: dict) -> str:
+    output = report["output"].rstrip("/")  # `--output s3://b/labels/` names the same folder
     lines = [f"run {report['run_id']}: {report['processed']} processed "
              f"({report['planned'].get('already_done', 0)} already done), "
              f"status {report['status']}, errors {report['errors_by_kind']}",
              f"audio {report['audio_hours'] * 3600:.1f} s in {report['wall_s']:.1f} s "
              f"({report['audio_hours_per_hour']:.1f} audio-hours per hour)",
-             f"output: {report['output']}/files/ and {report['output']}/segments/; "
-             f"report: {report['output']}/_runs/{report['run_id']}/report.json"]
+             f"output: {output}/files/ and {output}/segments/; "
+             f"report: {output}/_runs/{report['run_id']}/report.json"]
     return "\n".join(lines)
 
 

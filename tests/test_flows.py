@@ -24,7 +24,7 @@ def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_
     for name in ("a01_tone_0p5s_16k.wav", "a06_speech_2p37s_16k.flac"):
         shutil.copy(goldens.INPUTS / name, inputs / name)
     (inputs / "broken.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
-    params = LabelCorpusParams(input=str(inputs), output=str(tmp_path / "out"), model=MODEL,
+    params = LabelCorpusParams(input=str(inputs), output=f"{tmp_path / 'out'}/", model=MODEL,
                                tasks=["asr", "emotion"], max_new_tokens=4)
     report = label_corpus(params)
     assert report["processed"] == 3
@@ -37,7 +37,7 @@ def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_
     summary = {row["metric"]: row["value"]
                for row in json.loads(found["label-corpus-summary"].data)}
     assert summary["ok"] == 2 and summary["errors: undecodable"] == 1
-    assert str(tmp_path / "out") in found["label-corpus-output"].data
+    assert f"`{tmp_path / 'out'}/files/`" in found["label-corpus-output"].data  # no `out//`
 
     again = label_corpus(params)  # a rerun (or a retried run) resumes: nothing left to do
     assert again["processed"] == 0 and again["planned"]["already_done"] == 3
@@ -70,7 +70,7 @@ def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
 
     def run(*args):
         return subprocess.run([str(console), "run", "--input", str(tmp_path / "in"),
-                               "--output", str(tmp_path / "out"), *args], env=env,
+                               "--output", f"{tmp_path / 'out'}/", *args], env=env,
                               capture_output=True, text=True, timeout=300, check=False)
 
     refused = run("--model", str(tmp_path / "nope"))
@@ -85,6 +85,8 @@ def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
     assert "run my-run-1: 1 processed" in done.stdout and "'ok': 1" in done.stdout
     assert (tmp_path / "out" / "_runs" / "my-run-1" / "report.json").is_file()
     assert "telemetry" not in done.stderr  # offline, Prefect's telemetry logged an ERROR
+    assert (f"output: {tmp_path / 'out'}/files/ and {tmp_path / 'out'}/segments/; report: "
+            f"{tmp_path / 'out'}/_runs/my-run-1/report.json") in done.stdout  # no `out//`
     assert list((tmp_path / "out" / "files").glob("part-*.parquet"))
 
 
