@@ -35,6 +35,9 @@ Only scored, labelled rows enter the metrics.
 Comparison (`compare`): both outputs are scored against the same references; each summary
 metric gets `delta = output - compare`, and every reference item whose outcome differs is
 listed: another closed-set label, another normalised transcript, or another coverage state.
+The tasks scored are those of the output; a task the compared output lacks is scored for the
+output alone and listed in the comparison's `unavailable_tasks` (its metrics have no compare
+value or delta, and its items are not compared).
 """
 
 from __future__ import annotations
@@ -453,6 +456,12 @@ class EvaluationPlan:
     outputs: list[OutputInfo]  # the output, then the compared output when there is one
     created: datetime
     report_dir: str
+    compare_unavailable: list[str] = field(default_factory=list)  # tasks `compare` lacks
+
+    def tasks_of(self, index: int) -> list[str]:
+        """The tasks scored in `outputs[index]`."""
+        skipped = self.compare_unavailable if index else []
+        return [t for t in self.tasks if t not in skipped]
 
 
 def check_inputs(spec: EvaluationSpec) -> EvaluationPlan:
@@ -471,14 +480,17 @@ def check_inputs(spec: EvaluationSpec) -> EvaluationPlan:
         if spec.compare.rstrip("/") == spec.output.rstrip("/"):
             raise EvaluationError(f"compare {spec.compare}: the same output as --output")
         outputs.append(inspect_output(spec.compare, spec.storage_options, "compare"))
-    available = [ASR_COLUMN] if all(o.has_transcript for o in outputs) else []
-    available += [t for t in outputs[0].closed_set if all(t in o.closed_set for o in outputs)]
-    tasks = [t for t in available if t in columns]
+    def scorable(info: OutputInfo) -> list[str]:
+        return [t for t in ([ASR_COLUMN] if info.has_transcript else []) + info.closed_set
+                if t in columns]
+
+    available = ([ASR_COLUMN] if outputs[0].has_transcript else []) + outputs[0].closed_set
+    tasks = scorable(outputs[0])
     if not tasks:
         raise EvaluationError(
-            f"references {spec.references}: no task column the output{'s' if spec.compare else ''}"
-            f" can be scored on (reference columns: {columns}; output tasks: "
-            f"{available or 'none'})")
+            f"references {spec.references}: no task column the output can be scored on "
+            f"(reference columns: {columns}; output tasks: {available or 'none'})")
+    unavailable = [t for t in tasks if t not in scorable(outputs[-1])] if spec.compare else []
     ignored = [c for c in columns
                if c not in tasks and c not in (*KEY_COLUMNS, LANGUAGE_COLUMN)]
     references = parse_references(spec.references, rows, tasks)
@@ -491,7 +503,7 @@ def check_inputs(spec: EvaluationSpec) -> EvaluationPlan:
     except StorageError as err:
         raise EvaluationError(f"report folder {err.uri}: {err.kind}: {err.reason}",
                               retryable=err.kind == "io_error") from None
-    return EvaluationPlan(references, tasks, ignored, outputs, created, report_dir)
+    return EvaluationPlan(references, tasks, ignored, outputs, created, report_dir, unavailable)
 
 
 # -- scoring ---------------------------------------------------------------------------------
@@ -649,9 +661,10 @@ def evaluate(spec: EvaluationSpec, plan: EvaluationPlan | None = None) -> dict[s
     plan = plan or check_inputs(spec)
     refs, tasks = plan.references, plan.tasks
     results = []
-    for info in plan.outputs:
-        outcomes, label_order, facts = collect(info, refs, tasks, spec.storage_options)
-        results.append((outcomes, score(refs, tasks, outcomes, label_order, spec.n_bins), facts))
+    for index, info in enumerate(plan.outputs):
+        mine = plan.tasks_of(index)
+        outcomes, label_order, facts = collect(info, refs, mine, spec.storage_options)
+        results.append((outcomes, score(refs, mine, outcomes, label_order, spec.n_bins), facts))
     outcomes, scored, facts = results[0]
     levels = Counter("segment" if r.segment_index is not None else "file" for r in refs)
     report = {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -666,8 +679,9 @@ def evaluate(spec: EvaluationSpec, plan: EvaluationPlan | None = None) -> dict[s
     if len(results) > 1:
         other_outcomes, other_scored, other_facts = results[1]
         report["comparison"] = {
-            **compare_outcomes(refs, tasks, outcomes, other_outcomes, report["metrics"],
-                               summary_metrics(other_scored), spec.compare),
+            **compare_outcomes(refs, plan.tasks_of(1), outcomes, other_outcomes,
+                               report["metrics"], summary_metrics(other_scored), spec.compare),
+            "unavailable_tasks": plan.compare_unavailable,
             "compare_runs": other_facts["runs"], "compare_model_ids": other_facts["model_ids"],
             "compare_coverage": other_scored["coverage"]}
     return report
@@ -712,6 +726,13 @@ def format_summary(report: Mapping[str, Any]) -> str:
     if comparison:
         lines.append(f"{len(comparison['changed'])} items changed in "
                      f"{len(comparison['changed_files'])} files (vs {comparison['compare']})")
+        if comparison.get("unavailable_tasks"):
+            lines.append(f"not compared: {', '.join(comparison['unavailable_tasks'])} "
+                         f"({comparison['compare']} has no such labels; the output's metrics "
+                         "are shown alone)")
+    if report.get("ignored_reference_columns"):
+        lines.append(f"reference columns ignored: {', '.join(report['ignored_reference_columns'])}"
+                     " (no such task in the output)")
     files = report.get("files") or {}
     if files.get("report"):
         lines.append(f"report: {files['report']}")

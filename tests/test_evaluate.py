@@ -315,6 +315,45 @@ def test_comparison_reports_deltas_and_changed_files(tmp_path):
     assert report["comparison"]["changed_by_task"] == {"transcript": 2, "emotion": 2}
 
 
+def test_comparison_with_an_output_lacking_a_task_keeps_the_outputs_metrics(tmp_path, capsys):
+    """An older output without emotion labels: the output's emotion metrics are still scored
+    and shown, with no compare value or delta, and the report and the printout say why."""
+    from flows.cli import main
+
+    output = make_output(tmp_path / "new")
+    asr_only = [get_task("asr")]
+    old = tmp_path / "old"
+    for table, rows, schema in (
+            ("files", [file_row(A, "the cat sat on the mat"), file_row(B, "hello world")],
+             files_schema(asr_only)),
+            ("segments", [{"source_uri": uri, "segment_index": 0, "start_s": 0.0, "end_s": 2.0,
+                           "status": "ok", "etag": f"etag-{uri}", "run_id": "run-0",
+                           "transcript": text}
+                          for uri, text in ((A, "the cat sat on the mat"), (B, "hello world"))],
+             segments_schema(asr_only))):
+        os.makedirs(old / table)
+        pq.write_table(to_table(rows, schema), old / table / "part-0.parquet")
+    refs = write_references(tmp_path / "refs.parquet")
+    assert main(["evaluate", "--output", output, "--references", refs, "--compare", str(old),
+                 "--report-dir", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
+    assert lines["emotion.accuracy"] == ["0.75", "-", "-"]  # as without --compare
+    assert lines["emotion.ece"] == ["0.35", "-", "-"]
+    assert lines["coverage.scored"][0] == "7"  # every reference row, emotion-only ones too
+    assert f"not compared: emotion ({old} has no such labels" in printed
+    assert "reference columns ignored: speaker" in printed
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["tasks"] == ["transcript", "emotion"]
+    assert report["ignored_reference_columns"] == ["speaker"]
+    assert report["metrics"]["emotion.accuracy"] == 0.75
+    assert report["comparison"]["unavailable_tasks"] == ["emotion"]
+    # the transcripts are still compared: A and B differ, C F H I are missing in the old one
+    assert report["comparison"]["changed_by_task"] == {"transcript": 6}
+    deltas = {d["metric"]: d for d in report["comparison"]["deltas"]}
+    assert deltas["asr.wer.en.reference_length"]["compare"] == 8  # A 6 + B 2 words
+
+
 def test_file_label_without_scores_is_the_longest_label():
     from pipelines.evaluate import _file_label
 
