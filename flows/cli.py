@@ -156,7 +156,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         format_summary,
         write_report,
     )
-    from pipelines.cli import parse_storage_options
+    from pipelines.cli import option_error, parse_storage_options
 
     try:
         env, endpoint = options_to_env(parse_storage_options(args.storage_options) or {})
@@ -167,8 +167,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         report = evaluate(spec, check_inputs(spec))
         write_report(report, spec)
     except ValidationError as exc:
-        print(f"error: invalid parameters: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}",
-              file=sys.stderr)
+        print(f"error: {option_error(exc, {'n_bins': '--bins'})}", file=sys.stderr)
         return 2
     except (ValueError, EvaluationError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -86,9 +86,10 @@ def parse_stages(text: str | None) -> dict:
     return stages
 
 
-def option_error(exc) -> str:
+def option_error(exc, options: dict[str, str] | None = None) -> str:
     """A pydantic ValidationError's first error as one line naming the option it came from
-    (`--stages label.batch_size: ...`); messages carry no input values."""
+    (`--stages label.batch_size: ...`; `options`: field -> option where the option is not
+    `--<field name>`); messages carry no input values."""
     error = exc.errors()[0]
     message = error["msg"].removeprefix("Value error, ")
     loc = [str(part) for part in error["loc"]]
@@ -96,7 +97,7 @@ def option_error(exc) -> str:
         return message
     if loc[0] in STAGES:  # a JobSpec's stage fields come from --stages
         loc = ["stages", *loc]
-    option = OPTIONS.get(loc[0], "--" + loc[0].replace("_", "-"))
+    option = {**OPTIONS, **(options or {})}.get(loc[0], "--" + loc[0].replace("_", "-"))
     return f"{option} {'.'.join(loc[1:])}: {message}" if loc[1:] else f"{option}: {message}"
 
 

@@ -501,6 +501,15 @@ def test_kimi_label_evaluate_refuses_bad_inputs_before_scoring(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "captions.jsonl: no task column the output can be scored on" in err
     assert "output tasks: ['transcript', 'emotion']" in err
+    for args, message in ((["--bins", "0"], "error: --bins: Input should be greater than"),
+                          (["--storage-options", "{bad"], "error: --storage-options is not "
+                                                          "valid JSON (Expecting property name"),
+                          (["--storage-options", "[1]"], "error: --storage-options must be a "
+                                                         "JSON object")):
+        assert main(["evaluate", "--output", output, "--references", str(missing),
+                     "--report-dir", str(tmp_path / "eval"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "n_bins" not in err, err
     assert not (tmp_path / "eval").exists()  # nothing written for a refused evaluation
 
 
