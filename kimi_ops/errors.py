@@ -54,6 +54,10 @@ class AudioTooLongError(AudioError):
 
     kind = "too_long"
 
+    def __init__(self, source: str, reason: str, seconds: float, limit: float):
+        super().__init__(source, reason)
+        self.seconds, self.limit = seconds, limit  # the audio's duration, the limit it broke
+
 
 class PromptError(KimiError):
     """A message list the model cannot take (unknown role or type, no audio, bad content)."""

@@ -5,11 +5,13 @@
 
 Validation happens before anything heavy: the spec (pydantic), the tasks, the checkpoint's files,
 that the input can be listed and the output written. Planning streams the input listing and
-skips every object already in `<output>/files/` with the same URI and etag (so a rerun adds
-nothing and a killed run resumes), rewrites earlier rows of objects whose content changed out of
-their shards, and removes segments shards a crash left without their files shard. The to-do list
-is written as Parquet plan shards under `<output>/_runs/<run_id>/plan/`, which Ray reads: the
-driver never holds audio, and holds only one plan shard of the listing at a time.
+skips every object already in `<output>/files/` with the same URI and etag, labelled or failed
+for a reason in its bytes (so a rerun adds nothing and a killed run resumes; errors of the
+store, the device or the duration limit are tried again, see `settled`), rewrites earlier rows
+of objects it redoes out of their shards, and removes segments shards a crash left without
+their files shard. A run whose tasks differ from the output's is refused up front. The to-do
+list is written as Parquet plan shards under `<output>/_runs/<run_id>/plan/`, which Ray reads:
+the driver never holds audio, and holds only one plan shard of the listing at a time.
 """
 
 from __future__ import annotations
@@ -134,10 +136,14 @@ def validate(spec: JobSpec) -> tuple[list, str]:
         tasks = [get_task(t, **spec.task_params()) for t in spec.tasks]
     except ValueError as exc:
         raise JobError(f"tasks: {exc}") from None
+    names = [t.name for t in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise JobError(f"tasks: {', '.join(repeated)} named more than once")
     from pipelines.schema import segments_schema
 
     try:
-        segments_schema(tasks, spec.semantic_tokens)
+        schema = segments_schema(tasks, spec.semantic_tokens)
     except ValueError as exc:
         raise JobError(str(exc)) from None
     try:
@@ -147,9 +153,49 @@ def validate(spec: JobSpec) -> tuple[list, str]:
     try:
         open_input(spec.input, spec.storage_options, spec.storage_retry)
         check_output(spec.output, spec.storage_options, spec.storage_retry)
+        check_output_columns(spec, schema)
     except StorageError as exc:
         raise JobError(str(exc)) from None
     return tasks, model_id(paths.root)
+
+
+def check_output_columns(spec: JobSpec, schema: pa.Schema) -> None:
+    """An output holds one set of segment columns: a run whose tasks (or semantic tokens)
+    differ from those of the segments already there is refused, before anything is planned.
+    Resuming skips labelled objects, so it would leave them without the new columns, and the
+    table with shards of two schemas. One shard is read (the guard keeps them alike)."""
+    from pipelines.storage import resolve, retrying, uri_of
+
+    fs, root = resolve(spec.output, spec.storage_options)
+    folder = f"{root}/segments"
+
+    def first_shard() -> str | None:
+        if not fs.exists(folder):
+            return None
+        return next((p for p in sorted(fs.find(folder)) if p.endswith(".parquet")), None)
+
+    shard = retrying(first_shard, uri_of(fs, folder), action="list", policy=spec.storage_retry)
+    if shard is None:
+        return
+
+    def read_schema() -> pa.Schema:
+        with fs.open(shard, "rb") as handle:
+            return pq.read_schema(handle)
+
+    there = retrying(read_schema, uri_of(fs, shard), action="read", policy=spec.storage_retry)
+    if set(there.names) == set(schema.names):  # the order of the tasks does not matter
+        return
+    held = json.loads((there.metadata or {}).get(b"kimi_label.task_versions", b"{}"))
+
+    def describe(tasks, names) -> str:
+        tokens = "with" if "semantic_tokens" in names else "without"
+        return f"tasks {', '.join(tasks) or '?'} {tokens} semantic tokens"
+
+    raise JobError(
+        f"output {spec.output} holds segments labelled for {describe(held, there.names)}; "
+        f"this run asks for {describe(spec.tasks, schema.names)}. A rerun only labels new or "
+        "changed objects, so the output would mix the two: label into a new output, or run "
+        "with the same tasks")
 
 
 def model_id(root: Path, cache_file: Path | None = None) -> str:
@@ -224,16 +270,22 @@ def read_parquet(fs, path: str, columns: list[str] | None = None,
 
 def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
     """Write the to-do list as plan shards; returns counts and the shard paths."""
+    from kimi_ops.audio.decode import default_max_seconds
     from pipelines.storage import list_objects, read_manifest, resolve, retrying
 
     retry = spec.storage_retry
     fs, root = resolve(spec.output, spec.storage_options)
     retrying(lambda: _remove_orphan_segment_shards(fs, root), spec.output, action="cleanup",
              policy=retry)
-    done: dict[str, str | None] = {}
-    for _, table in read_table_dir(fs, f"{root}/files", ["source_uri", "etag"], retry):
-        for uri, etag in zip(table["source_uri"].to_pylist(), table["etag"].to_pylist()):
-            done[uri] = etag
+    done: dict[str, str | None] = {}  # the etag of every object labelled for good
+    retry_errors: set[str] = set()  # error rows a rerun may turn into labels
+    limit = spec.max_audio_seconds or default_max_seconds()
+    columns = ["source_uri", "etag", "status", "error", "duration_s"]
+    for _, table in read_table_dir(fs, f"{root}/files", columns, retry):
+        for row in table.to_pylist():
+            done[row["source_uri"]] = row["etag"]
+            if not settled(row, limit):
+                retry_errors.add(row["source_uri"])
 
     if spec.is_manifest():
         listing = read_manifest(spec.input, spec.storage_options, retry)
@@ -271,10 +323,12 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
         seen.add(info.uri)
         counts["listed"] += 1
         if info.uri in done:
-            if done[info.uri] == info.etag:
+            if done[info.uri] == info.etag and info.uri not in retry_errors:
                 counts["already_done"] += 1
                 continue
             changed.add(info.uri)
+            if info.uri in retry_errors:
+                counts["retried_errors"] += 1
         buffer.append({"uri": info.uri, "size": info.size, "etag": info.etag})
         counts["todo"] += 1
         if len(buffer) >= spec.plan_shard_rows:
@@ -283,8 +337,27 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
         flush()
     if changed:
         _drop_rows(fs, root, changed, retry)
-        counts["changed"] = len(changed)
+        if len(changed) > counts["retried_errors"]:
+            counts["changed"] = len(changed) - counts["retried_errors"]
     return {"counts": dict(counts), "shards": shards, "units": units, "plan_dir": plan_dir}
+
+
+# error kinds the object's bytes decide: a rerun of the same object would fail the same way
+CONTENT_ERROR_KINDS = frozenset({"undecodable", "empty_audio", "non_finite", "bad_sample_rate",
+                                 "audio_error"})
+
+
+def settled(row: dict[str, Any], limit: float | None) -> bool:
+    """Whether a files row is final for an unchanged object: labelled, or failed for a reason in
+    its content. Errors of the store (vanished, not_found, access_denied, io_error...), of the
+    device (out_of_memory) or of anything else are tried again by a rerun, and so is a
+    `too_long` file that the run's duration limit (`limit`; None: no limit) now admits."""
+    if row["status"] == "ok":
+        return True
+    kind = (row["error"] or {}).get("kind")
+    if kind == "too_long":
+        return limit is not None and row["duration_s"] is not None and row["duration_s"] > limit
+    return kind in CONTENT_ERROR_KINDS
 
 
 def work_units(sizes: list[int | None], max_rows: int, max_bytes: int) -> list[tuple[int, int]]:

@@ -126,7 +126,7 @@ class DecodeStage:
 
         from kimi_ops.audio import SAMPLE_RATE, load_audio
         from kimi_ops.audio.segment import segment_audio
-        from kimi_ops.errors import KimiError
+        from kimi_ops.errors import AudioTooLongError, KimiError
         from pipelines.job import work_units
         from pipelines.storage import StorageError, fetched
 
@@ -153,6 +153,11 @@ class DecodeStage:
             if exc.retryable:  # the store, not the file: end the run, do not label it
                 raise
             _error(row, exc.kind, str(exc))
+        except AudioTooLongError as exc:  # the job's own knob, and the duration for a rerun
+            row["duration_s"] = exc.seconds
+            _error(row, exc.kind, f"{plan['uri']}: {exc.seconds:.0f} s is longer than the "
+                                  f"{exc.limit:.0f} s limit (max_audio_seconds, "
+                                  "--max-audio-seconds; a rerun with a higher limit labels it)")
         except KimiError as exc:
             _error(row, exc.kind, str(exc))
         row["decode_s"] = time.perf_counter() - start
@@ -359,8 +364,9 @@ class LabelStage:
         file_row = {"source_uri": row["source_uri"], "size_bytes": row["size_bytes"],
                     "sample_rate": row["sample_rate"], "channels": row["channels"], **common}
         if row["error_kind"] is not None:
-            file_row.update(status="error", error={"kind": row["error_kind"],
-                                                   "message": row["error_message"]})
+            # the duration when known (too_long: from the header), so a rerun can decide
+            file_row.update(status="error", duration_s=row["duration_s"],
+                            error={"kind": row["error_kind"], "message": row["error_message"]})
             return file_row, []
         segments = row["segments"]
         merged = merge_segments(seg_fields, [s["end"] - s["start"] for s in segments], self.tasks)
@@ -481,7 +487,8 @@ def summary_row(file_row: dict, **seconds: float) -> dict:
     """A written file's line in the run report: its status, audio and each stage's seconds."""
     return {"source_uri": file_row["source_uri"], "status": file_row["status"],
             "error_kind": (file_row.get("error") or {}).get("kind"),
-            "duration_s": file_row.get("duration_s") or 0.0,
+            "duration_s": (file_row.get("duration_s") or 0.0) if file_row["status"] == "ok"
+            else 0.0,  # the report's audio hours are the labelled ones
             "num_segments": file_row.get("num_segments") or 0, **seconds}
 
 

@@ -190,8 +190,10 @@ def test_hostile_set_through_the_pipeline_one_row_each(corpus, tmp_path, ray_loc
     got = {r["source_uri"]: "ok" if r["status"] == "ok" else r["error"]["kind"] for r in rows}
     assert got == expected
     for r in rows:
-        if r["status"] == "error":
-            assert r["error"]["message"] and r["duration_s"] is None
+        if r["status"] == "error":  # a duration only where the header gave one past the limit
+            assert r["error"]["message"]
+            assert (r["duration_s"] > 6 * 3600) if r["error"]["kind"] == "too_long" else (
+                r["duration_s"] is None)
         else:
             assert r["error"] is None and r["duration_s"] > 0
     assert report["processed"] == len(expected)

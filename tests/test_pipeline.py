@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipelines.job import JobSpec, run_job
+from pipelines.job import JobError, JobSpec, run_job
 from pipelines.stages import PIECE_SECONDS
 from pipelines.storage import resolve
 from tests import goldens
@@ -175,6 +175,21 @@ def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, r
     segments = read_table(seaweed, f"{s3_prefix}/out", "segments").to_pylist()
     assert sorted((s["source_uri"].rsplit("/", 1)[-1], s["segment_index"]) for s in segments) == [
         ("mono_8k.wav", 0), ("stereo_22k.flac", 0)]
+
+    # other tasks (or semantic tokens) on this output: refused before planning, since the
+    # labelled objects would keep the old columns; the same tasks in another order run
+    fs, root = resolve(f"{s3_prefix}/out", seaweed.storage_options)
+    runs_before = fs.ls(f"{root}/_runs")
+    for other in ({"tasks": [*TASKS, "sound_event"]}, {"semantic_tokens": False}):
+        with pytest.raises(JobError) as refused:
+            run_job(spec_for(seaweed, s3_prefix, **other))
+        assert "label into a new output" in str(refused.value)
+        assert f"tasks {', '.join(TASKS)} with semantic tokens" in str(refused.value)
+    assert fs.ls(f"{root}/_runs", refresh=True) == runs_before
+    reordered = run_job(spec_for(seaweed, s3_prefix, tasks=TASKS[::-1]))
+    assert reordered["processed"] == 0 and reordered["planned"]["already_done"] == 2
+    with pytest.raises(JobError, match="asr named more than once"):
+        run_job(spec_for(seaweed, s3_prefix, tasks=[*TASKS, "asr"]))
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -418,21 +433,42 @@ def test_model_id_is_a_content_hash(tmp_path):
     assert model_id(folder, cache) != first
 
 
-def test_manifest_input_with_vanished_and_non_finite_objects(seaweed, s3_prefix, ray_local):
+def test_manifest_input_with_bad_objects_and_a_rerun_retrying_what_can_change(seaweed, s3_prefix,
+                                                                           ray_local):
     nan_wave = tone(1, 16000).astype(np.float32)
     nan_wave[100] = np.nan
     upload(seaweed, f"{s3_prefix}/in", {
         "ok.wav": GOOD["mono_8k.wav"],
         "nan.wav": lambda: encode(nan_wave, 16000, "WAV", "FLOAT"),
-        "list.jsonl": lambda: b'{"uri": "ok.wav"}\n{"uri": "nan.wav"}\n{"uri": "gone.wav"}\n',
+        "long.wav": lambda: encode(tone(3, 16000), 16000, "WAV", "PCM_16"),
+        "list.jsonl": lambda: b'{"uri": "ok.wav"}\n{"uri": "nan.wav"}\n{"uri": "gone.wav"}\n'
+                              b'{"uri": "long.wav"}\n',
     })
-    report = run_job(spec_for(seaweed, s3_prefix, input=f"{s3_prefix}/in/list.jsonl"))
+    spec = spec_for(seaweed, s3_prefix, input=f"{s3_prefix}/in/list.jsonl",
+                    max_audio_seconds=2.5)
+    report = run_job(spec)
     files = {r["source_uri"].rsplit("/", 1)[-1]: r
              for r in read_table(seaweed, f"{s3_prefix}/out", "files").to_pylist()}
     assert files["ok.wav"]["status"] == "ok"
     assert files["nan.wav"]["error"]["kind"] == "non_finite"
     assert files["gone.wav"]["error"]["kind"] == "vanished"
-    assert report["errors_by_kind"] == {"non_finite": 1, "vanished": 1}
+    assert files["long.wav"]["error"]["kind"] == "too_long"
+    assert files["long.wav"]["duration_s"] == pytest.approx(3.0)
+    assert "--max-audio-seconds" in files["long.wav"]["error"]["message"]
+    assert report["errors_by_kind"] == {"non_finite": 1, "vanished": 1, "too_long": 1}
+
+    # a rerun tries the store's errors again (the object is there now), not the file whose
+    # bytes failed, nor the one still over the limit; a higher limit then takes that one too
+    upload(seaweed, f"{s3_prefix}/in", {"gone.wav": GOOD["mono_8k.wav"]})
+    again = run_job(spec)
+    assert again["processed"] == 1 and again["planned"]["retried_errors"] == 1
+    assert again["planned"]["already_done"] == 3 and "changed" not in again["planned"]
+    higher = run_job(spec.model_copy(update={"max_audio_seconds": 10.0}))
+    assert higher["processed"] == 1 and higher["status"] == {"ok": 1}
+    files = read_table(seaweed, f"{s3_prefix}/out", "files").to_pylist()
+    kinds = {r["source_uri"].rsplit("/", 1)[-1]: (r["error"] or {}).get("kind") for r in files}
+    assert kinds == {"ok.wav": None, "nan.wav": "non_finite", "gone.wav": None, "long.wav": None}
+    assert len(read_table(seaweed, f"{s3_prefix}/out", "segments")) == 3
 
 
 def test_work_units_bound_rows_and_bytes():

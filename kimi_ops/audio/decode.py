@@ -249,9 +249,11 @@ def _check_rate(rate: Any, label: str) -> None:
 
 def _check_duration(frames: int, rate: int, label: str, max_seconds: float | None) -> None:
     if max_seconds is not None and frames > max_seconds * rate:
+        seconds = frames / rate
         raise AudioTooLongError(
-            label, f"{frames / rate:.0f} s ({frames / rate / 3600:.2f} h) is longer than the {max_seconds:.0f} s limit "
-                   f"(raise it with max_seconds= or {MAX_SECONDS_ENV})")
+            label, f"{seconds:.0f} s ({seconds / 3600:.2f} h) is longer than the "
+                   f"{max_seconds:.0f} s limit (raise it with max_seconds= or {MAX_SECONDS_ENV})",
+            seconds, max_seconds)
 
 
 def _waveform_to_mono(waveform: Any, label: str) -> np.ndarray:
