@@ -86,7 +86,15 @@ def print_results(params, storage_options: dict, report: dict) -> None:
         print(f"{name:<30}{'ok':<8}{f['duration_s']:>6.1f}{f['num_segments']:>4}  "
               f"{first['emotion']:<10}{first['scene']:<16}{first['sound_event']:<16}"
               f"{(f['transcript'] or '')[:30]!r}")
-    print(f"\n{report['processed']} objects in {report['wall_s']:.0f} s; "
-          f"status {report['status']}; Parquet: {params.output}/files/ and "
+    print(f"\n{run_summary(report)}; Parquet: {params.output}/files/ and "
           f"{params.output}/segments/; "
           f"report: {params.output}/_runs/{report['run_id']}/report.json")
+
+
+def run_summary(report: dict) -> str:
+    """What this run did: `6 new objects (0 already labelled) in 9 s; status {...}`, or on a
+    rerun with nothing new `0 new objects (6 already labelled) in 1 s`."""
+    line = (f"{report['processed']} new objects "
+            f"({report['planned'].get('already_done', 0)} already labelled) "
+            f"in {report['wall_s']:.0f} s")
+    return f"{line}; status {report['status']}" if report["status"] else line

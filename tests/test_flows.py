@@ -42,6 +42,13 @@ def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_
     again = label_corpus(params)  # a rerun (or a retried run) resumes: nothing left to do
     assert again["processed"] == 0 and again["planned"]["already_done"] == 3
 
+    from flows.demo import run_summary  # what `make demo` prints of each run
+
+    assert run_summary(report).startswith("3 new objects (0 already labelled) in ")
+    assert run_summary(report).endswith(f"s; status {report['status']}")
+    assert run_summary(again).startswith("0 new objects (3 already labelled) in ")
+    assert "status" not in run_summary(again)
+
 
 def test_label_corpus_fails_with_the_reason_before_ray(harness, tmp_path):
     from flows.label_corpus import LabelCorpusParams, label_corpus
