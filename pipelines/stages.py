@@ -152,7 +152,7 @@ class DecodeStage:
         except StorageError as exc:
             if exc.retryable:  # the store, not the file: end the run, do not label it
                 raise
-            _error(row, exc.kind, str(exc))
+            _error(row, exc.kind, f"{exc.uri}: {exc.reason}")  # as audio errors: no kind
         except AudioTooLongError as exc:  # the job's own knob, and the duration for a rerun
             row["duration_s"] = exc.seconds
             _error(row, exc.kind, f"{plan['uri']}: {exc.seconds:.0f} s is longer than the "

@@ -861,6 +861,6 @@ def _read(call: Callable[[], T], uri: str, storage_options, retry: RetryPolicy |
         return retrying(call, uri, storage_options, "read", retry)
     except StorageError as err:
         if err.kind == "not_found":
-            raise ObjectVanishedError(uri, "object vanished after it was listed",
-                                      attempts=err.attempts) from None
+            raise ObjectVanishedError(uri, "not found when read (it was listed, or named in "
+                                           "the manifest)", attempts=err.attempts) from None
         raise

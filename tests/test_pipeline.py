@@ -451,7 +451,8 @@ def test_manifest_input_with_bad_objects_and_a_rerun_retrying_what_can_change(se
              for r in read_table(seaweed, f"{s3_prefix}/out", "files").to_pylist()}
     assert files["ok.wav"]["status"] == "ok"
     assert files["nan.wav"]["error"]["kind"] == "non_finite"
-    assert files["gone.wav"]["error"]["kind"] == "vanished"
+    assert files["gone.wav"]["error"] == {"kind": "vanished", "message": (
+        f"{s3_prefix}/in/gone.wav: not found when read (it was listed, or named in the manifest)")}
     assert files["long.wav"]["error"]["kind"] == "too_long"
     assert files["long.wav"]["duration_s"] == pytest.approx(3.0)
     assert "--max-audio-seconds" in files["long.wav"]["error"]["message"]
