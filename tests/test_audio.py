@@ -140,6 +140,10 @@ def test_empty_audio(tmp_path):
     assert info.value.kind == "empty_audio"
     with pytest.raises(EmptyAudioError, match="empty.bin"):
         load_audio(b"", name="empty.bin")
+    zero_bytes = tmp_path / "zero_bytes.wav"  # a path as bytes: empty, not undecodable
+    zero_bytes.write_bytes(b"")
+    with pytest.raises(EmptyAudioError, match="zero_bytes.wav: zero bytes of audio data"):
+        load_audio(zero_bytes)
     with pytest.raises(EmptyAudioError, match="<waveform>"):
         load_audio((np.zeros(0, dtype=np.float32), 16000))
 

@@ -143,6 +143,8 @@ def _read_path(path: str, label: str, max_seconds: float | None) -> tuple[np.nda
         raise AudioNotFoundError(label, "no such file")
     if os.path.isdir(path):
         raise AudioNotFoundError(label, "is a directory, not an audio file")
+    if os.path.getsize(path) == 0:
+        raise EmptyAudioError(label, "zero bytes of audio data")
     return _read_encoded(path, label, max_seconds)
 
 
