@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -552,36 +553,40 @@ def build_dataset(spec: JobSpec, units: list[dict], model_id_: str, run_id: str,
     # The plan shards are read by a plain map task with the decode stage's CPU share: Ray's
     # read_parquet asks for a whole CPU per task, which small nodes full of actors never free.
     retry = spec.storage_retry
-    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        PlanReader(spec.output, spec.storage_options, retry), batch_format="pyarrow",
-        batch_size=1, num_cpus=spec.decode.num_cpus, max_retries=spec.decode.max_restarts)
-    # task stages get an instance (a plain function for Ray); actor stages get the class
-    ds = ds.map_batches(DecodeStage(spec.storage_options, retry=retry,
-                                    max_audio_seconds=spec.max_audio_seconds,
-                                    piece_seconds=spec.piece_seconds),
-        batch_format="pyarrow",
-        batch_size=spec.decode.batch_size, num_cpus=spec.decode.num_cpus,
-        max_retries=spec.decode.max_restarts,
-        compute=ray.data.TaskPoolStrategy(size=spec.decode.concurrency))
-    ds = ds.map_batches(FrontendStage, fn_constructor_kwargs={
-        "model": spec.model, "glm_tokenizer": spec.glm_tokenizer, "device": spec.device,
-        "threads": spec.frontend.threads},
-        batch_format="pyarrow", batch_size=spec.frontend.batch_size,
-        num_cpus=spec.frontend.num_cpus, num_gpus=spec.frontend.num_gpus or None,
-        max_restarts=spec.frontend.max_restarts, max_task_retries=spec.frontend.max_restarts,
-        compute=ActorPoolStrategy(size=spec.frontend.concurrency))
-    ds = ds.map_batches(LabelStage, fn_constructor_kwargs={
-        "model": spec.model, "glm_tokenizer": spec.glm_tokenizer, "device": spec.device,
-        "task_specs": spec.tasks, "task_params": spec.task_params(),
-        "max_new_tokens": spec.max_new_tokens, "semantic_tokens": spec.semantic_tokens,
-        "model_id": model_id_, "run_id": run_id, "threads": spec.label.threads},
-        batch_format="pyarrow", batch_size=spec.label.batch_size, num_cpus=spec.label.num_cpus,
-        num_gpus=spec.label.num_gpus or None,
-        max_restarts=spec.label.max_restarts, max_task_retries=spec.label.max_restarts,
-        compute=ActorPoolStrategy(size=spec.label.concurrency))
-    return ds.map_batches(writer, batch_format="pyarrow", batch_size=spec.write.batch_size, num_cpus=spec.write.num_cpus,
-        max_retries=spec.write.max_restarts,
-        compute=ray.data.TaskPoolStrategy(size=spec.write.concurrency))
+    # Ray 2.60 takes the retry settings only through `**ray_remote_args`, which it deprecates
+    # for named parameters that arrive in 2.64 (hence the pin below it): not for users' eyes
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+            PlanReader(spec.output, spec.storage_options, retry), batch_format="pyarrow",
+            batch_size=1, num_cpus=spec.decode.num_cpus, max_retries=spec.decode.max_restarts)
+        # task stages get an instance (a plain function for Ray); actor stages get the class
+        ds = ds.map_batches(DecodeStage(spec.storage_options, retry=retry,
+                                        max_audio_seconds=spec.max_audio_seconds,
+                                        piece_seconds=spec.piece_seconds),
+            batch_format="pyarrow",
+            batch_size=spec.decode.batch_size, num_cpus=spec.decode.num_cpus,
+            max_retries=spec.decode.max_restarts,
+            compute=ray.data.TaskPoolStrategy(size=spec.decode.concurrency))
+        ds = ds.map_batches(FrontendStage, fn_constructor_kwargs={
+            "model": spec.model, "glm_tokenizer": spec.glm_tokenizer, "device": spec.device,
+            "threads": spec.frontend.threads},
+            batch_format="pyarrow", batch_size=spec.frontend.batch_size,
+            num_cpus=spec.frontend.num_cpus, num_gpus=spec.frontend.num_gpus or None,
+            max_restarts=spec.frontend.max_restarts, max_task_retries=spec.frontend.max_restarts,
+            compute=ActorPoolStrategy(size=spec.frontend.concurrency))
+        ds = ds.map_batches(LabelStage, fn_constructor_kwargs={
+            "model": spec.model, "glm_tokenizer": spec.glm_tokenizer, "device": spec.device,
+            "task_specs": spec.tasks, "task_params": spec.task_params(),
+            "max_new_tokens": spec.max_new_tokens, "semantic_tokens": spec.semantic_tokens,
+            "model_id": model_id_, "run_id": run_id, "threads": spec.label.threads},
+            batch_format="pyarrow", batch_size=spec.label.batch_size, num_cpus=spec.label.num_cpus,
+            num_gpus=spec.label.num_gpus or None,
+            max_restarts=spec.label.max_restarts, max_task_retries=spec.label.max_restarts,
+            compute=ActorPoolStrategy(size=spec.label.concurrency))
+        return ds.map_batches(writer, batch_format="pyarrow", batch_size=spec.write.batch_size,
+            num_cpus=spec.write.num_cpus, max_retries=spec.write.max_restarts,
+            compute=ray.data.TaskPoolStrategy(size=spec.write.concurrency))
 
 
 def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
