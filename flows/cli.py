@@ -55,9 +55,6 @@ def check_job(spec, storage: bool = True) -> None:
     from kimi_ops.tasks import get_task
     from pipelines.job import JobError, validate
 
-    glm = spec.glm_tokenizer  # a path, not a hub id (`owner/name`), as for the checkpoint
-    if glm and (Path(glm).is_absolute() or glm.startswith(".")) and not Path(glm).is_dir():
-        raise JobError(f"--glm-tokenizer {glm}: folder not found")
     if storage:
         validate(spec)
         return

@@ -36,8 +36,11 @@ def test_sharded_small_checkpoint_runs_batched_equal_to_single(small_checkpoint)
 
 
 def test_glm_tokenizer_folder_is_overridable(tmp_path):
-    with pytest.raises(CheckpointError, match="elsewhere"):
+    # a path that is not there is named as a missing folder, never tried as a hub id
+    with pytest.raises(CheckpointError, match="elsewhere: GLM-4-Voice tokenizer folder not found"):
         resolve_checkpoint(goldens.CHECKPOINT, glm_tokenizer=tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="tokenizer folder not found"):
+        resolve_checkpoint(goldens.CHECKPOINT, glm_tokenizer="./glm")
     paths = resolve_checkpoint(goldens.CHECKPOINT,
                                glm_tokenizer=goldens.CHECKPOINT / "glm-4-voice-tokenizer")
     assert paths.glm == goldens.CHECKPOINT / "glm-4-voice-tokenizer"

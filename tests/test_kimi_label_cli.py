@@ -96,7 +96,8 @@ def test_run_names_the_storage_option_behind_a_flow_parameter(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["--model", "/nonexistent/model"],
      ["label-corpus cannot run: model: /nonexistent/model: checkpoint folder not found"]),
-    (["--glm-tokenizer", "/nonexistent/glm"], ["--glm-tokenizer /nonexistent/glm: folder not found"]),
+    (["--glm-tokenizer", "/nonexistent/glm"],
+     ["model: /nonexistent/glm: GLM-4-Voice tokenizer folder not found"]),
     (["--input", "/nonexistent/audio"], ["not_found: /nonexistent/audio"]),
     (["--tasks", "asr,bogus"], ["tasks: unknown task 'bogus'"]),
     (["--device", "gpu0"], ["--device: 'gpu0' is not a device"]),

@@ -55,17 +55,20 @@ def _fetch(model_id: str, allow_patterns: list[str] | None = None) -> Path:
         raise CheckpointError(f"{model_id}: cannot fetch from the Hugging Face hub: {exc}") from None
 
 
+def _local_or_hub(name: str | Path, what: str, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder as is; a name shaped like `owner/name` (not absolute, not starting with
+    '.' or '~') fetched from the hub; any other name is a missing folder."""
+    if Path(name).is_dir():
+        return Path(name)
+    text = str(name)
+    if Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"{text}: {what} folder not found")
+    return _fetch(text, allow_patterns)
+
+
 def resolve_checkpoint(model: str | Path, glm_tokenizer: str | Path | None = None) -> CheckpointPaths:
     """A local folder is used as is; anything else that looks like `owner/name` is a hub id."""
-    root = Path(model)
-    if not root.is_dir():
-        if Path(model).is_absolute() or str(model).startswith(".") or str(model).count("/") != 1:
-            raise CheckpointError(f"{model}: checkpoint folder not found")
-        root = _fetch(str(model), TEXT_ONLY_PATTERNS)
-    if glm_tokenizer is None:
-        glm = root / GLM_SUBDIR
-    elif Path(glm_tokenizer).is_dir():
-        glm = Path(glm_tokenizer)
-    else:
-        glm = _fetch(str(glm_tokenizer))
+    root = _local_or_hub(model, "checkpoint", TEXT_ONLY_PATTERNS)
+    glm = (root / GLM_SUBDIR if glm_tokenizer is None
+           else _local_or_hub(glm_tokenizer, "GLM-4-Voice tokenizer"))
     return CheckpointPaths(root, glm).check()
