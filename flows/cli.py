@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(rest)
     from kimi_ops.__main__ import main as kimi_ops_main
 
-    return kimi_ops_main(argv)
+    return kimi_ops_main(argv, prog="kimi-label")
 
 
 if __name__ == "__main__":

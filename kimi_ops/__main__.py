@@ -191,8 +191,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kimi_ops", description=__doc__,
+def build_parser(prog: str = "python -m kimi_ops") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m kimi_ops") -> int:
+    """`prog`: the command's name in usage and errors (`kimi-label` hands these commands on)."""
+    args = build_parser(prog).parse_args(argv)
     try:
         return args.func(args)
     except KimiError as exc:

@@ -151,3 +151,4 @@ def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     assert run_help.returncode == 0 and "--credentials-block" in run_help.stdout
     generate_help = kimi_label("generate", "--help")
     assert generate_help.returncode == 0 and "--messages" in generate_help.stdout
+    assert generate_help.stdout.startswith("usage: kimi-label generate ")
