@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_HOME = Path(os.environ.get("KIMI_LABEL_HOME", "~/.kimi-label/stack")).expanduser()
@@ -230,6 +232,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r} (commands: {', '.join(COMMANDS)}; "
               "kimi-label --help describes them)", file=sys.stderr)
         return 2
+    # Ctrl-C: one line and the shell's code for SIGINT, not a traceback. Noted by our handler,
+    # since libraries on the way may turn the KeyboardInterrupt into another exception.
+    interrupted: list[int] = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals live there
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        return _dispatch(command, rest, argv)
+    except BaseException:
+        if not interrupted:
+            raise
+        print(f"\ninterrupted: kimi-label {command} stopped (a rerun of a labelling run "
+              "resumes where it was)", file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _dispatch(command: str, rest: list[str], argv: list[str]) -> int:
     if command == "run":
         return cmd_run(rest)
     if command == "stack":

@@ -152,3 +152,27 @@ def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     generate_help = kimi_label("generate", "--help")
     assert generate_help.returncode == 0 and "--messages" in generate_help.stdout
     assert generate_help.stdout.startswith("usage: kimi-label generate ")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    """SIGINT while `kimi-label run` starts its temporary Prefect server: a line, not a
+    traceback, the shell's 130, and the server stopped with it."""
+    import signal
+
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--input", str(goldens.INPUTS),
+         "--output", str(tmp_path / "out"), "--model", MODEL, "--tasks", "asr"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # wait until the server is starting, then interrupt
+        seen.append(line)
+        if "Starting temporary server" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, "".join(seen) + rest
+    assert "Traceback" not in rest and "interrupted: kimi-label run stopped" in rest
+    assert not (tmp_path / "out" / "files").exists()
