@@ -2,6 +2,11 @@
 
   kimi-label run --input URI --output URI --model DIR [--tasks asr,emotion,scene] ...
       the label-corpus flow (ephemeral Prefect unless PREFECT_API_URL is set) -> the Ray job
+  kimi-label transcribe-archive --input URI --output URI --model DIR [--language en] ...
+      the transcribe-archive flow: the Ray job (asr) + SRT/WebVTT under <output>/subtitles/
+  kimi-label prepare-training-data --source URI --destination URI [--filters JSON] ...
+      the prepare-training-data flow: train/validation shards + manifest.json from a labelled
+      output made with --semantic-tokens
   kimi-label stack up|down|status [--home DIR] [--prefect] [--ray]
       the embedded local stack (SeaweedFS, optional Prefect server and Ray head) on 127.0.0.1
   kimi-label evaluate --output URI --references URI [--compare OTHER_OUTPUT] [--report-dir URI]
@@ -19,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 DEFAULT_HOME = Path(os.environ.get("KIMI_LABEL_HOME", "~/.kimi-label/stack")).expanduser()
@@ -71,20 +77,39 @@ def check_job(spec, storage: bool = True) -> None:
         raise JobError(f"model: {exc}") from None
 
 
-def cmd_run(argv: list[str]) -> int:
+def prefect_defaults() -> None:
+    """Before Prefect is imported: the temporary Prefect server of a flow run from here sends no
+    telemetry (offline machines logged an ERROR for it); an explicit setting wins."""
     if not os.environ.get("PREFECT_API_URL"):
-        # the temporary Prefect server of this run sends no telemetry (offline machines logged
-        # an ERROR for it); set before Prefect is imported, an explicit setting wins
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def storage_env(text: str | None) -> str | None:
+    """--storage-options: its credentials go to this process's AWS_* environment
+    (`options_to_env`), its endpoint is returned (a flow parameter). Raises ValueError."""
+    from pipelines.cli import parse_storage_options
+
+    env, endpoint = options_to_env(parse_storage_options(text) or {})
+    os.environ.update(env)
+    return endpoint
+
+
+def run_flow(flow, params, name: str, summary) -> int:
+    """Run `flow(params)` here; print `summary(result)` and return 0, or the failure's reason
+    as one `error:` line and 2."""
+    state = flow(params, return_state=True)
+    if not state.is_completed():
+        print(f"error: {state.message or f'the {name} flow failed'}", file=sys.stderr)
+        return 2
+    print(summary(state.result()))
+    return 0
+
+
+def cmd_run(argv: list[str]) -> int:
+    prefect_defaults()
     from pydantic import ValidationError
 
-    from pipelines.cli import (
-        build_run_parser,
-        format_report,
-        option_error,
-        parse_stages,
-        parse_storage_options,
-    )
+    from pipelines.cli import build_run_parser, format_report, option_error, parse_stages
 
     parser = build_run_parser()
     parser.add_argument("--credentials-block", default=None,
@@ -93,11 +118,10 @@ def cmd_run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         stages = parse_stages(args.stages)
-        env, endpoint = options_to_env(parse_storage_options(args.storage_options) or {})
+        endpoint = storage_env(args.storage_options)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    os.environ.update(env)
     from flows.label_corpus import LabelCorpusParams, label_corpus
     from pipelines.job import JobError
 
@@ -120,12 +144,160 @@ def cmd_run(argv: list[str]) -> int:
     except JobError as exc:
         print(f"error: label-corpus cannot run: {exc}", file=sys.stderr)
         return 2
-    state = label_corpus(params, return_state=True)
-    if not state.is_completed():
-        print(f"error: {state.message or 'the label-corpus flow failed'}", file=sys.stderr)
+    return run_flow(label_corpus, params, "label-corpus", format_report)
+
+
+def cmd_transcribe_archive(argv: list[str]) -> int:
+    prefect_defaults()
+    from pydantic import ValidationError
+
+    from flows.transcribe_archive import TranscribeArchiveParams, transcribe_archive
+    from pipelines.cli import add_job_options, option_error, parse_stages
+    from pipelines.job import JobError
+
+    p = argparse.ArgumentParser(prog="kimi-label transcribe-archive",
+                                description="transcribe every new or changed recording under "
+                                            "--input: Parquet tables and SRT/WebVTT subtitles")
+    add_job_options(p, skip=("--glm-tokenizer", "--tasks", "--question", "--semantic-tokens",
+                             "--extensions", "--device", "--run-id"),
+                    max_new_tokens=TranscribeArchiveParams.model_fields["max_new_tokens"].default,
+                    output_help="output URI: files/, segments/ and subtitles/ go under it")
+    args = p.parse_args(argv)
+    try:
+        stages = parse_stages(args.stages)
+        endpoint = storage_env(args.storage_options)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_report(state.result()))
-    return 0
+    try:
+        params = TranscribeArchiveParams(
+            input=args.input, output=args.output, model=args.model, language=args.language,
+            max_new_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds,
+            piece_seconds=args.piece_seconds, endpoint_url=endpoint,
+            ray_address=args.ray_address, stages=stages)
+        check_job(params.job_spec())
+    except ValidationError as exc:
+        print(f"error: {option_error(exc)}", file=sys.stderr)
+        return 2
+    except JobError as exc:
+        print(f"error: transcribe-archive cannot run: {exc}", file=sys.stderr)
+        return 2
+    return run_flow(transcribe_archive, params, "transcribe-archive", format_transcription)
+
+
+def format_transcription(report: dict) -> str:
+    """`kimi-label run`'s report of the job, then what the subtitles step did."""
+    from pipelines.cli import format_report
+
+    subs = report["subtitles"]
+    removed = subs["subtitle_files_removed"]
+    return "\n".join([
+        format_report(report),
+        f"subtitles: {subs['subtitle_files']} files (.srt, .vtt) for {subs['recordings']} "
+        f"recordings ({subs['segments']} segments)"
+        + (f", {removed} stale removed" if removed else "") + f" in {subs['subtitles_dir']}"])
+
+
+def cmd_prepare_training_data(argv: list[str]) -> int:
+    prefect_defaults()
+    from pydantic import ValidationError
+
+    from flows.prepare_training_data import PrepareTrainingDataParams, prepare_training_data
+    from pipelines.cli import json_object, option_error
+    from pipelines.training_data import TrainingDataError
+
+    fields = PrepareTrainingDataParams.model_fields
+    p = argparse.ArgumentParser(prog="kimi-label prepare-training-data",
+                                description="train/validation shards and manifest.json from a "
+                                            "labelled output made with --semantic-tokens")
+    p.add_argument("--source", required=True,
+                   help="a labelled output (the --output of kimi-label run --semantic-tokens)")
+    p.add_argument("--destination", required=True,
+                   help="where train/, validation/, webdataset/ and manifest.json go")
+    p.add_argument("--filters", default=None,
+                   help='JSON, e.g. {"min_duration_s": 1.0, "min_confidence": {"emotion": 0.5}, '
+                        '"drop_truncated": false}; fields: drop_truncated, drop_looped, '
+                        "min_duration_s, max_duration_s, min_confidence, require_transcript")
+    p.add_argument("--validation-fraction", type=float,
+                   default=fields["validation_fraction"].default,
+                   help="share of the source files (whole files) in validation/")
+    p.add_argument("--split-salt", default=fields["split_salt"].default,
+                   help="another salt gives another (still deterministic) split")
+    p.add_argument("--rows-per-shard", type=int, default=fields["rows_per_shard"].default)
+    p.add_argument("--webdataset", action="store_true",
+                   help="also WebDataset tars (<key>.json + <key>.tokens.npy per segment)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a build the destination already holds")
+    p.add_argument("--storage-options", default=None,
+                   help="JSON for fsspec/s3fs (key, secret, client_kwargs...); default: AWS_* env")
+    args = p.parse_args(argv)
+    try:
+        filters = json_object("--filters", args.filters,
+                              '{"min_duration_s": 1.0, "drop_truncated": false}')
+        endpoint = storage_env(args.storage_options)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        params = PrepareTrainingDataParams(
+            source=args.source, destination=args.destination,
+            **({"filters": filters} if filters is not None else {}),
+            validation_fraction=args.validation_fraction, split_salt=args.split_salt,
+            rows_per_shard=args.rows_per_shard, webdataset=args.webdataset,
+            overwrite=args.overwrite, endpoint_url=endpoint)
+        check_training_data(params.spec())
+    except ValidationError as exc:
+        print(f"error: {option_error(exc)}", file=sys.stderr)
+        return 2
+    except TrainingDataError as exc:
+        print(f"error: prepare-training-data cannot run: {exc}", file=sys.stderr)
+        return 2
+    return run_flow(prepare_training_data, params, "prepare-training-data",
+                    format_training_data)
+
+
+def check_training_data(spec) -> None:
+    """What the flow's `check_source` checks (a labelled output with semantic tokens, filters
+    naming its columns), and that the destination holds no build unless --overwrite, done here
+    before a flow run starts. The store's own exceptions (s3fs, botocore) are named as storage
+    errors, never with a secret. Raises TrainingDataError."""
+    from pipelines.storage import redact_uri, resolve, storage_error
+    from pipelines.training_data import MANIFEST, TrainingDataError, inspect_source
+
+    try:
+        inspect_source(spec)
+    except TrainingDataError:
+        raise
+    except Exception as exc:
+        raise TrainingDataError(
+            f"source: {storage_error(exc, spec.source, spec.storage_options, 'read')}") from None
+    if spec.overwrite:
+        return
+    try:
+        fs, root = resolve(spec.destination, spec.dest_options())
+        built = fs.exists(f"{root}/{MANIFEST}")
+    except Exception as exc:
+        raise TrainingDataError("destination: " + str(storage_error(
+            exc, spec.destination, spec.dest_options(), "read"))) from None
+    if built:
+        raise TrainingDataError(f"{redact_uri(spec.destination)} already holds a build "
+                                f"({MANIFEST}); pass --overwrite to replace it")
+
+
+def format_training_data(manifest: dict) -> str:
+    from pipelines.storage import redact_uri
+
+    counts = manifest["counts"]
+    splits = ", ".join(f"{name} {s['rows']} ({s['source_files']} files, "
+                       f"{s['duration_s'] / 3600:.4f} h)" for name, s in counts["splits"].items())
+    formats = Counter(s["format"] for s in manifest["shards"])
+    return "\n".join([
+        f"kept {counts['kept']} of {counts['input_segments']} segments: {splits}; "
+        f"dropped {counts['dropped']}",
+        f"shards: {formats['parquet']} Parquet"
+        + (f" + {formats['webdataset']} WebDataset tars" if manifest["webdataset"] else "")
+        + f" under {manifest['destination'].rstrip('/')}/",
+        f"manifest: {redact_uri(manifest['manifest_uri'])}"])
 
 
 def cmd_evaluate(argv: list[str]) -> int:
@@ -201,6 +373,8 @@ def cmd_stack(argv: list[str]) -> int:
 
 COMMANDS = {  # one line each for `kimi-label --help`; the module docstring shows their usage
     "run": "label every audio object under --input into Parquet (Prefect flow, Ray job)",
+    "transcribe-archive": "transcripts (Parquet) and SRT/WebVTT subtitles of every recording",
+    "prepare-training-data": "train/validation shards + manifest from a labelled output",
     "stack": "up | down | status of the embedded local stack (SeaweedFS, Prefect, Ray)",
     "evaluate": "score a labelled output against reference labels (table, report.json)",
     "demo": "the main job end to end on embedded defaults (tiny checkpoint, sample audio)",
@@ -258,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(command: str, rest: list[str], argv: list[str]) -> int:
     if command == "run":
         return cmd_run(rest)
+    if command == "transcribe-archive":
+        return cmd_transcribe_archive(rest)
+    if command == "prepare-training-data":
+        return cmd_prepare_training_data(rest)
     if command == "stack":
         return cmd_stack(rest)
     if command == "evaluate":

@@ -23,36 +23,49 @@ OPTIONS = {"endpoint_url": "--storage-options endpoint_url"}  # not named `--<fi
 def build_run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kimi-label run",
                                 description="label every audio object under --input into Parquet")
-    p.add_argument("--input", required=True,
-                   help="s3://bucket/prefix, any fsspec URI, a local folder, or a manifest "
-                        "(.parquet/.csv/.jsonl with a uri column)")
-    p.add_argument("--output", required=True, help="output URI: files/ and segments/ go under it")
-    p.add_argument("--model", required=True, help="Kimi-Audio checkpoint folder")
-    p.add_argument("--glm-tokenizer", default=None)
-    p.add_argument("--tasks", default="asr")
-    p.add_argument("--language", choices=["auto", "en", "zh"], default="auto")
-    p.add_argument("--question", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-audio-seconds", type=float, default=None,
-                   help="longer inputs get a too_long error row (default: "
-                        "$KIMI_MAX_AUDIO_SECONDS, else 6 hours)")
-    p.add_argument("--piece-seconds", type=float, default=PIECE_SECONDS,
-                   help="a longer file travels through the stages as pieces of whole segments of "
-                        "at most this much audio (>= 30), so a stage's batch of N rows holds at "
-                        "most N times this much")
-    p.add_argument("--semantic-tokens", action="store_true",
-                   help="also write each segment's 12.5 Hz VQ tokens (training-data preparation)")
-    p.add_argument("--extensions", default=None, help="comma-separated, e.g. wav,flac")
-    p.add_argument("--storage-options", default=None,
-                   help="JSON for fsspec/s3fs (key, secret, client_kwargs...); default: AWS_* env")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--stages", default=None,
-                   help='JSON per stage, e.g. {"label": {"num_gpus": 1, "concurrency": 8, '
-                        '"batch_size": 32}}; stages: decode, frontend, label, write '
-                        "(default: CPU shares here; one front-end + one label actor per GPU)")
-    p.add_argument("--run-id", default=None)
+    add_job_options(p)
     return p
+
+
+def add_job_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                    max_new_tokens: int = 256,
+                    output_help: str = "output URI: files/ and segments/ go under it") -> None:
+    """`kimi-label run`'s options on `p`, less those in `skip` (e.g. "--tasks"): the commands
+    of the flows that run a labelling job share their names, meaning and help."""
+
+    def add(flag: str, **kwargs) -> None:
+        if flag not in skip:
+            p.add_argument(flag, **kwargs)
+
+    add("--input", required=True,
+        help="s3://bucket/prefix, any fsspec URI, a local folder, or a manifest "
+             "(.parquet/.csv/.jsonl with a uri column)")
+    add("--output", required=True, help=output_help)
+    add("--model", required=True, help="Kimi-Audio checkpoint folder")
+    add("--glm-tokenizer", default=None)
+    add("--tasks", default="asr")
+    add("--language", choices=["auto", "en", "zh"], default="auto")
+    add("--question", default=None)
+    add("--max-new-tokens", type=int, default=max_new_tokens)
+    add("--max-audio-seconds", type=float, default=None,
+        help="longer inputs get a too_long error row (default: "
+             "$KIMI_MAX_AUDIO_SECONDS, else 6 hours)")
+    add("--piece-seconds", type=float, default=PIECE_SECONDS,
+        help="a longer file travels through the stages as pieces of whole segments of "
+             "at most this much audio (>= 30), so a stage's batch of N rows holds at "
+             "most N times this much")
+    add("--semantic-tokens", action="store_true",
+        help="also write each segment's 12.5 Hz VQ tokens (training-data preparation)")
+    add("--extensions", default=None, help="comma-separated, e.g. wav,flac")
+    add("--storage-options", default=None,
+        help="JSON for fsspec/s3fs (key, secret, client_kwargs...); default: AWS_* env")
+    add("--ray-address", default=None, help="join this Ray cluster (default: local)")
+    add("--device", default=None)
+    add("--stages", default=None,
+        help='JSON per stage, e.g. {"label": {"num_gpus": 1, "concurrency": 8, '
+             '"batch_size": 32}}; stages: decode, frontend, label, write '
+             "(default: CPU shares here; one front-end + one label actor per GPU)")
+    add("--run-id", default=None)
 
 
 def json_object(option: str, text: str | None, example: str) -> dict | None:
