@@ -290,10 +290,11 @@ def format_training_data(manifest: dict) -> str:
     counts = manifest["counts"]
     splits = ", ".join(f"{name} {s['rows']} ({s['source_files']} files, "
                        f"{s['duration_s'] / 3600:.4f} h)" for name, s in counts["splits"].items())
+    dropped = ", ".join(f"{reason} {n}" for reason, n in counts["dropped"].items())
     formats = Counter(s["format"] for s in manifest["shards"])
     return "\n".join([
         f"kept {counts['kept']} of {counts['input_segments']} segments: {splits}; "
-        f"dropped {counts['dropped']}",
+        f"dropped: {dropped or 'none'}",
         f"shards: {formats['parquet']} Parquet"
         + (f" + {formats['webdataset']} WebDataset tars" if manifest["webdataset"] else "")
         + f" under {manifest['destination'].rstrip('/')}/",
