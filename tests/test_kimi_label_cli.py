@@ -16,9 +16,11 @@ MODEL = str(goldens.CHECKPOINT)
 
 
 def kimi_label(*args, env=None, module="flows.cli"):
-    """`kimi-label ARGS` (`pipelines.cli`: the bare job's command line, no Prefect)."""
+    """`kimi-label ARGS` (`pipelines.cli`: the bare job's command line, no Prefect); a None in
+    `env` unsets that variable."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    env = {name: value for name, value in env.items() if value is not None}
     env.pop("PREFECT_API_URL", None)
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
@@ -133,8 +135,8 @@ def test_with_a_credentials_block_the_storage_checks_wait_for_the_flow(tmp_path)
         check_job(params.model_copy(update={"input": str(tmp_path / "no")}).job_spec())
 
 
-ALL_COMMANDS = ["run", "stack", "evaluate", "demo", "generate", "audio-tokens", "label",
-                "make-tiny-checkpoint"]
+ALL_COMMANDS = ["run", "transcribe-archive", "prepare-training-data", "stack", "evaluate", "demo",
+                "generate", "audio-tokens", "label", "make-tiny-checkpoint"]
 
 
 def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
@@ -149,6 +151,11 @@ def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     # each command keeps its own help; the model commands still reach kimi_ops
     run_help = kimi_label("run", "--help")
     assert run_help.returncode == 0 and "--credentials-block" in run_help.stdout
+    archive_help = kimi_label("transcribe-archive", "--help")
+    assert archive_help.returncode == 0 and "--piece-seconds" in archive_help.stdout
+    assert "--tasks" not in archive_help.stdout  # asr only: the flow's parameters, no more
+    training_help = kimi_label("prepare-training-data", "--help")
+    assert training_help.returncode == 0 and "--filters" in training_help.stdout
     generate_help = kimi_label("generate", "--help")
     assert generate_help.returncode == 0 and "--messages" in generate_help.stdout
     assert generate_help.stdout.startswith("usage: kimi-label generate ")
@@ -176,3 +183,156 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert proc.wait(timeout=60) == 130, "".join(seen) + rest
     assert "Traceback" not in rest and "interrupted: kimi-label run stopped" in rest
     assert not (tmp_path / "out" / "files").exists()
+
+
+# -- transcribe-archive and prepare-training-data --------------------------------------------
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model", "/nonexistent/model"],
+     ["transcribe-archive cannot run: model: /nonexistent/model: checkpoint folder not found"]),
+    (["--input", "/nonexistent/audio"],
+     ["transcribe-archive cannot run: not_found: /nonexistent/audio"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens: ", "greater than or equal to 1"]),
+    (["--piece-seconds", "10"], ["--piece-seconds: ", "greater than or equal to 30"]),
+    (["--stages", '{"labels": {"batch_size": 2}}'], ["--stages: unknown stages ['labels']"]),
+    (["--stages", '{"label": {"batch_size": 0}}'], ["--stages label.batch_size: "]),
+    (["--storage-options", '{"secret": "%s", "key": ' % SECRET],
+     ["--storage-options is not valid JSON"]),
+    (["--storage-options", '{"secret": "%s", "endpoint_url": 5}' % SECRET],
+     ["--storage-options endpoint_url: Input should be a valid string"]),
+])
+def test_transcribe_archive_refuses_before_the_flow(tmp_path, args, expected):
+    """The flow's parameters and the job's own checks, in the command line process: one line,
+    exit 2, no flow run, no temporary Prefect server, no Ray; never the secret."""
+    given = dict(zip(args[::2], args[1::2]))
+    base = {"--input": goldens.INPUTS, "--output": tmp_path / "out", "--model": MODEL}
+    line = refused(kimi_label("transcribe-archive",
+                              *[x for k, v in {**base, **given}.items() for x in (k, v)]),
+                   *expected)
+    assert SECRET not in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> str:
+    """A hand-made labelled output with semantic tokens and emotion/scene columns."""
+    from tests.test_prepare_training_data import make_output
+
+    return make_output(tmp_path_factory.mktemp("labelled") / "out")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--source", "{tmp}/nowhere"], ["prepare-training-data cannot run: ",
+                                     "is not a labelled output: no Parquet shards under files/"]),
+    (["--destination", "{source}/segments/train"], ["destination must differ from the source"]),
+    (["--destination", "{built}"], ["already holds a build (manifest.json); pass --overwrite"]),
+    (["--filters", '{"min_confidence": {"bogus": 0.5}}'],
+     ["cannot run: min_confidence names ['bogus'], not closed-set tasks"]),
+    (["--filters", '{"min_duration_s": -1}'], ["--filters min_duration_s: ", "greater than"]),
+    (["--filters", '{"drop_truncated": false, "bogus": 1}'], ["--filters bogus: Extra inputs"]),
+    (["--filters", "[1]"], ["--filters must be a JSON object"]),
+    (["--validation-fraction", "1.5"], ["--validation-fraction: ", "less than or equal to 1"]),
+    (["--rows-per-shard", "0"], ["--rows-per-shard: ", "greater than or equal to 1"]),
+    (["--storage-options", '{"secret": "%s", "key": ' % SECRET],
+     ["--storage-options is not valid JSON"]),
+])
+def test_prepare_training_data_refuses_before_the_flow(labelled, tmp_path, args, expected):
+    """The flow's parameters, its source check and a destination holding a build, in the
+    command line process: one line, exit 2, no flow run; never the secret."""
+    (tmp_path / "built").mkdir()
+    (tmp_path / "built" / "manifest.json").write_text("{}")
+    places = {"{tmp}": str(tmp_path), "{source}": labelled, "{built}": str(tmp_path / "built")}
+
+    def placed(value: str) -> str:  # a leading {place} (not str.format: JSON has braces)
+        head, sep, rest = value.partition("/")
+        return places.get(head, head) + sep + rest
+
+    given = {k: placed(v) for k, v in zip(args[::2], args[1::2])}
+    base = {"--source": labelled, "--destination": tmp_path / "ds"}
+    line = refused(kimi_label("prepare-training-data",
+                              *[x for k, v in {**base, **given}.items() for x in (k, v)]),
+                   *expected)
+    assert SECRET not in line
+    assert not (tmp_path / "ds").exists()
+    assert (tmp_path / "built" / "manifest.json").read_text() == "{}"
+
+
+def flow_env(tmp_path) -> dict[str, str | None]:
+    """Ephemeral Prefect (its own home), as a user without a server gets; kimi-label turns the
+    temporary server's telemetry off itself."""
+    return {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": None}
+
+
+@pytest.mark.slow
+def test_transcribe_archive_command_writes_tables_and_subtitles(tmp_path):
+    """`kimi-label transcribe-archive` end to end: the flow on a local Ray and the tiny
+    checkpoint; its summary names the run and the subtitles folder."""
+    import shutil
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    (inputs / "archive").mkdir(parents=True)
+    shutil.copy(goldens.INPUTS / "a02_chirp_3s_16k.wav", inputs)
+    shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs / "archive")
+    done = kimi_label("transcribe-archive", "--input", inputs, "--output", f"{out}/",
+                      "--model", MODEL, "--max-new-tokens", "4", "--language", "en",
+                      env=flow_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "telemetry" not in done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("run ") and ": 2 processed (0 already done)" in lines[0]
+    assert f"output: {out}/files/ and {out}/segments/" in done.stdout
+    assert lines[-1].startswith("subtitles: 4 files (.srt, .vtt) for 2 recordings (")
+    assert lines[-1].endswith(f" in {out}/subtitles/")  # no `out//`
+    assert list((out / "files").glob("part-*.parquet"))
+    assert list((out / "segments").glob("part-*.parquet"))
+    for name in ("a02_chirp_3s_16k.wav", "archive/a06_speech_2p37s_16k.flac"):
+        assert (out / "subtitles" / f"{name}.srt").is_file()
+        assert (out / "subtitles" / f"{name}.vtt").read_text().startswith("WEBVTT")
+
+    # the transcripts carry no semantic tokens: no training data from them, said up front
+    refused(kimi_label("prepare-training-data", "--source", out, "--destination",
+                       tmp_path / "ds"), "no semantic_tokens column", "--semantic-tokens")
+
+
+@pytest.mark.slow
+def test_prepare_training_data_command_builds_shards_and_manifest(tmp_path):
+    """`kimi-label prepare-training-data` end to end on a real labelled output made with
+    --semantic-tokens (the bare job: Ray, no Prefect), then refused in one line as a rerun
+    into the same destination."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    inputs, out, ds = tmp_path / "in", tmp_path / "out", tmp_path / "ds"
+    inputs.mkdir()
+    shutil.copy(goldens.INPUTS / "a02_chirp_3s_16k.wav", inputs)
+    shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs)
+    labelled_run = kimi_label("run", "--input", inputs, "--output", out, "--model", MODEL,
+                              "--tasks", "asr,emotion", "--max-new-tokens", "4",
+                              "--semantic-tokens", module="pipelines.cli")
+    assert labelled_run.returncode == 0, labelled_run.stderr[-3000:]
+    segments = pq.read_table(out / "segments").to_pylist()
+    ok = [s for s in segments if s["status"] == "ok" and s["semantic_tokens"]]
+    assert ok
+
+    # 4 new tokens truncate every transcript: keep those rows, so that there is data
+    args = ["prepare-training-data", "--source", out, "--destination", ds,
+            "--filters", '{"drop_truncated": false, "drop_looped": false}',
+            "--rows-per-shard", "1", "--webdataset"]
+    done = kimi_label(*args, env=flow_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((ds / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["input_segments"] == len(segments) and counts["kept"] == len(ok)
+    assert manifest["tasks"] == ["emotion"]
+    assert len(manifest["shards"]) == 2 * len(ok)  # a Parquet shard and a tar per row
+    for shard in manifest["shards"]:
+        assert (ds / shard["path"]).is_file()
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith(f"kept {len(ok)} of {len(segments)} segments: train ")
+    assert lines[1] == f"shards: {len(ok)} Parquet + {len(ok)} WebDataset tars under {ds}/"
+    assert lines[2] == f"manifest: {ds}/manifest.json"
+
+    again = refused(kimi_label(*args), "already holds a build", "--overwrite")
+    assert str(ds) in again
