@@ -58,23 +58,9 @@ def check_job(spec, storage: bool = True) -> None:
     checkpoint, then input listing and output access (`pipelines.job.validate`). Credentials
     from a Prefect block are read when the flow runs, so with one (`storage=False`) the
     storage checks are left to the flow. Raises JobError."""
-    from kimi_ops.errors import KimiError
-    from kimi_ops.model.checkpoint import resolve_checkpoint
-    from kimi_ops.tasks import get_task
-    from pipelines.job import JobError, validate
+    from pipelines.job import validate
 
-    if storage:
-        validate(spec)
-        return
-    try:
-        for name in spec.tasks:
-            get_task(name, **spec.task_params())
-    except ValueError as exc:
-        raise JobError(f"tasks: {exc}") from None
-    try:
-        resolve_checkpoint(spec.model, spec.glm_tokenizer)
-    except KimiError as exc:
-        raise JobError(f"model: {exc}") from None
+    validate(spec, storage=storage)
 
 
 def prefect_defaults() -> None:

@@ -148,8 +148,11 @@ def cmd_run(argv: list[str]) -> int:
 
 def format_report(report: dict) -> str:
     output = report["output"].rstrip("/")  # `--output s3://b/labels/` names the same folder
+    planned = report["planned"]
+    retried = (f", {planned['retried_errors']} earlier errors tried again"
+               if planned.get("retried_errors") else "")
     lines = [f"run {report['run_id']}: {report['processed']} processed "
-             f"({report['planned'].get('already_done', 0)} already done), "
+             f"({planned.get('already_done', 0)} already done{retried}), "
              f"status {report['status']}, errors {report['errors_by_kind']}",
              f"audio {report['audio_hours'] * 3600:.1f} s in {report['wall_s']:.1f} s "
              f"({report['audio_hours_per_hour']:.1f} audio-hours per hour)",

@@ -126,8 +126,10 @@ class JobError(Exception):
     resumes: finished shards are kept)."""
 
 
-def validate(spec: JobSpec) -> tuple[list, str]:
-    """Everything that can be checked before Ray starts. Returns (tasks, model_id)."""
+def validate(spec: JobSpec, storage: bool = True) -> tuple[list, str]:
+    """Everything that can be checked before Ray starts. Returns (tasks, model_id). Without
+    `storage`, the input and output are not touched (their credentials may not be at hand
+    yet: a Prefect block's are read when the flow runs)."""
     from kimi_ops.errors import KimiError
     from kimi_ops.model.checkpoint import resolve_checkpoint
     from kimi_ops.tasks import get_task
@@ -151,6 +153,8 @@ def validate(spec: JobSpec) -> tuple[list, str]:
         paths = resolve_checkpoint(spec.model, spec.glm_tokenizer)
     except KimiError as exc:
         raise JobError(f"model: {exc}") from None
+    if not storage:
+        return tasks, model_id(paths.root)
     try:
         open_input(spec.input, spec.storage_options, spec.storage_retry)
         check_output(spec.output, spec.storage_options, spec.storage_retry)

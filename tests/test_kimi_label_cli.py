@@ -336,3 +336,17 @@ def test_prepare_training_data_command_builds_shards_and_manifest(tmp_path):
 
     again = refused(kimi_label(*args), "already holds a build", "--overwrite")
     assert str(ds) in again
+
+
+def test_the_printed_summary_counts_retried_errors_and_keeps_paths_clean():
+    from pipelines.cli import format_report
+
+    report = {"run_id": "r1", "processed": 3, "planned": {"already_done": 5,
+                                                         "retried_errors": 2},
+              "status": {"ok": 3}, "errors_by_kind": {}, "audio_hours": 0.01, "wall_s": 9.0,
+              "audio_hours_per_hour": 4.0, "output": "s3://audio/labels/"}
+    first, _, paths = format_report(report).splitlines()
+    assert "3 processed (5 already done, 2 earlier errors tried again)" in first
+    assert paths.startswith("output: s3://audio/labels/files/ and s3://audio/labels/segments/")
+    report["planned"] = {"already_done": 5}
+    assert "(5 already done)" in format_report(report)
