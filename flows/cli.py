@@ -93,26 +93,17 @@ def run_flow(flow, params, name: str, summary) -> int:
 
 def cmd_run(argv: list[str]) -> int:
     prefect_defaults()
-    from pydantic import ValidationError
-
-    from pipelines.cli import build_run_parser, format_report, option_error, parse_stages
+    from pipelines.cli import build_run_parser, format_report
 
     parser = build_run_parser()
     parser.add_argument("--credentials-block", default=None,
                         help="name of a Prefect Secret block with the S3 credentials "
                              '({"key": ..., "secret": ...}); read when the flow runs')
     args = parser.parse_args(argv)
-    try:
-        stages = parse_stages(args.stages)
-        endpoint = storage_env(args.storage_options)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     from flows.label_corpus import LabelCorpusParams, label_corpus
-    from pipelines.job import JobError
 
-    try:
-        params = LabelCorpusParams(
+    def params(stages: dict, endpoint: str | None) -> LabelCorpusParams:
+        return LabelCorpusParams(
             input=args.input, output=args.output, model=args.model,
             glm_tokenizer=args.glm_tokenizer, tasks=[t for t in args.tasks.split(",") if t],
             language=args.language, question=args.question, max_new_tokens=args.max_new_tokens,
@@ -123,23 +114,42 @@ def cmd_run(argv: list[str]) -> int:
             endpoint_url=endpoint, credentials_block=args.credentials_block,
             ray_address=args.ray_address, device=args.device, run_id=args.run_id,
             stages=stages)
-        check_job(params.job_spec(), storage=params.credentials_block is None)
+
+    return launch_job_flow(label_corpus, "label-corpus", args, params, format_report)
+
+
+def launch_job_flow(flow, name: str, args, make_params, formatter) -> int:
+    """A labelling flow from the command line: `--stages` and `--storage-options` parsed (the
+    credentials to this process's environment, `storage_env`), `make_params(stages, endpoint)`
+    validated and the job checked before the flow starts (one line, exit 2), then the flow."""
+    from pydantic import ValidationError
+
+    from pipelines.cli import option_error, parse_stages
+    from pipelines.job import JobError
+
+    try:
+        stages = parse_stages(args.stages)
+        endpoint = storage_env(args.storage_options)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        params = make_params(stages, endpoint)
+        # credentials from a Prefect block are read when the flow runs: no storage check here
+        check_job(params.job_spec(), storage=getattr(params, "credentials_block", None) is None)
     except ValidationError as exc:
         print(f"error: {option_error(exc)}", file=sys.stderr)
         return 2
     except JobError as exc:
-        print(f"error: label-corpus cannot run: {exc}", file=sys.stderr)
+        print(f"error: {name} cannot run: {exc}", file=sys.stderr)
         return 2
-    return run_flow(label_corpus, params, "label-corpus", format_report)
+    return run_flow(flow, params, name, formatter)
 
 
 def cmd_transcribe_archive(argv: list[str]) -> int:
     prefect_defaults()
-    from pydantic import ValidationError
-
     from flows.transcribe_archive import TranscribeArchiveParams, transcribe_archive
-    from pipelines.cli import add_job_options, option_error, parse_stages
-    from pipelines.job import JobError
+    from pipelines.cli import add_job_options
 
     p = argparse.ArgumentParser(prog="kimi-label transcribe-archive",
                                 description="transcribe every new or changed recording under "
@@ -149,26 +159,16 @@ def cmd_transcribe_archive(argv: list[str]) -> int:
                     max_new_tokens=TranscribeArchiveParams.model_fields["max_new_tokens"].default,
                     output_help="output URI: files/, segments/ and subtitles/ go under it")
     args = p.parse_args(argv)
-    try:
-        stages = parse_stages(args.stages)
-        endpoint = storage_env(args.storage_options)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        params = TranscribeArchiveParams(
+
+    def params(stages: dict, endpoint: str | None) -> TranscribeArchiveParams:
+        return TranscribeArchiveParams(
             input=args.input, output=args.output, model=args.model, language=args.language,
             max_new_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds,
             piece_seconds=args.piece_seconds, endpoint_url=endpoint,
             ray_address=args.ray_address, stages=stages)
-        check_job(params.job_spec())
-    except ValidationError as exc:
-        print(f"error: {option_error(exc)}", file=sys.stderr)
-        return 2
-    except JobError as exc:
-        print(f"error: transcribe-archive cannot run: {exc}", file=sys.stderr)
-        return 2
-    return run_flow(transcribe_archive, params, "transcribe-archive", format_transcription)
+
+    return launch_job_flow(transcribe_archive, "transcribe-archive", args, params,
+                           format_transcription)
 
 
 def format_transcription(report: dict) -> str:
