@@ -22,8 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipelines.cli import STAGES
-from pipelines.job import JobError, JobSpec, StageResources, run_job, validate
+from pipelines.job import JobError, JobSpec, StageOverrides, run_job, validate
 from pipelines.stages import PIECE_SECONDS
 
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
@@ -60,7 +59,7 @@ class LabelCorpusParams(BaseModel):
                                                  "when the actor has a GPU)")
     run_id: str | None = Field(None, description="default: derived from the flow run (stable "
                                                  "across its retries)")
-    stages: dict[str, StageResources] = {}
+    stages: StageOverrides = {}
 
     @field_validator("tasks")
     @classmethod
@@ -68,14 +67,6 @@ class LabelCorpusParams(BaseModel):
         if not tasks:
             raise ValueError("name at least one task, e.g. asr,emotion")
         return tasks
-
-    @field_validator("stages")
-    @classmethod
-    def _known_stages(cls, stages: dict[str, StageResources]) -> dict[str, StageResources]:
-        unknown = set(stages) - set(STAGES)
-        if unknown:
-            raise ValueError(f"unknown stages {sorted(unknown)} (known: {', '.join(STAGES)})")
-        return stages
 
     @field_validator("extensions")
     @classmethod

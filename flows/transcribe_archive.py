@@ -36,14 +36,13 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.label_corpus import flow_run_id, label_checked
 from flows.subtitles import to_srt, to_webvtt
-from pipelines.job import JobSpec, StageResources
+from pipelines.job import JobSpec, StageOverrides
 from pipelines.stages import PIECE_SECONDS
 
-STAGES = ("decode", "frontend", "label", "write")
 SUBTITLES_DIR = "subtitles"
 
 
@@ -62,15 +61,7 @@ class TranscribeArchiveParams(BaseModel):
                                           "pieces of at most this much audio")
     endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
     ray_address: str | None = None
-    stages: dict[str, StageResources] = {}
-
-    @field_validator("stages")
-    @classmethod
-    def _known_stages(cls, stages: dict[str, StageResources]) -> dict[str, StageResources]:
-        unknown = set(stages) - set(STAGES)
-        if unknown:
-            raise ValueError(f"unknown stages {sorted(unknown)} (known: {', '.join(STAGES)})")
-        return stages
+    stages: StageOverrides = {}
 
     def job_spec(self, run_id: str | None = None) -> JobSpec:
         options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None

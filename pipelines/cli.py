@@ -14,9 +14,9 @@ import argparse
 import json
 import sys
 
+from pipelines.job import STAGES, known_stages
 from pipelines.stages import PIECE_SECONDS
 
-STAGES = ("decode", "frontend", "label", "write")  # the StageResources fields of a JobSpec
 OPTIONS = {"endpoint_url": "--storage-options endpoint_url"}  # not named `--<field name>`
 
 
@@ -93,10 +93,10 @@ def parse_storage_options(text: str | None) -> dict | None:
 
 def parse_stages(text: str | None) -> dict:
     stages = json_object("--stages", text, '{"label": {"batch_size": 32}}') or {}
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown:
-        raise ValueError(f"--stages: unknown stages {unknown} (known: {', '.join(STAGES)})")
-    return stages
+    try:
+        return known_stages(stages)
+    except ValueError as exc:
+        raise ValueError(f"--stages: {exc}") from None
 
 
 def option_error(exc, options: dict[str, str] | None = None) -> str:

@@ -26,11 +26,11 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from pipelines.stages import PIECE_SECONDS
 from pipelines.storage import RetryPolicy
@@ -60,6 +60,20 @@ class StageResources(BaseModel):
     # torch threads of an actor stage (None: Ray's OMP_NUM_THREADS, the whole CPUs asked for,
     # at least 1); see `place_on_cpus` for the local default
     threads: int | None = Field(None, ge=1)
+
+
+STAGES = ("decode", "frontend", "label", "write")  # the StageResources fields of a JobSpec
+
+
+def known_stages(stages: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown} (known: {', '.join(STAGES)})")
+    return stages
+
+
+# stage settings by stage name, as flows take them (a JobSpec has one field per stage)
+StageOverrides = Annotated[dict[str, StageResources], AfterValidator(known_stages)]
 
 
 class JobSpec(BaseModel):
