@@ -58,9 +58,11 @@ def check_job(spec, storage: bool = True) -> None:
     checkpoint, then input listing and output access (`pipelines.job.validate`). Credentials
     from a Prefect block are read when the flow runs, so with one (`storage=False`) the
     storage checks are left to the flow. Raises JobError."""
-    from pipelines.job import validate
+    from pipelines.job import check_new_run_id, validate
 
     validate(spec, storage=storage)
+    if storage:  # (the spec made here carries a run id only when --run-id gave one)
+        check_new_run_id(spec)
 
 
 def prefect_defaults() -> None:

@@ -117,7 +117,7 @@ def option_error(exc, options: dict[str, str] | None = None) -> str:
 def cmd_run(argv: list[str]) -> int:
     from pydantic import ValidationError
 
-    from pipelines.job import JobError, JobSpec, run_job
+    from pipelines.job import JobError, JobSpec, check_new_run_id, run_job
 
     args = build_run_parser().parse_args(argv)
     try:
@@ -135,6 +135,7 @@ def cmd_run(argv: list[str]) -> int:
             semantic_tokens=args.semantic_tokens, storage_options=options,
             extensions=args.extensions.split(",") if args.extensions else None,
             ray_address=args.ray_address, device=args.device, run_id=args.run_id, **stages)
+        check_new_run_id(spec)
         report = run_job(spec)
     except ValidationError as exc:
         print(f"error: {option_error(exc)}", file=sys.stderr)

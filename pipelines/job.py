@@ -167,6 +167,7 @@ def validate(spec: JobSpec, storage: bool = True) -> tuple[list, str]:
         paths = resolve_checkpoint(spec.model, spec.glm_tokenizer)
     except KimiError as exc:
         raise JobError(f"model: {exc}") from None
+    check_ray_address(spec.ray_address or os.environ.get("RAY_ADDRESS"))
     if not storage:
         return tasks, model_id(paths.root)
     try:
@@ -176,6 +177,39 @@ def validate(spec: JobSpec, storage: bool = True) -> tuple[list, str]:
     except StorageError as exc:
         raise JobError(str(exc)) from None
     return tasks, model_id(paths.root)
+
+
+def check_new_run_id(spec: JobSpec) -> None:
+    """A run id a user picks must not name a finished run of this output: its report would be
+    overwritten. (Not for ids derived from a flow run, which its retries reuse on purpose.)"""
+    from pipelines.storage import resolve, retrying
+
+    if not spec.run_id:
+        return
+    fs, root = resolve(spec.output, spec.storage_options)
+    report = f"{root}/_runs/{spec.run_id}/report.json"
+    if retrying(lambda: fs.exists(report), spec.output, action="read",
+                policy=spec.storage_retry):
+        raise JobError(f"run id {spec.run_id!r} names a finished run of {spec.output} (its "
+                       "report is _runs/{0}/report.json): pick a new run id".format(spec.run_id))
+
+
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """A cluster to join (`host:port` of its GCS) must answer: `ray.init` would otherwise retry
+    an address nobody listens on for many minutes. "auto", "local" and `ray://` client
+    addresses are left to Ray."""
+    import socket
+
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise JobError(f"ray address {address!r}: expected host:port (or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise JobError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
+                       "is it running, and is the address its head's host:port?") from None
 
 
 def check_output_columns(spec: JobSpec, schema: pa.Schema) -> None:
@@ -296,6 +330,8 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
     fs, root = resolve(spec.output, spec.storage_options)
     retrying(lambda: _remove_orphan_segment_shards(fs, root), spec.output, action="cleanup",
              policy=retry)
+    retrying(lambda: _remove_stale_plans(fs, root, run_id), spec.output, action="cleanup",
+             policy=retry)
     done: dict[str, str | None] = {}  # the etag of every object labelled for good
     retry_errors: set[str] = set()  # error rows a rerun may turn into labels
     limit = spec.max_audio_seconds or default_max_seconds()
@@ -407,6 +443,24 @@ def _remove_orphan_segment_shards(fs, root: str) -> None:
     for path in fs.find(seg_dir):
         if path.rsplit("/", 1)[-1] not in have:
             fs.rm(path)
+
+
+def _remove_stale_plans(fs, root: str, run_id: str) -> None:
+    """A run that failed or was stopped leaves its to-do list (`_runs/<id>/plan/`); a later run
+    plans afresh, so the list goes, and with it the run's folder when nothing else is in it (a
+    finished run's report stays). A retry of this run (`run_id`) rewrites its own."""
+    from pipelines.storage import is_local
+
+    runs = f"{root}/_runs"
+    if not fs.exists(runs):
+        return
+    for folder in fs.ls(runs, detail=False):
+        if folder.rstrip("/").rsplit("/", 1)[-1] == run_id:
+            continue
+        if fs.exists(f"{folder}/plan"):
+            fs.rm(f"{folder}/plan", recursive=True)
+        if is_local(fs) and fs.isdir(folder) and not fs.ls(folder):
+            fs.rmdir(folder)
 
 
 def _drop_rows(fs, root: str, uris: set[str], retry: RetryPolicy | None = None) -> None:
@@ -663,9 +717,14 @@ def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float
     report["long_files_in_pieces"] = {"files": stitcher.files, "pieces": stitcher.pieces}
     fs, root = resolve(spec.output, spec.storage_options)
 
+    from pipelines.storage import is_local
+
     def finish():
         if fs.exists(planned["plan_dir"]):
             fs.rm(planned["plan_dir"], recursive=True)  # the run completed: its to-do list
+        staging = f"{root}/_staging"  # the writers' (local) staging folder, empty once done
+        if is_local(fs) and fs.isdir(staging) and not fs.ls(staging):
+            fs.rmdir(staging)
         with fs.open(f"{root}/_runs/{run_id}/report.json", "w") as handle:
             handle.write(json.dumps(report, indent=2))
 

@@ -244,7 +244,7 @@ def _is_s3(fs) -> bool:
     return any(p in _S3_PROTOCOLS for p in _protocols(fs))
 
 
-def _is_local(fs) -> bool:
+def is_local(fs) -> bool:
     return "file" in _protocols(fs)
 
 
@@ -259,7 +259,7 @@ def uri_of(fs, path: str) -> str:
 
 
 def _uri(fs, path: str) -> str:
-    if _is_local(fs):
+    if is_local(fs):
         return path
     if _is_s3(fs):
         return f"s3://{path}"
@@ -602,7 +602,7 @@ def list_objects(uri: str, extensions: Iterable[str] | None = AUDIO_EXTENSIONS,
     fs, path = resolve(uri, storage_options)
     if _is_s3(fs):
         walk = _walk_s3(fs, path, exts, uri, storage_options, retry)
-    elif _is_local(fs):
+    elif is_local(fs):
         walk = _walk_local(path, exts)
     else:
         walk = _walk_generic(fs, path, exts)
@@ -631,7 +631,7 @@ def _resolve_entry(entry: str, fs, manifest_path: str) -> str:
     '/' means an absolute path in a local manifest and the bucket root in an S3 manifest."""
     if "://" in entry:
         return entry
-    if _is_local(fs):
+    if is_local(fs):
         return os.path.normpath(os.path.join(os.path.dirname(manifest_path), entry))
     if entry.startswith("/"):
         root = manifest_path.split("/", 1)[0] if _is_s3(fs) else ""
@@ -774,7 +774,7 @@ def open_input(uri: str, storage_options: Mapping[str, Any] | None = None,
             first = next(_walk_s3(fs, path, None, uri, storage_options, retry), None)
             if first is not None and first.uri == f"s3://{bucket}/{key}":
                 return InputInfo(first.uri, False, first)
-        elif _is_local(fs):
+        elif is_local(fs):
             if os.path.isfile(path):
                 with open(path, "rb"):
                     pass
@@ -811,7 +811,7 @@ def check_output(uri: str, storage_options: Mapping[str, Any] | None = None,
                 raise StorageError(uri, f"wrote s3://{bucket}/{probe_key} but could not delete "
                                         f"it: {err.reason}", err.kind) from None
             return
-        if _is_local(fs) and os.path.exists(path) and not os.path.isdir(path):
+        if is_local(fs) and os.path.exists(path) and not os.path.isdir(path):
             raise StorageError(uri, "exists and is not a folder", "io_error")
         fs.makedirs(path, exist_ok=True)
         probe = f"{path}/{probe_name}"
@@ -847,7 +847,7 @@ def fetched(uri: str, storage_options: Mapping[str, Any] | None = None, *,
         yield data, len(data)
         return
     fs, path = resolve(uri, storage_options)
-    if _is_local(fs):
+    if is_local(fs):
         yield path, _read(lambda: fs.size(path), uri, storage_options, retry)
         return
     with tempfile.TemporaryDirectory(prefix="kimi-label-fetch-") as folder:

@@ -95,6 +95,14 @@ def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
     assert (f"output: {tmp_path / 'out'}/files/ and {tmp_path / 'out'}/segments/; report: "
             f"{tmp_path / 'out'}/_runs/my-run-1/report.json") in done.stdout  # no `out//`
     assert list((tmp_path / "out" / "files").glob("part-*.parquet"))
+    # a finished run leaves its report only: no plan, no empty staging folder
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_runs", "files", "segments"]
+    assert [p.name for p in (tmp_path / "out" / "_runs" / "my-run-1").iterdir()] == [
+        "report.json"]
+    # the same run id again would overwrite that report: refused before the flow
+    again = run("--model", MODEL, "--tasks", "asr,scene", "--run-id", "my-run-1")
+    assert again.returncode == 2 and "run id 'my-run-1' names a finished run" in again.stderr
+    assert "Flow run" not in again.stderr
 
 
 def test_label_distribution_counts_this_runs_labels_shard_by_shard(tmp_path):

@@ -250,9 +250,12 @@ def test_job_killed_mid_run_then_rerun_is_complete_without_duplicates(seaweed, s
     partial = len(read_table(seaweed, f"{s3_prefix}/out", "files"))
     assert 0 < partial < len(names)
 
+    killed_plans = [p for p in fs.find(f"{root}/_runs") if "/plan/" in p]
+    assert killed_plans  # the killed run's to-do list
     report = run_job(spec)
     assert report["planned"]["already_done"] == partial
     assert report["processed"] == len(names) - partial
+    assert [p for p in fs.find(f"{root}/_runs") if "/plan/" in p] == []  # gone with the rerun
     files = read_table(seaweed, f"{s3_prefix}/out", "files").to_pylist()
     assert sorted(f["source_uri"] for f in files) == sorted(
         f"{s3_prefix}/in/{n}" for n in names)
