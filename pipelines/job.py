@@ -167,7 +167,10 @@ def validate(spec: JobSpec, storage: bool = True) -> tuple[list, str]:
         paths = resolve_checkpoint(spec.model, spec.glm_tokenizer)
     except KimiError as exc:
         raise JobError(f"model: {exc}") from None
-    check_ray_address(spec.ray_address or os.environ.get("RAY_ADDRESS"))
+    address = spec.ray_address or os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)
+    if not address:  # the job's own Ray runs its actors on this machine
+        check_local_device(spec.device)
     if not storage:
         return tasks, model_id(paths.root)
     try:
@@ -192,6 +195,23 @@ def check_new_run_id(spec: JobSpec) -> None:
                 policy=spec.storage_retry):
         raise JobError(f"run id {spec.run_id!r} names a finished run of {spec.output} (its "
                        "report is _runs/{0}/report.json): pick a new run id".format(spec.run_id))
+
+
+def check_local_device(device: str | None) -> None:
+    """A device asked for by name must exist where the actors will run (here, for a local Ray):
+    otherwise every actor fails to start, and the run with it, after its retries."""
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    kind, _, index = device.partition(":")
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None),
+               "mps": getattr(torch.backends, "mps", None)}.get(kind)
+    available = backend is not None and backend.is_available()
+    count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    if not available or int(index or 0) >= count:
+        raise JobError(f"device {device}: no such device on this machine, where the job's own "
+                       "Ray runs its actors (leave it unset to use a GPU when there is one)")
 
 
 def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from tests import goldens
@@ -107,6 +108,8 @@ def test_run_names_the_storage_option_behind_a_flow_parameter(tmp_path):
     (["--run-id", "a/b"], ["--run-id: 'a/b' must be", "names a folder"]),
     (["--extensions", ","], ["--extensions: name at least one extension"]),
     (["--ray-address", "127.0.0.1:1"], ["cannot reach the Ray cluster at 127.0.0.1:1"]),
+    (["--device", "cuda:3" if torch.cuda.is_available() else "cuda"],
+     ["no such device on this machine"]),
 ])
 def test_run_refuses_a_job_that_cannot_run_before_the_flow(tmp_path, args, expected):
     """The job's own checks (checkpoint, tasks, input, output) run in the command line process:
