@@ -42,11 +42,17 @@ def add_job_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (),
              "(.parquet/.csv/.jsonl with a uri column)")
     add("--output", required=True, help=output_help)
     add("--model", required=True, help="Kimi-Audio checkpoint folder")
-    add("--glm-tokenizer", default=None)
-    add("--tasks", default="asr")
-    add("--language", choices=["auto", "en", "zh"], default="auto")
-    add("--question", default=None)
-    add("--max-new-tokens", type=int, default=max_new_tokens)
+    from kimi_ops.tasks import TASKS  # (no torch)
+
+    add("--glm-tokenizer", default=None,
+        help="GLM-4-Voice tokenizer folder (default: glm-4-voice-tokenizer/ in the checkpoint)")
+    add("--tasks", default="asr",
+        help=f"comma-separated, from {', '.join(TASKS)} (default: %(default)s)")
+    add("--language", choices=["auto", "en", "zh"], default="auto",
+        help="the speech's language for asr prompts (default: %(default)s)")
+    add("--question", default=None, help="the question the `question` task asks of each clip")
+    add("--max-new-tokens", type=int, default=max_new_tokens,
+        help="generated tokens per segment and task at most (default: %(default)s)")
     add("--max-audio-seconds", type=float, default=None,
         help="longer inputs get a too_long error row (default: "
              "$KIMI_MAX_AUDIO_SECONDS, else 6 hours)")
@@ -60,12 +66,14 @@ def add_job_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (),
     add("--storage-options", default=None,
         help="JSON for fsspec/s3fs (key, secret, client_kwargs...); default: AWS_* env")
     add("--ray-address", default=None, help="join this Ray cluster (default: local)")
-    add("--device", default=None)
+    add("--device", default=None,
+        help="cpu, cuda or cuda:N for the model actors (default: cuda where an actor has a GPU)")
     add("--stages", default=None,
         help='JSON per stage, e.g. {"label": {"num_gpus": 1, "concurrency": 8, '
              '"batch_size": 32}}; stages: decode, frontend, label, write '
              "(default: CPU shares here; one front-end + one label actor per GPU)")
-    add("--run-id", default=None)
+    add("--run-id", default=None,
+        help="names this run's rows and _runs/<id>/ (default: time and a random suffix)")
 
 
 def json_object(option: str, text: str | None, example: str) -> dict | None:

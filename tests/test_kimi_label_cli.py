@@ -156,6 +156,13 @@ def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     # each command keeps its own help; the model commands still reach kimi_ops
     run_help = kimi_label("run", "--help")
     assert run_help.returncode == 0 and "--credentials-block" in run_help.stdout
+    assert "comma-separated, from asr, caption, emotion, scene" in run_help.stdout
+    options = [line.split()[0] for line in run_help.stdout.split("options:")[1].splitlines()
+               if line.startswith("  -")]
+    helped = run_help.stdout.split("options:")[1]
+    for option in options:  # every option says what it is: text on its line or the next
+        lines = helped.split(f"  {option}", 1)[1].splitlines()
+        assert lines[0].strip(" ,").split(maxsplit=1)[1:] or lines[1].startswith(" " * 10), option
     archive_help = kimi_label("transcribe-archive", "--help")
     assert archive_help.returncode == 0 and "--piece-seconds" in archive_help.stdout
     assert "--tasks" not in archive_help.stdout  # asr only: the flow's parameters, no more
