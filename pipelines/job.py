@@ -194,7 +194,7 @@ def check_new_run_id(spec: JobSpec) -> None:
     if retrying(lambda: fs.exists(report), spec.output, action="read",
                 policy=spec.storage_retry):
         raise JobError(f"run id {spec.run_id!r} names a finished run of {spec.output} (its "
-                       "report is _runs/{0}/report.json): pick a new run id".format(spec.run_id))
+                       f"report is _runs/{spec.run_id}/report.json): pick a new run id")
 
 
 def check_local_device(device: str | None) -> None:
