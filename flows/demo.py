@@ -79,8 +79,7 @@ def print_results(params, storage_options: dict, report: dict) -> None:
     for f in sorted(files, key=lambda r: r["source_uri"]):
         name = f["source_uri"].rsplit("/", 1)[-1]
         if f["status"] != "ok":
-            print(f"{name:<30}{'error':<8}{'':>6}{'':>4}  {f['error']['kind']}: "
-                  f"{f['error']['message'][:60]}")
+            print(f"{name:<30}{'error':<8}{'':>6}{'':>4}  {error_cell(f)}")
             continue
         first = next(s for s in segments if s["source_uri"] == f["source_uri"])
         print(f"{name:<30}{'ok':<8}{f['duration_s']:>6.1f}{f['num_segments']:>4}  "
@@ -89,6 +88,14 @@ def print_results(params, storage_options: dict, report: dict) -> None:
     print(f"\n{run_summary(report)}; Parquet: {params.output}/files/ and "
           f"{params.output}/segments/; "
           f"report: {params.output}/_runs/{report['run_id']}/report.json")
+
+
+def error_cell(file_row: dict, width: int = 90) -> str:
+    """`kind: reason` of an error row, without the URI the message starts with (the table
+    names the object already), cut to `width`."""
+    error = file_row["error"]
+    reason = error["message"].removeprefix(f"{file_row['source_uri']}: ")
+    return f"{error['kind']}: {reason}"[:width]
 
 
 def run_summary(report: dict) -> str:

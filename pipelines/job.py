@@ -267,8 +267,8 @@ def check_output_columns(spec: JobSpec, schema: pa.Schema) -> None:
     raise JobError(
         f"output {spec.output} holds segments labelled for {describe(held, there.names)}; "
         f"this run asks for {describe(spec.tasks, schema.names)}. A rerun only labels new or "
-        "changed objects, so the output would mix the two: label into a new output, or run "
-        "with the same tasks")
+        "changed objects, so the output would mix the two: label into a new output, or ask "
+        "for the tasks it holds")
 
 
 def model_id(root: Path, cache_file: Path | None = None) -> str:

@@ -48,6 +48,11 @@ def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_
     assert run_summary(report).endswith(f"s; status {report['status']}")
     assert run_summary(again).startswith("0 new objects (3 already labelled) in ")
     assert "status" not in run_summary(again)
+    from flows.demo import error_cell  # the demo table's error column: the reason, not the URI
+
+    row = {"source_uri": "s3://audio/in/broken.wav", "error": {
+        "kind": "undecodable", "message": "s3://audio/in/broken.wav: cannot decode audio: bad"}}
+    assert error_cell(row) == "undecodable: cannot decode audio: bad"
 
 
 def test_label_corpus_fails_with_the_reason_before_ray(harness, tmp_path):
