@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipelines.job import JobError, JobSpec, StageOverrides, run_job, validate
+from pipelines.job import JobError, JobSpec, StageOverrides, TaskNames, run_job, validate
 from pipelines.stages import PIECE_SECONDS
 
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
@@ -37,7 +37,7 @@ class LabelCorpusParams(BaseModel):
     model: str = Field(description="Kimi-Audio checkpoint folder on the workers")
     glm_tokenizer: str | None = Field(
         None, description="GLM-4-Voice tokenizer folder or hub id (default: in the checkpoint)")
-    tasks: list[str] = ["asr", "emotion", "scene"]
+    tasks: TaskNames = ["asr", "emotion", "scene"]
     language: str = "auto"
     question: str | None = None
     max_new_tokens: int = Field(256, ge=1)
@@ -60,13 +60,6 @@ class LabelCorpusParams(BaseModel):
     run_id: str | None = Field(None, description="default: derived from the flow run (stable "
                                                  "across its retries)")
     stages: StageOverrides = {}
-
-    @field_validator("tasks")
-    @classmethod
-    def _some_tasks(cls, tasks: list[str]) -> list[str]:
-        if not tasks:
-            raise ValueError("name at least one task, e.g. asr,emotion")
-        return tasks
 
     @field_validator("extensions")
     @classmethod

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipelines.stages import PIECE_SECONDS
 from pipelines.storage import RetryPolicy
@@ -76,6 +76,15 @@ def known_stages(stages: dict[str, Any]) -> dict[str, Any]:
 StageOverrides = Annotated[dict[str, StageResources], AfterValidator(known_stages)]
 
 
+def some_tasks(tasks: list[str]) -> list[str]:
+    if not tasks:
+        raise ValueError("name at least one task, e.g. asr,emotion")
+    return tasks
+
+
+TaskNames = Annotated[list[str], AfterValidator(some_tasks)]  # of a job, or a flow's params
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -83,7 +92,7 @@ class JobSpec(BaseModel):
     output: str
     model: str
     glm_tokenizer: str | None = None
-    tasks: list[str] = ["asr"]
+    tasks: TaskNames = ["asr"]
     language: str = "auto"
     question: str | None = None
     max_new_tokens: int = Field(256, ge=1)
@@ -117,13 +126,6 @@ class JobSpec(BaseModel):
     # ahead by the whole corpus and the shared memory the next stage touched grew with it. A
     # job's own local Ray gets an object store of twice this (Ray Data's share of it is half).
     inflight_bytes: int | None = Field(None, ge=1 << 20)
-
-    @field_validator("tasks")
-    @classmethod
-    def _tasks_not_empty(cls, tasks: list[str]) -> list[str]:
-        if not tasks:
-            raise ValueError("name at least one task")
-        return tasks
 
     def task_params(self) -> dict[str, Any]:
         return {"language": self.language, "question": self.question}
