@@ -173,6 +173,23 @@ def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     assert generate_help.stdout.startswith("usage: kimi-label generate ")
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`kimi-label ... | head`: output to a pipe nobody reads any more ends the command as a Unix
+    tool killed by SIGPIPE would (128 + 13), with no traceback."""
+    clip = goldens.INPUTS / "a01_tone_0p5s_16k.wav"
+    for args in (["--help"], ["audio-tokens", "--model", MODEL, clip]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line
+        try:
+            proc = subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)],
+                                  stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                                  check=False)
+        finally:
+            os.close(write)
+        assert proc.returncode == 141, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, args
+
+
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     """SIGINT while `kimi-label run` starts its temporary Prefect server: a line, not a
     traceback, the shell's 130, and the server stopped with it."""
