@@ -58,6 +58,7 @@ BUCKET = "audio"
 REGION = "us-east-1"
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
+PORTS_FILE = "ports.json"  # the ports `down` stopped; the next `up` takes them again when free
 CREDENTIALS_FILE = "credentials.json"
 RAY_TOKEN_FILE = "ray_auth_token"
 LOCK_FILE = ".stack.lock"
@@ -618,7 +619,9 @@ def stack_up(
         if state is None:
             state = StackState(home=home, stack_id=secrets.token_hex(8))
         state._credentials = creds
-        previous: dict[str, dict[str, int]] = {}  # a restarted service keeps its ports if free
+        # a restarted service keeps its ports if free, also after `down`: endpoints a user
+        # exported (AWS_ENDPOINT_URL, PREFECT_API_URL) stay right
+        previous = _last_ports(home)
         for name, svc in list(state.services.items()):
             if not svc.running():  # crashed or killed: clear its remnants, start it afresh
                 _stop_service(svc, state.stack_id, timeout_s=CRASHED_STOP_TIMEOUT_S)
@@ -682,8 +685,18 @@ def stack_down(home: str | os.PathLike) -> list[str]:
         with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
             results = list(pool.map(lambda n: _stop_service(state.services[n], state.stack_id),
                                     names))
+        (home / PORTS_FILE).write_text(json.dumps({n: state.services[n].ports for n in names}))
         (home / STATE_FILE).unlink(missing_ok=True)
         return [n for n, was_running in zip(names, results) if was_running]
+
+
+def _last_ports(home: Path) -> dict[str, dict[str, int]]:
+    """The ports of the services the last `down` stopped ({} when unknown or unreadable)."""
+    try:
+        doc = json.loads((home / PORTS_FILE).read_text())
+        return {name: {k: int(v) for k, v in ports.items()} for name, ports in doc.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 def stack_status(home: str | os.PathLike) -> dict:

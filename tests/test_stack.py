@@ -188,6 +188,13 @@ def test_s3_stack_up_status_down(home, monkeypatch):
     assert stack_down(home) == []
     assert (home / "credentials.json").exists()  # kept for the next `up`
 
+    # The next `up` serves on the same endpoint (when its port is free): what a user exported
+    # (AWS_ENDPOINT_URL) stays right
+    back = stack_up(home)
+    assert back.services["s3"].endpoint == restarted.services["s3"].endpoint
+    assert s3fs.S3FileSystem(**back.storage_options()).cat("audio/stack-test/hello.txt") == b"hello"
+    assert stack_down(home) == ["s3"]
+
 
 def test_full_stack_prefect_and_ray(home):
     dot_ray = Path.home() / ".ray"
