@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -52,17 +53,15 @@ def options_to_env(options: dict) -> tuple[dict[str, str], str | None]:
     return env, endpoint
 
 
-def check_job(spec, storage: bool = True) -> None:
-    """What the flow's `check_inputs` checks, done here before a flow run (and the temporary
-    Prefect server) starts, so that a common mistake costs a second and one line: tasks,
-    checkpoint, then input listing and output access (`pipelines.job.validate`). Credentials
-    from a Prefect block are read when the flow runs, so with one (`storage=False`) the
-    storage checks are left to the flow. Raises JobError."""
+def check_job(spec) -> None:
+    """What the flow's `check_inputs` checks, done here before a flow run starts, so that a
+    common mistake costs a second and one line: tasks, checkpoint, input listing, output
+    access (`pipelines.job.validate`), and a --run-id that names a finished run. Raises
+    JobError."""
     from pipelines.job import check_new_run_id, validate
 
-    validate(spec, storage=storage)
-    if storage:  # (the spec made here carries a run id only when --run-id gave one)
-        check_new_run_id(spec)
+    validate(spec)
+    check_new_run_id(spec)  # (the spec made here carries a run id only when --run-id gave one)
 
 
 def prefect_defaults() -> None:
@@ -85,12 +84,57 @@ def storage_env(text: str | None) -> str | None:
 def run_flow(flow, params, name: str, summary) -> int:
     """Run `flow(params)` here; print `summary(result)` and return 0, or the failure's reason
     as one `error:` line and 2."""
-    state = flow(params, return_state=True)
+    with tracebacks_only_for_bugs():
+        state = flow(params, return_state=True)
     if not state.is_completed():
-        print(f"error: {state.message or f'the {name} flow failed'}", file=sys.stderr)
+        print(f"error: {failure_reason(state, name)}", file=sys.stderr)
         return 2
     print(summary(state.result()))
     return 0
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors whose message is the whole story for a user: the flows' and the job's."""
+    from flows.label_corpus import CannotRun
+    from pipelines.job import JobError
+    from pipelines.storage import StorageError
+
+    return CannotRun, JobError, StorageError
+
+
+def failure_reason(state, name: str) -> str:
+    """A failed flow run's reason: the message of one of `user_errors`, else the exception's
+    type and message, else Prefect's state message."""
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, user_errors()):
+        return str(exc)
+    if isinstance(exc, BaseException):
+        return f"{type(exc).__name__}: {exc}"
+    return state.message or f"the {name} flow failed"
+
+
+@contextlib.contextmanager
+def tracebacks_only_for_bugs():
+    """Prefect logs a failing flow's or task's exception with its stack. For `user_errors`
+    the log line keeps the message and drops the stack (the command ends with the reason
+    anyway); anything else, a bug, keeps its traceback."""
+    import logging
+
+    expected = user_errors()
+
+    def strip(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], expected):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addFilter(strip)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(strip)
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -100,7 +144,8 @@ def cmd_run(argv: list[str]) -> int:
     parser = build_run_parser()
     parser.add_argument("--credentials-block", default=None,
                         help="name of a Prefect Secret block with the S3 credentials "
-                             '({"key": ..., "secret": ...}); read when the flow runs')
+                             '({"key": ..., "secret": ...}); checked before the flow starts, '
+                             'read again when it runs')
     args = parser.parse_args(argv)
     from flows.label_corpus import LabelCorpusParams, label_corpus
 
@@ -126,6 +171,7 @@ def launch_job_flow(flow, name: str, args, make_params, formatter) -> int:
     validated and the job checked before the flow starts (one line, exit 2), then the flow."""
     from pydantic import ValidationError
 
+    from flows.label_corpus import CredentialsError, load_credentials
     from pipelines.cli import option_error, parse_stages
     from pipelines.job import JobError
 
@@ -137,12 +183,16 @@ def launch_job_flow(flow, name: str, args, make_params, formatter) -> int:
         return 2
     try:
         params = make_params(stages, endpoint)
-        # credentials from a Prefect block are read when the flow runs: no storage check here
-        check_job(params.job_spec(), storage=getattr(params, "credentials_block", None) is None)
+        block = getattr(params, "credentials_block", None)
+        # a credentials block is read here as well as by the flow (a deployment's runs have
+        # only the flow's read): a missing or malformed block, or a key the store refuses, is
+        # one line before the flow starts
+        check_job(params.job_spec(credentials=load_credentials(block)) if block
+                  else params.job_spec())
     except ValidationError as exc:
         print(f"error: {option_error(exc)}", file=sys.stderr)
         return 2
-    except JobError as exc:
+    except (JobError, CredentialsError) as exc:
         print(f"error: {name} cannot run: {exc}", file=sys.stderr)
         return 2
     return run_flow(flow, params, name, formatter)

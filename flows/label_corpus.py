@@ -104,6 +104,15 @@ _CREDENTIAL_NAMES = {"key": ("key", "access_key", "access_key_id", "aws_access_k
                      "token": ("token", "session_token", "aws_session_token")}
 
 
+class CannotRun(ValueError):
+    """A flow cannot run with these parameters or inputs; the message is the reason, for the
+    user (a retry would not help)."""
+
+
+class CredentialsError(ValueError):
+    """A credentials block that is missing or lacks a key and a secret."""
+
+
 def load_credentials(block_name: str) -> dict[str, str]:
     """s3fs `key`/`secret`[/`token`] from the Secret block `block_name`, read now (at run time).
     Errors name the block and the fields, never a value."""
@@ -114,15 +123,15 @@ def load_credentials(block_name: str) -> dict[str, str]:
     try:
         value = Secret.load(block_name).get()
     except ValueError as exc:  # Prefect's "Unable to find block document named ..."
-        raise ValueError(f"credentials block {block_name!r} not found ({exc})") from None
+        raise CredentialsError(f"credentials block {block_name!r} not found ({exc})") from None
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             value = None
     if not isinstance(value, dict):
-        raise ValueError(f"credentials block {block_name!r} must hold a JSON object with "
-                         "key and secret")
+        raise CredentialsError(f"credentials block {block_name!r} must hold a JSON object "
+                               "with key and secret")
     lowered = {str(k).lower(): v for k, v in value.items()}
     found = {}
     for field, names in _CREDENTIAL_NAMES.items():
@@ -131,8 +140,8 @@ def load_credentials(block_name: str) -> dict[str, str]:
             found[field] = str(hit)
     missing = [f for f in ("key", "secret") if f not in found]
     if missing:
-        raise ValueError(f"credentials block {block_name!r} has no {' or '.join(missing)} "
-                         f"(fields: {sorted(lowered)})")
+        raise CredentialsError(f"credentials block {block_name!r} has no "
+                               f"{' or '.join(missing)} (fields: {sorted(lowered)})")
     return found
 
 
@@ -189,7 +198,7 @@ def label_checked(spec: JobSpec, flow_name: str) -> dict[str, Any]:
     try:
         check_inputs(spec)
     except JobError as exc:
-        raise ValueError(f"{flow_name} cannot run: {exc}") from None
+        raise CannotRun(f"{flow_name} cannot run: {exc}") from None
     report = run_labelling(spec)
     check_output(spec)
     return report
@@ -254,8 +263,8 @@ def label_corpus(params: LabelCorpusParams) -> dict[str, Any]:
     try:
         credentials = (load_credentials(params.credentials_block)
                        if params.credentials_block else None)
-    except ValueError as exc:
-        raise ValueError(f"label-corpus cannot run: {exc}") from None
+    except CredentialsError as exc:
+        raise CannotRun(f"label-corpus cannot run: {exc}") from None
     spec = params.job_spec(run_id=flow_run_id(), credentials=credentials)
     report = label_checked(spec, "label-corpus")
     distribution = label_distribution(spec, report["run_id"])

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
+from flows.label_corpus import CannotRun
 from pipelines.training_data import (
     SourceInfo,
     TrainingDataError,
@@ -91,14 +92,14 @@ def prepare_training_data(params: PrepareTrainingDataParams) -> dict[str, Any]:
         spec = params.spec()
         info = check_source(spec)
     except (TrainingDataError, ValueError) as exc:
-        raise ValueError(f"prepare-training-data cannot run: {exc}") from None
+        raise CannotRun(f"prepare-training-data cannot run: {exc}") from None
     if info.shards_without_tokens:
         logger.warning("%d segments shards have no semantic_tokens (labelled without "
                        "--semantic-tokens): their rows are dropped", info.shards_without_tokens)
     try:
         manifest = build_shards(spec)
     except TrainingDataError as exc:
-        raise ValueError(f"prepare-training-data cannot run: {exc}") from None
+        raise CannotRun(f"prepare-training-data cannot run: {exc}") from None
     publish(manifest)
     logger.info("kept %d of %d segments -> %s", manifest["counts"]["kept"],
                 manifest["counts"]["input_segments"], manifest["manifest_uri"])

@@ -177,3 +177,23 @@ def test_cli_takes_a_credentials_block_by_name_and_prints_no_secret(harness, sea
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 processed" in done.stdout
     assert secret not in done.stdout + done.stderr  # the whole run's console output
+
+    # the block is checked before the flow starts: a missing block, or a key the store
+    # refuses, is one line and exit 2, no flow run, no traceback, no secret
+    def refused(block_name: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", "--input", f"{s3_prefix}/in",
+             "--output", f"{s3_prefix}/out2", "--model", MODEL,
+             "--credentials-block", block_name,
+             "--storage-options", json.dumps({"endpoint_url": seaweed.endpoint_url})],
+            env=env, capture_output=True, text=True, timeout=240, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Flow run" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        return proc.stderr.strip().splitlines()[-1]
+
+    line = refused("no-such-block")
+    assert line.startswith("error: label-corpus cannot run: credentials block 'no-such-block' "
+                           "not found")
+    wrong = "Wr0ng-" + uuid.uuid4().hex
+    line = refused(save_block({"key": seaweed.admin.access_key, "secret": wrong}))
+    assert "access_denied" in line and wrong not in line

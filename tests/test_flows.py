@@ -68,6 +68,34 @@ def test_label_corpus_fails_with_the_reason_before_ray(harness, tmp_path):
         state.result()
 
 
+def test_a_failed_flow_ends_the_command_with_its_reason_and_a_bug_keeps_its_traceback(
+        harness, capsys):
+    """`flows.cli.run_flow`: the job's own errors end the command with their message, and
+    Prefect's log line of them carries no stack; any other exception keeps its traceback."""
+    from prefect import flow
+
+    from flows.cli import run_flow
+    from pipelines.job import JobError
+
+    @flow(name="fails-for-the-user")
+    def user_error(params):
+        raise JobError("s3://audio/out: access_denied: the secret key does not match")
+
+    @flow(name="fails-by-a-bug")
+    def bug(params):
+        return {}["missing"]
+
+    assert run_flow(user_error, {}, "fails-for-the-user", str) == 2
+    err = capsys.readouterr().err  # Prefect's console lines, then ours
+    assert err.endswith("\nerror: s3://audio/out: access_denied: the secret key does not match\n")
+    assert "Traceback" not in err
+    assert "Encountered exception during execution: JobError('s3://audio/out" in err
+
+    assert run_flow(bug, {}, "fails-by-a-bug", str) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\nerror: KeyError: 'missing'\n") and "Traceback" in err
+
+
 def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
     import subprocess
     import sys

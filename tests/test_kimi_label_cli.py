@@ -121,25 +121,6 @@ def test_run_refuses_a_job_that_cannot_run_before_the_flow(tmp_path, args, expec
     assert not (tmp_path / "out").exists()
 
 
-def test_with_a_credentials_block_the_storage_checks_wait_for_the_flow(tmp_path):
-    """The block's credentials are read when the flow runs: before it, only the tasks and the
-    checkpoint can be checked."""
-    from flows.cli import check_job
-    from flows.label_corpus import LabelCorpusParams
-    from pipelines.job import JobError
-
-    params = LabelCorpusParams(input="s3://no-bucket/in", output="s3://no-bucket/out",
-                               model=MODEL, credentials_block="s3-creds")
-    check_job(params.job_spec(), storage=False)
-    with pytest.raises(JobError, match="checkpoint folder not found"):
-        check_job(params.model_copy(update={"model": str(tmp_path / "no")}).job_spec(),
-                  storage=False)
-    with pytest.raises(JobError, match="unknown task 'bogus'"):
-        check_job(params.model_copy(update={"tasks": ["bogus"]}).job_spec(), storage=False)
-    with pytest.raises(JobError, match="not_found"):
-        check_job(params.model_copy(update={"input": str(tmp_path / "no")}).job_spec())
-
-
 ALL_COMMANDS = ["run", "transcribe-archive", "prepare-training-data", "stack", "evaluate", "demo",
                 "generate", "audio-tokens", "label", "make-tiny-checkpoint"]
 
