@@ -28,6 +28,8 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+from pipelines.storage import RetryPolicy
+
 DEFAULT_HOME = Path(os.environ.get("KIMI_LABEL_HOME", "~/.kimi-label/stack")).expanduser()
 CREDENTIAL_KEYS = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY",
                    "token": "AWS_SESSION_TOKEN"}
@@ -53,15 +55,30 @@ def options_to_env(options: dict) -> tuple[dict[str, str], str | None]:
     return env, endpoint
 
 
+# Storage retries of the checks before the flow: a store that does not answer at all when the
+# command starts is most often a mistyped endpoint, and the job's budget (`RetryPolicy`, sized to
+# ride out a restart mid-run) would keep the user waiting over a minute to be told so.
+PREFLIGHT_RETRY = RetryPolicy(attempts=4, base_delay_s=0.5, max_delay_s=2.0, budget_s=5.0)
+
+
 def check_job(spec) -> None:
     """What the flow's `check_inputs` checks, done here before a flow run starts, so that a
     common mistake costs a second and one line: tasks, checkpoint, input listing, output
-    access (`pipelines.job.validate`), and a --run-id that names a finished run. Raises
-    JobError."""
+    access (`pipelines.job.validate`, with `PREFLIGHT_RETRY`), and a --run-id that names a
+    finished run. Raises JobError."""
     from pipelines.job import check_new_run_id, validate
 
-    validate(spec)
-    check_new_run_id(spec)  # (the spec made here carries a run id only when --run-id gave one)
+    import logging
+
+    spec = spec.model_copy(update={"storage_retry": PREFLIGHT_RETRY})
+    storage_log = logging.getLogger("pipelines.storage")
+    level = storage_log.level
+    storage_log.setLevel(logging.ERROR)  # its retry warnings: the refusal says how many there were
+    try:
+        validate(spec)
+        check_new_run_id(spec)  # (the spec carries a run id only when --run-id gave one)
+    finally:
+        storage_log.setLevel(level)
 
 
 def prefect_defaults() -> None:

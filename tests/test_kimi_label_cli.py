@@ -108,6 +108,10 @@ def test_run_names_the_storage_option_behind_a_flow_parameter(tmp_path):
     (["--run-id", "a/b"], ["--run-id: 'a/b' must be", "names a folder"]),
     (["--extensions", ","], ["--extensions: name at least one extension"]),
     (["--ray-address", "127.0.0.1:1"], ["cannot reach the Ray cluster at 127.0.0.1:1"]),
+    # a store that does not answer: a few seconds of retries, not the job's minute and more
+    (["--input", "s3://audio/in", "--storage-options",
+      '{"endpoint_url": "http://127.0.0.1:1", "key": "k", "secret": "s"}'],
+     ["unavailable: s3://audio/in", "Could not connect", "gave up after 4 attempt(s)"]),
     (["--device", "cuda:3" if torch.cuda.is_available() else "cuda"],
      ["no such device on this machine"]),
 ])
