@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,33 @@ def test_undecodable_bytes_and_file(tmp_path):
         load_audio(path)
 
 
+@pytest.mark.parametrize("fmt, subtype", [
+    ("WAV", "PCM_16"), ("WAV", "FLOAT"), ("WAVEX", "PCM_24"), ("RF64", "PCM_16"),
+    ("AIFF", "PCM_16"),
+])
+def test_truncated_file_is_undecodable_not_shortened(tmp_path, fmt, subtype):
+    """libsndfile reads a cut-off WAV or AIFF as the shorter file it now is; the header knows."""
+    buf = io.BytesIO()
+    sf.write(buf, np.full(160000, 0.1, np.float32), 16000, format=fmt, subtype=subtype)
+    path = tmp_path / "cut_off.wav"
+    path.write_bytes(buf.getvalue()[:5000])  # `head -c 5000`: the header still says 10 s
+    for source in (path, path.read_bytes()):
+        with pytest.raises(AudioDecodeError) as info:
+            load_audio(source, name="cut_off.wav")
+        assert info.value.kind == "undecodable"
+        assert re.fullmatch(r"cut_off\.wav: truncated: the header declares 10\.000 s but "
+                            r"the file holds only 0\.[01]\d\d s", str(info.value))
+
+
+def test_streamed_wav_without_a_size_decodes():
+    """A WAV written to a pipe keeps its placeholder sizes; it is whole, not truncated."""
+    data = bytearray(_wav_bytes(np.full(16000, 0.1, np.float32)))
+    at = data.index(b"data")
+    for size in (0xFFFFFFFF, 0x7FFFF000):
+        data[4:8] = data[at + 4: at + 8] = size.to_bytes(4, "little")
+        assert load_audio(bytes(data)).shape == (16000,)
+
+
 def test_empty_audio(tmp_path):
     path = tmp_path / "silent_nothing.wav"
     sf.write(path, np.zeros(0, dtype=np.float32), 16000)
@@ -194,7 +222,8 @@ def test_split_chunks():
 
 @pytest.mark.parametrize("fmt, subtype, suffix", [
     ("WAV", "PCM_16", ".wav"), ("FLAC", "PCM_16", ".flac"), ("OGG", "VORBIS", ".ogg"),
-    ("OGG", "OPUS", ".opus"), ("MP3", "MPEG_LAYER_III", ".mp3"),
+    ("OGG", "OPUS", ".opus"), ("MP3", "MPEG_LAYER_III", ".mp3"), ("AIFF", "PCM_24", ".aiff"),
+    ("RF64", "FLOAT", ".rf64"), ("WAVEX", "PCM_24", ".wav"),
 ])
 def test_common_formats_decode_to_16k_mono(tmp_path, fmt, subtype, suffix):
     sr = 48000

@@ -29,8 +29,11 @@ Guards against hostile input (each checked from the header, before any sample is
     one-shot `soxr.resample`'s), so only the 16 kHz result is ever whole: 58 MB of float32 per
     hour, 1.4 GB for 6 h, whatever the source's rate and channels.
   * A decoder error anywhere in the stream (a truncated FLAC or Ogg file) makes the file
-    `undecodable`: a partial recording is not labelled as if it were whole. Formats whose
-    decoder reads a truncated stream without complaint (WAV, MP3) give what is there.
+    `undecodable`: a partial recording is not labelled as if it were whole. WAV, RF64 and AIFF
+    files of PCM or float samples whose data chunk holds fewer frames than their header
+    declares are `undecodable` too (libsndfile reads them silently, shortened). A streamed
+    WAV's placeholder size (0, 0x7FFFF000 or 0xFFFFFFFF) declares nothing. MP3 has no
+    reliable count to compare with: a truncated MP3 gives what is there.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 from typing import Any, Union
 
 import numpy as np
@@ -60,6 +64,12 @@ MAX_SAMPLE_RATE = 768000
 MAX_SECONDS = 6 * 3600.0  # default duration limit; see the module docstring
 MAX_SECONDS_ENV = "KIMI_MAX_AUDIO_SECONDS"
 _BLOCK_FRAMES = 1 << 20  # frames per read when mixing down
+# Containers and sample types whose header states the exact frame count (see _declared_frames).
+_COUNTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "AIFF"})
+_FIXED_WIDTH_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT",
+                                   "DOUBLE", "ULAW", "ALAW"})
+# What writers that cannot seek back (ffmpeg, sox, libsndfile to a pipe) leave as a WAV data size.
+_STREAMED_SIZES = frozenset({0, 0x7FFFF000, 0xFFFFFFFF})
 
 _DEFAULT = object()
 
@@ -188,11 +198,64 @@ def _read_encoded(file: Any, label: str, max_seconds: float | None) -> tuple[np.
                     out.add(mono)
         except decode_errors as exc:
             raise AudioDecodeError(label, f"cannot decode audio: {exc}") from exc
+        counted = snd.format in _COUNTED_FORMATS and snd.subtype in _FIXED_WIDTH_SUBTYPES
     if filled == 0:
         raise EmptyAudioError(label, "audio has zero samples")
+    # libsndfile cuts its frame count to the bytes present: the header's own count is the claim
+    declared = _declared_frames(file) if counted else None
+    if declared is not None and filled < declared:
+        raise AudioDecodeError(
+            label, f"truncated: the header declares {declared / rate:.3f} s but the file holds "
+                   f"only {filled / rate:.3f} s")
     if bad:
         raise NonFiniteAudioError(label, f"{bad} of {filled} samples are NaN or infinite")
     return _finish_16k(out.finish(filled), label), rate
+
+
+def _declared_frames(file: Any) -> int | None:
+    """The frame count a WAV, RF64 or AIFF header declares (path or file object); None when it
+    declares none (a streamed WAV) or is laid out in a way this short reader does not follow."""
+    if isinstance(file, (str, bytes)):
+        with open(file, "rb") as f:
+            return _declared_frames(f)
+    file.seek(0)
+    head = file.read(12)
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return _wav_declared_frames(file, rf64=head[:4] == b"RF64")
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return _aiff_declared_frames(file)
+    return None
+
+
+def _wav_declared_frames(f: Any, rf64: bool) -> int | None:
+    """data chunk bytes / fmt block align; RF64 keeps its data size in the ds64 chunk."""
+    block_align = data64 = None
+    while len(chunk := f.read(8)) == 8:
+        name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if name == b"data":
+            if rf64 and size == 0xFFFFFFFF:
+                size = data64
+            if not block_align or size is None or (not rf64 and size in _STREAMED_SIZES):
+                return None
+            return size // block_align
+        body = f.read(min(size, 28))
+        if name == b"fmt " and len(body) >= 14:
+            block_align = struct.unpack_from("<H", body, 12)[0]
+        elif name == b"ds64" and len(body) >= 16:
+            data64 = struct.unpack_from("<Q", body, 8)[0]
+        f.seek(size + (size & 1) - len(body), 1)
+    return None
+
+
+def _aiff_declared_frames(f: Any) -> int | None:
+    """numSampleFrames of the COMM chunk."""
+    while len(chunk := f.read(8)) == 8:
+        name, size = chunk[:4], struct.unpack(">I", chunk[4:])[0]
+        if name == b"COMM":
+            body = f.read(6)
+            return struct.unpack_from(">I", body, 2)[0] if len(body) == 6 else None
+        f.seek(size + (size & 1), 1)
+    return None
 
 
 class _To16k:
