@@ -89,15 +89,32 @@ def _result_json(res) -> dict[str, Any]:
             "prompt_tokens": res.prompt_tokens}
 
 
+def _check_messages(data: Any, path: Path, batch: bool) -> None:
+    """Validate the messages file before the model loads, numbering --batch conversations from 1
+    as a reader counts them (the engine's own checks say "conversation 0")."""
+    from kimi_ops.engine.prompt import validate_messages
+
+    if not batch:
+        validate_messages(data, str(path))
+        return
+    if not isinstance(data, list):
+        raise KimiError(f"{path}: with --batch the file must hold a list of message lists")
+    for n, conversation in enumerate(data, start=1):
+        where = f"{path}: conversation {n} of {len(data)}"
+        if not isinstance(conversation, list):
+            raise KimiError(f"{where}: with --batch each item must be a message list, "
+                            f"got {type(conversation).__name__}")
+        validate_messages(conversation, f"{where}, messages")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     path = Path(args.messages)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise KimiError(f"{path}: cannot read the messages file ({exc})") from None
+    _check_messages(data, path, args.batch)
     conversations = data if args.batch else [data]
-    if args.batch and not (isinstance(data, list) and all(isinstance(c, list) for c in data)):
-        raise KimiError(f"{path}: with --batch the file must hold a list of message lists")
     conversations = [_resolve_audio_paths(c, path.parent) for c in conversations]
     engine = _load_engine(args)
     results = engine.generate_batch(conversations, output_type=args.output_type,

@@ -94,6 +94,27 @@ def test_bad_messages_file_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_batch_errors_count_conversations_from_one(tmp_path):
+    audio = [{"role": "user", "message_type": "audio", "content": "clip.wav"}]
+    text_only = [{"role": "user", "message_type": "text", "content": "no audio here"}]
+    cases = {
+        "text_only.json": ([audio, audio, text_only], "text_only.json: conversation 3 of 3, "
+                           "messages: Kimi-Audio needs at least one audio message"),
+        "not_a_list.json": ([audio, {"role": "user"}], "not_a_list.json: conversation 2 of 2: "
+                            "with --batch each item must be a message list, got dict"),
+    }
+    for name, (batch, expected) in cases.items():
+        messages = tmp_path / name
+        messages.write_text(json.dumps(batch))
+        proc = kimi("generate", "--batch", "--model", goldens.CHECKPOINT, "--messages", messages,
+                    check=False)
+        assert proc.returncode == 2 and proc.stderr == f"error: {tmp_path / expected}\n"
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(text_only))
+    proc = kimi("generate", "--model", goldens.CHECKPOINT, "--messages", single, check=False)
+    assert proc.stderr == f"error: {single}: Kimi-Audio needs at least one audio message\n"
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = kimi("audio-tokens", "--model", tmp_path / "nope", "x.wav", check=False)
     assert proc.returncode == 2 and "checkpoint folder not found" in proc.stderr
