@@ -541,29 +541,55 @@ def _walk_s3(fs, path: str, extensions, uri: str, storage_options=None,
         raise denied
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; a link that cannot be followed (a loop of links) is not."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _sorted_entries(folder: str) -> list[os.DirEntry]:
     # A folder sorts as "name/", so the depth-first walk yields paths in plain string order,
     # the order S3 lists keys in.
     with os.scandir(folder) as it:
-        return sorted(it, key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False)
-                      else e.name)
+        return sorted(it, key=lambda e: e.name + "/" if _is_dir(e) else e.name)
+
+
+def _folder_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _walk_local(root: str, extensions) -> Iterator[ObjectInfo]:
+    """Symbolic links are followed, and what they reach is listed under the link's path: a
+    file reached through two paths is listed once per path, as each path is an input of its
+    own. A link to a folder being walked (a loop) is skipped with a warning: its files are
+    listed already. A broken link with a wanted name is listed without size or etag, so that
+    reading it makes an error row (see `_read`) rather than a file missing from every count."""
     if os.path.isfile(root):
         yield _local_info(root, os.stat(root))
         return
     if not os.path.isdir(root):
         raise FileNotFoundError(root)
     stack = [iter(_sorted_entries(root))]  # one folder's entries in memory per level
+    walking = [_folder_id(os.stat(root))]  # the folders in `stack`, to detect loops
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
             stack.pop()
-        elif entry.is_dir(follow_symlinks=False):
-            stack.append(iter(_sorted_entries(entry.path)))
-        elif entry.is_file() and _wanted(entry.name, extensions):
-            yield _local_info(entry.path, entry.stat())
+            walking.pop()
+        elif _is_dir(entry):
+            folder = _folder_id(entry.stat())
+            if folder in walking:
+                log.warning("not following %s: it links to a folder above it", entry.path)
+            else:
+                stack.append(iter(_sorted_entries(entry.path)))
+                walking.append(folder)
+        elif _wanted(entry.name, extensions):
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                yield ObjectInfo(entry.path)  # a broken link
+            elif entry.is_file():
+                yield _local_info(entry.path, entry.stat())
 
 
 def _walk_generic(fs, path: str, extensions) -> Iterator[ObjectInfo]:
@@ -595,7 +621,8 @@ def list_objects(uri: str, extensions: Iterable[str] | None = AUDIO_EXTENSIONS,
     (``None``: all). A URI naming one object yields that object, whatever its extension.
 
     S3 is walked with ``list_objects_v2`` one page at a time (each page retried under
-    ``retry``); local folders depth-first. Both yield in plain string order of the path/key.
+    ``retry``); local folders depth-first, following links (see ``_walk_local``). Both yield
+    in plain string order of the path/key.
     Errors surface as ``StorageError`` when the walk reaches them.
     """
     exts = _normalize_extensions(extensions)
@@ -860,7 +887,26 @@ def _read(call: Callable[[], T], uri: str, storage_options, retry: RetryPolicy |
     try:
         return retrying(call, uri, storage_options, "read", retry)
     except StorageError as err:
+        broken = _broken_link(uri, err)
+        if broken is not None:  # listed as such: it did not vanish, it was never readable
+            raise StorageError(uri, broken, err.kind, err.attempts) from None
         if err.kind == "not_found":
             raise ObjectVanishedError(uri, "not found when read (it was listed, or named in "
                                            "the manifest)", attempts=err.attempts) from None
         raise
+
+
+def _broken_link(uri: str, err: StorageError) -> str | None:
+    """Why a local symbolic link that failed to read cannot be followed; None when `uri` is
+    not such a link."""
+    if _protocol(uri) != "file":
+        return None
+    _, path = resolve(uri)
+    try:
+        if not os.path.islink(path) or os.path.exists(path):
+            return None
+        target = os.readlink(path)
+    except OSError:
+        return None
+    why = "does not exist" if err.kind == "not_found" else f"cannot be followed ({err.reason})"
+    return f"broken symbolic link: its target {target!r} {why}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import subprocess
@@ -189,6 +190,65 @@ def test_local_folder_listing(tmp_path):
     with pytest.raises(StorageError) as err:
         list(list_objects(str(tmp_path / "missing")))
     assert err.value.kind == "not_found" and "missing" in str(err.value)
+
+
+def test_local_listing_keeps_broken_links_and_reading_one_is_an_error_row(tmp_path):
+    from pipelines.stages import DecodeStage
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.wav").write_bytes(b"a")
+    (root / "dangling.wav").symlink_to(tmp_path / "nowhere" / "file.wav")
+    (root / "loop.flac").symlink_to("loop.flac")  # a link to itself: ELOOP when followed
+    (root / "dangling.txt").symlink_to(tmp_path / "nowhere" / "file.txt")  # not audio
+    infos = list(list_objects(str(root)))
+    assert [i.uri for i in infos] == [str(root / n) for n in ("a.wav", "dangling.wav",
+                                                              "loop.flac")]
+    assert infos[1] == ObjectInfo(str(root / "dangling.wav"))  # no size, etag or mtime
+    assert open_input(str(root)).first.uri == str(root / "a.wav")
+
+    with pytest.raises(StorageError) as err:
+        fetch(infos[1])
+    assert not isinstance(err.value, ObjectVanishedError)  # never readable, not vanished
+    assert err.value.kind == "not_found"
+    assert str(err.value) == (f"not_found: {root / 'dangling.wav'}: broken symbolic link: "
+                              f"its target {str(tmp_path / 'nowhere' / 'file.wav')!r} "
+                              "does not exist")
+
+    plan = pa.Table.from_pylist([{"uri": i.uri, "size": i.size, "etag": i.etag}
+                                 for i in infos[1:]])
+    rows = pa.concat_tables(DecodeStage(None)(plan)).to_pylist()
+    assert [(r["source_uri"], r["error_kind"]) for r in rows] == [
+        (str(root / "dangling.wav"), "not_found"), (str(root / "loop.flac"), "io_error")]
+    for row in rows:
+        assert row["error_message"].startswith(f"{row['source_uri']}: broken symbolic link")
+
+
+def test_local_listing_follows_linked_folders_and_stops_at_loops(tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "deep").mkdir(parents=True)
+    (elsewhere / "x.wav").write_bytes(b"xx")
+    (elsewhere / "deep" / "y.flac").write_bytes(b"y")
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.wav").write_bytes(b"a")
+    (root / "linked").symlink_to(elsewhere)
+    (root / "twice").symlink_to(elsewhere)  # the same folder again, under another path
+    (root / "sub" / "up").symlink_to(root)  # a loop: a link to an ancestor
+    (root / "sub" / "self").symlink_to(".")
+    (elsewhere / "back").symlink_to(root)  # a loop through the linked folder
+    (root / "b.wav").symlink_to(elsewhere / "x.wav")
+    infos = list(itertools.islice(list_objects(str(root)), 50))  # a loop would never end
+    assert [i.uri.removeprefix(f"{root}/") for i in infos] == [
+        "a.wav", "b.wav", "linked/deep/y.flac", "linked/x.wav", "twice/deep/y.flac",
+        "twice/x.wav"]
+    x = os.stat(elsewhere / "x.wav")
+    assert infos[3] == ObjectInfo(str(root / "linked" / "x.wav"), 2,
+                                  f"{x.st_mtime_ns:x}-2", x.st_mtime)
+    assert infos[1].etag == infos[3].etag == infos[5].etag
+    loops = sorted(r.getMessage() for r in caplog.records if "not following" in r.getMessage())
+    assert loops == [f"not following {root}/{link}: it links to a folder above it"
+                     for link in ("linked/back", "sub/self", "sub/up", "twice/back")]
 
 
 def test_other_fsspec_filesystems():
