@@ -102,12 +102,64 @@ def run_flow(flow, params, name: str, summary) -> int:
     """Run `flow(params)` here; print `summary(result)` and return 0, or the failure's reason
     as one `error:` line and 2."""
     with tracebacks_only_for_bugs():
+        start_temporary_server()
         state = flow(params, return_state=True)
     if not state.is_completed():
         print(f"error: {failure_reason(state, name)}", file=sys.stderr)
         return 2
     print(summary(state.result()))
     return 0
+
+
+def start_temporary_server() -> None:
+    """Without an API URL, Prefect starts a temporary API server for the flow run; start it
+    here instead, so that it runs in its own session and dies with this process.
+
+    In the command's process group, a terminal's Ctrl-C (sent to the whole group) also stopped
+    the server the interrupted run reports its crash to, and the command waited minutes on
+    its client's timeouts. A SIGKILLed command left the server running for good; Linux's
+    parent-death signal (`prctl`, from this main thread, which lives as long as the process)
+    now stops it. Prefect's client finds the server it starts on its own and uses it.
+    """
+    import subprocess
+
+    from prefect.server.api import server as prefect_server
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    temporary = prefect_server.SubprocessASGIServer()
+    if temporary.running:
+        return
+    launch = temporary._run_uvicorn_command  # Popen(args=..., env=...) of uvicorn
+    popen = subprocess.Popen
+    on_start = parent_death_signal()
+
+    def detached(*args, **kwargs):
+        return popen(*args, start_new_session=True, preexec_fn=on_start, **kwargs)
+
+    def launch_detached():
+        subprocess.Popen = detached
+        try:
+            return launch()
+        finally:
+            subprocess.Popen = popen
+
+    temporary._run_uvicorn_command = launch_detached
+    temporary.start()
+
+
+def parent_death_signal():
+    """A `preexec_fn` asking Linux to send the child SIGTERM when its parent dies (None where
+    `prctl` is missing). The C function is looked up here, not in the forked child."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -471,27 +523,34 @@ def _main(argv: list[str]) -> int:
         print(f"error: unknown command {command!r} (commands: {', '.join(COMMANDS)}; "
               "kimi-label --help describes them)", file=sys.stderr)
         return 2
-    # Ctrl-C: one line and the shell's code for SIGINT, not a traceback. Noted by our handler,
-    # since libraries on the way may turn the KeyboardInterrupt into another exception.
+    # Ctrl-C or SIGTERM (a scheduler's timeout, `kill`): one line and the shell's code for the
+    # signal, not a traceback. Noted by our handler, since libraries on the way may turn the
+    # KeyboardInterrupt into another exception.
     interrupted: list[int] = []
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         interrupted.append(signum)
         raise KeyboardInterrupt
 
     main_thread = threading.current_thread() is threading.main_thread()  # signals live there
-    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, on_signal) for s in stops} if main_thread else {}
     try:
         return _dispatch(command, rest, argv)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+            # Ray's driver handler, in place while `ray.init` runs (ours is put back after it:
+            # pipelines.job.python_sigterm_kept), exits with the signal's number
+            interrupted.append(signal.SIGTERM)
         if not interrupted:
             raise
-        print(f"\ninterrupted: kimi-label {command} stopped (a rerun of a labelling run "
-              "resumes where it was)", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted: kimi-label {command} stopped by "
+              f"{signal.Signals(interrupted[0]).name} (a rerun of a labelling run resumes where "
+              "it was)", file=sys.stderr)
+        return 128 + interrupted[0]
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _dispatch(command: str, rest: list[str], argv: list[str]) -> int:

@@ -16,6 +16,7 @@ the driver never holds audio, and holds only one plan shard of the listing at a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -508,15 +509,33 @@ def _init_ray(spec: JobSpec, temp_dir: str | None = None):
     if ray.is_initialized():
         return False
     address = spec.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:  # join a running cluster ("auto" on a head or RayJob driver pod)
-        ray.init(address=address, log_to_driver=False)
-    else:
-        with loopback_ray():
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir,
-                     object_store_memory=local_object_store_bytes(spec, local_gpus()),
-                     log_to_driver=False)
+    with python_sigterm_kept():
+        if address:  # join a running cluster ("auto" on a head or RayJob driver pod)
+            ray.init(address=address, log_to_driver=False)
+        else:
+            with loopback_ray():
+                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
+                         num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir,
+                         object_store_memory=local_object_store_bytes(spec, local_gpus()),
+                         log_to_driver=False)
     return True
+
+
+@contextlib.contextmanager
+def python_sigterm_kept():
+    """Around `ray.init`: a SIGTERM handler this process set in Python (the command line's,
+    which ends a run in one line) is put back afterwards. Ray's driver installs its own, whose
+    C++ part aborted the process with a stack dump."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def inflight_budget(spec: JobSpec, gpus: float, nodes: int = 1) -> int:

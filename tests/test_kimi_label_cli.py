@@ -199,6 +199,72 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert not (tmp_path / "out" / "files").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, whole_group", [
+    ("SIGINT", True),  # a terminal's Ctrl-C: the command's whole process group
+    ("SIGTERM", False),  # a scheduler's timeout, `kill`
+    ("SIGKILL", False),  # the OOM killer
+])
+def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
+        tmp_path, signum, whole_group):
+    """Signalled while its Ray job runs, `kimi-label run` exits within seconds, with one line
+    and 128 + the signal where it can; the temporary Prefect server it started stops too (it
+    runs in its own session, so Ctrl-C does not take it down under the run reporting its
+    crash, and dies with the command)."""
+    import re
+    import signal
+    import socket
+    import time
+
+    import numpy as np
+    import soundfile as sf
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(24):  # enough work to be mid-job when the signal comes
+        sf.write(inputs / f"c{i:02d}.wav", np.zeros(16000 * 6, np.float32) + 0.01, 16000)
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--input", str(inputs),
+         "--output", str(tmp_path / "out"), "--model", MODEL, "--max-new-tokens", "8"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    seen, port = [], None
+    for line in proc.stderr:
+        seen.append(line)
+        port = port or next(iter(re.findall(r"temporary server on http://127.0.0.1:(\d+)", line)),
+                            None)
+        if "Beginning flow run" in line:
+            break
+    assert port, "".join(seen)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out" / "_runs").glob("*/plan")):  # the job has planned
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+        time.sleep(0.2)
+    time.sleep(3)
+    sig = getattr(signal, signum)
+    signalled = time.monotonic()
+    if whole_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    rest = proc.stderr.read()
+    code = proc.wait(timeout=60)
+    assert time.monotonic() - signalled < 30, rest
+    if signum != "SIGKILL":
+        assert code == 128 + sig, rest
+        assert f"interrupted: kimi-label run stopped by {signum}" in rest
+        assert "Traceback" not in rest and "Aborted" not in rest
+    while True:  # the server is gone (nothing listens on its port) within seconds
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", int(port))):
+                break
+        assert time.monotonic() - signalled < 40, f"temporary server on {port} still runs"
+        time.sleep(0.5)
+
+
 # -- transcribe-archive and prepare-training-data --------------------------------------------
 
 @pytest.mark.parametrize("args, expected", [
