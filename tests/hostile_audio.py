@@ -102,7 +102,8 @@ def hostile_corpus(long_hours: float = 7.0) -> dict[str, HostileCase]:
     corpus = {
         "empty.wav": HostileCase(b"", "empty_audio"),
         "header_only.wav": HostileCase(wav[:44], "empty_audio"),
-        "truncated.wav": HostileCase(wav[: len(wav) // 2], "ok"),  # what is there decodes
+        # fewer frames than the header declares: refused rather than labelled as if whole
+        "truncated.wav": HostileCase(wav[: len(wav) // 2], "undecodable"),
         "truncated_in_header.wav": HostileCase(wav[:30], "undecodable"),
         # a decoder error mid-stream: refused rather than labelled as if whole
         "truncated.flac": HostileCase(seeds["flac"][: len(seeds["flac"]) // 2], "undecodable"),
@@ -128,8 +129,8 @@ def hostile_corpus(long_hours: float = 7.0) -> dict[str, HostileCase]:
         "rate_0hz.wav": HostileCase(crafted_wav(pcm, rate=0), "undecodable"),
         "zero_frames.wav": HostileCase(encode(np.zeros(0, np.float32), 16000, "WAV", "PCM_16"),
                                        "empty_audio"),
-        # a header that claims ~37 hours of 16 kHz PCM but holds one second: what is there decodes
-        "claims_hours.wav": HostileCase(crafted_wav(pcm, data_bytes=0xFFFFFFF0), "ok"),
+        # a header that claims ~37 hours of 16 kHz PCM but holds one second: truncated, refused
+        "claims_hours.wav": HostileCase(crafted_wav(pcm, data_bytes=0xFFFFFFF0), "undecodable"),
         # a real multi-hour file: refused before decoding (max duration guard), never OOM
         "long_silence.flac": HostileCase(long_silence_flac(long_hours), "too_long"),
     }

@@ -166,7 +166,7 @@ class KimiAudio:
 
     def build_prompts(self, conversations: Sequence[Sequence[dict]],
                       output_type: str = "text") -> list[Prompt]:
-        conversations = [validate_messages(m, f"conversation {i}")
+        conversations = [validate_messages(m, f"conversations[{i}]")
                          for i, m in enumerate(conversations)]
         contents = [audio_contents(m) for m in conversations]
         flat = self.encode_audio([c for per in contents for c in per])
@@ -238,7 +238,8 @@ class KimiAudio:
         continuations = []
         for i, opts in enumerate(per_conversation):
             if len(opts) < 2 or any(not isinstance(o, str) or not o for o in opts):
-                raise ValueError(f"conversation {i}: options must be two or more non-empty strings")
+                raise ValueError(f"conversations[{i}]: options must be two or more non-empty "
+                                 "strings")
             continuations.append([self.tokenizer.encode(o) + eos for o in opts])
         prompts = self.build_prompts(conversations)
         totals = halve_on_oom(
