@@ -18,6 +18,12 @@ means "no reference for this task on this row"; an empty string in Parquet/JSONL
 reference transcript. Closed-set labels match the output's label set ignoring case. Other
 columns are ignored (and listed in the report). A key may appear once.
 
+A closed-set reference label outside the output's label set (the keys of its `<task>_scores`),
+say `happy` where the task says `joy`, could never be predicted: such rows are left out of that
+task's metrics, whatever their coverage, and reported as the task's `excluded` count with
+`unknown_reference_labels` ({label as written: rows}); `kimi-label evaluate` prints them with
+the task's labels. Without scores in the output the label set is unknown and every label counts.
+
 What a reference is compared with:
   * file level: the file's `files/` row (`transcript` is the segments' stitched transcript); a
     closed-set label is the argmax of the duration-weighted mean of the `<task>_scores` of the
@@ -559,11 +565,14 @@ def _asr_report(refs: Sequence[Reference], outcomes) -> dict[str, Any]:
 def _closed_set_report(task: str, refs: Sequence[Reference], outcomes,
                        label_order: Sequence[str], n_bins: int) -> dict[str, Any]:
     canonical = {label.casefold(): label for label in label_order}
-    rows, counts = [], Counter()
+    rows, counts, unknown = [], Counter(), Counter()
     for ref in refs:
         if task not in ref.values:
             continue
         counts["references"] += 1
+        if canonical and ref.values[task].casefold() not in canonical:
+            unknown[ref.values[task]] += 1  # never predictable: it would only lower the scores
+            continue
         outcome = outcomes[ref.key]
         if outcome.state != SCORED:
             continue
@@ -582,12 +591,11 @@ def _closed_set_report(task: str, refs: Sequence[Reference], outcomes,
     with_conf = [r for r in rows if r["confidence"] is not None]
     cal = calibration([r["confidence"] for r in with_conf], [r["correct"] for r in with_conf],
                       n_bins) if with_conf else None
-    unknown = sorted({r["reference"] for r in rows} - set(label_order)) if label_order else []
     return {"kind": "closed_set", "references": counts["references"], "scored": counts["scored"],
-            "unlabelled": counts["unlabelled"], **report.to_dict(),
-            "calibration": cal.to_dict() if cal else None,
-            "calibration_items": len(with_conf),
-            "unknown_reference_labels": unknown, "rows": rows}
+            "unlabelled": counts["unlabelled"], "excluded": sum(unknown.values()),
+            **report.to_dict(), "calibration": cal.to_dict() if cal else None,
+            "calibration_items": len(with_conf), "known_labels": list(label_order),
+            "unknown_reference_labels": dict(sorted(unknown.items())), "rows": rows}
 
 
 def score(refs: Sequence[Reference], tasks: Sequence[str], outcomes,
@@ -730,6 +738,13 @@ def format_summary(report: Mapping[str, Any]) -> str:
             lines.append(f"not compared: {', '.join(comparison['unavailable_tasks'])} "
                          f"({comparison['compare']} has no such labels; the output's metrics "
                          "are shown alone)")
+    for task, rep in report["results"].items():
+        if rep.get("unknown_reference_labels"):
+            unknown = ", ".join(f"{label!r} ({n})"
+                                for label, n in rep["unknown_reference_labels"].items())
+            lines.append(f"warning: {task}: {rep['excluded']} reference items left out of "
+                         f"scoring, their labels are not in the task's label set: {unknown}; "
+                         f"{task} labels: {', '.join(rep['known_labels'])}")
     if report.get("ignored_reference_columns"):
         lines.append(f"reference columns ignored: {', '.join(report['ignored_reference_columns'])}"
                      " (no such task in the output)")

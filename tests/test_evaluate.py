@@ -487,6 +487,34 @@ def test_kimi_label_evaluate_prints_and_writes_the_report(tmp_path, capsys):
         == [A, B, C]
 
 
+def test_reference_labels_outside_the_label_set_are_left_out_and_printed(tmp_path, capsys):
+    """'happy' where the task says 'joy' could never be predicted: its items are not scored
+    (they would lower accuracy and macro-F1), and the printout names them and the task's
+    labels."""
+    from flows.cli import main
+
+    output = make_output(tmp_path / "out")
+    # H and I are scored (both neutral); as unknown labels they leave the metrics as they were
+    rows = [*REFERENCES[:-2], {**REFERENCES[-2], "emotion": "happy"},
+            {**REFERENCES[-1], "emotion": "Sad"}]
+    refs = write_references(tmp_path / "refs.parquet", rows)
+    assert main(["evaluate", "--output", output, "--references", refs,
+                 "--report-dir", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
+    assert lines["emotion.accuracy"] == ["0.75"] and lines["emotion.macro_f1"] == ["0.6"]
+    assert ("warning: emotion: 2 reference items left out of scoring, their labels are not in "
+            "the task's label set: 'Sad' (1), 'happy' (1); emotion labels: neutral, joy, anger"
+            ) in printed
+    assert "11 reference items: 7 scored, 2 missing, 2 errored" in printed  # coverage as before
+    emo = json.loads((tmp_path / "eval" / "report.json").read_text())["results"]["emotion"]
+    assert (emo["references"], emo["excluded"], emo["scored"], emo["count"]) == (10, 2, 4, 4)
+    assert emo["unknown_reference_labels"] == {"Sad": 1, "happy": 1}
+    assert emo["known_labels"] == ["neutral", "joy", "anger"]
+    assert emo["labels"] == ["neutral", "joy", "anger"]
+    assert {r["source_uri"] for r in emo["rows"]} == {A, B, E, G}
+
+
 def test_kimi_label_evaluate_refuses_bad_inputs_before_scoring(tmp_path, capsys):
     from flows.cli import main
 
