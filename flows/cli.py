@@ -462,20 +462,25 @@ def cmd_stack(argv: list[str]) -> int:
     p.add_argument("--home", default=str(DEFAULT_HOME), help="data folder of the stack")
     p.add_argument("--prefect", action="store_true", help="also a Prefect server")
     p.add_argument("--ray", action="store_true", help="also a Ray head node")
+    p.add_argument("--s3-port", type=int, default=None,
+                   help="port of the S3 endpoint (default: the last one, when free, else a "
+                        "free one)")
     args = p.parse_args(argv)
     home = Path(args.home).expanduser()
     if args.action == "up":
-        state = stack.stack_up(home, prefect=args.prefect, ray=args.ray)
-        print(json.dumps(stack.stack_status(home), indent=2))
-        print(f"# environment for clients (credentials in {home}/credentials.json):")
-        for name in sorted(state.env()):
-            if "SECRET" not in name:
-                print(f"export {name}={state.env()[name]}")
+        stack.stack_up(home, prefect=args.prefect, ray=args.ray, s3_port=args.s3_port)
     elif args.action == "down":
         stopped = stack.stack_down(home)
         print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
-    else:
-        print(json.dumps(stack.stack_status(home), indent=2))
+        return 0
+    print(json.dumps(stack.stack_status(home), indent=2))
+    state = stack.StackState.load(home)
+    if state is not None and state.services:
+        print(f"# environment for clients; the secret key is s3.secret_key in "
+              f"{home}/credentials.json:")
+        for name in sorted(state.env()):
+            if "SECRET" not in name:
+                print(f"export {name}={state.env()[name]}")
     return 0
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from flows.stack import MARKER_ENV, StackState, stack_down, stack_status, stack_up
 from pipelines.local_s3 import listening_addresses
+from pipelines.procfs import port_free
 
 pytestmark = pytest.mark.slow
 
@@ -189,11 +190,29 @@ def test_s3_stack_up_status_down(home, monkeypatch):
     assert (home / "credentials.json").exists()  # kept for the next `up`
 
     # The next `up` serves on the same endpoint (when its port is free): what a user exported
-    # (AWS_ENDPOINT_URL) stays right
-    back = stack_up(home)
-    assert back.services["s3"].endpoint == restarted.services["s3"].endpoint
-    assert s3fs.S3FileSystem(**back.storage_options()).cat("audio/stack-test/hello.txt") == b"hello"
-    assert stack_down(home) == ["s3"]
+    # (AWS_ENDPOINT_URL) stays right. `kimi-label stack up` and `status` print the exports,
+    # never the secret; `--s3-port` picks the port.
+    def kimi_label_stack(*args):
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "stack", *args,
+                               "--home", str(home)], cwd=ROOT, env=_clean_env(),
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        secrets = [v for v in secret_values if v != env["AWS_ACCESS_KEY_ID"]]  # the key id is
+        assert not [v for v in secrets if v in done.stdout + done.stderr]  # printed, by design
+        return done.stdout
+
+    endpoint = restarted.services["s3"].endpoint
+    assert f"export AWS_ENDPOINT_URL={endpoint}\n" in kimi_label_stack("up")
+    assert s3fs.S3FileSystem(**StackState.load(home).storage_options()).cat(
+        "audio/stack-test/hello.txt") == b"hello"
+    status = kimi_label_stack("status")
+    assert f"export AWS_ENDPOINT_URL={endpoint}\n" in status and "credentials.json" in status
+    assert kimi_label_stack("down").startswith("stopped: s3")
+    port = next(p for p in range(int(endpoint.rsplit(":", 1)[1]) + 1, 40000)
+                if port_free(p) and port_free(p + 10000))  # weed's gRPC: HTTP + 10000
+    assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n" in kimi_label_stack(
+        "up", "--s3-port", str(port))
+    assert kimi_label_stack("down").startswith("stopped: s3")
 
 
 def test_full_stack_prefect_and_ray(home):
