@@ -2,7 +2,7 @@
 subtitles (SRT and WebVTT) next to the Parquet tables.
 
 Thin, like `label-corpus`: validate the parameters -> run the Ray Data job (`pipelines.job`,
-task `asr` only) -> check the output -> write this run's subtitles -> publish a summary.
+task `asr` only) -> check the output -> write the subtitles -> publish a summary.
 Credentials are never flow parameters: the job reads them from the worker's AWS_* environment;
 only the non-secret endpoint may be passed.
 
@@ -19,9 +19,13 @@ run wrote for them (their content changed and is no longer usable). Cue layout a
 Resuming: the job's run id is derived from the Prefect flow run (`<scheduled start>-<flow run id
 prefix>`), so a retried task or flow run reuses it: the job skips objects already labelled, and
 subtitles are recomputed for every file row carrying this run id, whichever attempt wrote it.
-Writing them again gives the same bytes; a new flow run with nothing new to label has no rows
-with its run id and writes nothing. The summary is computed from the `files/` rows of the run
-id (not the last attempt's report), so it covers all attempts.
+Writing them again gives the same bytes. A run stopped between labelling and subtitles leaves ok
+rows of an earlier run id without subtitles (or with those of the object's previous content):
+every run also writes the subtitles of the input's earlier ok rows whose files are missing or
+older than their `files/` shard, found from one listing of `subtitles/` and of `files/`, so a
+new flow run with nothing new to label and nothing missing writes nothing. The summary is
+computed from the `files/` rows of the run id (not the last attempt's report), so it covers all
+attempts; it adds how many earlier recordings got their subtitles back.
 """
 
 # No `from __future__ import annotations`: served flows are pickled by value and pydantic
@@ -32,6 +36,7 @@ import os
 import posixpath
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -94,15 +99,23 @@ def input_prefix(input_uri: str, is_manifest: bool, is_single_object: bool) -> t
     return protocol, path
 
 
-def relative_path(source_uri: str, prefix: tuple[str, str]) -> str:
-    """`source_uri` below `prefix`, or its basename when it is not below it."""
+def _below(source_uri: str, prefix: tuple[str, str]) -> str | None:
+    """`source_uri` relative to `prefix`, None when it is not below it."""
     protocol, path = _location(source_uri)
     root = prefix[1].rstrip("/")
     if protocol == prefix[0] and path.startswith(root + "/"):
         relative = posixpath.normpath(path[len(root) + 1:])
         if not relative.startswith("../") and relative not in (".", ".."):
             return relative
-    name = posixpath.basename(path.rstrip("/"))
+    return None
+
+
+def relative_path(source_uri: str, prefix: tuple[str, str]) -> str:
+    """`source_uri` below `prefix`, or its basename when it is not below it."""
+    relative = _below(source_uri, prefix)
+    if relative is not None:
+        return relative
+    name = posixpath.basename(_location(source_uri)[1].rstrip("/"))
     return name or hashlib.sha256(source_uri.encode()).hexdigest()[:8]
 
 
@@ -153,23 +166,64 @@ def write_file_subtitles(fs, root: str, name: str, segments: list[dict]) -> list
     return paths
 
 
-def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
-    """Subtitles for every ok file of `run_id`; stale subtitles of its error files removed.
+def modified_times(fs, folder: str, retry=None) -> dict[str, float | None]:
+    """Path -> modification time (POSIX seconds; None where the store gives none) of every file
+    under `folder`, from one listing: no request per file."""
+    from pipelines.storage import retrying, uri_of
 
-    Reads `files/` (a few columns) for the run's rows, then, for the shards holding them, the
-    segments shard of the same name (the writer names both parts of a shard alike), falling back
-    to a scan of `segments/` for files it did not find there. Returns counts and kinds."""
-    from pipelines.job import read_parquet, read_table_dir, this_run
+    def listing() -> dict[str, dict]:
+        return fs.find(folder, detail=True) if fs.exists(folder) else {}
+
+    times: dict[str, float | None] = {}
+    for path, info in retrying(listing, uri_of(fs, folder), action="list", policy=retry).items():
+        when = next((info[k] for k in ("mtime", "LastModified", "created")
+                     if info.get(k) is not None), None)
+        times[path] = when.timestamp() if hasattr(when, "timestamp") else when
+    return times
+
+
+def input_scope(spec: JobSpec, prefix: tuple[str, str]) -> Callable[[str], bool]:
+    """Whether an object is one of this input's: a manifest's entry, else below the prefix.
+    Only those get subtitles recovered, under the names this input gives them (an output once
+    written from another input would otherwise get copies under other names)."""
+    from pipelines.storage import read_manifest
+
+    if spec.is_manifest():
+        listed = {info.uri for info in read_manifest(spec.input, spec.storage_options,
+                                                     spec.storage_retry)}
+        return listed.__contains__
+    return lambda uri: _below(uri, prefix) is not None
+
+
+def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
+    """Subtitles for every ok file of `run_id`, and for every earlier ok file of the input whose
+    subtitles are missing or older than its row (a run stopped between labelling and subtitles:
+    never written, or still those of the object's previous content); stale subtitles of error
+    files removed.
+
+    Lists `subtitles/` and `files/` once and reads `files/` (a few columns), then, for the
+    shards holding files to write, the segments shard of the same name (the writer names both
+    parts of a shard alike), falling back to a scan of `segments/` for files it did not find
+    there. Returns counts and kinds: those of the run's rows, plus `subtitle_files` written and
+    `recovered` (earlier recordings whose subtitles were written again)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines.job import read_parquet, read_table_dir
     from pipelines.storage import open_input, resolve
 
     fs, root = resolve(spec.output, spec.storage_options)
     retry = spec.storage_retry
-    files_by_shard: dict[str, list[dict]] = defaultdict(list)
-    for path, table in read_table_dir(fs, f"{root}/files", FILE_COLUMNS, retry):
-        rows = this_run(table, run_id).to_pylist()
-        if rows:
-            files_by_shard[path.rsplit("/", 1)[-1]].extend(rows)
-    file_rows = [row for rows in files_by_shard.values() for row in rows]
+    written_at = modified_times(fs, f"{root}/{SUBTITLES_DIR}", retry)
+    shard_at = modified_times(fs, f"{root}/files", retry)
+    file_rows: list[dict] = []
+    earlier: dict[str, list[tuple[str, bool, str]]] = defaultdict(list)  # run: (uri, ok, shard)
+    for shard in sorted(p for p in shard_at if p.endswith(".parquet")):
+        for row in read_parquet(fs, shard, FILE_COLUMNS, retry).to_pylist():
+            if row["run_id"] == run_id:
+                file_rows.append({**row, "shard": shard})
+            else:
+                earlier[row["run_id"]].append((row["source_uri"], row["status"] == "ok", shard))
     ok_uris = {r["source_uri"] for r in file_rows if r["status"] == "ok"}
     counts: dict[str, Any] = {
         "run_id": run_id, "recordings": len(ok_uris),
@@ -179,44 +233,68 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
         "audio_hours": sum(r["duration_s"] or 0.0 for r in file_rows
                            if r["status"] == "ok") / 3600.0,
         "segments": 0, "recordings_without_segments": 0, "subtitle_files": 0,
-        "subtitle_files_removed": 0, "subtitles_dir": f"{spec.output.rstrip('/')}/{SUBTITLES_DIR}/",
+        "subtitle_files_removed": 0, "recovered": 0,
+        "subtitles_dir": f"{spec.output.rstrip('/')}/{SUBTITLES_DIR}/",
     }
-    if not file_rows:
+    if not file_rows and not earlier:
         return counts
 
     prefix = input_prefix(spec.input, spec.is_manifest(),
                           not spec.is_manifest()
                           and not open_input(spec.input, spec.storage_options).is_prefix)
     names = subtitle_names([r["source_uri"] for r in file_rows], prefix)
+    pending: dict[str, tuple[str, str, str]] = {}  # uri -> (run id, subtitle name, files shard)
+    unwanted = [names[r["source_uri"]] for r in file_rows if r["status"] != "ok"]
+    for row in file_rows:
+        if row["status"] == "ok":
+            pending[row["source_uri"]] = (run_id, names[row["source_uri"]], row["shard"])
 
-    for uri in sorted({r["source_uri"] for r in file_rows} - ok_uris):
+    in_scope = input_scope(spec, prefix) if earlier else None
+    for other, rows in sorted(earlier.items()):
+        rows = [row for row in rows if row[0] not in names and in_scope(row[0])]
+        other_names = subtitle_names([uri for uri, _, _ in rows], prefix)  # as that run named
+        for uri, ok, shard in rows:
+            paths = [f"{root}/{SUBTITLES_DIR}/{other_names[uri]}{s}" for s in (".srt", ".vtt")]
+            missing = any(p not in written_at for p in paths)
+            # older than the row: written for the object's previous content (the run that
+            # relabelled it stopped before its subtitles)
+            stale = any(written_at.get(p) is not None and shard_at[shard] is not None
+                        and written_at[p] < shard_at[shard] for p in paths)
+            if ok and (missing or stale):
+                pending[uri] = (other, other_names[uri], shard)
+                counts["recovered"] += 1
+            elif not ok and stale:
+                unwanted.append(other_names[uri])
+
+    for name in sorted(unwanted):
         for suffix in (".srt", ".vtt"):
-            stale = f"{root}/{SUBTITLES_DIR}/{names[uri]}{suffix}"
-            if fs.exists(stale):
+            stale = f"{root}/{SUBTITLES_DIR}/{name}{suffix}"
+            if stale in written_at:
                 fs.rm_file(stale)
                 counts["subtitle_files_removed"] += 1
-
-    pending = set(ok_uris)
 
     def write(segments_by_uri: dict[str, list[dict]]) -> None:
         for uri in sorted(segments_by_uri):
             if uri in pending:
-                write_file_subtitles(fs, root, names[uri], segments_by_uri[uri])
-                counts["segments"] += len(segments_by_uri[uri])
+                write_file_subtitles(fs, root, pending[uri][1], segments_by_uri[uri])
+                if pending[uri][0] == run_id:
+                    counts["segments"] += len(segments_by_uri[uri])
                 counts["subtitle_files"] += 2
-                pending.discard(uri)
+                del pending[uri]
 
     def segments_of(table) -> dict[str, list[dict]]:
+        """The segments of pending files, of the run that wrote their file row."""
         found: dict[str, list[dict]] = defaultdict(list)
-        for row in this_run(table, run_id).to_pylist():
-            if row["source_uri"] in pending:
+        wanted = table.filter(pc.is_in(table["source_uri"], pa.array(sorted(pending), pa.string())))
+        for row in wanted.to_pylist():
+            if row["run_id"] == pending[row["source_uri"]][0]:
                 found[row["source_uri"]].append(row)
         return found
 
-    for shard, rows in sorted(files_by_shard.items()):
-        if any(r["source_uri"] in pending for r in rows) and fs.exists(f"{root}/segments/{shard}"):
-            write(segments_of(read_parquet(fs, f"{root}/segments/{shard}", SEGMENT_COLUMNS,
-                                           retry)))
+    for shard in sorted({shard for _, _, shard in pending.values()}):
+        segments = f"{root}/segments/{shard.rsplit('/', 1)[-1]}"
+        if fs.exists(segments):
+            write(segments_of(read_parquet(fs, segments, SEGMENT_COLUMNS, retry)))
     if pending:  # not in their shard's segments part: scan everything once
         collected: dict[str, list[dict]] = defaultdict(list)
         for _, table in read_table_dir(fs, f"{root}/segments", SEGMENT_COLUMNS, retry):
@@ -224,9 +302,9 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
                 collected[uri].extend(segs)
         write(collected)
     for uri in sorted(pending):  # an ok file without segment rows: empty subtitles, counted
-        write_file_subtitles(fs, root, names[uri], [])
+        write_file_subtitles(fs, root, pending[uri][1], [])
         counts["subtitle_files"] += 2
-        counts["recordings_without_segments"] += 1
+        counts["recordings_without_segments"] += pending[uri][0] == run_id
     return counts
 
 
@@ -246,6 +324,8 @@ def publish(report: dict[str, Any], subtitles: dict[str, Any], output: str) -> N
             {"metric": "audio hours", "value": round(subtitles["audio_hours"], 4)},
             {"metric": "segments", "value": subtitles["segments"]},
             {"metric": "subtitle files written", "value": subtitles["subtitle_files"]},
+            {"metric": "recordings of earlier runs given their missing subtitles",
+             "value": subtitles["recovered"]},
             {"metric": "errors", "value": subtitles["errors"]},
             *({"metric": f"errors: {kind}", "value": n}
               for kind, n in sorted(subtitles["errors_by_kind"].items())),
@@ -268,7 +348,8 @@ def transcribe_archive(params: TranscribeArchiveParams) -> dict[str, Any]:
     report = label_checked(spec, "transcribe-archive")
     subtitles = write_subtitles(spec, report["run_id"])
     publish(report, subtitles, spec.output)
-    logger.info("run %s: %s recordings, %s subtitle files, errors %s", report["run_id"],
-                subtitles["recordings"], subtitles["subtitle_files"], subtitles["errors_by_kind"])
+    logger.info("run %s: %s recordings, %s subtitle files (%s recordings of earlier runs), "
+                "errors %s", report["run_id"], subtitles["recordings"],
+                subtitles["subtitle_files"], subtitles["recovered"], subtitles["errors_by_kind"])
     report["subtitles"] = subtitles
     return report

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 import shutil
 
@@ -135,8 +136,8 @@ def test_writer_on_known_segment_rows(tmp_path):
 
 def test_run_subtitles_cover_every_attempt_of_the_run_and_nothing_else(tmp_path):
     """Two shards with this run's id (a retried attempt writes its own shard), one of another
-    run, an error row of this run whose old subtitles go, and a rerun that rewrites the same
-    bytes."""
+    run whose subtitles are in place, an error row of this run whose old subtitles go, and a
+    rerun that rewrites the same bytes."""
     from flows.transcribe_archive import TranscribeArchiveParams, write_run_subtitles
     from kimi_ops.tasks import get_task
     from pipelines.schema import files_schema, segments_schema, to_table
@@ -172,6 +173,8 @@ def test_run_subtitles_cover_every_attempt_of_the_run_and_nothing_else(tmp_path)
     stale = tmp_path / "out/subtitles/bad.wav.srt"
     stale.parent.mkdir(parents=True)
     stale.write_text("from an earlier run")
+    for suffix in (".srt", ".vtt"):  # written by run OTHER after its rows: left alone
+        (tmp_path / f"out/subtitles/old.wav{suffix}").write_text("run OTHER's")
 
     spec = TranscribeArchiveParams(input=str(inputs), output=out, model=MODEL).job_spec("R")
     counts = write_run_subtitles(spec, "R")
@@ -180,7 +183,10 @@ def test_run_subtitles_cover_every_attempt_of_the_run_and_nothing_else(tmp_path)
     assert counts["errors_by_kind"] == {"undecodable": 1}
     written = sorted(p.relative_to(tmp_path / "out/subtitles").as_posix()
                      for p in (tmp_path / "out/subtitles").rglob("*") if p.is_file())
-    assert written == ["a/one.wav.srt", "a/one.wav.vtt", "two.wav.srt", "two.wav.vtt"]
+    assert written == ["a/one.wav.srt", "a/one.wav.vtt", "old.wav.srt", "old.wav.vtt",
+                       "two.wav.srt", "two.wav.vtt"]
+    assert counts["recovered"] == 0 and stale.parent.joinpath("old.wav.srt").read_text() == (
+        "run OTHER's")
     srt = (tmp_path / "out/subtitles/a/one.wav.srt").read_text()
     assert srt == ("1\n00:00:00,000 --> 00:00:02,000\nhi\n"
                    "\n2\n00:00:02,000 --> 00:00:04,000\nthere\n")
@@ -276,6 +282,43 @@ def test_transcribe_archive_flow_writes_subtitles_publishes_and_reruns_idle(
     assert again["processed"] == 0 and again["planned"]["already_done"] == 3
     assert again["run_id"] != report["run_id"] and again["subtitles"]["subtitle_files"] == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "subtitles").rglob("*.*")} == mtimes
+
+
+def test_a_rerun_writes_the_subtitles_a_stopped_run_left_missing_or_stale(
+        harness, ray_local, tmp_path):
+    """A run stopped between labelling and subtitles: one recording's subtitles never written,
+    another's still those of its previous content (older than its row). The next run, with
+    nothing to label, writes both as the first run did; the one after writes nothing."""
+    from flows.transcribe_archive import TranscribeArchiveParams, transcribe_archive
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    (inputs / "a").mkdir(parents=True)
+    shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs / "a/clip.flac")
+    shutil.copy(goldens.INPUTS / "a02_chirp_3s_16k.wav", inputs / "chirp.wav")
+    shutil.copy(goldens.INPUTS / "a01_tone_0p5s_16k.wav", inputs / "tone.wav")
+    params = TranscribeArchiveParams(input=str(inputs), output=str(out), model=MODEL,
+                                     max_new_tokens=3)
+    first = transcribe_archive(params)
+    assert first["status"] == {"ok": 3} and first["subtitles"]["subtitle_files"] == 6
+    subtitles = out / "subtitles"
+    expected = {p: p.read_bytes() for p in subtitles.rglob("*.*")}
+    assert len(expected) == 6
+
+    for suffix in (".srt", ".vtt"):
+        (subtitles / f"a/clip.flac{suffix}").unlink()
+        stale = subtitles / f"chirp.wav{suffix}"
+        stale.write_text("the previous content's transcript")
+        os.utime(stale, (1e9, 1e9))  # 2001
+    again = transcribe_archive(params)
+    assert again["processed"] == 0 and again["planned"]["already_done"] == 3
+    assert {p: p.read_bytes() for p in subtitles.rglob("*.*")} == expected
+    subs = again["subtitles"]
+    assert subs["recordings"] == 0 and subs["recovered"] == 2 and subs["subtitle_files"] == 4
+
+    mtimes = {p: p.stat().st_mtime_ns for p in subtitles.rglob("*.*")}
+    idle = transcribe_archive(params)["subtitles"]
+    assert idle["subtitle_files"] == 0 and idle["recovered"] == 0
+    assert {p: p.stat().st_mtime_ns for p in subtitles.rglob("*.*")} == mtimes
 
 
 def test_transcribe_archive_refuses_bad_parameters(harness, tmp_path):
