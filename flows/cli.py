@@ -297,11 +297,13 @@ def format_transcription(report: dict) -> str:
     from pipelines.cli import format_report
 
     subs = report["subtitles"]
-    removed = subs["subtitle_files_removed"]
+    removed, recovered = subs["subtitle_files_removed"], subs.get("recovered", 0)
     return "\n".join([
         format_report(report),
         f"subtitles: {subs['subtitle_files']} files (.srt, .vtt) for {subs['recordings']} "
-        f"recordings ({subs['segments']} segments)"
+        f"recordings of this run ({subs['segments']} segments)"
+        + (f" and {recovered} of earlier runs whose files were missing or stale"
+           if recovered else "")
         + (f", {removed} stale removed" if removed else "") + f" in {subs['subtitles_dir']}"])
 
 

@@ -361,7 +361,7 @@ def test_transcribe_archive_command_writes_tables_and_subtitles(tmp_path):
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("run ") and ": 2 processed (0 already done)" in lines[0]
     assert f"output: {out}/files/ and {out}/segments/" in done.stdout
-    assert lines[-1].startswith("subtitles: 4 files (.srt, .vtt) for 2 recordings (")
+    assert lines[-1].startswith("subtitles: 4 files (.srt, .vtt) for 2 recordings of this run (")
     assert lines[-1].endswith(f" in {out}/subtitles/")  # no `out//`
     assert list((out / "files").glob("part-*.parquet"))
     assert list((out / "segments").glob("part-*.parquet"))
@@ -430,3 +430,10 @@ def test_the_printed_summary_counts_retried_errors_and_keeps_paths_clean():
     assert paths.startswith("output: s3://audio/labels/files/ and s3://audio/labels/segments/")
     report["planned"] = {"already_done": 5}
     assert "(5 already done)" in format_report(report)
+    from flows.cli import format_transcription
+
+    report["subtitles"] = {"subtitle_files": 6, "recordings": 1, "segments": 4, "recovered": 2,
+                           "subtitle_files_removed": 0, "subtitles_dir": "s3://audio/labels/sub"}
+    assert format_transcription(report).splitlines()[-1] == (
+        "subtitles: 6 files (.srt, .vtt) for 1 recordings of this run (4 segments) and 2 of "
+        "earlier runs whose files were missing or stale in s3://audio/labels/sub")
