@@ -248,11 +248,14 @@ def test_prefect_deployments():
     assert params["model"] == "/models/Kimi-Audio-7B-Instruct"
     assert params["ray_address"].startswith("ray://")
 
-    # the pull step's directory is where the image keeps the source
-    pull_dirs = [step["prefect.deployments.steps.set_working_directory"]["directory"]
-                 for step in doc["pull"] if "prefect.deployments.steps.set_working_directory" in step]
+    # the pull steps move into KIMI_LABEL_SOURCE, by default where the image keeps the source
+    shell, chdir = doc["pull"]
+    script = shell["prefect.deployments.steps.run_shell_script"]
     workdirs = [rest for kw, rest in dockerfile_instructions() if kw == "WORKDIR"]
-    assert pull_dirs == [workdirs[-1]]
+    assert script["script"].startswith(f'cd "${{KIMI_LABEL_SOURCE:-{workdirs[-1]}}}" && pwd')
+    assert script["shell"] is True
+    assert chdir == {"prefect.deployments.steps.set_working_directory":
+                     {"directory": f"{{{{ {script['id']}.stdout }}}}"}}
 
 
 def test_work_pool_base_job_template():
