@@ -174,15 +174,16 @@ def validate(spec: JobSpec, storage: bool = True) -> tuple[list, str]:
     check_ray_address(address)
     if not address:  # the job's own Ray runs its actors on this machine
         check_local_device(spec.device)
+    model = model_id(paths.root)
     if not storage:
-        return tasks, model_id(paths.root)
+        return tasks, model
     try:
         open_input(spec.input, spec.storage_options, spec.storage_retry)
         check_output(spec.output, spec.storage_options, spec.storage_retry)
-        check_output_columns(spec, schema)
+        check_output_settings(spec, tasks, model, schema)
     except StorageError as exc:
         raise JobError(str(exc)) from None
-    return tasks, model_id(paths.root)
+    return tasks, model
 
 
 def check_new_run_id(spec: JobSpec) -> None:
@@ -235,11 +236,14 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
                        "is it running, and is the address its head's host:port?") from None
 
 
-def check_output_columns(spec: JobSpec, schema: pa.Schema) -> None:
-    """An output holds one set of segment columns: a run whose tasks (or semantic tokens)
-    differ from those of the segments already there is refused, before anything is planned.
-    Resuming skips labelled objects, so it would leave them without the new columns, and the
-    table with shards of two schemas. One shard is read (the guard keeps them alike)."""
+def check_output_settings(spec: JobSpec, tasks: list, model: str, schema: pa.Schema) -> None:
+    """An output holds labels of one kind: a run whose tasks (or semantic tokens), model or
+    generation settings (`pipelines.stages.generation_settings`: the token budget, the
+    language, ...) differ from those of the segments already there is refused, before anything
+    is planned. Resuming skips labelled objects, so the output would mix the two (and, for the
+    tasks, hold shards of two schemas). The first shard is read (the guard keeps them alike);
+    a setting its rows do not record (an older output) is not compared."""
+    from pipelines.stages import generation_settings
     from pipelines.storage import resolve, retrying, uri_of
 
     fs, root = resolve(spec.output, spec.storage_options)
@@ -254,24 +258,43 @@ def check_output_columns(spec: JobSpec, schema: pa.Schema) -> None:
     if shard is None:
         return
 
-    def read_schema() -> pa.Schema:
+    def read_head() -> tuple[pa.Schema, pa.Table]:
         with fs.open(shard, "rb") as handle:
-            return pq.read_schema(handle)
+            parquet = pq.ParquetFile(handle)
+            names = parquet.schema_arrow.names
+            wanted = [c for c in ("model_id", "generation") if c in names]
+            head = (parquet.read_row_group(0, columns=wanted).slice(0, 1)
+                    if parquet.num_row_groups else pa.table({}))
+            return parquet.schema_arrow, head
 
-    there = retrying(read_schema, uri_of(fs, shard), action="read", policy=spec.storage_retry)
-    if set(there.names) == set(schema.names):  # the order of the tasks does not matter
+    there, head = retrying(read_head, uri_of(fs, shard), action="read",
+                           policy=spec.storage_retry)
+    refuse = ("A rerun only labels new or changed objects, so the output would mix the two: "
+              "label into a new output, or run with the settings it holds")
+    if set(there.names) != set(schema.names):  # the order of the tasks does not matter
+        held = json.loads((there.metadata or {}).get(b"kimi_label.task_versions", b"{}"))
+
+        def describe(names, columns) -> str:
+            tokens = "with" if "semantic_tokens" in columns else "without"
+            return f"tasks {', '.join(names) or '?'} {tokens} semantic tokens"
+
+        raise JobError(f"output {spec.output} holds segments labelled for "
+                       f"{describe(held, there.names)}; this run asks for "
+                       f"{describe(spec.tasks, schema.names)}. {refuse} (the same tasks)")
+    if not head.num_rows:
         return
-    held = json.loads((there.metadata or {}).get(b"kimi_label.task_versions", b"{}"))
+    row = head.to_pylist()[0]
+    held = {**json.loads(row.get("generation") or "{}"), "model": row.get("model_id")}
+    asked = {**json.loads(generation_settings(tasks, spec.max_new_tokens, spec.task_params())),
+             "model": model}
+    differ = sorted(k for k in held.keys() & asked.keys()
+                    if held[k] is not None and held[k] != asked[k])
+    if differ:
+        def describe(values) -> str:
+            return ", ".join(f"{k} {values[k]}" for k in differ)
 
-    def describe(tasks, names) -> str:
-        tokens = "with" if "semantic_tokens" in names else "without"
-        return f"tasks {', '.join(tasks) or '?'} {tokens} semantic tokens"
-
-    raise JobError(
-        f"output {spec.output} holds segments labelled for {describe(held, there.names)}; "
-        f"this run asks for {describe(spec.tasks, schema.names)}. A rerun only labels new or "
-        "changed objects, so the output would mix the two: label into a new output, or ask "
-        "for the tasks it holds")
+        raise JobError(f"output {spec.output} holds segments labelled with {describe(held)}; "
+                       f"this run asks for {describe(asked)}. {refuse}")
 
 
 def model_id(root: Path, cache_file: Path | None = None) -> str:

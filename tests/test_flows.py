@@ -72,6 +72,8 @@ def test_a_failed_flow_ends_the_command_with_its_reason_and_a_bug_keeps_its_trac
         harness, capsys):
     """`flows.cli.run_flow`: the job's own errors end the command with their message, and
     Prefect's log line of them carries no stack; any other exception keeps its traceback."""
+    import logging
+
     from prefect import flow
 
     from flows.cli import run_flow
@@ -85,15 +87,28 @@ def test_a_failed_flow_ends_the_command_with_its_reason_and_a_bug_keeps_its_trac
     def bug(params):
         return {}["missing"]
 
-    assert run_flow(user_error, {}, "fails-for-the-user", str) == 2
-    err = capsys.readouterr().err  # Prefect's console lines, then ours
-    assert err.endswith("\nerror: s3://audio/out: access_denied: the secret key does not match\n")
-    assert "Traceback" not in err
-    assert "Encountered exception during execution: JobError('s3://audio/out" in err
+    class Records(logging.Handler):  # what Prefect's handlers get (its loggers do not
+        def __init__(self):  # propagate to pytest's)
+            super().__init__()
+            self.records = []
 
-    assert run_flow(bug, {}, "fails-by-a-bug", str) == 2
-    err = capsys.readouterr().err
-    assert err.endswith("\nerror: KeyError: 'missing'\n") and "Traceback" in err
+        def emit(self, record):
+            if "Encountered exception" in record.getMessage():
+                self.records.append(record)
+
+    seen = Records()
+    logging.getLogger("prefect.flow_runs").addHandler(seen)
+    try:
+        assert run_flow(user_error, {}, "fails-for-the-user", str) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            "error: s3://audio/out: access_denied: the secret key does not match")
+        assert run_flow(bug, {}, "fails-by-a-bug", str) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == "error: KeyError: 'missing'"
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(seen)
+    user, crash = seen.records
+    assert "access_denied" in user.getMessage() and user.exc_info is None
+    assert isinstance(crash.exc_info[1], KeyError)
 
 
 def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
@@ -133,7 +148,8 @@ def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
     assert [p.name for p in (tmp_path / "out" / "_runs" / "my-run-1").iterdir()] == [
         "report.json"]
     # the same run id again would overwrite that report: refused before the flow
-    again = run("--model", MODEL, "--tasks", "asr,scene", "--run-id", "my-run-1")
+    again = run("--model", MODEL, "--tasks", "asr,scene", "--max-new-tokens", "4",
+                "--run-id", "my-run-1")
     assert again.returncode == 2 and "run id 'my-run-1' names a finished run" in again.stderr
     assert "Flow run" not in again.stderr
 

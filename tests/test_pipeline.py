@@ -155,7 +155,8 @@ def test_job_labels_mixed_formats_segments_long_audio_and_reports_bad_files(
     assert secret not in json.dumps(report)
 
 
-def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, ray_local):
+def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, ray_local,
+                                                             tmp_path):
     upload(seaweed, f"{s3_prefix}/in", {k: GOOD[k] for k in ("mono_8k.wav", "stereo_22k.flac")})
     first = run_job(spec_for(seaweed, s3_prefix))
     assert first["processed"] == 2
@@ -185,11 +186,29 @@ def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, r
             run_job(spec_for(seaweed, s3_prefix, **other))
         assert "label into a new output" in str(refused.value)
         assert f"tasks {', '.join(TASKS)} with semantic tokens" in str(refused.value)
+    # so is another model or other generation settings: the labels would be of two kinds
+    from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
+
+    other_model = make_tiny_checkpoint(tmp_path / "other_model", seed=7)
+    for other, held, asked in (
+            ({"max_new_tokens": 9}, "max_new_tokens 6", "max_new_tokens 9"),
+            ({"language": "zh"}, "language auto", "language zh"),
+            ({"model": str(other_model)}, f"model {first_model_id(seaweed, s3_prefix)}",
+             "model kimi-")):
+        with pytest.raises(JobError) as refused:
+            run_job(spec_for(seaweed, s3_prefix, **other))
+        assert f"holds segments labelled with {held}; this run asks for {asked}" in str(
+            refused.value)
+        assert "label into a new output" in str(refused.value)
     assert fs.ls(f"{root}/_runs", refresh=True) == runs_before
     reordered = run_job(spec_for(seaweed, s3_prefix, tasks=TASKS[::-1]))
     assert reordered["processed"] == 0 and reordered["planned"]["already_done"] == 2
     with pytest.raises(JobError, match="asr named more than once"):
         run_job(spec_for(seaweed, s3_prefix, tasks=[*TASKS, "asr"]))
+
+
+def first_model_id(seaweed, prefix: str) -> str:
+    return read_table(seaweed, f"{prefix}/out", "segments")["model_id"][0].as_py()
 
 
 KILL_SCRIPT = textwrap.dedent("""
