@@ -34,6 +34,16 @@ def test_sharded_small_checkpoint_runs_batched_equal_to_single(small_checkpoint)
     assert [r.text_token_ids for r in batched] == [r.text_token_ids for r in singles]
     assert all(len(r.text_token_ids) == 10 or r.finish_reason == "stop" for r in batched)
 
+    # sampled: a conversation draws the same tokens wherever it sits in the call, and twice in
+    # one call gives the same result twice (its generator is seeded from its content)
+    sampling = dict(max_new_tokens=10, text_temperature=0.8, text_top_k=5, seed=123)
+    a, b = conversations[0], conversations[1]
+    alone = engine.generate_batch([b], **sampling)[0].text_token_ids
+    after_a = engine.generate_batch([a, b], **sampling)[1].text_token_ids
+    twice = [r.text_token_ids for r in engine.generate_batch([b, b], **sampling)]
+    assert after_a == alone and twice == [alone, alone]
+    assert engine.generate_batch([b], **{**sampling, "seed": 124})[0].text_token_ids != alone
+
 
 def test_glm_tokenizer_folder_is_overridable(tmp_path):
     # a path that is not there is named as a missing folder, never tried as a hub id

@@ -190,7 +190,8 @@ class KimiAudio:
         def flush():
             out = halve_on_oom(
                 lambda rows: generate_batch(self.model, [prompts[i] for i in rows],
-                                            self.tokenizer.special, params, seed_ids=rows),
+                                            self.tokenizer.special, params,
+                                            seed_ids=[prompts[i].seed_id() for i in rows]),
                 batch, "generation")
             for i, res in zip(batch, out):
                 res.text = self.decode_text(res.text_token_ids)

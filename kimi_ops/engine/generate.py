@@ -169,8 +169,9 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
                    static_cache: bool | None = None) -> list[GenerationResult]:
     """Run one batch to completion; results in the order of `prompts`.
 
-    `seed_ids` (default 0..B-1) number the rows for their per-sequence random generators, so a
-    sampled sequence does not depend on which batch it lands in. `static_cache` picks the
+    `seed_ids` (default 0..B-1; the API passes `Prompt.seed_id`, from the content) number the
+    rows for their per-sequence random generators, so a sampled sequence does not depend on
+    which batch it lands in. `static_cache` picks the
     fixed-shape decoder (default: on CUDA, where its steps are replayed as CUDA graphs, unless
     KIMI_CUDA_GRAPHS=0).
     """

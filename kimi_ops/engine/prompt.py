@@ -13,6 +13,7 @@ the reply.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,13 @@ class Prompt:
 
     def __len__(self) -> int:
         return len(self.audio_ids)
+
+    def seed_id(self) -> int:
+        """A number for the conversation's random generator, from its content: a sampled
+        conversation draws the same tokens wherever it sits in a call, and twice in one call
+        gives the same result twice."""
+        key = np.asarray([*self.audio_ids, -1, *self.text_ids], dtype=np.int64).tobytes()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
 
 
 def validate_messages(messages: Any, where: str = "messages") -> list[dict]:
