@@ -160,6 +160,8 @@ def format_report(report: dict) -> str:
     planned = report["planned"]
     retried = (f", {planned['retried_errors']} earlier errors tried again"
                if planned.get("retried_errors") else "")
+    retried += (f"; {planned['not_listed']} objects with rows here are not in this input "
+                "(deleted, or outside it; their rows stay)" if planned.get("not_listed") else "")
     lines = [f"run {report['run_id']}: {report['processed']} processed "
              f"({planned.get('already_done', 0)} already done{retried}), "
              f"status {report['status']}, errors {report['errors_by_kind']}",

@@ -436,6 +436,11 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
             flush()
     if buffer:
         flush()
+    # objects labelled here before that this listing lacks (deleted from the input, or out of
+    # its scope): their rows stay, and the report says how many there are
+    not_listed = sum(1 for uri in done if uri not in seen)
+    if not_listed:
+        counts["not_listed"] = not_listed
     if changed:
         _drop_rows(fs, root, changed, retry)
         if len(changed) > counts["retried_errors"]:

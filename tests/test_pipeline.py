@@ -493,6 +493,17 @@ def test_manifest_input_with_bad_objects_and_a_rerun_retrying_what_can_change(se
     assert kinds == {"ok.wav": None, "nan.wav": "non_finite", "gone.wav": None, "long.wav": None}
     assert len(read_table(seaweed, f"{s3_prefix}/out", "segments")) == 3
 
+    # an object the input no longer names keeps its row; the report counts it
+    upload(seaweed, f"{s3_prefix}/in", {
+        "list.jsonl": lambda: b'{"uri": "ok.wav"}\n{"uri": "nan.wav"}\n{"uri": "gone.wav"}\n'})
+    fewer = run_job(spec)
+    assert fewer["processed"] == 0 and fewer["planned"]["not_listed"] == 1
+    assert len(read_table(seaweed, f"{s3_prefix}/out", "files")) == 4
+    from pipelines.cli import format_report
+
+    assert ("; 1 objects with rows here are not in this input (deleted, or outside it; their "
+            "rows stay)") in format_report(fewer)
+
 
 def test_work_units_bound_rows_and_bytes():
     from pipelines.job import work_units
