@@ -29,6 +29,7 @@ from pipelines.evaluate import (
     EvaluationSpec,
     check_inputs,
     evaluate,
+    excluded_label_warnings,
     summary_rows,
     write_report,
 )
@@ -77,6 +78,7 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"- report: `{files['report']}`"]
     if report["comparison"]:
         parts.append(f"- compared with: `{report['comparison']['compare']}`")
+    parts += [f"- **warning**: {w}" for w in excluded_label_warnings(report)]
     if files["confusion_png"]:
         parts += [f"- confusion matrices: `{files['confusion_png']}`", "",
                   f"![confusion matrices]({files['confusion_png']})"]

@@ -724,6 +724,20 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([line.rstrip(), "  ".join("-" * w for w in widths), *body])
 
 
+def excluded_label_warnings(report: dict) -> list[str]:
+    """Per closed-set task with reference labels outside its label set: what was left out of
+    scoring, and the labels the task has (printed by the command, shown by the flow)."""
+    warnings = []
+    for task, rep in report["results"].items():
+        if rep.get("unknown_reference_labels"):
+            unknown = ", ".join(f"{label!r} ({n})"
+                                for label, n in rep["unknown_reference_labels"].items())
+            warnings.append(f"{task}: {rep['excluded']} reference items left out of scoring, "
+                            f"their labels are not in the task's label set: {unknown}; "
+                            f"{task} labels: {', '.join(rep['known_labels'])}")
+    return warnings
+
+
 def format_summary(report: Mapping[str, Any]) -> str:
     """What `kimi-label evaluate` prints: the metrics table, coverage, changes, file URIs."""
     coverage = report["coverage"]
@@ -738,13 +752,7 @@ def format_summary(report: Mapping[str, Any]) -> str:
             lines.append(f"not compared: {', '.join(comparison['unavailable_tasks'])} "
                          f"({comparison['compare']} has no such labels; the output's metrics "
                          "are shown alone)")
-    for task, rep in report["results"].items():
-        if rep.get("unknown_reference_labels"):
-            unknown = ", ".join(f"{label!r} ({n})"
-                                for label, n in rep["unknown_reference_labels"].items())
-            lines.append(f"warning: {task}: {rep['excluded']} reference items left out of "
-                         f"scoring, their labels are not in the task's label set: {unknown}; "
-                         f"{task} labels: {', '.join(rep['known_labels'])}")
+    lines += [f"warning: {w}" for w in excluded_label_warnings(report)]
     if report.get("ignored_reference_columns"):
         lines.append(f"reference columns ignored: {', '.join(report['ignored_reference_columns'])}"
                      " (no such task in the output)")

@@ -513,6 +513,11 @@ def test_reference_labels_outside_the_label_set_are_left_out_and_printed(tmp_pat
     assert emo["known_labels"] == ["neutral", "joy", "anger"]
     assert emo["labels"] == ["neutral", "joy", "anger"]
     assert {r["source_uri"] for r in emo["rows"]} == {A, B, E, G}
+    from flows.evaluate import report_markdown  # the flow's report artifact shows it too
+
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert ("- **warning**: emotion: 2 reference items left out of scoring, their labels are not "
+            "in the task's label set: 'Sad' (1), 'happy' (1)") in report_markdown(report)
 
 
 def test_kimi_label_evaluate_refuses_bad_inputs_before_scoring(tmp_path, capsys):
