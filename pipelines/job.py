@@ -181,6 +181,7 @@ def validate(spec: JobSpec, storage: bool = True) -> tuple[list, str]:
         open_input(spec.input, spec.storage_options, spec.storage_retry)
         check_output(spec.output, spec.storage_options, spec.storage_retry)
         check_output_settings(spec, tasks, model, schema)
+        check_output_free(spec)
     except StorageError as exc:
         raise JobError(str(exc)) from None
     return tasks, model
@@ -497,9 +498,11 @@ def _remove_orphan_segment_shards(fs, root: str) -> None:
 
 
 def _remove_stale_plans(fs, root: str, run_id: str) -> None:
-    """A run that failed or was stopped leaves its to-do list (`_runs/<id>/plan/`); a later run
-    plans afresh, so the list goes, and with it the run's folder when nothing else is in it (a
-    finished run's report stays). A retry of this run (`run_id`) rewrites its own."""
+    """A run that failed or was stopped leaves its to-do list (`_runs/<id>/plan/`) and its
+    lease; a later run plans afresh, so they go, and with them the run's folder when nothing
+    else is in it (a finished run's report stays). A retry of this run (`run_id`) rewrites its
+    own."""
+    from pipelines.lease import LEASE_FILE
     from pipelines.storage import is_local
 
     runs = f"{root}/_runs"
@@ -510,6 +513,8 @@ def _remove_stale_plans(fs, root: str, run_id: str) -> None:
             continue
         if fs.exists(f"{folder}/plan"):
             fs.rm(f"{folder}/plan", recursive=True)
+        if fs.exists(f"{folder}/{LEASE_FILE}"):  # lapsed: this run holds the output
+            fs.rm(f"{folder}/{LEASE_FILE}")
         if is_local(fs) and fs.isdir(folder) and not fs.ls(folder):
             fs.rmdir(folder)
 
@@ -748,6 +753,51 @@ def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
 def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float,
          ray_temp_dir: str | None) -> dict[str, Any]:
     # the stage classes are looked up at run time (tests replace them on the module)
+    from pipelines.lease import OutputLease
+    from pipelines.storage import resolve
+
+    fs, root = resolve(spec.output, spec.storage_options)
+    lease = OutputLease(fs, root, spec.output, run_id)
+    hold_output(spec, lease)
+    try:
+        return _run_holding(spec, run_id, tasks, model_id_, started, ray_temp_dir)
+    finally:
+        lease.release()
+
+
+def hold_output(spec: JobSpec, lease) -> None:
+    """Take the output's lease (`pipelines.lease`), or raise JobError naming the run that
+    holds it."""
+    from pipelines.lease import OutputBusy
+    from pipelines.storage import retrying
+
+    busy: list[OutputBusy] = []
+
+    def acquire():
+        try:
+            lease.acquire()
+        except OutputBusy as exc:
+            busy.append(exc)
+
+    retrying(acquire, f"{spec.output}/_runs", action="write", policy=spec.storage_retry)
+    if busy:
+        raise JobError(str(busy[0]))
+
+
+def check_output_free(spec: JobSpec, run_id: str | None = None) -> None:
+    """Before a flow or job starts: no other run holds the output's lease."""
+    from pipelines.lease import TTL_S, busy_message, live_holders
+    from pipelines.storage import resolve, retrying
+
+    fs, root = resolve(spec.output, spec.storage_options)
+    holders = retrying(lambda: live_holders(fs, root, run_id or spec.run_id), spec.output,
+                       action="read", policy=spec.storage_retry)
+    if holders:
+        raise JobError(busy_message(spec.output, holders[0], TTL_S))
+
+
+def _run_holding(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float,
+                 ray_temp_dir: str | None) -> dict[str, Any]:
     from pipelines.stages import PieceStitcher, WriteStage
     from pipelines.storage import options_for_workers, resolve, retrying
 
