@@ -66,9 +66,9 @@ def check_job(spec) -> None:
     common mistake costs a second and one line: tasks, checkpoint, input listing, output
     access (`pipelines.job.validate`, with `PREFLIGHT_RETRY`), and a --run-id that names a
     finished run. Raises JobError."""
-    from pipelines.job import check_new_run_id, validate
-
     import logging
+
+    from pipelines.job import check_new_run_id, validate
 
     spec = spec.model_copy(update={"storage_retry": PREFLIGHT_RETRY})
     storage_log = logging.getLogger("pipelines.storage")

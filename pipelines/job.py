@@ -143,10 +143,8 @@ class JobError(Exception):
     resumes: finished shards are kept)."""
 
 
-def validate(spec: JobSpec, storage: bool = True) -> tuple[list, str]:
-    """Everything that can be checked before Ray starts. Returns (tasks, model_id). Without
-    `storage`, the input and output are not touched (their credentials may not be at hand
-    yet: a Prefect block's are read when the flow runs)."""
+def validate(spec: JobSpec) -> tuple[list, str]:
+    """Everything that can be checked before Ray starts. Returns (tasks, model_id)."""
     from kimi_ops.errors import KimiError
     from kimi_ops.model.checkpoint import resolve_checkpoint
     from kimi_ops.tasks import get_task
@@ -175,8 +173,6 @@ def validate(spec: JobSpec, storage: bool = True) -> tuple[list, str]:
     if not address:  # the job's own Ray runs its actors on this machine
         check_local_device(spec.device)
     model = model_id(paths.root)
-    if not storage:
-        return tasks, model
     try:
         open_input(spec.input, spec.storage_options, spec.storage_retry)
         check_output(spec.output, spec.storage_options, spec.storage_retry)
@@ -752,7 +748,6 @@ def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
 
 def _run(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float,
          ray_temp_dir: str | None) -> dict[str, Any]:
-    # the stage classes are looked up at run time (tests replace them on the module)
     from pipelines.lease import OutputLease
     from pipelines.storage import resolve
 
@@ -784,13 +779,14 @@ def hold_output(spec: JobSpec, lease) -> None:
         raise JobError(str(busy[0]))
 
 
-def check_output_free(spec: JobSpec, run_id: str | None = None) -> None:
-    """Before a flow or job starts: no other run holds the output's lease."""
+def check_output_free(spec: JobSpec) -> None:
+    """Before a flow or job starts: no other run holds the output's lease (a retry of this
+    run, `spec.run_id`, may hold it)."""
     from pipelines.lease import TTL_S, busy_message, live_holders
     from pipelines.storage import resolve, retrying
 
     fs, root = resolve(spec.output, spec.storage_options)
-    holders = retrying(lambda: live_holders(fs, root, run_id or spec.run_id), spec.output,
+    holders = retrying(lambda: live_holders(fs, root, spec.run_id), spec.output,
                        action="read", policy=spec.storage_retry)
     if holders:
         raise JobError(busy_message(spec.output, holders[0], TTL_S))
@@ -798,6 +794,7 @@ def check_output_free(spec: JobSpec, run_id: str | None = None) -> None:
 
 def _run_holding(spec: JobSpec, run_id: str, tasks: list, model_id_: str, started: float,
                  ray_temp_dir: str | None) -> dict[str, Any]:
+    # the stage classes are looked up at run time (tests replace them on the module)
     from pipelines.stages import PieceStitcher, WriteStage
     from pipelines.storage import options_for_workers, resolve, retrying
 

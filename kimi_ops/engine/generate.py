@@ -171,9 +171,8 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
 
     `seed_ids` (default 0..B-1; the API passes `Prompt.seed_id`, from the content) number the
     rows for their per-sequence random generators, so a sampled sequence does not depend on
-    which batch it lands in. `static_cache` picks the
-    fixed-shape decoder (default: on CUDA, where its steps are replayed as CUDA graphs, unless
-    KIMI_CUDA_GRAPHS=0).
+    which batch it lands in. `static_cache` picks the fixed-shape decoder (default: on CUDA,
+    where its steps are replayed as CUDA graphs, unless KIMI_CUDA_GRAPHS=0).
     """
     device = model.lm_head.weight.device
     both = params.output_type == "both"
