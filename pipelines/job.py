@@ -278,20 +278,25 @@ def check_output_settings(spec: JobSpec, tasks: list, model: str, schema: pa.Sch
         raise JobError(f"output {spec.output} holds segments labelled for "
                        f"{describe(held, there.names)}; this run asks for "
                        f"{describe(spec.tasks, schema.names)}. {refuse} (the same tasks)")
-    if not head.num_rows:
-        return
-    row = head.to_pylist()[0]
-    held = {**json.loads(row.get("generation") or "{}"), "model": row.get("model_id")}
-    asked = {**json.loads(generation_settings(tasks, spec.max_new_tokens, spec.task_params())),
-             "model": model}
+    # a task's version names its prompt and label set (`scene` and `scene:tut2017` share a
+    # column); the generation settings and the model are read from the first row
+    versions = json.loads((there.metadata or {}).get(b"kimi_label.task_versions", b"{}"))
+    held = {f"task {name}": version for name, version in versions.items()}
+    asked = {f"task {t.name}": t.version for t in tasks}
+    if head.num_rows:
+        row = head.to_pylist()[0]
+        held.update({**json.loads(row.get("generation") or "{}"), "model": row.get("model_id")})
+        asked.update({**json.loads(generation_settings(tasks, spec.max_new_tokens,
+                                                       spec.task_params())), "model": model})
     differ = sorted(k for k in held.keys() & asked.keys()
                     if held[k] is not None and held[k] != asked[k])
     if differ:
-        def describe(values) -> str:
-            return ", ".join(f"{k} {values[k]}" for k in differ)
+        def describe(values, checkpoint: str = "") -> str:
+            return ", ".join(f"{k} {values[k]}{checkpoint if k == 'model' else ''}"
+                             for k in differ)
 
         raise JobError(f"output {spec.output} holds segments labelled with {describe(held)}; "
-                       f"this run asks for {describe(asked)}. {refuse}")
+                       f"this run asks for {describe(asked, f' ({spec.model})')}. {refuse}")
 
 
 def model_id(root: Path, cache_file: Path | None = None) -> str:

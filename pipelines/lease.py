@@ -9,7 +9,8 @@ run that dies leaves its lease: on the same host it is over as soon as its proce
 (pid and start time, which PID reuse cannot fake); from another host it lapses `ttl_s` after
 its last renewal (the time in the file is the holder's clock: hosts whose clocks differ by more
 than the margin between the two periods would misjudge it). A retry of the same run (same run
-id) takes its own lease over.
+id: a Prefect retry in the same process, or on another host) takes its own lease over; another
+process of this host with the same run id is refused like any other run.
 
 Two runs that start within the same moment both write their lease, then look again: the one
 that started later (then by run id) steps back.
@@ -69,13 +70,21 @@ def _holder_gone(doc: dict[str, Any]) -> bool:
             and not alive(int(doc["pid"]), int(doc["pid_start"])))
 
 
+def _takes_over(doc: dict[str, Any], run_id: str | None) -> bool:
+    """A lease of `run_id` this process may take over: its own, or one from another host (a
+    retry of the run elsewhere, after its first process died). Another process of this host
+    with the same run id is a second command, not a retry."""
+    return doc["run_id"] == run_id and (doc.get("host") != socket.gethostname()
+                                        or doc.get("pid") == os.getpid())
+
+
 def live_holders(fs, root: str, run_id: str | None, ttl_s: float = TTL_S,
                  now: float | None = None) -> list[dict[str, Any]]:
     """The leases of other runs renewed less than `ttl_s` ago by a process that may still run,
     oldest run first."""
     now = time.time() if now is None else now
     return sorted((d for d in leases(fs, root)
-                   if d["run_id"] != run_id and now - float(d.get("renewed", 0)) < ttl_s
+                   if not _takes_over(d, run_id) and now - float(d.get("renewed", 0)) < ttl_s
                    and not _holder_gone(d)),
                   key=lambda d: (float(d.get("started", 0)), d["run_id"]))
 
@@ -89,8 +98,8 @@ def describe(holder: dict[str, Any], now: float | None = None) -> str:
 
 def busy_message(output: str, holder: dict[str, Any], ttl_s: float) -> str:
     return (f"output {output} is being written by {describe(holder)}: wait for it to finish, or "
-            f"label into another output (a run that died leaves its lease; it lapses {ttl_s:g} s "
-            "after its last renewal)")
+            "label into another output (the lease of a run that died ends with its process on "
+            f"its host; from elsewhere it lapses {ttl_s:g} s after its last renewal)")
 
 
 class OutputLease:

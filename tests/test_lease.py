@@ -100,3 +100,24 @@ def test_the_job_refuses_an_output_another_run_holds_before_planning(tmp_path):
     with pytest.raises(JobError, match="is being written by run nightly-1"):
         validate(spec)
     assert sorted(p.name for p in (tmp_path / "out" / "_runs").iterdir()) == ["nightly-1"]
+
+
+def test_the_same_run_id_from_a_second_command_here_is_refused_from_elsewhere_taken_over(
+        tmp_path):
+    """A retry of a run (same run id) takes its lease over: in the same process, or on another
+    host after its first process died. A second live command of this host with that run id is
+    another run."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lease(tmp_path, "run-a", host=socket.gethostname(), pid=other.pid,
+                    pid_start=proc_stat(other.pid)[2])
+        with pytest.raises(OutputBusy, match=f"run run-a \\(on {socket.gethostname()}, "
+                                             f"pid {other.pid},"):
+            lease(tmp_path, "run-a").acquire()
+    finally:
+        other.kill()
+        other.wait()
+    write_lease(tmp_path, "run-a", host="other-host")
+    retried = lease(tmp_path, "run-a")
+    retried.acquire()
+    retried.release()

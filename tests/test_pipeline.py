@@ -188,13 +188,16 @@ def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, r
         assert f"tasks {', '.join(TASKS)} with semantic tokens" in str(refused.value)
     # so is another model or other generation settings: the labels would be of two kinds
     from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
+    from pipelines.job import model_id
 
     other_model = make_tiny_checkpoint(tmp_path / "other_model", seed=7)
     for other, held, asked in (
             ({"max_new_tokens": 9}, "max_new_tokens 6", "max_new_tokens 9"),
+            ({"tasks": ["asr", "emotion", "scene:tut2017"]}, "task scene scene-1-cochlscene",
+             "task scene scene-1-tut2017"),  # one column, another label set
             ({"language": "zh"}, "language auto", "language zh"),
             ({"model": str(other_model)}, f"model {first_model_id(seaweed, s3_prefix)}",
-             "model kimi-")):
+             f"model {model_id(other_model)} ({other_model})")):
         with pytest.raises(JobError) as refused:
             run_job(spec_for(seaweed, s3_prefix, **other))
         assert f"holds segments labelled with {held}; this run asks for {asked}" in str(
