@@ -469,12 +469,16 @@ def cmd_stack(argv: list[str]) -> int:
                         "free one)")
     args = p.parse_args(argv)
     home = Path(args.home).expanduser()
-    if args.action == "up":
-        stack.stack_up(home, prefect=args.prefect, ray=args.ray, s3_port=args.s3_port)
-    elif args.action == "down":
-        stopped = stack.stack_down(home)
-        print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
-        return 0
+    try:
+        if args.action == "up":
+            stack.stack_up(home, prefect=args.prefect, ray=args.ray, s3_port=args.s3_port)
+        elif args.action == "down":
+            stopped = stack.stack_down(home)
+            print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+            return 0
+    except stack.StackError as exc:
+        print(f"error: stack {args.action}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(stack.stack_status(home), indent=2))
     state = stack.StackState.load(home)
     if state is not None and state.services:

@@ -212,6 +212,12 @@ def test_s3_stack_up_status_down(home, monkeypatch):
                 if port_free(p) and port_free(p + 10000))  # weed's gRPC: HTTP + 10000
     assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n" in kimi_label_stack(
         "up", "--s3-port", str(port))
+    moved = subprocess.run([sys.executable, "-m", "flows.cli", "stack", "up", "--s3-port",
+                            str(port + 1), "--home", str(home)], cwd=ROOT, env=_clean_env(),
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert moved.returncode == 2 and moved.stderr == (  # one line, not a traceback
+        f"error: stack up: S3 already runs on port {port}, not {port + 1}; run `stack down` "
+        "first\n")
     assert kimi_label_stack("down").startswith("stopped: s3")
 
 
