@@ -46,6 +46,9 @@ class GenerationParams:
         if self.max_new_tokens == 0 or self.max_new_tokens < -1:
             raise ValueError(f"max_new_tokens must be -1 (model default) or > 0, "
                              f"got {self.max_new_tokens}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r} (sampled "
+                             "draws are reproducible: vary the seed for other samples)")
         self.text.validate("text")
         self.audio.validate("audio")
         return self
