@@ -408,13 +408,14 @@ class _StackSeaweed(SeaweedS3):
         return proc
 
 
-def _start_s3(home: Path, stack_id: str, creds: dict, s3_port: int | None) -> ServiceState:
+def _start_s3(home: Path, stack_id: str, creds: dict, ports: dict[str, int] | None
+              ) -> ServiceState:
     server = _StackSeaweed(
         home / "s3",
         buckets=(BUCKET,),
         access_key=creds["access_key"],
         secret_key=creds["secret_key"],
-        ports={"s3": s3_port} if s3_port else None,
+        ports=ports,
         region=REGION,
         start_timeout_s=START_TIMEOUT_S["s3"],
         marker=f"{stack_id}/s3",
@@ -645,11 +646,15 @@ def stack_up(
                 started.append(_launch_prefect(home, state.stack_id, taken,
                                                previous.get("prefect", {})))
             if "s3" in wanted:
-                old = previous.get("s3", {}).get("s3")
-                if not s3_port and old:
-                    with contextlib.suppress(SeaweedError):  # busy, e.g. TIME_WAIT after a crash
-                        s3_port = pick_ports(HOST, {"s3": old})["s3"]
-                started.append(_start_s3(home, state.stack_id, creds, s3_port))
+                ports = {"s3": s3_port} if s3_port else None
+                old = previous.get("s3", {})
+                if not s3_port and old.get("s3"):
+                    # every port as before when all are free, else at least the endpoint's
+                    for keep in (old, {"s3": old["s3"]}):
+                        with contextlib.suppress(SeaweedError, ValueError):  # busy (TIME_WAIT)
+                            ports = pick_ports(HOST, keep)
+                            break
+                started.append(_start_s3(home, state.stack_id, creds, ports))
             if "ray" in wanted:
                 started.append(_start_ray(home, state.stack_id, taken, previous.get("ray", {})))
             for svc in started:

@@ -203,6 +203,7 @@ def test_s3_stack_up_status_down(home, monkeypatch):
 
     endpoint = restarted.services["s3"].endpoint
     assert f"export AWS_ENDPOINT_URL={endpoint}\n" in kimi_label_stack("up")
+    assert StackState.load(home).services["s3"].ports == restarted.services["s3"].ports  # all
     assert s3fs.S3FileSystem(**StackState.load(home).storage_options()).cat(
         "audio/stack-test/hello.txt") == b"hello"
     status = kimi_label_stack("status")
