@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 LEASE_FILE = "lease.json"
 RENEW_S = 30.0
 TTL_S = 180.0
+# the run ids whose lease this process holds now: one of its leases left behind (a removal the
+# store refused when the run ended) does not hold the output against its next run
+_HELD: set[str] = set()
 
 
 class OutputBusy(Exception):
@@ -65,9 +68,14 @@ def _process() -> dict[str, Any]:
 
 
 def _holder_gone(doc: dict[str, Any]) -> bool:
-    """A lease of a process of this host that no longer runs."""
-    return (doc.get("host") == socket.gethostname() and doc.get("pid_start") is not None
-            and not alive(int(doc["pid"]), int(doc["pid_start"])))
+    """A lease of a process of this host that no longer runs, or of this process for a run
+    that has ended."""
+    if doc.get("host") != socket.gethostname():
+        return False
+    if doc.get("pid") == os.getpid():
+        return doc["run_id"] not in _HELD
+    return doc.get("pid_start") is not None and not alive(int(doc["pid"]),
+                                                          int(doc["pid_start"]))
 
 
 def _takes_over(doc: dict[str, Any], run_id: str | None) -> bool:
@@ -129,8 +137,10 @@ class OutputLease:
         if holders:
             raise OutputBusy(busy_message(self.output, holders[0], self.ttl_s))
         self._write()
+        _HELD.add(self.run_id)
         first = live_holders(self.fs, self.root, None, self.ttl_s)[0]  # ours is there now
         if first["run_id"] != self.run_id:  # another run started just before this one
+            _HELD.discard(self.run_id)
             self.fs.rm(self.path)
             raise OutputBusy(busy_message(self.output, first, self.ttl_s))
         self._thread = threading.Thread(target=self._renew, name="output-lease", daemon=True)
@@ -147,6 +157,7 @@ class OutputLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        _HELD.discard(self.run_id)
         try:
             self.fs.rm(self.path)
         except FileNotFoundError:

@@ -121,3 +121,18 @@ def test_the_same_run_id_from_a_second_command_here_is_refused_from_elsewhere_ta
     retried = lease(tmp_path, "run-a")
     retried.acquire()
     retried.release()
+
+
+def test_a_lease_left_behind_by_an_ended_run_of_this_process_does_not_hold_the_output(
+        tmp_path, monkeypatch):
+    """The store refused the lease's removal when the run ended (it was down): the file stays,
+    but the next run of this process is not refused by it."""
+    ended = lease(tmp_path, "run-a")
+    ended.acquire()
+    monkeypatch.setattr(ended.fs, "rm", lambda path: (_ for _ in ()).throw(OSError("down")))
+    ended.release()  # logged, not raised
+    monkeypatch.undo()
+    assert (tmp_path / "_runs" / "run-a" / LEASE_FILE).exists()
+    after = lease(tmp_path, "run-b")
+    after.acquire()
+    after.release()
