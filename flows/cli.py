@@ -558,7 +558,12 @@ def _main(argv: list[str]) -> int:
         print(f"\ninterrupted: kimi-label {command} stopped by "
               f"{signal.Signals(interrupted[0]).name} (a rerun of a labelling run resumes where "
               "it was)", file=sys.stderr)
-        return 128 + interrupted[0]
+        # Ray's C++ core can crash in the interpreter's teardown after an interrupted
+        # `ray.init` (SIGSEGV, SIGABRT): end here, the stack's clean-up done (`finally`s ran;
+        # the temporary Prefect server stops on our death, `start_temporary_server`)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + interrupted[0])
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

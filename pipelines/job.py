@@ -543,15 +543,19 @@ def _init_ray(spec: JobSpec, temp_dir: str | None = None):
     if ray.is_initialized():
         return False
     address = spec.ray_address or os.environ.get("RAY_ADDRESS")
-    with python_sigterm_kept():
-        if address:  # join a running cluster ("auto" on a head or RayJob driver pod)
-            ray.init(address=address, log_to_driver=False)
-        else:
-            with loopback_ray():
-                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
-                         num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir,
-                         object_store_memory=local_object_store_bytes(spec, local_gpus()),
-                         log_to_driver=False)
+    try:
+        with python_sigterm_kept():
+            if address:  # join a running cluster ("auto" on a head or RayJob driver pod)
+                ray.init(address=address, log_to_driver=False)
+            else:
+                with loopback_ray():
+                    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
+                             num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir,
+                             object_store_memory=local_object_store_bytes(spec, local_gpus()),
+                             log_to_driver=False)
+    except BaseException:  # interrupted half way (Ctrl-C, SIGTERM): stop what it started
+        ray.shutdown()
+        raise
     return True
 
 

@@ -232,18 +232,14 @@ def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     seen, port = [], None
-    for line in proc.stderr:
-        seen.append(line)
+    for line in proc.stderr:  # the signal comes as Ray has just started (the touchiest moment:
+        seen.append(line)  # its driver half set up), while the job's first batches run
         port = port or next(iter(re.findall(r"temporary server on http://127.0.0.1:(\d+)", line)),
                             None)
-        if "Beginning flow run" in line:
+        if "Started a local Ray instance" in line:
             break
-    assert port, "".join(seen)
-    deadline = time.monotonic() + 120
-    while not list((tmp_path / "out" / "_runs").glob("*/plan")):  # the job has planned
-        assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
-        time.sleep(0.2)
-    time.sleep(3)
+    assert port and proc.poll() is None, "".join(seen)
+    time.sleep(0.3)
     sig = getattr(signal, signum)
     signalled = time.monotonic()
     if whole_group:
