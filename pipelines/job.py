@@ -286,8 +286,8 @@ def check_output_settings(spec: JobSpec, tasks: list, model: str, schema: pa.Sch
     if head.num_rows:
         row = head.to_pylist()[0]
         held.update({**json.loads(row.get("generation") or "{}"), "model": row.get("model_id")})
-        asked.update({**json.loads(generation_settings(tasks, spec.max_new_tokens,
-                                                       spec.task_params())), "model": model})
+        asked.update({**generation_settings(tasks, spec.max_new_tokens, spec.task_params()),
+                      "model": model})
     differ = sorted(k for k in held.keys() & asked.keys()
                     if held[k] is not None and held[k] != asked[k])
     if differ:

@@ -76,14 +76,14 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def generation_settings(tasks, max_new_tokens: int, task_params: dict) -> str:
-    """The segments' `generation` column: JSON of what shaped the labels besides the model and
-    the tasks (the token budget, greedy text, the tasks' own sampling, and the task parameters
-    that are set, such as the language). `pipelines.job.check_output_settings` compares it."""
-    return json.dumps({"max_new_tokens": max_new_tokens, "text_temperature": 0.0,
-                       **{k: v for k, v in task_params.items() if v is not None},
-                       **{t.name: t.sampling for t in tasks
-                          if hasattr(t, "sampling") and t.sampling}}, sort_keys=True)
+def generation_settings(tasks, max_new_tokens: int, task_params: dict) -> dict[str, Any]:
+    """What shaped the labels besides the model and the tasks (the token budget, greedy text,
+    the tasks' own sampling, and the task parameters that are set, such as the language): the
+    segments' `generation` column holds it as JSON, `pipelines.job.check_output_settings`
+    compares it."""
+    return {"max_new_tokens": max_new_tokens, "text_temperature": 0.0,
+            **{k: v for k, v in task_params.items() if v is not None},
+            **{t.name: t.sampling for t in tasks if hasattr(t, "sampling") and t.sampling}}
 
 
 class PlanReader:
@@ -298,7 +298,8 @@ class LabelStage:
         self.model_id = model_id
         self.run_id = run_id
         self.versions = {t.name: t.version for t in self.tasks}
-        self.generation = generation_settings(self.tasks, max_new_tokens, task_params)
+        self.generation = json.dumps(generation_settings(self.tasks, max_new_tokens,
+                                                         task_params), sort_keys=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from kimi_ops.frontend import AudioEncoding
