@@ -23,7 +23,10 @@ Writing them again gives the same bytes. A run stopped between labelling and sub
 rows of an earlier run id without subtitles (or with those of the object's previous content):
 every run also writes the subtitles of the input's earlier ok rows whose files are missing or
 older than their `files/` shard, found from one listing of `subtitles/` and of `files/`, so a
-new flow run with nothing new to label and nothing missing writes nothing. The summary is
+new flow run with nothing new to label and nothing missing writes nothing. Each run records
+the folder its names are below (`_runs/<run id>/subtitles.json`); earlier recordings are looked
+for, and written back, under the names their run gave them (a run on a subfolder of an earlier
+run's input would otherwise write copies under names relative to the subfolder). The summary is
 computed from the `files/` rows of the run id (not the last attempt's report), so it covers all
 attempts; it adds how many earlier recordings got their subtitles back.
 """
@@ -32,6 +35,7 @@ attempts; it adds how many earlier recordings got their subtitles back.
 # must resolve the parameter model from the real annotation, not a string.
 
 import hashlib
+import json
 import os
 import posixpath
 import unicodedata
@@ -49,6 +53,7 @@ from pipelines.job import JobSpec, StageOverrides
 from pipelines.stages import PIECE_SECONDS
 
 SUBTITLES_DIR = "subtitles"
+NAMING_FILE = "subtitles.json"  # in _runs/<run id>/: the folder its subtitle names are below
 
 
 class TranscribeArchiveParams(BaseModel):
@@ -195,6 +200,44 @@ def input_scope(spec: JobSpec, prefix: tuple[str, str]) -> Callable[[str], bool]
     return lambda uri: _below(uri, prefix) is not None
 
 
+def naming_file(root: str, run_id: str) -> str:
+    """Where a run records the folder its subtitle names are relative to."""
+    return f"{root}/_runs/{run_id}/{NAMING_FILE}"
+
+
+def record_naming(fs, root: str, run_id: str, prefix: tuple[str, str], retry=None) -> None:
+    from pipelines.storage import retrying, uri_of
+
+    path = naming_file(root, run_id)
+    body = json.dumps({"protocol": prefix[0], "path": prefix[1]}).encode()
+
+    def write() -> None:
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        fs.pipe_file(path, body)
+
+    retrying(write, uri_of(fs, path), action="write", policy=retry)
+
+
+def recorded_naming(fs, root: str, run_id: str, retry=None) -> tuple[str, str] | None:
+    """The folder `run_id` named its subtitles relative to; None for a run that wrote none
+    (stopped before its subtitles) or wrote them before runs recorded it."""
+    from pipelines.storage import retrying, uri_of
+
+    path = naming_file(root, run_id)
+
+    def read() -> bytes | None:
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    body = retrying(read, uri_of(fs, path), action="read", policy=retry)
+    if body is None:
+        return None
+    data = json.loads(body)
+    return data["protocol"], data["path"]
+
+
 def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
     """Subtitles for every ok file of `run_id`, and for every earlier ok file of the input whose
     subtitles are missing or older than its row (a run stopped between labelling and subtitles:
@@ -242,6 +285,8 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
     prefix = input_prefix(spec.input, spec.is_manifest(),
                           not spec.is_manifest()
                           and not open_input(spec.input, spec.storage_options).is_prefix)
+    if file_rows:
+        record_naming(fs, root, run_id, prefix, retry)
     names = subtitle_names([r["source_uri"] for r in file_rows], prefix)
     pending: dict[str, tuple[str, str, str]] = {}  # uri -> (run id, subtitle name, files shard)
     unwanted = [names[r["source_uri"]] for r in file_rows if r["status"] != "ok"]
@@ -252,7 +297,12 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
     in_scope = input_scope(spec, prefix) if earlier else None
     for other, rows in sorted(earlier.items()):
         rows = [row for row in rows if row[0] not in names and in_scope(row[0])]
-        other_names = subtitle_names([uri for uri, _, _ in rows], prefix)  # as that run named
+        if not rows:
+            continue
+        # as that run named them: an earlier run on a parent or sibling folder of this input
+        # named them relative to its own input
+        other_prefix = recorded_naming(fs, root, other, retry) or prefix
+        other_names = subtitle_names([uri for uri, _, _ in rows], other_prefix)
         for uri, ok, shard in rows:
             paths = [f"{root}/{SUBTITLES_DIR}/{other_names[uri]}{s}" for s in (".srt", ".vtt")]
             missing = any(p not in written_at for p in paths)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -194,6 +195,53 @@ def test_run_subtitles_cover_every_attempt_of_the_run_and_nothing_else(tmp_path)
     assert write_run_subtitles(spec, "R")["subtitle_files"] == 4  # a retried task: same bytes
     assert {p: p.read_bytes() for p in (tmp_path / "out/subtitles").rglob("*.*")} == before
     assert write_run_subtitles(spec, "NEW")["subtitle_files"] == 0  # nothing of a new run
+
+
+def test_a_run_on_a_subfolder_keeps_the_names_an_earlier_run_gave(tmp_path):
+    """Run R1 on the archive names a recording `a/one.wav`; later runs on `archive/a` find its
+    subtitles under that name (recorded in `_runs/R1/`) instead of writing copies as `one.wav`,
+    and write back a missing one under R1's name."""
+    import fsspec
+
+    from flows.transcribe_archive import TranscribeArchiveParams, write_run_subtitles
+    from kimi_ops.tasks import get_task
+    from pipelines.schema import files_schema, segments_schema, to_table
+    from pipelines.stages import write_parquet_atomic
+
+    inputs, out = tmp_path / "archive", tmp_path / "out"
+    (inputs / "a").mkdir(parents=True)
+    uris = [str(inputs / "a/one.wav"), str(inputs / "a/two.wav")]
+    for uri in uris:
+        Path(uri).write_bytes(b"x")
+    tasks = [get_task("asr")]
+    files = [{"source_uri": u, "status": "ok", "run_id": "R1", "duration_s": 1.0, "error": None}
+             for u in uris]
+    segments = [{"source_uri": u, "segment_index": 0, "start_s": 0.0, "end_s": 1.0,
+                 "status": "ok", "transcript": "hi", "run_id": "R1"} for u in uris]
+    fs = fsspec.filesystem("file")
+    write_parquet_atomic(fs, str(out), "segments/p.parquet",
+                         to_table(segments, segments_schema(tasks)))
+    write_parquet_atomic(fs, str(out), "files/p.parquet", to_table(files, files_schema(tasks)))
+
+    def run(folder, run_id):
+        spec = TranscribeArchiveParams(input=str(folder), output=str(out),
+                                       model=MODEL).job_spec(run_id)
+        return write_run_subtitles(spec, run_id)
+
+    def written():
+        return sorted(p.relative_to(out / "subtitles").as_posix()
+                      for p in (out / "subtitles").rglob("*") if p.is_file())
+
+    assert run(inputs, "R1")["subtitle_files"] == 4
+    expected = ["a/one.wav.srt", "a/one.wav.vtt", "a/two.wav.srt", "a/two.wav.vtt"]
+    assert written() == expected
+    assert json.loads((out / "_runs/R1/subtitles.json").read_text())["path"] == str(inputs)
+
+    idle = run(inputs / "a", "R2")
+    assert idle["subtitle_files"] == 0 and idle["recovered"] == 0 and written() == expected
+    (out / "subtitles/a/two.wav.srt").unlink()
+    again = run(inputs / "a", "R3")
+    assert again["recovered"] == 1 and again["subtitle_files"] == 2 and written() == expected
 
 
 # -- the flow end to end -----------------------------------------------------------------------
