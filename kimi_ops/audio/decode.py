@@ -29,11 +29,13 @@ Guards against hostile input (each checked from the header, before any sample is
     one-shot `soxr.resample`'s), so only the 16 kHz result is ever whole: 58 MB of float32 per
     hour, 1.4 GB for 6 h, whatever the source's rate and channels.
   * A decoder error anywhere in the stream (a truncated FLAC or Ogg file) makes the file
-    `undecodable`: a partial recording is not labelled as if it were whole. WAV, RF64 and AIFF
-    files of PCM or float samples whose data chunk holds fewer frames than their header
-    declares are `undecodable` too (libsndfile reads them silently, shortened). A streamed
-    WAV's placeholder size (0, 0x7FFFF000 or 0xFFFFFFFF) declares nothing. MP3 has no
-    reliable count to compare with: a truncated MP3 gives what is there.
+    `undecodable`: a partial recording is not labelled as if it were whole. WAV, RF64, AIFF,
+    AU and W64 files of PCM, float or G.711 samples whose data holds fewer frames than their
+    header declares are `undecodable` too (libsndfile reads them silently, shortened). A
+    streamed WAV's placeholder size (0, 0x7FFFF000 or 0xFFFFFFFF) and an AU's 0xFFFFFFFF
+    declare nothing. MP3 has no reliable count to compare with: a truncated MP3 gives what is
+    there; so do rarer containers libsndfile also opens (IRCAM, NIST, VOC, ...), which the
+    default listing does not pick (`.wav .flac .ogg .opus .mp3`).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ MAX_SECONDS = 6 * 3600.0  # default duration limit; see the module docstring
 MAX_SECONDS_ENV = "KIMI_MAX_AUDIO_SECONDS"
 _BLOCK_FRAMES = 1 << 20  # frames per read when mixing down
 # Containers and sample types whose header states the exact frame count (see _declared_frames).
-_COUNTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "AIFF"})
+_COUNTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "AIFF", "AU", "W64"})
 _FIXED_WIDTH_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT",
                                    "DOUBLE", "ULAW", "ALAW"})
 # What writers that cannot seek back (ffmpeg, sox, libsndfile to a pipe) leave as a WAV data size.
@@ -155,7 +157,11 @@ def _read_path(path: str, label: str, max_seconds: float | None) -> tuple[np.nda
         raise AudioNotFoundError(label, "is a directory, not an audio file")
     if os.path.getsize(path) == 0:
         raise EmptyAudioError(label, "zero bytes of audio data")
-    return _read_encoded(path, label, max_seconds)
+    # Opened here, not by libsndfile: given a path, libsndfile takes a macOS AppleDouble
+    # sidecar (`._name`, common in archives copied from a Mac) for a Sound Designer II resource
+    # fork and refuses an MP3 next to one ("bad data offset").
+    with open(path, "rb") as file:
+        return _read_encoded(file, label, max_seconds)
 
 
 def _read_bytes(data: bytes, label: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
@@ -213,17 +219,23 @@ def _read_encoded(file: Any, label: str, max_seconds: float | None) -> tuple[np.
 
 
 def _declared_frames(file: Any) -> int | None:
-    """The frame count a WAV, RF64 or AIFF header declares (path or file object); None when it
+    """The frame count a WAV, RF64, AIFF, AU or W64 header declares (path or file object); None when it
     declares none (a streamed WAV) or is laid out in a way this short reader does not follow."""
     if isinstance(file, (str, bytes)):
         with open(file, "rb") as f:
             return _declared_frames(f)
     file.seek(0)
-    head = file.read(12)
+    head = file.read(40)
+    file.seek(12)
     if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
         return _wav_declared_frames(file, rf64=head[:4] == b"RF64")
     if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
         return _aiff_declared_frames(file)
+    if head[:4] in (b".snd", b"dns."):
+        return _au_declared_frames(head)
+    if head[:16] == _W64_RIFF and head[24:40] == _W64_WAVE:
+        file.seek(40)
+        return _w64_declared_frames(file)
     return None
 
 
@@ -255,6 +267,42 @@ def _aiff_declared_frames(f: Any) -> int | None:
             body = f.read(6)
             return struct.unpack_from(">I", body, 2)[0] if len(body) == 6 else None
         f.seek(size + (size & 1), 1)
+    return None
+
+
+# Sun/NeXT AU sample encodings -> bytes per sample (mu-law, 8/16/24/32-bit PCM, float,
+# double, A-law); the ADPCM ones have no fixed width
+_AU_SAMPLE_BYTES = {1: 1, 2: 1, 3: 2, 4: 3, 5: 4, 6: 4, 7: 8, 27: 1}
+_W64_RIFF = b"riff\x2e\x91\xcf\x11\xa5\xd6\x28\xdb\x04\xc1\x00\x00"
+_W64_WAVE = b"wave\xf3\xac\xd3\x11\x8c\xd1\x00\xc0\x4f\x8e\xdb\x8a"
+
+
+def _au_declared_frames(head: bytes) -> int | None:
+    """AU header: data size / (sample bytes x channels); big-endian `.snd`, little `dns.`."""
+    if len(head) < 24:
+        return None
+    order = ">" if head[:4] == b".snd" else "<"
+    _, size, encoding, _, channels = struct.unpack_from(order + "5I", head, 4)
+    width = _AU_SAMPLE_BYTES.get(encoding)
+    if size == 0xFFFFFFFF or not width or not channels:  # unknown size (written to a pipe)
+        return None
+    return size // (width * channels)
+
+
+def _w64_declared_frames(f: Any) -> int | None:
+    """Sony Wave64: chunks named by GUIDs (`fmt ...`, `data ...`) with 64-bit sizes that
+    count their 24-byte header, bodies 8-byte aligned; data bytes / fmt block align."""
+    block_align = None
+    while len(chunk := f.read(24)) == 24:
+        name, size = chunk[:4], struct.unpack_from("<Q", chunk, 16)[0]
+        if size < 24:
+            return None
+        if name == b"data":
+            return (size - 24) // block_align if block_align else None
+        body = f.read(min(size - 24, 16))
+        if name == b"fmt " and len(body) >= 14:
+            block_align = struct.unpack_from("<H", body, 12)[0]
+        f.seek((size + 7) // 8 * 8 - 24 - len(body), 1)
     return None
 
 
