@@ -168,6 +168,9 @@ def test_an_mp3_next_to_a_macos_appledouble_sidecar_decodes(tmp_path):
     sf.write(path, np.full(16000, 0.1, np.float32), 16000, format="MP3")
     (tmp_path / "._talk.mp3").write_bytes(b"\x00\x05\x16\x07" + bytes(200))  # AppleDouble
     assert abs(load_audio(path).shape[0] - 16000) < 2000
+    with pytest.raises(AudioDecodeError, match=r"\._talk\.mp3: cannot decode audio: a macOS "
+                                               r"AppleDouble sidecar .*, not audio"):
+        load_audio(tmp_path / "._talk.mp3")
 
 
 def test_an_au_file_of_unknown_size_decodes_whole():

@@ -181,6 +181,10 @@ def _read_encoded(file: Any, label: str, max_seconds: float | None) -> tuple[np.
         snd = soundfile.SoundFile(file)
     except decode_errors as exc:  # libsndfile's own words, not "Error opening <BytesIO at 0x..>"
         reason = getattr(exc, "error_string", None) or str(exc)
+        file.seek(0)
+        if file.read(4) == _APPLEDOUBLE_MAGIC:
+            reason = ("a macOS AppleDouble sidecar (the Finder's metadata of the file named "
+                      "without its '._'), not audio")
         raise AudioDecodeError(label, f"cannot decode audio: {reason}") from exc
     with snd:
         rate, frames, channels = int(snd.samplerate), int(snd.frames), int(snd.channels)
@@ -273,6 +277,7 @@ def _aiff_declared_frames(f: Any) -> int | None:
 # Sun/NeXT AU sample encodings -> bytes per sample (mu-law, 8/16/24/32-bit PCM, float,
 # double, A-law); the ADPCM ones have no fixed width
 _AU_SAMPLE_BYTES = {1: 1, 2: 1, 3: 2, 4: 3, 5: 4, 6: 4, 7: 8, 27: 1}
+_APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
 _W64_RIFF = b"riff\x2e\x91\xcf\x11\xa5\xd6\x28\xdb\x04\xc1\x00\x00"
 _W64_WAVE = b"wave\xf3\xac\xd3\x11\x8c\xd1\x00\xc0\x4f\x8e\xdb\x8a"
 
