@@ -273,3 +273,31 @@ def test_out_of_memory_on_a_single_item_is_raised(engine, golden_prompts, monkey
     with pytest.raises(torch.OutOfMemoryError):
         engine.run_prompts(list(golden_prompts.values())[:2], sampling_params(max_new_tokens=2))
     assert calls == [2, 1]  # halved once, then the lone prompt's error is the caller's
+
+
+def test_bf16_the_gpu_default_dtype_runs_the_same_paths_on_cpu(golden_prompts):
+    """bf16 is what a GPU gets by default; here it runs on CPU through the same code: the
+    fixed-shape (CUDA-graph) decoder equals the dynamic one and the first tokens are fp32's.
+    (A batch is not bitwise its singles in bf16: a row's rounding depends on the batch's
+    shapes, so long greedy runs can part at a near tie; fp32 keeps them equal.)"""
+    from kimi_ops.engine.api import KimiAudio
+    from kimi_ops.model.modeling import KimiAudioForCausalLM
+
+    engine = KimiAudio(goldens.CHECKPOINT, device="cpu", dtype=torch.bfloat16)
+    model: KimiAudioForCausalLM = engine.model
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    special = engine.tokenizer.special
+    prompts = [golden_prompts[c] for c in GENERATION_CASES]
+    for params in ({"max_new_tokens": 24}, {"max_new_tokens": 24, "output_type": "both"}):
+        gen = GenerationParams(**params).validate()
+        dynamic = generate_batch(model, prompts, special, gen, static_cache=False)
+        static = generate_batch(model, prompts, special, gen, static_cache=True)
+        assert [(r.text_token_ids, r.audio_token_ids, r.steps) for r in static] == \
+            [(r.text_token_ids, r.audio_token_ids, r.steps) for r in dynamic]
+    assert any(r.audio_token_ids for r in dynamic)
+
+    expected = goldens.load_json("pure_fp32/generation.json")
+    first = generate_batch(model, prompts, special, GenerationParams(max_new_tokens=1))
+    agree = sum(r.text_token_ids[:1] == expected[c]["text_tokens_from_generate_loop"][:1]
+                for c, r in zip(GENERATION_CASES, first))
+    assert agree >= len(prompts) - 1  # bf16 rounding may flip a near tie, not the first tokens
