@@ -13,11 +13,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from kimi_ops.errors import KimiError
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -116,6 +132,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_messages(data, path, args.batch)
     conversations = data if args.batch else [data]
     conversations = [_resolve_audio_paths(c, path.parent) for c in conversations]
+    from kimi_ops.engine.api import sampling_params
+
+    sampling_params(output_type=args.output_type, **_sampling_kwargs(args))  # before the model
     engine = _load_engine(args)
     results = engine.generate_batch(conversations, output_type=args.output_type,
                                     **_sampling_kwargs(args))
@@ -151,17 +170,27 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     tasks = _tasks(args)  # validated before the model is loaded
     engine = _load_engine(args)
-    rows = label_files(engine, args.files, tasks, max_new_tokens=args.max_new_tokens)
-    for row in rows:
-        print(json.dumps(row, ensure_ascii=False), flush=True)
-    return 1 if any("error" in r for r in rows) else 0
+    failed = False
+    step = engine.max_batch_size  # lines come out a batch of files at a time, not at the end
+    for start in range(0, len(args.files), step):
+        rows = label_files(engine, args.files[start: start + step], tasks,
+                           max_new_tokens=args.max_new_tokens)
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+        failed = failed or any("error" in r for r in rows)
+    return 1 if failed else 0
 
 
 def cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
     from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
 
-    out = make_tiny_checkpoint(args.out, seed=args.seed, preset=args.preset,
-                               num_shards=args.num_shards)
+    try:
+        out = make_tiny_checkpoint(args.out, seed=args.seed, preset=args.preset,
+                                   num_shards=args.num_shards, overwrite=args.overwrite)
+    except OSError as exc:  # not a folder, not writable, a real model's folder
+        raise KimiError(str(exc) if isinstance(exc, FileExistsError)
+                        else f"{args.out}: cannot write the checkpoint ({exc.strerror or exc})"
+                        ) from None
     print(out)
     return 0
 
@@ -233,10 +262,15 @@ def build_parser(prog: str = "python -m kimi_ops") -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("make-tiny-checkpoint", help="random checkpoint in the official layout")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
-    p.add_argument("--num-shards", type=int, default=None)
+    p.add_argument("out", help="folder to write (refused if it holds anything else than an "
+                                "earlier tiny checkpoint, unless --overwrite)")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny",
+                   help="tiny: the shared parity checkpoint's sizes; small: ~33 M LM parameters")
+    p.add_argument("--num-shards", type=_positive_int, default=None,
+                   help="main-model weight files (default: 1 for tiny, 2 for small)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds other files")
     p.set_defaults(func=cmd_make_tiny_checkpoint)
 
     p = sub.add_parser("demo", help="label the bundled sample audio with a tiny random checkpoint")
@@ -251,6 +285,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m kimi_ops") -> int
     args = build_parser(prog).parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # the reader went away (`... | head -1`): stop quietly as a Unix tool killed by SIGPIPE
+        # would, not with a traceback (and a second one when Python flushes stdout at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KimiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -65,6 +65,13 @@ class PromptError(KimiError):
     kind = "bad_prompt"
 
 
+class InvalidArgumentError(KimiError, ValueError):
+    """A call argument out of range or of the wrong type (a sampling setting, a device, a
+    dtype); also a ValueError, as such mistakes usually are."""
+
+    kind = "bad_argument"
+
+
 class CheckpointError(KimiError):
     """A checkpoint that is missing, incomplete or has tensors of the wrong shape."""
 

@@ -43,7 +43,7 @@ def test_sharded_small_checkpoint_runs_batched_equal_to_single(small_checkpoint)
     twice = [r.text_token_ids for r in engine.generate_batch([b, b], **sampling)]
     assert after_a == alone and twice == [alone, alone]
     assert engine.generate_batch([b], **{**sampling, "seed": 124})[0].text_token_ids != alone
-    with pytest.raises(ValueError, match="seed must be a non-negative integer, got None"):
+    with pytest.raises(ValueError, match="seed must be an integer, got None"):
         engine.generate_batch([b], **{**sampling, "seed": None})
 
 

@@ -118,3 +118,71 @@ def test_batch_errors_count_conversations_from_one(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = kimi("audio-tokens", "--model", tmp_path / "nope", "x.wav", check=False)
     assert proc.returncode == 2 and "checkpoint folder not found" in proc.stderr
+
+
+def test_a_reader_that_goes_away_ends_python_m_kimi_ops_quietly():
+    """`python -m kimi_ops audio-tokens ... | head -1`: exit 141 (SIGPIPE), no traceback."""
+    import os
+
+    clip = goldens.INPUTS / "a01_tone_0p5s_16k.wav"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kimi_ops", "audio-tokens", "--model",
+                               str(goldens.CHECKPOINT), str(clip), str(clip)],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_label_prints_a_batch_of_files_at_a_time(tmp_path):
+    """With --max-batch-size 1 the first file's line is out before the second is labelled:
+    killing the command after the first line keeps it (no all-at-the-end output)."""
+    good = goldens.INPUTS / "a01_tone_0p5s_16k.wav"
+    proc = subprocess.Popen([sys.executable, "-m", "kimi_ops", "label", "--model",
+                             str(goldens.CHECKPOINT), "--max-new-tokens", "2",
+                             "--max-batch-size", "1", str(good), *[str(good)] * 30],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["path"] == str(good) and "transcript" in first
+        assert proc.poll() is None  # still labelling the others
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_make_tiny_checkpoint_never_writes_over_other_files(tmp_path):
+    real = tmp_path / "Kimi-Audio-7B-Instruct"
+    real.mkdir()
+    (real / "model-00001-of-00036.safetensors").write_bytes(b"real weights")
+    proc = kimi("make-tiny-checkpoint", real, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "holds other files (not a tiny checkpoint); refusing" in proc.stderr
+    assert sorted(p.name for p in real.iterdir()) == ["model-00001-of-00036.safetensors"]
+    out = tmp_path / "tiny"
+    kimi("make-tiny-checkpoint", out)
+    kimi("make-tiny-checkpoint", out, "--seed", 1)  # an earlier tiny checkpoint: rewritten
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    proc = kimi("make-tiny-checkpoint", not_a_folder, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {not_a_folder}: exists and is not a folder\n"
+    proc = kimi("make-tiny-checkpoint", out, "--seed", "-1", check=False)
+    assert proc.returncode == 2 and "argument --seed: must be >= 0, got -1" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text-temperature", "nan"], "error: text_temperature must be finite, got nan"),
+    (["--device", "tpu"], "error: device 'tpu' is not a device name (cpu, cuda, cuda:1, ...)"),
+])
+def test_bad_generation_options_are_one_line_and_exit_2(inputs_dir, args, message):
+    messages = inputs_dir.parent / "bad_options.json"
+    messages.write_text(json.dumps([
+        {"role": "user", "message_type": "audio",
+         "content": str(goldens.INPUTS / "a01_tone_0p5s_16k.wav")}]))
+    proc = kimi("generate", "--model", goldens.CHECKPOINT, "--messages", messages,
+                "--max-new-tokens", 2, *args, check=False)
+    assert proc.returncode == 2 and proc.stderr == message + "\n"

@@ -107,6 +107,67 @@ def test_budget_and_validation(tiny_model, tokenizer, golden_prompts):
         GenerationParams(output_type="audio").validate()
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"text_temperature": float("nan")}, "text_temperature must be finite, got nan"),
+    ({"audio_temperature": float("inf")}, "audio_temperature must be finite, got inf"),
+    ({"text_repetition_penalty": float("nan")}, "text_repetition_penalty must be finite"),
+    ({"text_top_k": 2.5}, "text_top_k must be an integer, got 2.5"),
+    ({"text_top_k": "5"}, "text_top_k must be an integer, got '5'"),
+    ({"audio_repetition_window_size": 2.5}, "audio_repetition_window_size must be an integer"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer, got 2.5"),
+    ({"max_new_tokens": True}, "max_new_tokens must be an integer, got True"),
+    ({"max_new_tokens": -2}, r"max_new_tokens must be -1 \(model default\) or > 0, got -2"),
+    ({"seed": 2**70}, r"seed must be in \[0, \d+\], got 1180591620717411303424"),
+    ({"seed": -1}, r"seed must be in \[0, \d+\], got -1"),
+])
+def test_bad_generation_arguments_are_named_before_any_work(kwargs, message):
+    """NaN, infinities and wrong types are refused with the argument's name: a KimiError that is
+    also a ValueError (before, NaN failed in torch.multinomial and inf drew uniformly)."""
+    from kimi_ops.engine.api import sampling_params
+    from kimi_ops.errors import InvalidArgumentError, KimiError
+
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        sampling_params(**kwargs)
+    assert isinstance(info.value, KimiError) and isinstance(info.value, ValueError)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    from kimi_ops.engine.api import sampling_params
+
+    params = sampling_params(seed=np.int64(3), max_new_tokens=np.int32(4),
+                             text_top_k=np.int64(7), text_temperature=np.float32(0.5))
+    assert (params.seed, params.max_new_tokens, params.text.top_k) == (3, 4, 7)
+    assert type(params.seed) is int and type(params.text.top_k) is int
+    assert type(params.text.temperature) is float
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "cuda"}, "device 'cuda': CUDA is not available here"),
+    ({"device": "tpu"}, r"device 'tpu' is not a device name \(cpu, cuda, cuda:1, ...\)"),
+    ({"device": "cpu", "dtype": "int8"}, "dtype 'int8': use one of bf16, bfloat16"),
+    ({"device": "cpu", "dtype": torch.int8}, "dtype torch.int8: the weights run in"),
+    ({"max_batch_size": 0}, "max_batch_size must be >= 1, got 0"),
+])
+def test_bad_device_or_dtype_is_refused_before_loading(kwargs, message):
+    from kimi_ops.engine.api import KimiAudio
+    from kimi_ops.errors import InvalidArgumentError
+
+    if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InvalidArgumentError, match=message):
+        KimiAudio(goldens.CHECKPOINT, **kwargs)
+
+
+def test_dtype_by_name():
+    from kimi_ops.engine.api import checked_dtype
+
+    cpu = torch.device("cpu")
+    assert checked_dtype("bfloat16", cpu) is torch.bfloat16 and checked_dtype("fp32", cpu) is (
+        torch.float32)
+    assert checked_dtype("torch.float16", cpu) is torch.float16
+    assert checked_dtype(None, cpu) is torch.float32
+
+
 def test_prefill_groups_bound_padding():
     from kimi_ops.engine.generate import prefill_groups
 

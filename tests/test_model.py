@@ -81,6 +81,23 @@ def test_config_rejects_missing_fields(tmp_path):
         KimiAudioConfig.from_file(tmp_path / "config.json")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", "64", "hidden_size must be an integer, got '64'"),
+    ("num_hidden_layers", None, "num_hidden_layers must be an integer, got None"),
+    ("rms_norm_eps", "1e-6", "rms_norm_eps must be a number"),
+    ("num_attention_heads", 0, "num_attention_heads must be > 0, got 0"),
+    ("tie_word_embeddings", 1, "tie_word_embeddings must be true or false, got 1"),
+])
+def test_config_fields_of_the_wrong_type_are_named(tmp_path, field, value, message):
+    raw = json.loads((goldens.CHECKPOINT / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, field: value}))
+    with pytest.raises(CheckpointError, match=f"config.json: {message}"):
+        KimiAudioConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json: must hold a JSON object, got list"):
+        KimiAudioConfig.from_file(tmp_path / "config.json")
+
+
 def _copy_weights(tmp_path):
     shutil.copy(goldens.CHECKPOINT / "config.json", tmp_path / "config.json")
     return load_file(goldens.CHECKPOINT / "model.safetensors")
@@ -137,6 +154,27 @@ def test_missing_shard_file_is_named(tmp_path):
     weight_map = {n: "model-1-of-1.safetensors" for n in _new_model().state_dict()}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CheckpointError, match="model-1-of-1.safetensors"):
+        load_state_dict(_new_model(), tmp_path, torch.float32)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "not_safetensors"])
+def test_a_damaged_weights_file_is_named(tmp_path, damage):
+    """The whisper and GLM loaders already said which file; the language model's loader let
+    safetensors' bare `SafetensorError` through."""
+    _copy_weights(tmp_path)
+    data = (goldens.CHECKPOINT / "model.safetensors").read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "header": data[:100],
+               "not_safetensors": b"version https://git-lfs.github.com/spec/v1\n"}[damage]
+    (tmp_path / "model.safetensors").write_bytes(damaged)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read safetensors"):
+        load_state_dict(_new_model(), tmp_path, torch.float32)
+
+
+@pytest.mark.parametrize("weight_map", [5, ["a"], {"lm_head.weight": 3}])
+def test_a_malformed_index_is_named(tmp_path, weight_map):
+    _copy_weights(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: 'weight_map' must"):
         load_state_dict(_new_model(), tmp_path, torch.float32)
 
 

@@ -223,8 +223,9 @@ def _read_encoded(file: Any, label: str, max_seconds: float | None) -> tuple[np.
 
 
 def _declared_frames(file: Any) -> int | None:
-    """The frame count a WAV, RF64, AIFF, AU or W64 header declares (path or file object); None when it
-    declares none (a streamed WAV) or is laid out in a way this short reader does not follow."""
+    """The frame count a WAV, RF64, AIFF, AU or W64 header declares (path or file object);
+    None when it declares none (a streamed WAV) or is laid out in a way this short reader does
+    not follow."""
     if isinstance(file, (str, bytes)):
         with open(file, "rb") as f:
             return _declared_frames(f)

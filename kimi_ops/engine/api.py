@@ -20,9 +20,9 @@ import torch
 from kimi_ops.audio import load_audio
 from kimi_ops.engine.generate import GenerationParams, GenerationResult, generate_batch
 from kimi_ops.engine.prompt import Prompt, audio_contents, build_prompt, validate_messages
-from kimi_ops.engine.sampling import StreamSampling
+from kimi_ops.engine.sampling import StreamSampling, checked_int
 from kimi_ops.engine.scoring import score_continuations
-from kimi_ops.errors import CheckpointError, PromptError
+from kimi_ops.errors import CheckpointError, InvalidArgumentError, PromptError
 from kimi_ops.frontend import AudioEncoding, AudioFrontend
 from kimi_ops.model.checkpoint import resolve_checkpoint
 from kimi_ops.model.config import KimiAudioConfig
@@ -83,6 +83,53 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def checked_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch.device this machine has (default: cuda if present, else cpu)."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(f"device {device!r} is not a device name (cpu, cuda, "
+                                   "cuda:1, ...)") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(
+                f"device {device!r}: CUDA is not available here (torch {torch.__version__}"
+                f"{', a CPU-only build' if torch.version.cuda is None else ''}); use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"device {device!r}: this machine has "
+                                       f"{torch.cuda.device_count()} CUDA device(s)")
+        return parsed
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as exc:
+        raise InvalidArgumentError(f"device {device!r} is not available here: {exc}") from None
+    return parsed
+
+
+def checked_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A floating dtype for the weights: a torch dtype or its name (`bfloat16`, `bf16`, ...)."""
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        if dtype.lower().removeprefix("torch.") not in DTYPES:
+            raise InvalidArgumentError(f"dtype {dtype!r}: use one of "
+                                       f"{', '.join(sorted(set(DTYPES)))}")
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InvalidArgumentError(f"dtype {dtype}: the weights run in torch.float32, "
+                                   "torch.bfloat16 or torch.float16")
+    return dtype
+
+
 def sampling_params(
     output_type: str = "text",
     audio_temperature: float = 0.0,
@@ -113,13 +160,11 @@ class KimiAudio:
                  load_frontend: bool = True):
         """`load_frontend=False` loads only the language model: prompts must then carry
         `AudioEncoding`s computed elsewhere (e.g. by a front-end worker)."""
-        if max_batch_size < 1 or max_batch_tokens < 1:
-            raise ValueError("max_batch_size and max_batch_tokens must be >= 1")
+        self.max_batch_size = checked_int(max_batch_size, "max_batch_size", low=1)
+        self.max_batch_tokens = checked_int(max_batch_tokens, "max_batch_tokens", low=1)
+        self.device = checked_device(device)
+        self.dtype = checked_dtype(dtype, self.device)
         paths = resolve_checkpoint(model_path, glm_tokenizer)
-        self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or default_dtype(self.device)
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
         self.config = KimiAudioConfig.from_file(paths.config)
         self.tokenizer = TextTokenizer(paths.tiktoken)
         if self.tokenizer.vocab_size != self.config.kimia_token_offset:

@@ -23,13 +23,16 @@ import torch
 
 from kimi_ops.engine.decoders import DynamicDecoder, StaticDecoder, use_static_decoder
 from kimi_ops.engine.prompt import Prompt
-from kimi_ops.engine.sampling import StreamSampling, sample
+from kimi_ops.engine.sampling import StreamSampling, checked_int, sample
+from kimi_ops.errors import InvalidArgumentError
 from kimi_ops.model.modeling import KimiAudioForCausalLM
 from kimi_ops.model.text_tokenizer import SpecialIds
 
 AUDIO_DELAY_TOKENS = 6  # hard-coded in the reference loop, whatever config.json says
 TEXT_TOKEN_BUDGET = 7500
 BOTH_TOKEN_BUDGET = int(12.5 * 120)
+# seeds feed torch.Generator.manual_seed after `seed * 1_000_003 + row id`: keep that in int64
+MAX_SEED = (2**63 - 1) // 1_000_003 - 2**32
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,19 @@ class GenerationParams:
 
     def validate(self) -> GenerationParams:
         if self.output_type not in ("text", "both"):
-            raise ValueError(f"output_type must be 'text' or 'both', got {self.output_type!r}")
-        if self.max_new_tokens == 0 or self.max_new_tokens < -1:
-            raise ValueError(f"max_new_tokens must be -1 (model default) or > 0, "
-                             f"got {self.max_new_tokens}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r} (sampled "
-                             "draws are reproducible: vary the seed for other samples)")
+            raise InvalidArgumentError(
+                f"output_type must be 'text' or 'both', got {self.output_type!r}")
+        budget = checked_int(self.max_new_tokens, "max_new_tokens")
+        if budget == 0 or budget < -1:
+            raise InvalidArgumentError(
+                f"max_new_tokens must be -1 (model default) or > 0, got {budget}")
+        try:
+            seed = checked_int(self.seed, "seed", low=0, high=MAX_SEED)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{exc} (sampled draws are reproducible: vary the seed "
+                                       "for other samples)") from None
+        object.__setattr__(self, "max_new_tokens", budget)
+        object.__setattr__(self, "seed", seed)
         self.text.validate("text")
         self.audio.validate("audio")
         return self

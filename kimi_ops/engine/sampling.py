@@ -10,11 +10,41 @@ what else is in its batch.
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
 
+from kimi_ops.errors import InvalidArgumentError
+
 GREEDY_BELOW = 1e-6
+
+
+def checked_int(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """`value` as a Python int (numpy integers too, never a bool or a float), within bounds."""
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}") from None
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = (f">= {low}" if high is None else f"<= {high}" if low is None
+                  else f"in [{low}, {high}]")
+        raise InvalidArgumentError(f"{name} must be {bounds}, got {number}")
+    return number
+
+
+def checked_float(value, name: str) -> float:
+    """`value` as a finite Python float (ints and numpy numbers too, never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidArgumentError(f"{name} must be finite, got {number}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -25,12 +55,20 @@ class StreamSampling:
     repetition_window: int = 16
 
     def validate(self, stream: str) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"{stream}_temperature must be >= 0, got {self.temperature}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"{stream}_repetition_penalty must be > 0")
-        if self.repetition_window < 1:
-            raise ValueError(f"{stream}_repetition_window_size must be >= 1")
+        """Check every setting; numpy numbers become Python ones (the object is frozen)."""
+        temperature = checked_float(self.temperature, f"{stream}_temperature")
+        if temperature < 0:
+            raise InvalidArgumentError(f"{stream}_temperature must be >= 0, got {temperature}")
+        penalty = checked_float(self.repetition_penalty, f"{stream}_repetition_penalty")
+        if penalty <= 0:
+            raise InvalidArgumentError(f"{stream}_repetition_penalty must be > 0, got {penalty}")
+        settings = {
+            "temperature": temperature, "repetition_penalty": penalty,
+            "top_k": checked_int(self.top_k, f"{stream}_top_k"),
+            "repetition_window": checked_int(self.repetition_window,
+                                             f"{stream}_repetition_window_size", low=1)}
+        for name, value in settings.items():
+            object.__setattr__(self, name, value)
 
     @property
     def penalised(self) -> bool:

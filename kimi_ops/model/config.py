@@ -8,10 +8,30 @@ validated on load so a bad file fails here, before any tensor is allocated.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from kimi_ops.errors import CheckpointError
+
+
+# the field annotations' types (strings under `from __future__ import annotations`) in words
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "int | None": "an integer or null",
+               "str": "a string", "bool": "true or false"}
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
+             "max_position_embeddings", "kimia_adaptor_input_dim")
+
+
+def _has_type(value, annotation: str) -> bool:
+    if annotation == "int | None" and value is None:
+        return True
+    if annotation in ("int", "int | None"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+            value)
+    return isinstance(value, {"str": str, "bool": bool}[annotation])
 
 
 @dataclass(frozen=True)
@@ -44,11 +64,20 @@ class KimiAudioConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> KimiAudioConfig:
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source}: must hold a JSON object, got {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING}
         missing = sorted(name for name in required if name not in raw)
         if missing:
             raise CheckpointError(f"{source}: missing required fields {missing}")
+        for f in fields(cls):
+            if f.name in raw and not _has_type(raw[f.name], f.type):
+                raise CheckpointError(f"{source}: {f.name} must be {_TYPE_WORDS[f.type]}, got "
+                                      f"{raw[f.name]!r}")
+        for name in _POSITIVE:
+            if raw[name] <= 0:
+                raise CheckpointError(f"{source}: {name} must be > 0, got {raw[name]}")
         config = cls(**{k: v for k, v in raw.items() if k in known})
         config.validate(source)
         return config

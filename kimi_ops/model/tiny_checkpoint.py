@@ -657,6 +657,17 @@ def _remove_stale_main_weights(out: Path) -> None:
             f.unlink()
 
 
+def _is_tiny_checkpoint(out: Path) -> bool:
+    """Whether `out` holds a checkpoint this module wrote (its config has a preset's sizes)."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+        sizes = (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return any(sizes == (p.hidden_size, p.num_hidden_layers, p.vocab_size)
+               for p in PRESETS.values())
+
+
 def make_tiny_checkpoint(
     out_dir: str | Path,
     seed: int = 0,
@@ -664,6 +675,7 @@ def make_tiny_checkpoint(
     num_shards: int | None = None,
     *,
     rotary_inv_freq: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write a random Kimi-Audio checkpoint (official layout) into `out_dir`; return it.
 
@@ -671,6 +683,8 @@ def make_tiny_checkpoint(
     `num_shards`: main-model shard count (default: 1 for tiny, 2 for small); 1 writes
     `model.safetensors`, N > 1 writes `model-{i}-of-{N}.safetensors` plus the index.
     `rotary_inv_freq`: also write the (ignored) `self_attn.rotary_emb.inv_freq` tensors.
+    A folder that holds anything but an earlier tiny checkpoint (a real model's, say, whose
+    weights this would replace) is refused unless `overwrite`.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -679,6 +693,13 @@ def make_tiny_checkpoint(
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    if (not overwrite and out.is_dir() and any(out.iterdir())
+            and not _is_tiny_checkpoint(out)):
+        raise FileExistsError(f"{out}: the folder holds other files (not a tiny checkpoint); "
+                              "refusing to write random weights over them (overwrite=True, "
+                              "or --overwrite, to do it anyway)")
     out.mkdir(parents=True, exist_ok=True)
     init = _Init(int(seed))
 

@@ -9,6 +9,7 @@ A missing, unexpected or misshapen tensor raises `CheckpointError` naming the fi
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,14 +29,31 @@ def shard_map(model_dir: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{index}: not a safetensors index ({exc!r})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard "
+                                  f"file names, got {type(weight_map).__name__}")
         return {name: model_dir / shard for name, shard in weight_map.items()}
     single = model_dir / SINGLE_FILE
     if not single.is_file():
         raise CheckpointError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    with _reading(single):
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+
+
+@contextmanager
+def _reading(path: Path):
+    """A file safetensors cannot read (truncated, corrupt header, not safetensors at all) is a
+    CheckpointError naming it, not the library's bare message."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ... from the reader
+        raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from exc
 
 
 def load_state_dict(model: KimiAudioForCausalLM, model_dir: str | Path, dtype: torch.dtype,
@@ -60,7 +78,7 @@ def load_state_dict(model: KimiAudioForCausalLM, model_dir: str | Path, dtype: t
     for shard, names in by_shard.items():
         if not shard.is_file():
             raise CheckpointError(f"{shard}: shard listed in the index is missing")
-        with safe_open(shard, framework="pt", device=str(device)) as f:
+        with _reading(shard), safe_open(shard, framework="pt", device=str(device)) as f:
             for name in names:
                 tensor = f.get_tensor(name)
                 want = tuple(expected[name].shape)
