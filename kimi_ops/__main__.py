@@ -43,21 +43,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="conversations decoded together (default: %(default)s)")
+
+
+BUDGET_HELP = ("steps to generate; -1 (default): the reference's budget, 7500 minus the "
+               "prompt's tokens (1500 minus them with --output-type both)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output-type", choices=["text", "both"], default="text")
-    p.add_argument("--max-new-tokens", type=int, default=-1)
-    p.add_argument("--text-temperature", type=float, default=0.0)
-    p.add_argument("--text-top-k", type=int, default=5)
-    p.add_argument("--text-repetition-penalty", type=float, default=1.0)
-    p.add_argument("--text-repetition-window-size", type=int, default=16)
-    p.add_argument("--audio-temperature", type=float, default=0.0)
-    p.add_argument("--audio-top-k", type=int, default=5)
-    p.add_argument("--audio-repetition-penalty", type=float, default=1.0)
-    p.add_argument("--audio-repetition-window-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-type", choices=["text", "both"], default="text",
+                   help="both: also the audio stream's tokens (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=-1, help=BUDGET_HELP)
+    for stream, window in (("text", 16), ("audio", 64)):
+        p.add_argument(f"--{stream}-temperature", type=float, default=0.0,
+                       help=f"{stream} stream: 0 = greedy, else sampling (default: %(default)s)")
+        p.add_argument(f"--{stream}-top-k", type=int, default=5,
+                       help="sample among the k likeliest ids; <= 0: all (default: %(default)s)")
+        p.add_argument(f"--{stream}-repetition-penalty", type=float, default=1.0,
+                       help="> 1 penalises ids of the last window; 1 = off (default: %(default)s)")
+        p.add_argument(f"--{stream}-repetition-window-size", type=int, default=window,
+                       help="tokens the penalty looks back over (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampled draws are reproducible per seed (default: %(default)s)")
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +100,7 @@ def _resolve_audio_paths(messages: Any, base: Path) -> Any:
     resolved = []
     for msg in messages:
         if isinstance(msg, dict) and msg.get("message_type") == "audio" and isinstance(
-                msg.get("content"), str):
+                msg.get("content"), str) and msg["content"]:
             content = Path(msg["content"]).expanduser()
             msg = {**msg, "content": str(content if content.is_absolute() else base / content)}
         resolved.append(msg)
@@ -257,7 +265,8 @@ def build_parser(prog: str = "python -m kimi_ops") -> argparse.ArgumentParser:
     p = sub.add_parser("label", help="label audio files with tasks (JSON lines)")
     _add_model_args(p)
     _add_task_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=-1)
+    p.add_argument("--max-new-tokens", type=int, default=-1,
+                   help="per segment of up to 30 s; " + BUDGET_HELP.split("; ", 1)[1])
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_label)
 

@@ -362,3 +362,45 @@ def test_bf16_the_gpu_default_dtype_runs_the_same_paths_on_cpu(golden_prompts):
     agree = sum(r.text_token_ids[:1] == expected[c]["text_tokens_from_generate_loop"][:1]
                 for c, r in zip(GENERATION_CASES, first))
     assert agree >= len(prompts) - 1  # bf16 rounding may flip a near tie, not the first tokens
+
+
+@pytest.mark.parametrize("content, message", [
+    (5, r"conversations\[1\]\[1\] \(int\): audio must be a file path, bytes or a \(waveform, "
+        r"sample_rate\) pair, got int"),
+    ([0.1, 0.2], r"conversations\[1\]\[1\] \(waveform\): a bare waveform has no sample rate: "
+                 r"pass \(waveform, sample_rate\)"),
+    ("", r"conversations\[1\]\[1\] \(empty path\): the audio path is empty"),
+    (b"junk" * 10, r"conversations\[1\]\[1\] \(bytes\): cannot decode audio"),
+])
+def test_audio_without_a_name_is_located_in_the_call(engine, content, message):
+    """Bytes and waveforms have no path to name them: the error says which conversation and
+    message hold them."""
+    from kimi_ops.errors import AudioError
+
+    ok = [{"role": "user", "message_type": "audio",
+           "content": str(goldens.INPUTS / "a01_tone_0p5s_16k.wav")}]
+    bad = [{"role": "user", "message_type": "text", "content": "hi"},
+           {"role": "user", "message_type": "audio", "content": content}]
+    with pytest.raises(AudioError, match=message):
+        engine.generate_batch([ok, bad], max_new_tokens=2)
+
+
+def test_a_prompt_past_the_default_budget_is_said_not_silent(engine, caplog):
+    """The reference's default budget is 7500 - prompt tokens: a 610 s clip (about 7,630 prompt
+    tokens) gets no output at all, which the call now says, as it does for prompts past the
+    model's positions."""
+    import logging
+
+    wave = np.zeros(16000 * 610, np.float32)
+    wave[::50] = 0.1
+    conversation = [{"role": "user", "message_type": "audio", "content": (wave, 16000)}]
+    with caplog.at_level(logging.WARNING, logger="kimi_ops.engine.api"):
+        result = engine.generate_batch([conversation])[0]
+    assert result.steps == 0 and result.finish_reason == "length" and result.text == ""
+    assert "leave no room in the default budget (7500 - prompt tokens)" in caplog.text
+    assert f"[{result.prompt_tokens}]" in caplog.text
+    assert "reach past the model's" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kimi_ops.engine.api"):
+        engine.generate_batch([conversation], max_new_tokens=1)
+    assert "leave no room" not in caplog.text

@@ -95,7 +95,9 @@ def load_audio(
         max_seconds = default_max_seconds()
     if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
         if isinstance(source, (str, os.PathLike)):
-            label = name or os.fspath(source)
+            label = name or os.fspath(source) or "<empty path>"
+            if not os.fspath(source):
+                raise AudioNotFoundError(label, "the audio path is empty")
             wave, rate = _read_path(os.fspath(source), label, max_seconds)
         else:
             label = name or "<bytes>"
@@ -115,9 +117,15 @@ def load_audio(
                     label, f"sample_rate={sample_rate} disagrees with the tuple's {rate}"
                 )
         else:
+            if not (isinstance(source, (list, np.ndarray)) or hasattr(source, "__array__")
+                    or hasattr(source, "detach")):
+                raise AudioDecodeError(label, "audio must be a file path, bytes or a "
+                                              f"(waveform, sample_rate) pair, got "
+                                              f"{type(source).__name__}")
             rate = sample_rate
             if rate is None:
-                raise AudioDecodeError(label, "a bare waveform needs sample_rate=")
+                raise AudioDecodeError(label, "a bare waveform has no sample rate: pass "
+                                              "(waveform, sample_rate)")
         samples = _waveform_to_mono(source, label)
     return _finish(samples, rate, label, max_seconds)
 

@@ -153,6 +153,14 @@ def sampling_params(
     ).validate()
 
 
+def _audio_kind(content: Any) -> str:
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return "bytes"
+    if isinstance(content, (tuple, list)) or hasattr(content, "__array__"):
+        return "waveform"
+    return "empty path" if content == "" else type(content).__name__
+
+
 class KimiAudio:
     def __init__(self, model_path: str | os.PathLike, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, glm_tokenizer: str | os.PathLike | None = None,
@@ -183,8 +191,10 @@ class KimiAudio:
 
     # -- audio -----------------------------------------------------------------------------
 
-    def encode_audio(self, sources: Sequence[Any]) -> list[AudioEncoding]:
-        """Decode and run the front-end once per distinct source; encodings pass through."""
+    def encode_audio(self, sources: Sequence[Any],
+                     names: Sequence[str | None] | None = None) -> list[AudioEncoding]:
+        """Decode and run the front-end once per distinct source; encodings pass through.
+        `names[i]` labels source i in errors (default: its path, or `<bytes>`/`<waveform>`)."""
         encodings: list[AudioEncoding | None] = [None] * len(sources)
         pending: dict[Any, list[int]] = {}
         waves = []
@@ -195,7 +205,7 @@ class KimiAudio:
             key = str(src) if isinstance(src, (str, Path)) else id(src)
             if key not in pending:
                 pending[key] = []
-                waves.append(load_audio(src))
+                waves.append(load_audio(src, name=names[i] if names else None))
             pending[key].append(i)
         if waves:
             if self.frontend is None:
@@ -214,7 +224,12 @@ class KimiAudio:
         conversations = [validate_messages(m, f"conversations[{i}]")
                          for i, m in enumerate(conversations)]
         contents = [audio_contents(m) for m in conversations]
-        flat = self.encode_audio([c for per in contents for c in per])
+        # audio given as bytes or a waveform has no name of its own: errors say where it sits
+        names = [None if isinstance(m["content"], (str, os.PathLike)) and m["content"] else
+                 f"conversations[{i}][{j}] ({_audio_kind(m['content'])})"
+                 for i, messages in enumerate(conversations)
+                 for j, m in enumerate(messages) if m["message_type"] == "audio"]
+        flat = self.encode_audio([c for per in contents for c in per], names)
         prompts, start = [], 0
         for messages, per in zip(conversations, contents):
             encs = flat[start: start + len(per)]
@@ -228,6 +243,7 @@ class KimiAudio:
     def run_prompts(self, prompts: Sequence[Prompt], params: GenerationParams
                     ) -> list[GenerationResult]:
         """Group prompts of similar length into batches, run them, return results in order."""
+        self._warn_about_lengths(prompts, params)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[GenerationResult | None] = [None] * len(prompts)
         batch: list[int] = []
@@ -252,6 +268,24 @@ class KimiAudio:
         if batch:
             flush()
         return results
+
+    def _warn_about_lengths(self, prompts: Sequence[Prompt], params: GenerationParams) -> None:
+        """Say so when a prompt leaves no room in the reference's default budget (it then ends
+        at once, empty, `finish_reason="length"`) or runs past the positions the model knows."""
+        lengths = [len(p) for p in prompts]
+        exhausted = [i for i, n in enumerate(lengths) if params.budget(n) <= 0]
+        if exhausted:
+            log.warning("conversation(s) %s: prompts of %s tokens leave no room in the default "
+                        "budget (%d - prompt tokens) and end at once with no output; pass "
+                        "max_new_tokens, or split the audio (12.5 tokens per second)",
+                        exhausted[:8], [lengths[i] for i in exhausted[:8]],
+                        params.budget(0))
+        limit = self.config.max_position_embeddings
+        beyond = [i for i, n in enumerate(lengths) if n >= limit]
+        if beyond:
+            log.warning("conversation(s) %s: prompts of %s tokens reach past the model's %d "
+                        "positions (max_position_embeddings): its output there is unreliable; "
+                        "split the audio", beyond[:8], [lengths[i] for i in beyond[:8]], limit)
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
         """As the reference: drop ids outside the text vocabulary, stop at text EOS, detokenize."""
