@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -101,6 +102,10 @@ def storage_env(text: str | None) -> str | None:
 def run_flow(flow, params, name: str, summary) -> int:
     """Run `flow(params)` here; print `summary(result)` and return 0, or the failure's reason
     as one `error:` line and 2."""
+    unreachable = prefect_api_unreachable()
+    if unreachable:
+        print(f"error: {unreachable}", file=sys.stderr)
+        return 2
     with tracebacks_only_for_bugs():
         start_temporary_server()
         state = flow(params, return_state=True)
@@ -109,6 +114,29 @@ def run_flow(flow, params, name: str, summary) -> int:
         return 2
     print(summary(state.result()))
     return 0
+
+
+def prefect_api_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the Prefect API that PREFECT_API_URL names cannot be used, or None (also when it is
+    not set: a temporary server is started). Any HTTP answer counts as an answer (Prefect Cloud
+    may want a key for /health); only a refused or silent connection does not. Prefect's own
+    client retried for minutes and ended in a page of tracebacks."""
+    import httpx
+
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        return None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=max(deadline - time.monotonic(), 0.5))
+            return None
+        except httpx.TransportError as exc:
+            if time.monotonic() + 1 >= deadline:
+                return (f"the Prefect API at {url} (PREFECT_API_URL) does not answer "
+                        f"({type(exc).__name__}): start it (`kimi-label stack up --prefect`), "
+                        "or unset PREFECT_API_URL to run with a temporary server")
+            time.sleep(1)
 
 
 def start_temporary_server() -> None:
@@ -253,6 +281,10 @@ def launch_job_flow(flow, name: str, args, make_params, formatter) -> int:
     try:
         params = make_params(stages, endpoint)
         block = getattr(params, "credentials_block", None)
+        unreachable = prefect_api_unreachable()  # before the checks touch the output
+        if unreachable:
+            print(f"error: {unreachable}", file=sys.stderr)
+            return 2
         # a credentials block is read here as well as by the flow (a deployment's runs have
         # only the flow's read): a missing or malformed block, or a key the store refuses, is
         # one line before the flow starts

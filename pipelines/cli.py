@@ -160,8 +160,17 @@ def format_report(report: dict) -> str:
     planned = report["planned"]
     retried = (f", {planned['retried_errors']} earlier errors tried again"
                if planned.get("retried_errors") else "")
-    retried += (f"; {planned['not_listed']} objects with rows here are not in this input "
-                "(deleted, or outside it; their rows stay)" if planned.get("not_listed") else "")
+    if planned.get("not_listed"):
+        named = report.get("not_listed", [])
+        more = planned["not_listed"] - len(named[:3])
+        retried += (f"; {planned['not_listed']} objects with rows here are not in this input "
+                    f"(deleted, or outside it; their rows stay): "
+                    f"{', '.join(named[:3])}{f' and {more} more' if more > 0 else ''}")
+    skipped = report.get("skipped_by_extension") or {}
+    if skipped:
+        retried += ("; skipped by extension: " + ", ".join(
+            f"{n} .{ext}" if ext else f"{n} without one"
+            for ext, n in sorted(skipped.items(), key=lambda kv: -kv[1])[:5]))
     lines = [f"run {report['run_id']}: {report['processed']} processed "
              f"({planned.get('already_done', 0)} already done{retried}), "
              f"status {report['status']}, errors {report['errors_by_kind']}",

@@ -31,7 +31,7 @@ from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from pipelines.stages import PIECE_SECONDS
 from pipelines.storage import RetryPolicy
@@ -128,6 +128,15 @@ class JobSpec(BaseModel):
     # job's own local Ray gets an object store of twice this (Ray Data's share of it is half).
     inflight_bytes: int | None = Field(None, ge=1 << 20)
 
+    @field_validator("model", "glm_tokenizer")
+    @classmethod
+    def local_folder_absolute(cls, value: str | None) -> str | None:
+        """A local folder given relative to here becomes absolute: the actors run elsewhere
+        (another working directory, other nodes). A hub id (`owner/name`) stays as it is."""
+        if value and "://" not in value and os.path.isdir(os.path.expanduser(value)):
+            return os.path.abspath(os.path.expanduser(value))
+        return value
+
     def task_params(self) -> dict[str, Any]:
         return {"language": self.language, "question": self.question}
 
@@ -174,7 +183,9 @@ def validate(spec: JobSpec) -> tuple[list, str]:
         check_local_device(spec.device)
     model = model_id(paths.root)
     try:
-        open_input(spec.input, spec.storage_options, spec.storage_retry)
+        found = open_input(spec.input, spec.storage_options, spec.storage_retry)
+        if found.is_prefix and not spec.is_manifest():
+            check_some_audio(spec)
         check_output(spec.output, spec.storage_options, spec.storage_retry)
         check_output_settings(spec, tasks, model, schema)
         check_output_free(spec)
@@ -231,6 +242,45 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
     except OSError as exc:
         raise JobError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
                        "is it running, and is the address its head's host:port?") from None
+    probe_gcs(address, timeout_s)
+
+
+def probe_gcs(address: str, timeout_s: float) -> None:
+    """Ask the cluster's GCS for its session, with this process's Ray settings: a cluster that
+    wants a token this client lacks, or a port that is not a GCS, is refused here in seconds
+    (`ray.init` retried either for minutes, then failed as a bare `ConnectionError`)."""
+    import threading
+
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:  # Ray moved its client: leave the check to ray.init
+        return
+    outcome: dict[str, BaseException | bool] = {}
+
+    def ask() -> None:
+        try:
+            GcsClient(address=address).internal_kv_get(b"session_name", namespace=b"session",
+                                                       timeout=timeout_s)
+            outcome["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - reported below, whatever Ray raised
+            outcome["error"] = exc
+
+    # a port that is not a GCS keeps Ray's client waiting about 40 s: wait in a thread
+    thread = threading.Thread(target=ask, name="gcs-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 3)
+    error = outcome.get("error")
+    if outcome.get("ok"):
+        return
+    if error is None:
+        raise JobError(f"{address} answers, but not as a Ray cluster's GCS within "
+                       f"{timeout_s + 3:g} s; is it the head's GCS port (6379 by default)?")
+    if type(error).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(error):
+        raise JobError(
+            f"the Ray cluster at {address} wants an authentication token this client does not "
+            "send: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, a "
+            "file holding it); for the local stack, `kimi-label stack status` prints them")
+    raise JobError(f"cannot talk to the Ray cluster at {address}: {error}")
 
 
 def check_output_settings(spec: JobSpec, tasks: list, model: str, schema: pa.Schema) -> None:
@@ -369,6 +419,32 @@ def read_parquet(fs, path: str, columns: list[str] | None = None,
     return retrying(read, uri_of(fs, path), action="read", policy=retry)
 
 
+def check_some_audio(spec: JobSpec) -> None:
+    """A folder or prefix with objects, none of them with an audio extension, is refused: the
+    run would "succeed" with nothing labelled. Lists up to the first wanted object."""
+    from pipelines.storage import AUDIO_EXTENSIONS, list_objects
+
+    skipped: Counter = Counter()
+    listing = list_objects(spec.input, spec.extensions or AUDIO_EXTENSIONS,
+                           spec.storage_options, spec.storage_retry, skipped=skipped)
+    if next(listing, None) is None and skipped:
+        raise JobError(f"{spec.input}: no audio to label: {nothing_listed(spec, skipped)}")
+
+
+NOT_LISTED_NAMED = 20  # objects a report names of those no longer in the input
+
+
+def nothing_listed(spec: JobSpec, skipped: Counter) -> str:
+    """What the input held instead of audio, and how to take it."""
+    from pipelines.storage import AUDIO_EXTENSIONS
+
+    wanted = sorted(spec.extensions or AUDIO_EXTENSIONS)
+    found = ", ".join(f"{n} .{ext}" if ext else f"{n} without an extension"
+                      for ext, n in skipped.most_common(5))
+    return (f"its {sum(skipped.values())} objects ({found}) have none of the extensions "
+            f"{', '.join(wanted)} (--extensions picks others, e.g. aiff)")
+
+
 def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
     """Write the to-do list as plan shards; returns counts and the shard paths."""
     from kimi_ops.audio.decode import default_max_seconds
@@ -390,12 +466,15 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
             if not settled(row, limit):
                 retry_errors.add(row["source_uri"])
 
+    skipped: Counter = Counter()  # objects of the input left out by their extension
     if spec.is_manifest():
         listing = read_manifest(spec.input, spec.storage_options, retry)
     elif spec.extensions:
-        listing = list_objects(spec.input, spec.extensions, spec.storage_options, retry)
+        listing = list_objects(spec.input, spec.extensions, spec.storage_options, retry,
+                               skipped=skipped)
     else:
-        listing = list_objects(spec.input, storage_options=spec.storage_options, retry=retry)
+        listing = list_objects(spec.input, storage_options=spec.storage_options, retry=retry,
+                               skipped=skipped)
     plan_dir = f"{root}/_runs/{run_id}/plan"
     fs.makedirs(plan_dir, exist_ok=True)
     shards, units, buffer, seen = [], [], [], set()
@@ -438,16 +517,21 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
             flush()
     if buffer:
         flush()
+    if skipped:
+        counts["skipped_by_extension"] = sum(skipped.values())
+    if not counts["listed"] and skipped:
+        raise JobError(f"{spec.input}: no audio to label: {nothing_listed(spec, skipped)}")
     # objects labelled here before that this listing lacks (deleted from the input, or out of
     # its scope): their rows stay, and the report says how many there are
-    not_listed = sum(1 for uri in done if uri not in seen)
+    not_listed = sorted(uri for uri in done if uri not in seen)
     if not_listed:
-        counts["not_listed"] = not_listed
+        counts["not_listed"] = len(not_listed)
     if changed:
         _drop_rows(fs, root, changed, retry)
         if len(changed) > counts["retried_errors"]:
             counts["changed"] = len(changed) - counts["retried_errors"]
-    return {"counts": dict(counts), "shards": shards, "units": units, "plan_dir": plan_dir}
+    return {"counts": dict(counts), "shards": shards, "units": units, "plan_dir": plan_dir,
+            "not_listed": not_listed[:NOT_LISTED_NAMED], "skipped": dict(skipped)}
 
 
 # error kinds the object's bytes decide: a rerun of the same object would fail the same way
@@ -546,7 +630,10 @@ def _init_ray(spec: JobSpec, temp_dir: str | None = None):
     try:
         with python_sigterm_kept():
             if address:  # join a running cluster ("auto" on a head or RayJob driver pod)
-                ray.init(address=address, log_to_driver=False)
+                # a loopback address stays one: Ray's client would otherwise rewrite it to
+                # this machine's routable address, where a loopback-only head never answers
+                with loopback_ray() if is_loopback(address) else contextlib.nullcontext():
+                    ray.init(address=address, log_to_driver=False)
             else:
                 with loopback_ray():
                     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
@@ -607,6 +694,19 @@ def local_gpus() -> int:
         return len(visible) if visible is not None else nv.get_current_node_num_accelerators()
     except Exception:  # no NVML, or Ray moved it: size the store for CPUs
         return 0
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a Ray `host:port` address names this machine's loopback interface."""
+    import ipaddress
+
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextmanager
@@ -886,6 +986,10 @@ def make_report(spec, run_id, model_id_, planned, summary, wall_s, stats, task_n
         "run_id": run_id, "model_id": model_id_, "input": spec.input, "output": spec.output,
         "tasks": task_names, "storage_options": safe_options(spec.storage_options),
         "planned": planned["counts"], "processed": len(summary),
+        # the first objects with rows here that this input no longer lists, and what the
+        # listing left out by extension
+        "not_listed": planned.get("not_listed", []),
+        "skipped_by_extension": planned.get("skipped", {}),
         "status": dict(status), "errors_by_kind": dict(kinds),
         "segments": sum(r["num_segments"] for r in summary),
         "audio_hours": audio_h, "wall_s": wall_s,

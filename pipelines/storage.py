@@ -39,6 +39,7 @@ import random
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -459,11 +460,17 @@ def _normalize_extensions(extensions: Iterable[str] | None) -> frozenset[str] | 
     return frozenset(e.lower().lstrip(".") for e in extensions if e)
 
 
-def _wanted(name: str, extensions: frozenset[str] | None) -> bool:
+def _wanted(name: str, extensions: frozenset[str] | None, skipped: Counter | None = None
+            ) -> bool:
+    """Whether `name` has a wanted extension; a name left out is counted in `skipped` under its
+    extension ("" for none)."""
     if extensions is None:
         return True
     _, dot, ext = name.rpartition(".")
-    return bool(dot) and "/" not in ext and ext.lower() in extensions
+    wanted = bool(dot) and "/" not in ext and ext.lower() in extensions
+    if not wanted and skipped is not None:
+        skipped[ext.lower() if dot and "/" not in ext else ""] += 1
+    return wanted
 
 
 def _local_fingerprint(st: os.stat_result) -> str:
@@ -514,7 +521,8 @@ def _s3_pages(fs, bucket: str, prefix: str, uri: str, storage_options,
 
 
 def _walk_s3(fs, path: str, extensions, uri: str, storage_options=None,
-             retry: RetryPolicy | None = None) -> Iterator[ObjectInfo]:
+             retry: RetryPolicy | None = None, skipped: Counter | None = None
+             ) -> Iterator[ObjectInfo]:
     bucket, key, _ = fs.split_path(path)
     prefix, denied = key, None
     if key and not key.endswith("/"):
@@ -535,7 +543,7 @@ def _walk_s3(fs, path: str, extensions, uri: str, storage_options=None,
         seen_any = seen_any or bool(contents)
         for obj in contents:
             name = obj["Key"]
-            if not name.endswith("/") and _wanted(name, extensions):
+            if not name.endswith("/") and _wanted(name, extensions, skipped):
                 yield _s3_info(bucket, obj)
     if denied is not None and not seen_any:
         raise denied
@@ -560,7 +568,8 @@ def _folder_id(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _walk_local(root: str, extensions) -> Iterator[ObjectInfo]:
+def _walk_local(root: str, extensions, skipped: Counter | None = None
+                ) -> Iterator[ObjectInfo]:
     """Symbolic links are followed, and what they reach is listed under the link's path: a
     file reached through two paths is listed once per path, as each path is an input of its
     own. A link to a folder being walked (a loop) is skipped with a warning: its files are
@@ -585,14 +594,15 @@ def _walk_local(root: str, extensions) -> Iterator[ObjectInfo]:
             else:
                 stack.append(iter(_sorted_entries(entry.path)))
                 walking.append(folder)
-        elif _wanted(entry.name, extensions):
+        elif _wanted(entry.name, extensions, skipped):
             if entry.is_symlink() and not os.path.exists(entry.path):
                 yield ObjectInfo(entry.path)  # a broken link
             elif entry.is_file():
                 yield _local_info(entry.path, entry.stat())
 
 
-def _walk_generic(fs, path: str, extensions) -> Iterator[ObjectInfo]:
+def _walk_generic(fs, path: str, extensions, skipped: Counter | None = None
+                  ) -> Iterator[ObjectInfo]:
     def info(p: str, d: Mapping[str, Any]) -> ObjectInfo:
         etag = d.get("ETag") or d.get("etag") or d.get("md5Hash") or d.get("md5")
         mtime = d.get("mtime") or d.get("created") or d.get("LastModified")
@@ -610,15 +620,17 @@ def _walk_generic(fs, path: str, extensions) -> Iterator[ObjectInfo]:
         raise FileNotFoundError(path)
     for folder, _, files in fs.walk(path, detail=True):
         for name in sorted(files):
-            if _wanted(name, extensions):
+            if _wanted(name, extensions, skipped):
                 yield info(f"{folder.rstrip('/')}/{name}", files[name])
 
 
 def list_objects(uri: str, extensions: Iterable[str] | None = AUDIO_EXTENSIONS,
                  storage_options: Mapping[str, Any] | None = None,
-                 retry: RetryPolicy | None = None) -> Iterator[ObjectInfo]:
+                 retry: RetryPolicy | None = None,
+                 skipped: Counter | None = None) -> Iterator[ObjectInfo]:
     """Stream the objects under ``uri`` whose extension (case-insensitive) is in ``extensions``
     (``None``: all). A URI naming one object yields that object, whatever its extension.
+    ``skipped`` counts the objects left out, by extension.
 
     S3 is walked with ``list_objects_v2`` one page at a time (each page retried under
     ``retry``); local folders depth-first, following links (see ``_walk_local``). Both yield
@@ -628,11 +640,11 @@ def list_objects(uri: str, extensions: Iterable[str] | None = AUDIO_EXTENSIONS,
     exts = _normalize_extensions(extensions)
     fs, path = resolve(uri, storage_options)
     if _is_s3(fs):
-        walk = _walk_s3(fs, path, exts, uri, storage_options, retry)
+        walk = _walk_s3(fs, path, exts, uri, storage_options, retry, skipped)
     elif is_local(fs):
-        walk = _walk_local(path, exts)
+        walk = _walk_local(path, exts, skipped)
     else:
-        walk = _walk_generic(fs, path, exts)
+        walk = _walk_generic(fs, path, exts, skipped)
     with _translated(uri, storage_options, "list"):
         yield from walk
 

@@ -433,3 +433,37 @@ def test_the_printed_summary_counts_retried_errors_and_keeps_paths_clean():
     assert format_transcription(report).splitlines()[-1] == (
         "subtitles: 6 files (.srt, .vtt) for 1 recordings of this run (4 segments) and 2 of "
         "earlier runs whose files were missing or stale in s3://audio/labels/sub")
+
+
+def test_a_prefect_api_that_does_not_answer_is_one_line(tmp_path):
+    """PREFECT_API_URL left pointing at a stopped server: one line and exit 2 in seconds, not
+    Prefect's retries ending in a page of tracebacks."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input", goldens.INPUTS,
+                           "--output", tmp_path / "out", "--model", MODEL], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the Prefect API at http://127.0.0.1:{port}/api (PREFECT_API_URL) does not "
+        "answer (ConnectError): start it (`kimi-label stack up --prefect`), or unset "
+        "PREFECT_API_URL to run with a temporary server")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_relative_model_folder_becomes_absolute_for_the_actors(monkeypatch):
+    """Actors run in another working directory (or on other nodes): `--model ck` from here
+    must reach them as this folder's absolute path; a hub id stays one."""
+    from pipelines.job import JobSpec
+
+    monkeypatch.chdir(goldens.CHECKPOINT.parent)
+    spec = JobSpec(input="x", output="y", model=goldens.CHECKPOINT.name,
+                   glm_tokenizer=f"./{goldens.CHECKPOINT.name}/glm-4-voice-tokenizer")
+    assert spec.model == str(goldens.CHECKPOINT)
+    assert spec.glm_tokenizer == str(goldens.CHECKPOINT / "glm-4-voice-tokenizer")
+    assert JobSpec(input="x", output="y", model="moonshotai/Kimi-Audio-7B-Instruct").model == (
+        "moonshotai/Kimi-Audio-7B-Instruct")

@@ -318,9 +318,31 @@ def test_cli_refuses_to_start_with_a_clear_reason(seaweed, s3_prefix, tmp_path):
                  "--model", MODEL, "--storage-options", json.dumps(wrong))
     assert denied.returncode == 2 and "access_denied" in denied.stderr
     assert "wrong-secret-value-123" not in denied.stderr + denied.stdout
-    for proc in (bad_model, no_bucket, denied):
+    # objects, but no audio among them (here: the default extensions; AIFF needs asking for)
+    upload(seaweed, f"{s3_prefix}/notes", {"a.txt": lambda: b"x", "b.txt": lambda: b"y",
+                                           "c.aiff": lambda: b"z"})
+    no_audio = run("--input", f"{s3_prefix}/notes", "--output", f"{s3_prefix}/out2",
+                   "--model", MODEL, "--storage-options", opts)
+    assert no_audio.returncode == 2 and no_audio.stderr.strip().endswith(
+        f"{s3_prefix}/notes: no audio to label: its 3 objects (2 .txt, 1 .aiff) have none of "
+        "the extensions flac, mp3, ogg, opus, wav (--extensions picks others, e.g. aiff)")
+    for proc in (bad_model, no_bucket, denied, no_audio):
         assert "Started a local Ray instance" not in proc.stderr  # refused before Ray
         assert "Traceback" not in proc.stderr
+
+
+def test_the_listing_counts_what_it_leaves_out_by_extension(tmp_path):
+    from collections import Counter
+
+    from pipelines.storage import list_objects
+
+    for name in ("a.wav", "b.TXT", "c.aiff", "d/e.txt", "README"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    skipped = Counter()
+    listed = [i.uri for i in list_objects(str(tmp_path), skipped=skipped)]
+    assert listed == [str(tmp_path / "a.wav")]
+    assert skipped == {"txt": 2, "aiff": 1, "": 1}
 
 
 def test_gpu_placement_by_configuration_only():
@@ -501,11 +523,12 @@ def test_manifest_input_with_bad_objects_and_a_rerun_retrying_what_can_change(se
         "list.jsonl": lambda: b'{"uri": "ok.wav"}\n{"uri": "nan.wav"}\n{"uri": "gone.wav"}\n'})
     fewer = run_job(spec)
     assert fewer["processed"] == 0 and fewer["planned"]["not_listed"] == 1
+    assert fewer["not_listed"] == [f"{s3_prefix}/in/long.wav"]  # named, in the report
     assert len(read_table(seaweed, f"{s3_prefix}/out", "files")) == 4
     from pipelines.cli import format_report
 
     assert ("; 1 objects with rows here are not in this input (deleted, or outside it; their "
-            "rows stay)") in format_report(fewer)
+            f"rows stay): {s3_prefix}/in/long.wav),") in format_report(fewer)
 
 
 def test_work_units_bound_rows_and_bytes():

@@ -267,3 +267,45 @@ def test_full_stack_prefect_and_ray(home):
     dot_ray_after = sorted((p.name, p.stat().st_mtime) for p in dot_ray.iterdir()) \
         if dot_ray.is_dir() else None
     assert dot_ray_after == dot_ray_before
+
+
+def test_joining_the_stacks_ray_needs_only_its_token(home):
+    """`--ray-address` at the stack's Ray: without the token the job's check refuses in seconds,
+    naming what to export; with it, but without the stack's single-node variable, the job
+    still joins (a loopback address stays one instead of becoming this machine's routable
+    address, where the head never answers); a port that is not a GCS is named as such."""
+    state = stack_up(home, ray=True)
+    env = state.env()
+    probe = textwrap.dedent("""
+        import sys, time
+        from pipelines.job import JobError, JobSpec, _init_ray, check_ray_address
+        address = sys.argv[1]
+        start = time.monotonic()
+        try:
+            check_ray_address(address)
+        except JobError as exc:
+            print("refused", round(time.monotonic() - start), exc)
+            raise SystemExit(0)
+        import ray
+        _init_ray(JobSpec(input="x", output="y", model="m", ray_address=address))
+        print("joined", ray.cluster_resources().get("CPU"))
+        ray.shutdown()
+    """)
+
+    def run(address: str, extra: dict[str, str]) -> str:
+        proc = subprocess.run([sys.executable, "-c", probe, address], cwd=ROOT, check=False,
+                              env={**_clean_env(), **extra}, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip().splitlines()[-1]
+
+    address = env["RAY_ADDRESS"]
+    no_token = run(address, {})
+    assert no_token.startswith("refused") and int(no_token.split()[1]) <= 5
+    assert "wants an authentication token this client does not send: export RAY_AUTH_MODE" \
+        in no_token
+    token_only = {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    assert run(address, token_only).startswith("joined")
+    s3_port = env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
+    not_gcs = run(f"127.0.0.1:{s3_port}", token_only)
+    assert not_gcs.startswith("refused") and "answers, but not as a Ray cluster's GCS" in not_gcs
