@@ -31,7 +31,8 @@ from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_validator,
+                      model_validator)
 
 from pipelines.stages import PIECE_SECONDS
 from pipelines.storage import RetryPolicy
@@ -78,9 +79,12 @@ StageOverrides = Annotated[dict[str, StageResources], AfterValidator(known_stage
 
 
 def some_tasks(tasks: list[str]) -> list[str]:
+    """Task specs without stray spaces, in one order whatever order they were given in (the
+    shards of an output then share one column order)."""
+    tasks = [t.strip() for t in tasks if t.strip()]
     if not tasks:
         raise ValueError("name at least one task, e.g. asr,emotion")
-    return tasks
+    return sorted(tasks)
 
 
 TaskNames = Annotated[list[str], AfterValidator(some_tasks)]  # of a job, or a flow's params
@@ -127,6 +131,14 @@ class JobSpec(BaseModel):
     # ahead by the whole corpus and the shared memory the next stage touched grew with it. A
     # job's own local Ray gets an object store of twice this (Ray Data's share of it is half).
     inflight_bytes: int | None = Field(None, ge=1 << 20)
+
+    @model_validator(mode="after")
+    def question_for_the_question_task(self) -> JobSpec:
+        if self.question is not None and not any(t.partition(":")[0] == "question"
+                                                 for t in self.tasks):
+            raise ValueError("--question is the question task's question: add `question` to "
+                             "--tasks, or leave --question out")
+        return self
 
     @field_validator("model", "glm_tokenizer")
     @classmethod

@@ -78,11 +78,16 @@ def set_threads(threads: int | None) -> None:
 
 def generation_settings(tasks, max_new_tokens: int, task_params: dict) -> dict[str, Any]:
     """What shaped the labels besides the model and the tasks (the token budget, greedy text,
-    the tasks' own sampling, and the task parameters that are set, such as the language): the
+    the tasks' own sampling, and the task parameters a task of the run takes, such as asr's
+    language): the
     segments' `generation` column holds it as JSON, `pipelines.job.check_output_settings`
     compares it."""
+    from kimi_ops.tasks import TASKS, task_parameters
+
+    used = set().union(*(task_parameters(t.name) for t in tasks if t.name in TASKS))
     return {"max_new_tokens": max_new_tokens, "text_temperature": 0.0,
-            **{k: v for k, v in task_params.items() if v is not None},
+            # only what a task of this run takes: `--question` means nothing to `asr`
+            **{k: v for k, v in task_params.items() if v is not None and k in used},
             **{t.name: t.sampling for t in tasks if hasattr(t, "sampling") and t.sampling}}
 
 

@@ -719,3 +719,33 @@ def test_a_large_object_decodes_from_a_local_copy_to_the_same_rows(
     assert spooled == in_memory
     assert len(spooled) == 2 and spooled[0]["error_kind"] is None
     assert spooled[0]["size_bytes"] == size and spooled[0]["channels"] == 2
+
+
+def test_tasks_in_one_order_and_settings_only_of_the_tasks_run():
+    """`--tasks "sound_event, asr"` and `--tasks asr,sound_event` write the same columns in the
+    same order; `--question` without the question task is refused, and a task parameter no task
+    of the run takes (asr's language for an emotion run) is not recorded as a setting, so it
+    neither splits an output's `generation` values nor blocks a rerun."""
+    from pydantic import ValidationError
+
+    from kimi_ops.tasks import get_task
+    from pipelines.schema import segments_schema
+    from pipelines.stages import generation_settings
+
+    a = JobSpec(input="x", output="y", model="m", tasks=["sound_event", " asr"])
+    b = JobSpec(input="x", output="y", model="m", tasks=["asr", "sound_event "])
+    assert a.tasks == b.tasks == ["asr", "sound_event"]
+    assert segments_schema([get_task(t) for t in a.tasks]).names == segments_schema(
+        [get_task(t) for t in b.tasks]).names
+    with pytest.raises(ValidationError, match="--question is the question task's question"):
+        JobSpec(input="x", output="y", model="m", tasks=["asr"], question="what?")
+
+    def settings(tasks, **params):
+        spec = JobSpec(input="x", output="y", model="m", tasks=tasks, **params)
+        built = [get_task(t, **spec.task_params()) for t in spec.tasks]
+        return generation_settings(built, spec.max_new_tokens, spec.task_params())
+
+    assert "language" not in settings(["emotion"], language="en")
+    assert settings(["asr"], language="en")["language"] == "en"
+    asked = settings(["asr", "question"], question="Who speaks?")
+    assert asked["question"] == "Who speaks?" and asked["language"] == "auto"

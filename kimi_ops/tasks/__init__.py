@@ -18,7 +18,8 @@ from typing import Any
 from kimi_ops.tasks import asr, caption, emotion, question, scene, sound_event
 from kimi_ops.tasks.base import ChoiceTask, GenerativeTask, Task
 
-__all__ = ["TASKS", "ChoiceTask", "GenerativeTask", "Task", "get_task", "register_task"]
+__all__ = ["TASKS", "ChoiceTask", "GenerativeTask", "Task", "get_task", "register_task",
+           "task_parameters"]
 
 TASKS: dict[str, Callable[..., Task]] = {
     "asr": asr.make,
@@ -34,6 +35,13 @@ def register_task(name: str, factory: Callable[..., Task], replace: bool = False
     if not replace and name in TASKS:
         raise ValueError(f"task {name!r} is already registered (pass replace=True to override)")
     TASKS[name] = factory
+
+
+def task_parameters(name: str) -> frozenset[str]:
+    """The keyword parameters task `name`'s factory takes (`language` for asr, ...)."""
+    factory = TASKS[name]
+    return frozenset(p.name for p in inspect.signature(factory).parameters.values()
+                     if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def get_task(spec: str, **params: Any) -> Task:
