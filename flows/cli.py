@@ -485,6 +485,13 @@ def cmd_evaluate(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(report))
+    coverage = report["coverage"]
+    if coverage["references"] and coverage["missing"] == coverage["references"]:
+        example = coverage["missing_examples"][0]["source_uri"]
+        print(f"error: none of the {coverage['references']} references names an object of "
+              f"{args.output} (e.g. {example!r}): write source_uri as the output's files/ rows "
+              "do (the input's s3:// URIs, or absolute local paths)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -166,6 +166,8 @@ def format_report(report: dict) -> str:
         retried += (f"; {planned['not_listed']} objects with rows here are not in this input "
                     f"(deleted, or outside it; their rows stay): "
                     f"{', '.join(named[:3])}{f' and {more} more' if more > 0 else ''}")
+    if planned.get("duplicates"):
+        retried += f"; {planned['duplicates']} repeated entries of the input labelled once"
     skipped = report.get("skipped_by_extension") or {}
     if skipped:
         retried += ("; skipped by extension: " + ", ".join(

@@ -8,7 +8,9 @@
 
 References: one Parquet, CSV or JSON-lines file (CSV/JSONL may be .gz/.bz2/.zst/.xz), one row
 per reference item, keyed by
-  * `source_uri` (required): the object's URI exactly as in the output's `files/` table;
+  * `source_uri` (required): the object's URI as in the output's `files/` table; where no row
+    has it exactly, as a run would spell it (`as_listed`: a relative path from the references
+    file's folder, `file://` dropped, `./` and `//` parts removed);
   * `segment_index` (optional): a row with a value refers to that segment (`segments/` row), a
     row without one (the column absent, or null) to the whole file;
 and holding any of the task columns `transcript` (ASR, with an optional `language`, see
@@ -128,10 +130,42 @@ class Reference:
     segment_index: int | None
     values: dict[str, str]  # task column -> reference value (transcript or label)
     language: str | None = None  # "en" | "zh" for a transcript
+    # `source_uri` as a run spells the object (`as_listed`), tried when the exact one is absent
+    listed_uri: str | None = None
 
     @property
     def key(self) -> tuple[str, int | None]:
         return self.source_uri, self.segment_index
+
+    def uris(self) -> tuple[str, ...]:
+        return (self.source_uri,) + ((self.listed_uri,) if self.listed_uri else ())
+
+
+def as_listed(source: str, references_uri: str) -> str | None:
+    """A reference's object spelled as a run's `files/` rows spell it, when that differs: a
+    local path absolute and normalised (`file://` dropped; a relative one taken from the
+    references file's folder, as a manifest's entries are), an S3 key without `//` or `./`
+    parts. None when it is already so."""
+    text = source[len("file://"):] if source.startswith("file://") else source
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        bucket, _, key = rest.partition("/")
+        spelled = f"{scheme}://{bucket}/{posixpath.normpath(key)}" if key.strip("/") else text
+    elif posixpath.isabs(text):
+        spelled = posixpath.normpath(text)
+    else:
+        base = (references_uri[len("file://"):] if references_uri.startswith("file://")
+                else references_uri)
+        base_scheme, base_sep, base_rest = base.partition("://")
+        if base_sep:
+            folder = posixpath.dirname(base_rest)
+            spelled = f"{base_scheme}://{posixpath.normpath(posixpath.join(folder, text))}"
+        else:
+            import os
+
+            spelled = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base)),
+                                                    text))
+    return spelled if spelled != source else None
 
 
 def _format(path: str) -> str | None:
@@ -236,7 +270,7 @@ def parse_references(uri: str, rows: Sequence[Mapping[str, Any]],
                                         None if declared is None else str(declared))
             except ValueError as exc:
                 raise EvaluationError(f"references {uri}: row {number}: {exc}") from None
-        refs.append(Reference(key[0], index, values, language))
+        refs.append(Reference(key[0], index, values, language, as_listed(key[0], uri)))
     return refs
 
 
@@ -387,7 +421,7 @@ def collect(info: OutputInfo, refs: Sequence[Reference], tasks: Sequence[str],
     from pipelines.storage import resolve
 
     fs, _ = resolve(info.uri, storage_options)
-    uris = {r.source_uri for r in refs}
+    uris = {u for r in refs for u in r.uris()}
     closed = [t for t in tasks if t != ASR_COLUMN]
     files: dict[str, dict] = {}
     duplicated = 0
@@ -419,14 +453,15 @@ def collect(info: OutputInfo, refs: Sequence[Reference], tasks: Sequence[str],
 
     outcomes = {}
     for ref in refs:
-        file_row = files.get(ref.source_uri)
-        if file_row is None:
+        uri = next((u for u in ref.uris() if u in files), None)
+        if uri is None:
             outcomes[ref.key] = Outcome(MISSING)
             continue
+        file_row = files[uri]
         if file_row["status"] == "error":
             outcomes[ref.key] = Outcome(ERRORED, (file_row.get("error") or {}).get("kind"))
             continue
-        segments = by_file.get(ref.source_uri, {})
+        segments = by_file.get(uri, {})
         if ref.segment_index is None:
             usable = [s for _, s in sorted(segments.items()) if s["status"] in ("ok", "silent")]
             outcome = Outcome(SCORED, values={ASR_COLUMN: file_row.get(ASR_COLUMN)})

@@ -512,7 +512,8 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
         buffer.clear()
 
     for info in listing:
-        if info.uri in seen:
+        if info.uri in seen:  # a manifest naming an object twice: labelled once
+            counts["duplicates"] += 1
             continue
         seen.add(info.uri)
         counts["listed"] += 1

@@ -20,6 +20,9 @@ from kimi_ops.evaluation import (
     normalize_chinese,
     transcript_errors,
 )
+# imported here, not in a test: Prefect sets up its console logging on import, and inside a
+# test using capsys it would keep writing to that test's closed stream
+from flows.evaluate import report_markdown
 from kimi_ops.tasks import get_task
 from pipelines.evaluate import EvaluationError, EvaluationSpec, check_inputs, evaluate
 from pipelines.schema import files_schema, segments_schema, to_table
@@ -513,8 +516,7 @@ def test_reference_labels_outside_the_label_set_are_left_out_and_printed(tmp_pat
     assert emo["known_labels"] == ["neutral", "joy", "anger"]
     assert emo["labels"] == ["neutral", "joy", "anger"]
     assert {r["source_uri"] for r in emo["rows"]} == {A, B, E, G}
-    from flows.evaluate import report_markdown  # the flow's report artifact shows it too
-
+    # the flow's report artifact shows it too
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert ("- **warning**: emotion: 2 reference items left out of scoring, their labels are not "
             "in the task's label set: 'Sad' (1), 'happy' (1)") in report_markdown(report)
@@ -583,3 +585,32 @@ def test_evaluate_flow_publishes_its_artifacts(harness, tmp_path):
     assert state.is_failed()
     with pytest.raises(ValueError, match="evaluate cannot run: references .*no.csv: not_found"):
         state.result()
+
+
+def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys):
+    """A run spells local objects as absolute paths: a reference naming them relative to the
+    references file's folder, with `file://`, or with `./`, still finds its row; when no
+    reference names any object of the output, the command says so and exits 2."""
+    from flows.cli import main
+    from pipelines.evaluate import as_listed
+
+    clip = tmp_path / "corpus" / "clip.wav"
+    output = write_output(tmp_path / "out", [file_row(str(clip), "hello world")],
+                          [seg_row(str(clip), 0, 0, 2, emotion("joy", 0.9))])
+    for spelled in ("corpus/clip.wav", f"file://{clip}", f"{tmp_path}/./corpus//clip.wav"):
+        refs = write_references(tmp_path / "refs.parquet",
+                                [{"source_uri": spelled, "emotion": "joy"}])
+        report = evaluate(EvaluationSpec(output=output, references=refs,
+                                         report_dir=str(tmp_path / "eval")))
+        assert report["coverage"]["scored"] == 1, spelled
+    assert as_listed("s3://b/in//a/./x.wav", "s3://b/refs.csv") == "s3://b/in/a/x.wav"
+    assert as_listed("x.wav", "s3://b/refs/list.csv") == "s3://b/refs/x.wav"
+    assert as_listed(str(clip), str(tmp_path / "refs.csv")) is None  # already as listed
+
+    refs = write_references(tmp_path / "refs.parquet",
+                            [{"source_uri": "elsewhere/clip.wav", "emotion": "joy"}])
+    assert main(["evaluate", "--output", output, "--references", refs,
+                 "--report-dir", str(tmp_path / "eval2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: none of the 1 references names an object of ")
+    assert "'elsewhere/clip.wav'" in err
