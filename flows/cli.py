@@ -454,7 +454,8 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--report-dir", default=None,
                    help="where report.json and confusion.png go "
                         "(default: <output>/_evaluations/<UTC time>)")
-    p.add_argument("--bins", type=int, default=10, help="calibration bins (equal width)")
+    p.add_argument("--bins", type=int, default=10,
+                   help="calibration bins, equal width (default: %(default)s)")
     p.add_argument("--storage-options", default=None,
                    help="JSON (key, secret, endpoint_url...); default: AWS_* env")
     args = p.parse_args(argv)

@@ -47,7 +47,8 @@ def add_job_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (),
     add("--glm-tokenizer", default=None,
         help="GLM-4-Voice tokenizer folder (default: glm-4-voice-tokenizer/ in the checkpoint)")
     add("--tasks", default="asr",
-        help=f"comma-separated, from {', '.join(TASKS)} (default: %(default)s)")
+        help=f"comma-separated, from {', '.join(TASKS)}; label-set variants scene:tut2017, "
+             "sound_event:nonspeech7k (default: %(default)s)")
     add("--language", choices=["auto", "en", "zh"], default="auto",
         help="the speech's language for asr prompts (default: %(default)s)")
     add("--question", default=None, help="the question the `question` task asks of each clip")
@@ -62,10 +63,13 @@ def add_job_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (),
              "most N times this much")
     add("--semantic-tokens", action="store_true",
         help="also write each segment's 12.5 Hz VQ tokens (training-data preparation)")
-    add("--extensions", default=None, help="comma-separated, e.g. wav,flac")
+    add("--extensions", default=None,
+        help="comma-separated, e.g. wav,flac,aiff (default: wav,flac,ogg,opus,mp3)")
     add("--storage-options", default=None,
         help="JSON for fsspec/s3fs (key, secret, client_kwargs...); default: AWS_* env")
-    add("--ray-address", default=None, help="join this Ray cluster (default: local)")
+    add("--ray-address", default=None,
+        help="join this Ray cluster, host:port of its GCS or auto (default: $RAY_ADDRESS, "
+             "else a Ray of the job's own on this machine)")
     add("--device", default=None,
         help="cpu, cuda or cuda:N for the model actors (default: cuda where an actor has a GPU)")
     add("--stages", default=None,

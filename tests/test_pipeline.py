@@ -749,3 +749,18 @@ def test_tasks_in_one_order_and_settings_only_of_the_tasks_run():
     assert settings(["asr"], language="en")["language"] == "en"
     asked = settings(["asr", "question"], question="Who speaks?")
     assert asked["question"] == "Who speaks?" and asked["language"] == "auto"
+
+
+def test_a_manifest_naming_an_object_twice_plans_it_once_and_says_so(tmp_path):
+    from pipelines.cli import format_report
+    from pipelines.job import plan
+
+    (tmp_path / "a.wav").write_bytes(GOOD["mono_8k.wav"]())
+    (tmp_path / "list.jsonl").write_text('{"uri": "a.wav"}\n{"uri": "a.wav"}\n')
+    spec = JobSpec(input=str(tmp_path / "list.jsonl"), output=str(tmp_path / "out"), model=MODEL)
+    planned = plan(spec, "r1")
+    assert planned["counts"]["listed"] == 1 and planned["counts"]["duplicates"] == 1
+    report = {"output": spec.output, "planned": planned["counts"], "run_id": "r1",
+              "processed": 0, "status": {}, "errors_by_kind": {}, "audio_hours": 0.0,
+              "wall_s": 1.0, "audio_hours_per_hour": 0.0}
+    assert "; 1 repeated entries of the input labelled once" in format_report(report)
