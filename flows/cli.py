@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -99,10 +98,10 @@ def storage_env(text: str | None) -> str | None:
     return endpoint
 
 
-def run_flow(flow, params, name: str, summary) -> int:
+def run_flow(flow, params, name: str, summary, api_checked: bool = False) -> int:
     """Run `flow(params)` here; print `summary(result)` and return 0, or the failure's reason
-    as one `error:` line and 2."""
-    unreachable = prefect_api_unreachable()
+    as one `error:` line and 2. `api_checked`: the caller asked `prefect_api_unreachable`."""
+    unreachable = None if api_checked else prefect_api_unreachable()
     if unreachable:
         print(f"error: {unreachable}", file=sys.stderr)
         return 2
@@ -117,26 +116,25 @@ def run_flow(flow, params, name: str, summary) -> int:
 
 
 def prefect_api_unreachable(timeout_s: float = 5.0) -> str | None:
-    """Why the Prefect API that PREFECT_API_URL names cannot be used, or None (also when it is
-    not set: a temporary server is started). Any HTTP answer counts as an answer (Prefect Cloud
-    may want a key for /health); only a refused or silent connection does not. Prefect's own
-    client retried for minutes and ended in a page of tracebacks."""
+    """Why the Prefect API this process is set to use (PREFECT_API_URL, from the environment
+    or a Prefect profile) cannot be reached, or None (also when none is set: a temporary server
+    is started). Asked through Prefect's own client, so its TLS settings apply; any HTTP answer
+    counts (Prefect Cloud may want a key for /health), only a connection that fails does not.
+    Prefect's client otherwise retried for minutes and ended in a page of tracebacks."""
     import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
 
-    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    url = PREFECT_API_URL.value()
     if not url:
         return None
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            httpx.get(f"{url}/health", timeout=max(deadline - time.monotonic(), 0.5))
-            return None
-        except httpx.TransportError as exc:
-            if time.monotonic() + 1 >= deadline:
-                return (f"the Prefect API at {url} (PREFECT_API_URL) does not answer "
-                        f"({type(exc).__name__}): start it (`kimi-label stack up --prefect`), "
-                        "or unset PREFECT_API_URL to run with a temporary server")
-            time.sleep(1)
+    with get_client(sync_client=True, httpx_settings={"timeout": timeout_s}) as client:
+        error = client.api_healthcheck()
+    if not isinstance(error, httpx.TransportError):
+        return None
+    return (f"the Prefect API at {url} (PREFECT_API_URL) does not answer "
+            f"({type(error).__name__}: {error}): start it (`kimi-label stack up --prefect`), or "
+            "unset PREFECT_API_URL to run with a temporary server")
 
 
 def start_temporary_server() -> None:
@@ -296,7 +294,7 @@ def launch_job_flow(flow, name: str, args, make_params, formatter) -> int:
     except (JobError, CredentialsError) as exc:
         print(f"error: {name} cannot run: {exc}", file=sys.stderr)
         return 2
-    return run_flow(flow, params, name, formatter)
+    return run_flow(flow, params, name, formatter, api_checked=True)
 
 
 def cmd_transcribe_archive(argv: list[str]) -> int:
@@ -489,9 +487,10 @@ def cmd_evaluate(argv: list[str]) -> int:
     coverage = report["coverage"]
     if coverage["references"] and coverage["missing"] == coverage["references"]:
         example = coverage["missing_examples"][0]["source_uri"]
-        print(f"error: none of the {coverage['references']} references names an object of "
-              f"{args.output} (e.g. {example!r}): write source_uri as the output's files/ rows "
-              "do (the input's s3:// URIs, or absolute local paths)", file=sys.stderr)
+        print(f"error: none of the {coverage['references']} references matched a row of "
+              f"{args.output} (e.g. {example!r}): source_uri must name an object as the "
+              "output's files/ rows do (the input's s3:// URIs, or local paths), and "
+              "segment_index one of its segments", file=sys.stderr)
         return 2
     return 0
 

@@ -165,11 +165,11 @@ def format_report(report: dict) -> str:
     retried = (f", {planned['retried_errors']} earlier errors tried again"
                if planned.get("retried_errors") else "")
     if planned.get("not_listed"):
-        named = report.get("not_listed", [])
-        more = planned["not_listed"] - len(named[:3])
+        named = report.get("not_listed", [])[:3]  # (an older report names none)
+        more = planned["not_listed"] - len(named)
+        listed = ", ".join(named) + (f" and {more} more" if named and more > 0 else "")
         retried += (f"; {planned['not_listed']} objects with rows here are not in this input "
-                    f"(deleted, or outside it; their rows stay): "
-                    f"{', '.join(named[:3])}{f' and {more} more' if more > 0 else ''}")
+                    f"(deleted, or outside it; their rows stay){': ' + listed if named else ''}")
     if planned.get("duplicates"):
         retried += f"; {planned['duplicates']} repeated entries of the input labelled once"
     skipped = report.get("skipped_by_extension") or {}

@@ -146,25 +146,25 @@ def as_listed(source: str, references_uri: str) -> str | None:
     local path absolute and normalised (`file://` dropped; a relative one taken from the
     references file's folder, as a manifest's entries are), an S3 key without `//` or `./`
     parts. None when it is already so."""
+    import os
+
     text = source[len("file://"):] if source.startswith("file://") else source
     scheme, sep, rest = text.partition("://")
-    if sep:
+    base = (references_uri[len("file://"):] if references_uri.startswith("file://")
+            else references_uri)
+    base_scheme, base_sep, base_rest = base.partition("://")
+    if sep or (base_sep and not posixpath.isabs(text)):
+        if not sep:  # relative to the references file's folder, in its bucket
+            scheme, rest = base_scheme, posixpath.join(posixpath.dirname(base_rest), text)
         bucket, _, key = rest.partition("/")
-        spelled = f"{scheme}://{bucket}/{posixpath.normpath(key)}" if key.strip("/") else text
-    elif posixpath.isabs(text):
-        spelled = posixpath.normpath(text)
+        key = posixpath.normpath(key) if key.strip("/") else ""
+        if not key or key == ".." or key.startswith("../"):
+            return None  # nothing, or above the bucket: no object a run lists
+        spelled = f"{scheme}://{bucket}/{key}"
     else:
-        base = (references_uri[len("file://"):] if references_uri.startswith("file://")
-                else references_uri)
-        base_scheme, base_sep, base_rest = base.partition("://")
-        if base_sep:
-            folder = posixpath.dirname(base_rest)
-            spelled = f"{base_scheme}://{posixpath.normpath(posixpath.join(folder, text))}"
-        else:
-            import os
-
-            spelled = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base)),
-                                                    text))
+        text = os.path.expanduser(text)
+        folder = os.path.dirname(os.path.abspath(base))
+        spelled = os.path.normpath(text if os.path.isabs(text) else os.path.join(folder, text))
     return spelled if spelled != source else None
 
 

@@ -134,10 +134,14 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def question_for_the_question_task(self) -> JobSpec:
+        """A question without the `question` task asks nothing: it is dropped, with a warning
+        (it is not recorded in `generation` either; refusing it would break saved flows)."""
         if self.question is not None and not any(t.partition(":")[0] == "question"
                                                  for t in self.tasks):
-            raise ValueError("--question is the question task's question: add `question` to "
-                             "--tasks, or leave --question out")
+            log.warning("--question %r is ignored: it is the question task's question, and "
+                        "the tasks are %s (add `question` to them to ask it)", self.question,
+                        ",".join(self.tasks))
+            self.question = None
         return self
 
     @field_validator("model", "glm_tokenizer")
@@ -285,8 +289,9 @@ def probe_gcs(address: str, timeout_s: float) -> None:
     if outcome.get("ok"):
         return
     if error is None:
-        raise JobError(f"{address} answers, but not as a Ray cluster's GCS within "
-                       f"{timeout_s + 3:g} s; is it the head's GCS port (6379 by default)?")
+        raise JobError(f"{address} accepts connections but did not answer as a Ray cluster's "
+                       f"GCS within {timeout_s + 3:g} s; is it the head's GCS port (6379 by "
+                       "default), and is the head busy?")
     if type(error).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(error):
         raise JobError(
             f"the Ray cluster at {address} wants an authentication token this client does not "

@@ -28,6 +28,7 @@ StorageError ends the run (a rerun resumes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -157,9 +158,13 @@ class DecodeStage:
                          size=plan.get("size"), spool_bytes=self.spool_bytes) as (data, size):
                 row["size_bytes"] = size
                 try:
-                    info = sf.info(data if isinstance(data, str) else io.BytesIO(data))
+                    # opened here, never by path: libsndfile took a macOS `._name` sidecar
+                    # beside a path for a resource fork and refused the MP3 (see decode.py)
+                    with (open(data, "rb") if isinstance(data, str)
+                          else contextlib.nullcontext(io.BytesIO(data))) as handle:
+                        info = sf.info(handle)
                     row["sample_rate"], row["channels"] = int(info.samplerate), int(info.channels)
-                except (RuntimeError, sf.LibsndfileError):
+                except (RuntimeError, OSError, sf.LibsndfileError):
                     pass  # load_audio reports it with the file name
                 wave = load_audio(data, name=plan["uri"], **self.limit)
             segments = segment_audio(wave, SAMPLE_RATE, max_seconds=self.max_segment_seconds)

@@ -137,21 +137,28 @@ def test_a_reader_that_goes_away_ends_python_m_kimi_ops_quietly():
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
 
 
-def test_label_prints_a_batch_of_files_at_a_time(tmp_path):
-    """With --max-batch-size 1 the first file's line is out before the second is labelled:
-    killing the command after the first line keeps it (no all-at-the-end output)."""
-    good = goldens.INPUTS / "a01_tone_0p5s_16k.wav"
-    proc = subprocess.Popen([sys.executable, "-m", "kimi_ops", "label", "--model",
-                             str(goldens.CHECKPOINT), "--max-new-tokens", "2",
-                             "--max-batch-size", "1", str(good), *[str(good)] * 30],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = json.loads(proc.stdout.readline())
-        assert first["path"] == str(good) and "transcript" in first
-        assert proc.poll() is None  # still labelling the others
-    finally:
-        proc.kill()
-        proc.communicate()
+def test_label_prints_a_batch_of_files_at_a_time(monkeypatch, capsys):
+    """With --max-batch-size 1 each file's line is out before the next file is labelled (the
+    lines used to come all at once at the end)."""
+    import kimi_ops.tasks.runner as runner
+    from kimi_ops.__main__ import main
+
+    good = str(goldens.INPUTS / "a01_tone_0p5s_16k.wav")
+    printed_before: list[int] = []
+    real = runner.label_files
+    seen = []
+
+    def label_files(engine, files, *args, **kwargs):
+        seen.extend(capsys.readouterr().out.splitlines())
+        printed_before.append(len(seen))
+        return real(engine, files, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "label_files", label_files)
+    assert main(["label", "--model", str(goldens.CHECKPOINT), "--max-new-tokens", "2",
+                 "--max-batch-size", "1", good, good, good]) == 0
+    seen.extend(capsys.readouterr().out.splitlines())
+    assert printed_before == [0, 1, 2] and len(seen) == 3
+    assert all(json.loads(line)["path"] == good for line in seen)
 
 
 def test_make_tiny_checkpoint_never_writes_over_other_files(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -606,11 +607,13 @@ def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys
     assert as_listed("s3://b/in//a/./x.wav", "s3://b/refs.csv") == "s3://b/in/a/x.wav"
     assert as_listed("x.wav", "s3://b/refs/list.csv") == "s3://b/refs/x.wav"
     assert as_listed(str(clip), str(tmp_path / "refs.csv")) is None  # already as listed
+    assert as_listed("../../x.wav", "s3://b/refs.csv") is None  # above the bucket
+    assert as_listed("~/x.wav", str(tmp_path / "refs.csv")) == str(Path.home() / "x.wav")
 
     refs = write_references(tmp_path / "refs.parquet",
                             [{"source_uri": "elsewhere/clip.wav", "emotion": "joy"}])
     assert main(["evaluate", "--output", output, "--references", refs,
                  "--report-dir", str(tmp_path / "eval2")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: none of the 1 references names an object of ")
+    assert err.startswith("error: none of the 1 references matched a row of ")
     assert "'elsewhere/clip.wav'" in err

@@ -450,7 +450,8 @@ def test_a_prefect_api_that_does_not_answer_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: the Prefect API at http://127.0.0.1:{port}/api (PREFECT_API_URL) does not "
-        "answer (ConnectError): start it (`kimi-label stack up --prefect`), or unset "
+        "answer (ConnectError: [Errno 111] Connection refused): start it (`kimi-label stack "
+        "up --prefect`), or unset "
         "PREFECT_API_URL to run with a temporary server")
     assert not (tmp_path / "out").exists()
 

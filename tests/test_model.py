@@ -170,11 +170,27 @@ def test_a_damaged_weights_file_is_named(tmp_path, damage):
         load_state_dict(_new_model(), tmp_path, torch.float32)
 
 
-@pytest.mark.parametrize("weight_map", [5, ["a"], {"lm_head.weight": 3}])
-def test_a_malformed_index_is_named(tmp_path, weight_map):
+@pytest.mark.parametrize("weight_map, detail", [
+    (5, "got int"), (["a"], "got list"), ({"lm_head.weight": 3}, "'lm_head.weight' maps to 3")])
+def test_a_malformed_index_is_named(tmp_path, weight_map, detail):
     _copy_weights(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(CheckpointError, match="model.safetensors.index.json: 'weight_map' must"):
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: 'weight_map' must "
+                                              f"map tensor names to shard file names.*{detail}"):
+        load_state_dict(_new_model(), tmp_path, torch.float32)
+
+
+def test_running_out_of_memory_while_loading_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    """An out-of-memory error while the weights load (a GPU shared by two actors) stays one:
+    it is not reported as a damaged checkpoint, which would send users to download it again."""
+    _copy_weights(tmp_path)
+    shutil.copy(goldens.CHECKPOINT / "model.safetensors", tmp_path / "model.safetensors")
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.Tensor, "to", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
         load_state_dict(_new_model(), tmp_path, torch.float32)
 
 

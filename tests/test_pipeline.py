@@ -721,12 +721,13 @@ def test_a_large_object_decodes_from_a_local_copy_to_the_same_rows(
     assert spooled[0]["size_bytes"] == size and spooled[0]["channels"] == 2
 
 
-def test_tasks_in_one_order_and_settings_only_of_the_tasks_run():
+def test_tasks_in_one_order_and_settings_only_of_the_tasks_run(caplog):
     """`--tasks "sound_event, asr"` and `--tasks asr,sound_event` write the same columns in the
-    same order; `--question` without the question task is refused, and a task parameter no task
+    same order; `--question` without the question task is dropped with a warning, and a task
+    parameter no task
     of the run takes (asr's language for an emotion run) is not recorded as a setting, so it
     neither splits an output's `generation` values nor blocks a rerun."""
-    from pydantic import ValidationError
+    import logging
 
     from kimi_ops.tasks import get_task
     from pipelines.schema import segments_schema
@@ -737,8 +738,10 @@ def test_tasks_in_one_order_and_settings_only_of_the_tasks_run():
     assert a.tasks == b.tasks == ["asr", "sound_event"]
     assert segments_schema([get_task(t) for t in a.tasks]).names == segments_schema(
         [get_task(t) for t in b.tasks]).names
-    with pytest.raises(ValidationError, match="--question is the question task's question"):
-        JobSpec(input="x", output="y", model="m", tasks=["asr"], question="what?")
+    with caplog.at_level(logging.WARNING, logger="pipelines.job"):
+        assert JobSpec(input="x", output="y", model="m", tasks=["asr"],
+                       question="what?").question is None
+    assert "--question 'what?' is ignored: it is the question task's question" in caplog.text
 
     def settings(tasks, **params):
         spec = JobSpec(input="x", output="y", model="m", tasks=tasks, **params)
@@ -764,3 +767,21 @@ def test_a_manifest_naming_an_object_twice_plans_it_once_and_says_so(tmp_path):
               "processed": 0, "status": {}, "errors_by_kind": {}, "audio_hours": 0.0,
               "wall_s": 1.0, "audio_hours_per_hour": 0.0}
     assert "; 1 repeated entries of the input labelled once" in format_report(report)
+
+
+def test_a_large_local_mp3_beside_an_appledouble_sidecar_keeps_its_header_facts(tmp_path):
+    """A local object over `spool_bytes` is read from its path: its rate and channels come from
+    the file opened here, not by libsndfile's path lookup, which refused an MP3 beside a macOS
+    `._name` sidecar (the row was ok but had no sample rate)."""
+    import pyarrow as pa
+    import soundfile as sf
+
+    from pipelines.stages import DecodeStage
+
+    clip = tmp_path / "talk.mp3"
+    sf.write(clip, np.full(16000, 0.1, np.float32), 16000, format="MP3")
+    (tmp_path / "._talk.mp3").write_bytes(b"\x00\x05\x16\x07" + bytes(200))
+    plan = pa.Table.from_pylist([{"uri": str(clip), "etag": "e", "size": clip.stat().st_size}])
+    (row,) = pa.concat_tables(DecodeStage(None, spool_bytes=0)(plan)).to_pylist()
+    assert row["error_kind"] is None
+    assert (row["sample_rate"], row["channels"]) == (16000, 1)

@@ -308,4 +308,5 @@ def test_joining_the_stacks_ray_needs_only_its_token(home):
     assert run(address, token_only).startswith("joined")
     s3_port = env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
     not_gcs = run(f"127.0.0.1:{s3_port}", token_only)
-    assert not_gcs.startswith("refused") and "answers, but not as a Ray cluster's GCS" in not_gcs
+    assert not_gcs.startswith("refused")
+    assert "accepts connections but did not answer as a Ray cluster's GCS" in not_gcs

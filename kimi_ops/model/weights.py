@@ -31,10 +31,13 @@ def shard_map(model_dir: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{index}: not a safetensors index ({exc!r})") from None
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) for v in weight_map.values()):
+        if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard "
                                   f"file names, got {type(weight_map).__name__}")
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard "
+                                  f"file names; {bad!r} maps to {weight_map[bad]!r}")
         return {name: model_dir / shard for name, shard in weight_map.items()}
     single = model_dir / SINGLE_FILE
     if not single.is_file():
@@ -48,11 +51,11 @@ def shard_map(model_dir: Path) -> dict[str, Path]:
 def _reading(path: Path):
     """A file safetensors cannot read (truncated, corrupt header, not safetensors at all) is a
     CheckpointError naming it, not the library's bare message."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ... from the reader
+    except (SafetensorError, OSError, ValueError, EOFError) as exc:  # not out-of-memory
         raise CheckpointError(f"{path}: cannot read safetensors ({exc})") from exc
 
 
