@@ -464,7 +464,8 @@ def test_a_relative_model_folder_becomes_absolute_for_the_actors(monkeypatch):
     monkeypatch.chdir(goldens.CHECKPOINT.parent)
     spec = JobSpec(input="x", output="y", model=goldens.CHECKPOINT.name,
                    glm_tokenizer=f"./{goldens.CHECKPOINT.name}/glm-4-voice-tokenizer")
-    assert spec.model == str(goldens.CHECKPOINT)
-    assert spec.glm_tokenizer == str(goldens.CHECKPOINT / "glm-4-voice-tokenizer")
+    here = goldens.CHECKPOINT.resolve()  # (the working directory is the folder's real path)
+    assert spec.model == str(here)
+    assert spec.glm_tokenizer == str(here / "glm-4-voice-tokenizer")
     assert JobSpec(input="x", output="y", model="moonshotai/Kimi-Audio-7B-Instruct").model == (
         "moonshotai/Kimi-Audio-7B-Instruct")
