@@ -6,7 +6,9 @@ and the first then failed with its own plan "not found". So a run holds
 `<output>/_runs/<run id>/lease.json` while its job runs, renewing it every `renew_s`; a run
 that finds another run's lease renewed less than `ttl_s` ago is refused, naming that run. A
 run that dies leaves its lease: on the same host it is over as soon as its process is gone
-(pid and start time, which PID reuse cannot fake); from another host it lapses `ttl_s` after
+(pid and start time, which PID reuse cannot fake; "the same host" is the same host name, boot
+and pid namespace, so a container that shares the host name counts as another host); from
+another host it lapses `ttl_s` after
 its last renewal (the time in the file is the holder's clock: hosts whose clocks differ by more
 than the margin between the two periods would misjudge it). A retry of the same run (same run
 id: a Prefect retry in the same process, or on another host) takes its own lease over; another
@@ -24,6 +26,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from pipelines.procfs import alive, proc_stat
@@ -61,16 +64,36 @@ def leases(fs, root: str) -> list[dict[str, Any]]:
     return found
 
 
+def _pid_space() -> dict[str, Any]:
+    """What makes a pid mean one process: the kernel's boot and the pid namespace. Containers
+    may share a host name (and their pid numbers overlap), never both of these."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return {}
+    return {"boot_id": boot, "pid_ns": namespace}
+
+
 def _process() -> dict[str, Any]:
     stat = proc_stat(os.getpid())
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "pid_start": stat[2] if stat else None}
+            "pid_start": stat[2] if stat else None, **_pid_space()}
+
+
+def _here(doc: dict[str, Any]) -> bool:
+    """Whether the lease's pid is one of this machine's (same host name, and the same boot and
+    pid namespace where the lease records them: a container sharing the host name is not)."""
+    if doc.get("host") != socket.gethostname():
+        return False
+    space = _pid_space()
+    return all(doc.get(key) in (None, value) for key, value in space.items())
 
 
 def _holder_gone(doc: dict[str, Any]) -> bool:
     """A lease of a process of this host that no longer runs, or of this process for a run
     that has ended."""
-    if doc.get("host") != socket.gethostname():
+    if not _here(doc):
         return False
     if doc.get("pid") == os.getpid():
         return doc["run_id"] not in _HELD
@@ -82,8 +105,7 @@ def _takes_over(doc: dict[str, Any], run_id: str | None) -> bool:
     """A lease of `run_id` this process may take over: its own, or one from another host (a
     retry of the run elsewhere, after its first process died). Another process of this host
     with the same run id is a second command, not a retry."""
-    return doc["run_id"] == run_id and (doc.get("host") != socket.gethostname()
-                                        or doc.get("pid") == os.getpid())
+    return doc["run_id"] == run_id and (not _here(doc) or doc.get("pid") == os.getpid())
 
 
 def live_holders(fs, root: str, run_id: str | None, ttl_s: float = TTL_S,

@@ -136,3 +136,23 @@ def test_a_lease_left_behind_by_an_ended_run_of_this_process_does_not_hold_the_o
     after = lease(tmp_path, "run-b")
     after.acquire()
     after.release()
+
+
+def test_a_container_sharing_the_host_name_is_another_machine(tmp_path):
+    """A lease written in another pid namespace (a container with this host name) whose pid
+    number is free here is not judged dead by that pid: it lapses by time, as another host's
+    does; one of this namespace with that dead pid is over at once."""
+    from pipelines.lease import _pid_space
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = proc_stat(gone.pid)[2]
+    gone.wait()
+    here = _pid_space()
+    assert set(here) == {"boot_id", "pid_ns"}
+    write_lease(tmp_path, "in-a-container", host=socket.gethostname(), pid=gone.pid,
+                pid_start=start, boot_id=here["boot_id"], pid_ns=here["pid_ns"] + 1)
+    fs = fsspec.filesystem("file")
+    assert [h["run_id"] for h in live_holders(fs, str(tmp_path), None)] == ["in-a-container"]
+    write_lease(tmp_path, "in-a-container", host=socket.gethostname(), pid=gone.pid,
+                pid_start=start, **here)
+    assert live_holders(fs, str(tmp_path), None) == []
