@@ -24,9 +24,12 @@ rows of an earlier run id without subtitles (or with those of the object's previ
 every run also writes the subtitles of the input's earlier ok rows whose files are missing or
 older than their `files/` shard, found from one listing of `subtitles/` and of `files/`, so a
 new flow run with nothing new to label and nothing missing writes nothing. Each run records
-the folder its names are below (`_runs/<run id>/subtitles.json`); earlier recordings are looked
-for, and written back, under the names their run gave them (a run on a subfolder of an earlier
-run's input would otherwise write copies under names relative to the subfolder). The summary is
+the folder its names are below and the objects it named otherwise (`_runs/<run id>/
+subtitles.json`); earlier recordings are looked for, and written back, under the names their
+run gave them (a run on a subfolder of an earlier run's input would otherwise write copies
+under names relative to the subfolder). A name that an earlier run's recording holds (runs on
+sibling folders, a day's folder each, whose recorders repeat file names) is not taken over:
+the new recording gets its URI's hash, as two objects of one run do. The summary is
 computed from the `files/` rows of the run id (not the last attempt's report), so it covers all
 attempts; it adds how many earlier recordings got their subtitles back.
 """
@@ -201,15 +204,21 @@ def input_scope(spec: JobSpec, prefix: tuple[str, str]) -> Callable[[str], bool]
 
 
 def naming_file(root: str, run_id: str) -> str:
-    """Where a run records the folder its subtitle names are relative to."""
+    """Where a run records how it named its subtitles."""
     return f"{root}/_runs/{run_id}/{NAMING_FILE}"
 
 
-def record_naming(fs, root: str, run_id: str, prefix: tuple[str, str], retry=None) -> None:
+Naming = tuple[tuple[str, str], dict[str, str]]  # (folder names are below, {uri: other name})
+
+
+def record_naming(fs, root: str, run_id: str, prefix: tuple[str, str],
+                  renamed: dict[str, str], retry=None) -> None:
+    """The folder this run's names are below, and the objects it named otherwise (a name an
+    earlier run's object holds)."""
     from pipelines.storage import retrying, uri_of
 
     path = naming_file(root, run_id)
-    body = json.dumps({"protocol": prefix[0], "path": prefix[1]}).encode()
+    body = json.dumps({"protocol": prefix[0], "path": prefix[1], "renamed": renamed}).encode()
 
     def write() -> None:
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -218,24 +227,28 @@ def record_naming(fs, root: str, run_id: str, prefix: tuple[str, str], retry=Non
     retrying(write, uri_of(fs, path), action="write", policy=retry)
 
 
-def recorded_naming(fs, root: str, run_id: str, retry=None) -> tuple[str, str] | None:
-    """The folder `run_id` named its subtitles relative to; None for a run that wrote none
-    (stopped before its subtitles) or wrote them before runs recorded it."""
+def recorded_namings(fs, root: str, run_ids: list[str], retry=None) -> dict[str, Naming]:
+    """How each of `run_ids` named its subtitles, read in one batch of requests; a run that
+    wrote none (stopped before its subtitles) or wrote them before runs recorded it is absent."""
     from pipelines.storage import retrying, uri_of
 
-    path = naming_file(root, run_id)
+    paths = [naming_file(root, run_id) for run_id in run_ids]
+    found = retrying(lambda: fs.cat(paths, on_error="omit") if paths else {},
+                     uri_of(fs, f"{root}/_runs"), action="read", policy=retry)
+    namings = {}
+    for path, body in found.items():  # .../_runs/<run id>/subtitles.json, however spelled
+        data = json.loads(body)
+        namings[path.rstrip("/").rsplit("/", 2)[-2]] = (
+            (data["protocol"], data["path"]), data.get("renamed") or {})
+    return namings
 
-    def read() -> bytes | None:
-        try:
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            return None
 
-    body = retrying(read, uri_of(fs, path), action="read", policy=retry)
-    if body is None:
-        return None
-    data = json.loads(body)
-    return data["protocol"], data["path"]
+def names_of(source_uris: list[str], naming: Naming) -> dict[str, str]:
+    """The names a run with `naming` gave these objects."""
+    prefix, renamed = naming
+    names = subtitle_names(source_uris, prefix)
+    names.update({uri: renamed[uri] for uri in names if uri in renamed})
+    return names
 
 
 def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
@@ -285,9 +298,20 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
     prefix = input_prefix(spec.input, spec.is_manifest(),
                           not spec.is_manifest()
                           and not open_input(spec.input, spec.storage_options).is_prefix)
-    if file_rows:
-        record_naming(fs, root, run_id, prefix, retry)
+    namings = recorded_namings(fs, root, sorted(earlier), retry) if earlier else {}
+    claimed: dict[str, str] = {}  # subtitle name -> the earlier object whose subtitles it holds
+    for other, rows in sorted(earlier.items()):
+        if other in namings:
+            for uri, name in names_of([u for u, ok, _ in rows if ok], namings[other]).items():
+                claimed.setdefault(name, uri)
     names = subtitle_names([r["source_uri"] for r in file_rows], prefix)
+    # runs on sibling folders (a day's folder each) give their files the same names: a name an
+    # earlier object holds gets this object's hash, as two objects of one run do
+    renamed = {uri: f"{name}.{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
+               for uri, name in names.items() if claimed.get(name, uri) != uri}
+    names.update(renamed)
+    if file_rows:
+        record_naming(fs, root, run_id, prefix, renamed, retry)
     pending: dict[str, tuple[str, str, str]] = {}  # uri -> (run id, subtitle name, files shard)
     unwanted = [names[r["source_uri"]] for r in file_rows if r["status"] != "ok"]
     for row in file_rows:
@@ -301,8 +325,7 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
             continue
         # as that run named them: an earlier run on a parent or sibling folder of this input
         # named them relative to its own input
-        other_prefix = recorded_naming(fs, root, other, retry) or prefix
-        other_names = subtitle_names([uri for uri, _, _ in rows], other_prefix)
+        other_names = names_of([uri for uri, _, _ in rows], namings.get(other, (prefix, {})))
         for uri, ok, shard in rows:
             paths = [f"{root}/{SUBTITLES_DIR}/{other_names[uri]}{s}" for s in (".srt", ".vtt")]
             missing = any(p not in written_at for p in paths)

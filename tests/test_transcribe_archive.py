@@ -244,6 +244,58 @@ def test_a_run_on_a_subfolder_keeps_the_names_an_earlier_run_gave(tmp_path):
     assert again["recovered"] == 1 and again["subtitle_files"] == 2 and written() == expected
 
 
+def test_runs_on_sibling_folders_do_not_overwrite_each_others_subtitles(tmp_path):
+    """A day's folder per run, into one output, with the recorder's names repeating: the second
+    day's `rec.wav` would take `subtitles/rec.wav.srt` from the first's. It gets its hash
+    instead, recorded, so later runs find (and write back) it under that name."""
+    import hashlib
+
+    import fsspec
+
+    from flows.transcribe_archive import TranscribeArchiveParams, write_run_subtitles
+    from kimi_ops.tasks import get_task
+    from pipelines.schema import files_schema, segments_schema, to_table
+    from pipelines.stages import write_parquet_atomic
+
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    fs = fsspec.filesystem("file")
+    tasks = [get_task("asr")]
+
+    def labelled(day, run_id, text):
+        (archive / day).mkdir(parents=True)
+        uri = str(archive / day / "rec.wav")
+        Path(uri).write_bytes(b"x")
+        write_parquet_atomic(fs, str(out), f"segments/{day}.parquet", to_table(
+            [{"source_uri": uri, "segment_index": 0, "start_s": 0.0, "end_s": 1.0,
+              "status": "ok", "transcript": text, "run_id": run_id}], segments_schema(tasks)))
+        write_parquet_atomic(fs, str(out), f"files/{day}.parquet", to_table(
+            [{"source_uri": uri, "status": "ok", "run_id": run_id, "duration_s": 1.0,
+              "error": None}], files_schema(tasks)))
+        return uri
+
+    def run(day, run_id):
+        spec = TranscribeArchiveParams(input=str(archive / day), output=str(out),
+                                       model=MODEL).job_spec(run_id)
+        return write_run_subtitles(spec, run_id)
+
+    labelled("day1", "R1", "first day")
+    assert run("day1", "R1")["subtitle_files"] == 2
+    second = labelled("day2", "R2", "second day")
+    assert run("day2", "R2")["subtitle_files"] == 2
+    hashed = f"rec.wav.{hashlib.sha256(second.encode()).hexdigest()[:8]}"
+    subtitles = out / "subtitles"
+    assert sorted(p.name for p in subtitles.iterdir()) == sorted(
+        ["rec.wav.srt", "rec.wav.vtt", f"{hashed}.srt", f"{hashed}.vtt"])
+    assert "first day" in (subtitles / "rec.wav.srt").read_text()
+    assert "second day" in (subtitles / f"{hashed}.srt").read_text()
+
+    assert run("day2", "R3")["subtitle_files"] == 0  # nothing new, nothing missing
+    (subtitles / f"{hashed}.vtt").unlink()
+    again = run("day2", "R4")
+    assert again["recovered"] == 1 and (subtitles / f"{hashed}.vtt").is_file()
+    assert "first day" in (subtitles / "rec.wav.srt").read_text()
+
+
 # -- the flow end to end -----------------------------------------------------------------------
 
 def recording_with_pauses(seconds: int, sr: int = 16000) -> bytes:
