@@ -118,9 +118,9 @@ def run_flow(flow, params, name: str, summary, api_checked: bool = False) -> int
 def prefect_api_unreachable(timeout_s: float = 5.0) -> str | None:
     """Why the Prefect API this process is set to use (PREFECT_API_URL, from the environment
     or a Prefect profile) cannot be reached, or None (also when none is set: a temporary server
-    is started). Asked through Prefect's own client, so its TLS settings apply; any HTTP answer
-    counts (Prefect Cloud may want a key for /health), only a connection that fails does not.
-    Prefect's client otherwise retried for minutes and ended in a page of tracebacks."""
+    is started). Asked through Prefect's own client, so its TLS settings apply, as Prefect's
+    engine asks before a run: /health must answer 2xx. Prefect's client otherwise retried for
+    minutes and ended in a page of tracebacks."""
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
@@ -129,9 +129,13 @@ def prefect_api_unreachable(timeout_s: float = 5.0) -> str | None:
     if not url:
         return None
     with get_client(sync_client=True, httpx_settings={"timeout": timeout_s}) as client:
-        error = client.api_healthcheck()
-    if not isinstance(error, httpx.TransportError):
+        error = client.api_healthcheck()  # what Prefect's engine asks before a run, too
+    if error is None:
         return None
+    if isinstance(error, httpx.HTTPStatusError):
+        return (f"the Prefect API at {url} (PREFECT_API_URL) answers HTTP "
+                f"{error.response.status_code} for /health: not a Prefect API, or it refuses "
+                "this client (PREFECT_API_KEY)")
     return (f"the Prefect API at {url} (PREFECT_API_URL) does not answer "
             f"({type(error).__name__}: {error}): start it (`kimi-label stack up --prefect`), or "
             "unset PREFECT_API_URL to run with a temporary server")

@@ -144,6 +144,16 @@ class JobSpec(BaseModel):
             self.question = None
         return self
 
+    @field_validator("input", "output")
+    @classmethod
+    def local_path_absolute(cls, value: str) -> str:
+        """A local input or output given relative to here becomes absolute: the stages run in
+        other working directories (a joined cluster's workers run in its head's), where a
+        relative output landed somewhere else entirely."""
+        if value and "://" not in value:
+            return os.path.abspath(os.path.expanduser(value))
+        return value
+
     @field_validator("model", "glm_tokenizer")
     @classmethod
     def local_folder_absolute(cls, value: str | None) -> str | None:
@@ -248,8 +258,28 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
     addresses are left to Ray."""
     import socket
 
-    if not address or address in ("auto", "local") or "://" in address:
+    if not address or address in ("auto", "local"):
         return
+    if address.startswith("ray://"):  # Ray Client (infra/prefect's deployments use it)
+        from ray._private.utils import get_ray_client_dependency_error
+
+        if get_ray_client_dependency_error() is not None:
+            raise JobError(f"ray address {address!r}: Ray Client needs its extra here: "
+                           "pip install 'ray[client]' (or give the head's GCS host:port)")
+        address = address[len("ray://"):]
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit():
+            raise JobError(f"ray address 'ray://{address}': expected ray://host:port")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        except OSError as exc:
+            raise JobError(f"cannot reach the Ray Client server at ray://{address} "
+                           f"({exc.strerror or exc}); is the head running it (port 10001 by "
+                           "default)?") from None
+        return
+    if "://" in address:
+        raise JobError(f"ray address {address!r}: expected the head's GCS host:port (port 6379 "
+                       "by default) or auto, not a URL (http://...:8265 is the dashboard)")
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise JobError(f"ray address {address!r}: expected host:port (or auto)")
@@ -294,9 +324,10 @@ def probe_gcs(address: str, timeout_s: float) -> None:
                        "default), and is the head busy?")
     if type(error).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(error):
         raise JobError(
-            f"the Ray cluster at {address} wants an authentication token this client does not "
-            "send: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, a "
-            "file holding it); for the local stack, `kimi-label stack status` prints them")
+            f"the Ray cluster at {address} refused this client's authentication token (none "
+            "sent, or not the cluster's): export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+            "RAY_AUTH_TOKEN_PATH, a file holding it); for the local stack, `kimi-label stack "
+            "status` prints them")
     raise JobError(f"cannot talk to the Ray cluster at {address}: {error}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,6 +456,25 @@ def test_a_prefect_api_that_does_not_answer_is_one_line(tmp_path):
         "PREFECT_API_URL to run with a temporary server")
     assert not (tmp_path / "out").exists()
 
+    # an HTTP server that is not Prefect (here: a plain one answering 501)
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api"
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input",
+                               goldens.INPUTS, "--output", tmp_path / "out", "--model", MODEL],
+                              env={**env, "PREFECT_API_URL": url}, capture_output=True,
+                              text=True, timeout=120, check=False)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the Prefect API at {url} (PREFECT_API_URL) answers HTTP 501 for /health: not a "
+        "Prefect API, or it refuses this client (PREFECT_API_KEY)")
+
 
 def test_a_relative_model_folder_becomes_absolute_for_the_actors(monkeypatch):
     """Actors run in another working directory (or on other nodes): `--model ck` from here
@@ -469,3 +489,31 @@ def test_a_relative_model_folder_becomes_absolute_for_the_actors(monkeypatch):
     assert spec.glm_tokenizer == str(here / "glm-4-voice-tokenizer")
     assert JobSpec(input="x", output="y", model="moonshotai/Kimi-Audio-7B-Instruct").model == (
         "moonshotai/Kimi-Audio-7B-Instruct")
+    # so do a local input and output (the output of a job on a joined cluster landed in the
+    # head's working directory); URIs stay as they are
+    local = JobSpec(input="in", output="~/out", model="m")
+    assert (local.input, local.output) == (str(here.parent / "in"), str(Path.home() / "out"))
+    remote = JobSpec(input="s3://b/in", output="s3://b/out", model="m")
+    assert (remote.input, remote.output) == ("s3://b/in", "s3://b/out")
+
+
+def test_ray_addresses_that_are_urls_are_refused_before_the_flow():
+    """The dashboard's http:// URL is a common slip; a ray:// (Ray Client) address needs the
+    client extra here and a server that answers. Both were found out by the flow, 40 s and a
+    page of tracebacks later."""
+    import socket
+
+    from ray._private.utils import get_ray_client_dependency_error
+
+    from pipelines.job import JobError, check_ray_address
+
+    with pytest.raises(JobError, match=r"not a URL \(http://...:8265 is the dashboard\)"):
+        check_ray_address("http://127.0.0.1:8265")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    expected = ("Ray Client needs its extra here: pip install 'ray\\[client\\]'"
+                if get_ray_client_dependency_error() is not None
+                else f"cannot reach the Ray Client server at ray://127.0.0.1:{port}")
+    with pytest.raises(JobError, match=expected):
+        check_ray_address(f"ray://127.0.0.1:{port}")
