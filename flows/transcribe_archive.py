@@ -159,19 +159,27 @@ SEGMENT_COLUMNS = ["source_uri", "segment_index", "start_s", "end_s", "status", 
 FILE_COLUMNS = ["source_uri", "status", "error", "duration_s", "run_id"]
 
 
-def write_file_subtitles(fs, root: str, name: str, segments: list[dict]) -> list[str]:
+def write_file_subtitles(fs, root: str, name: str, segments: list[dict],
+                         unless_same: bool = False) -> list[str]:
     """Write `<root>/subtitles/<name>.srt` and `.vtt` from one file's segment rows (any order;
-    silent segments and empty transcripts give no cue). Returns the two paths."""
+    silent segments and empty transcripts give no cue). Returns the paths written: both, or
+    none when `unless_same` and both files already hold these bytes."""
     ordered = sorted(segments, key=lambda s: s["segment_index"])
     cues = [(s["start_s"], s["end_s"], s.get("transcript") if s.get("status", "ok") == "ok"
              else None) for s in ordered]
     base = f"{root}/{SUBTITLES_DIR}/{name}"
+    texts = {base + ".srt": to_srt(cues).encode("utf-8"),
+             base + ".vtt": to_webvtt(cues).encode("utf-8")}
+    if unless_same:
+        try:
+            if all(fs.cat_file(path) == body for path, body in texts.items()):
+                return []
+        except FileNotFoundError:
+            pass
     fs.makedirs(posixpath.dirname(base), exist_ok=True)
-    paths = []
-    for suffix, text in ((".srt", to_srt(cues)), (".vtt", to_webvtt(cues))):
-        fs.pipe_file(base + suffix, text.encode("utf-8"))
-        paths.append(base + suffix)
-    return paths
+    for path, body in texts.items():
+        fs.pipe_file(path, body)
+    return list(texts)
 
 
 def modified_times(fs, folder: str, retry=None) -> dict[str, float | None]:
@@ -319,6 +327,7 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
             pending[row["source_uri"]] = (run_id, names[row["source_uri"]], row["shard"])
 
     in_scope = input_scope(spec, prefix) if earlier else None
+    maybe_same: set[str] = set()
     for other, rows in sorted(earlier.items()):
         rows = [row for row in rows if row[0] not in names and in_scope(row[0])]
         if not rows:
@@ -335,7 +344,8 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
                         and written_at[p] < shard_at[shard] for p in paths)
             if ok and (missing or stale):
                 pending[uri] = (other, other_names[uri], shard)
-                counts["recovered"] += 1
+                if not missing:  # maybe only its shard was rewritten (a row of another
+                    maybe_same.add(uri)  # object dropped from it): compared before writing
             elif not ok and stale:
                 unwanted.append(other_names[uri])
 
@@ -346,14 +356,20 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
                 fs.rm_file(stale)
                 counts["subtitle_files_removed"] += 1
 
+    def put(uri: str, segments: list[dict]) -> None:
+        written = write_file_subtitles(fs, root, pending[uri][1], segments,
+                                       unless_same=uri in maybe_same)
+        counts["subtitle_files"] += len(written)
+        if pending[uri][0] != run_id and written:
+            counts["recovered"] += 1
+        del pending[uri]
+
     def write(segments_by_uri: dict[str, list[dict]]) -> None:
         for uri in sorted(segments_by_uri):
             if uri in pending:
-                write_file_subtitles(fs, root, pending[uri][1], segments_by_uri[uri])
                 if pending[uri][0] == run_id:
                     counts["segments"] += len(segments_by_uri[uri])
-                counts["subtitle_files"] += 2
-                del pending[uri]
+                put(uri, segments_by_uri[uri])
 
     def segments_of(table) -> dict[str, list[dict]]:
         """The segments of pending files, of the run that wrote their file row."""
@@ -375,9 +391,8 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
                 collected[uri].extend(segs)
         write(collected)
     for uri in sorted(pending):  # an ok file without segment rows: empty subtitles, counted
-        write_file_subtitles(fs, root, pending[uri][1], [])
-        counts["subtitle_files"] += 2
         counts["recordings_without_segments"] += pending[uri][0] == run_id
+        put(uri, [])
     return counts
 
 

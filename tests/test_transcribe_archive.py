@@ -243,6 +243,15 @@ def test_a_run_on_a_subfolder_keeps_the_names_an_earlier_run_gave(tmp_path):
     again = run(inputs / "a", "R3")
     assert again["recovered"] == 1 and again["subtitle_files"] == 2 and written() == expected
 
+    # the shard rewritten later (a rerun dropping a changed object's row from it): newer than
+    # the subtitles, which still hold what they should: compared, not rewritten
+    shard = out / "files/p.parquet"
+    os.utime(shard, (shard.stat().st_mtime + 100, shard.stat().st_mtime + 100))
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "subtitles").rglob("*.*")}
+    touched = run(inputs, "R4")
+    assert touched["subtitle_files"] == 0 and touched["recovered"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "subtitles").rglob("*.*")} == mtimes
+
 
 def test_runs_on_sibling_folders_do_not_overwrite_each_others_subtitles(tmp_path):
     """A day's folder per run, into one output, with the recorder's names repeating: the second
