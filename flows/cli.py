@@ -435,7 +435,14 @@ def format_training_data(manifest: dict) -> str:
                        f"{s['duration_s'] / 3600:.4f} h)" for name, s in counts["splits"].items())
     dropped = ", ".join(f"{reason} {n}" for reason, n in counts["dropped"].items())
     formats = Counter(s["format"] for s in manifest["shards"])
+    empty = []
+    if not counts["kept"] and counts["input_segments"]:
+        most = max(counts["dropped"].items(), key=lambda kv: kv[1], default=("?", 0))[0]
+        empty = [f"warning: the build is empty: every segment was dropped, most by {most} "
+                 "(--filters sets the rules, e.g. '{\"drop_truncated\": false}'; a new build "
+                 "into this destination needs --overwrite)"]
     return "\n".join([
+        *empty,
         f"kept {counts['kept']} of {counts['input_segments']} segments: {splits}; "
         f"dropped: {dropped or 'none'}",
         f"shards: {formats['parquet']} Parquet"

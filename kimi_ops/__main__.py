@@ -172,6 +172,9 @@ def _tasks(args: argparse.Namespace):
     specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not specs:
         raise ValueError("--tasks: name at least one task")
+    if args.question is not None and not any(s.partition(":")[0] == "question" for s in specs):
+        print(f"warning: --question {args.question!r} is ignored: it is the question task's "
+              f"question, and the tasks are {','.join(specs)}", file=sys.stderr)
     return [get_task(spec, language=args.language, question=args.question) for spec in specs]
 
 

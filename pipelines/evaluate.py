@@ -148,7 +148,11 @@ def as_listed(source: str, references_uri: str) -> str | None:
     parts. None when it is already so."""
     import os
 
-    text = source[len("file://"):] if source.startswith("file://") else source
+    text = source
+    for local in ("file://localhost/", "file://"):
+        if text.startswith(local):
+            text = "/" + text[len(local):].lstrip("/") if local.endswith("/") else text[7:]
+            break
     scheme, sep, rest = text.partition("://")
     base = (references_uri[len("file://"):] if references_uri.startswith("file://")
             else references_uri)

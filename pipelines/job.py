@@ -90,6 +90,9 @@ def some_tasks(tasks: list[str]) -> list[str]:
 TaskNames = Annotated[list[str], AfterValidator(some_tasks)]  # of a job, or a flow's params
 
 
+_QUESTIONS_IGNORED: set[tuple[str, tuple[str, ...]]] = set()
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -138,9 +141,12 @@ class JobSpec(BaseModel):
         (it is not recorded in `generation` either; refusing it would break saved flows)."""
         if self.question is not None and not any(t.partition(":")[0] == "question"
                                                  for t in self.tasks):
-            log.warning("--question %r is ignored: it is the question task's question, and "
-                        "the tasks are %s (add `question` to them to ask it)", self.question,
-                        ",".join(self.tasks))
+            said = (self.question, tuple(self.tasks))
+            if said not in _QUESTIONS_IGNORED:  # once, not for each spec built from it
+                _QUESTIONS_IGNORED.add(said)
+                log.warning("--question %r is ignored: it is the question task's question, "
+                            "and the tasks are %s (add `question` to them to ask it)",
+                            self.question, ",".join(self.tasks))
             self.question = None
         return self
 

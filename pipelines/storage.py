@@ -666,8 +666,13 @@ def is_manifest(uri: str) -> bool:
 
 
 def _resolve_entry(entry: str, fs, manifest_path: str) -> str:
-    """An entry with a scheme stays; otherwise it is relative to the manifest's folder. A leading
-    '/' means an absolute path in a local manifest and the bucket root in an S3 manifest."""
+    """An entry with a scheme stays (a local `file://` one becomes the path a listing gives, so
+    that two spellings of one file are one input); otherwise it is relative to the manifest's
+    folder. A leading '/' means an absolute path in a local manifest and the bucket root in an
+    S3 manifest."""
+    for local in ("file://localhost/", "file:///"):
+        if entry.startswith(local):
+            return os.path.normpath("/" + entry[len(local):])
     if "://" in entry:
         return entry
     if is_local(fs):

@@ -98,7 +98,7 @@ class TrainingDataOptions(BaseModel):
     source: str = Field(description="a labelled output: the URI holding files/ and segments/")
     destination: str = Field(description="where the shards and manifest.json go")
     filters: TrainingFilters = Field(default_factory=TrainingFilters)
-    validation_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    validation_fraction: float = Field(0.05, ge=0.0, le=1.0, allow_inf_nan=False)
     split_salt: str = ""
     rows_per_shard: int = Field(10_000, ge=1)
     webdataset: bool = False

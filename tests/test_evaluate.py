@@ -598,7 +598,8 @@ def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys
     clip = tmp_path / "corpus" / "clip.wav"
     output = write_output(tmp_path / "out", [file_row(str(clip), "hello world")],
                           [seg_row(str(clip), 0, 0, 2, emotion("joy", 0.9))])
-    for spelled in ("corpus/clip.wav", f"file://{clip}", f"{tmp_path}/./corpus//clip.wav"):
+    for spelled in ("corpus/clip.wav", f"file://{clip}", f"file://localhost{clip}",
+                    f"{tmp_path}/./corpus//clip.wav"):
         refs = write_references(tmp_path / "refs.parquet",
                                 [{"source_uri": spelled, "emotion": "joy"}])
         report = evaluate(EvaluationSpec(output=output, references=refs,

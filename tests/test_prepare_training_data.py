@@ -351,3 +351,17 @@ def test_flow_refuses_a_source_without_tokens(harness, tmp_path):
     assert state.is_failed()
     with pytest.raises(ValueError, match="semantic_tokens"):
         state.result()
+
+
+def test_an_empty_build_is_said_and_a_nan_fraction_named(source, tmp_path):
+    from flows.cli import format_training_data
+
+    manifest = build(source, tmp_path / "ds", filters=TrainingFilters(min_duration_s=1e6))
+    assert manifest["counts"]["kept"] == 0
+    printed = format_training_data(manifest)
+    assert printed.startswith("warning: the build is empty: every segment was dropped, most by "
+                              "too_short (--filters sets the rules")
+    assert not format_training_data(build(source, tmp_path / "ds2")).startswith("warning")
+    with pytest.raises(ValueError, match="finite number"):
+        TrainingDataSpec(source=source, destination=str(tmp_path / "x"),
+                         validation_fraction=float("nan"))
