@@ -259,11 +259,10 @@ def check_local_device(device: str | None) -> None:
 
 
 def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
-    """A cluster to join (`host:port` of its GCS) must answer: `ray.init` would otherwise retry
-    an address nobody listens on for many minutes. "auto", "local" and `ray://` client
-    addresses are left to Ray."""
-    import socket
-
+    """A cluster to join must answer: `ray.init` would otherwise retry an address nobody listens
+    on for many minutes. A GCS `host:port` is also asked for its session (`probe_gcs`); a
+    `ray://` (Ray Client) one needs the client extra here and its server answering; "auto" and
+    "local" are left to Ray."""
     if not address or address in ("auto", "local"):
         return
     if address.startswith("ray://"):  # Ray Client (infra/prefect's deployments use it)
@@ -272,29 +271,29 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
         if get_ray_client_dependency_error() is not None:
             raise JobError(f"ray address {address!r}: Ray Client needs its extra here: "
                            "pip install 'ray[client]' (or give the head's GCS host:port)")
-        address = address[len("ray://"):]
-        host, sep, port = address.rpartition(":")
-        if not sep or not port.isdigit():
-            raise JobError(f"ray address 'ray://{address}': expected ray://host:port")
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-        except OSError as exc:
-            raise JobError(f"cannot reach the Ray Client server at ray://{address} "
-                           f"({exc.strerror or exc}); is the head running it (port 10001 by "
-                           "default)?") from None
+        _reach(address, address[len("ray://"):], timeout_s,
+               "is the head running its Ray Client server (port 10001 by default)?")
         return
     if "://" in address:
         raise JobError(f"ray address {address!r}: expected the head's GCS host:port (port 6379 "
                        "by default) or auto, not a URL (http://...:8265 is the dashboard)")
-    host, sep, port = address.rpartition(":")
+    _reach(address, address, timeout_s,
+           "is it running, and is the address its head's host:port?")
+    probe_gcs(address, timeout_s)
+
+
+def _reach(address: str, host_port: str, timeout_s: float, hint: str) -> None:
+    """`host_port` (of `address`, as given) accepts a TCP connection, else a JobError."""
+    import socket
+
+    host, sep, port = host_port.rpartition(":")
     if not sep or not port.isdigit():
         raise JobError(f"ray address {address!r}: expected host:port (or auto)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise JobError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
-                       "is it running, and is the address its head's host:port?") from None
-    probe_gcs(address, timeout_s)
+                       f"{hint}") from None
 
 
 def probe_gcs(address: str, timeout_s: float) -> None:

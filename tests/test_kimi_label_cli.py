@@ -514,6 +514,7 @@ def test_ray_addresses_that_are_urls_are_refused_before_the_flow():
         port = s.getsockname()[1]
     expected = ("Ray Client needs its extra here: pip install 'ray\\[client\\]'"
                 if get_ray_client_dependency_error() is not None
-                else f"cannot reach the Ray Client server at ray://127.0.0.1:{port}")
+                else f"cannot reach the Ray cluster at ray://127.0.0.1:{port} .*Ray Client "
+                     "server")
     with pytest.raises(JobError, match=expected):
         check_ray_address(f"ray://127.0.0.1:{port}")
