@@ -148,8 +148,13 @@ def subtitle_names(source_uris: list[str], prefix: tuple[str, str]) -> dict[str,
     """source URI -> relative path of its subtitles (without .srt/.vtt), unique within the list."""
     names = {uri: safe_relative(relative_path(uri, prefix)) for uri in sorted(set(source_uris))}
     shared = Counter(names.values())
-    return {uri: (f"{name}.{hashlib.sha256(uri.encode()).hexdigest()[:8]}" if shared[name] > 1
-                  else name) for uri, name in names.items()}
+    return {uri: with_hash(name, uri) if shared[name] > 1 else name
+            for uri, name in names.items()}
+
+
+def with_hash(name: str, uri: str) -> str:
+    """`name` made the object's own: a short hash of its URI appended (`b.wav.1a2b3c4d`)."""
+    return f"{name}.{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
 
 
 # -- subtitles -----------------------------------------------------------------------------
@@ -315,8 +320,8 @@ def write_run_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
     names = subtitle_names([r["source_uri"] for r in file_rows], prefix)
     # runs on sibling folders (a day's folder each) give their files the same names: a name an
     # earlier object holds gets this object's hash, as two objects of one run do
-    renamed = {uri: f"{name}.{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
-               for uri, name in names.items() if claimed.get(name, uri) != uri}
+    renamed = {uri: with_hash(name, uri) for uri, name in names.items()
+               if claimed.get(name, uri) != uri}
     names.update(renamed)
     if file_rows:
         record_naming(fs, root, run_id, prefix, renamed, retry)

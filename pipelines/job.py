@@ -481,21 +481,23 @@ def check_some_audio(spec: JobSpec) -> None:
     listing = list_objects(spec.input, spec.extensions or AUDIO_EXTENSIONS,
                            spec.storage_options, spec.storage_retry, skipped=skipped)
     if next(listing, None) is None and skipped:
-        raise JobError(f"{spec.input}: no audio to label: {nothing_listed(spec, skipped)}")
+        raise nothing_listed(spec, skipped)
 
 
 NOT_LISTED_NAMED = 20  # objects a report names of those no longer in the input
 
 
-def nothing_listed(spec: JobSpec, skipped: Counter) -> str:
-    """What the input held instead of audio, and how to take it."""
+def nothing_listed(spec: JobSpec, skipped: Counter) -> JobError:
+    """The refusal of an input whose objects are none of them audio: what it held instead, and
+    how to take it."""
     from pipelines.storage import AUDIO_EXTENSIONS
 
     wanted = sorted(spec.extensions or AUDIO_EXTENSIONS)
     found = ", ".join(f"{n} .{ext}" if ext else f"{n} without an extension"
                       for ext, n in skipped.most_common(5))
-    return (f"its {sum(skipped.values())} objects ({found}) have none of the extensions "
-            f"{', '.join(wanted)} (--extensions picks others, e.g. aiff)")
+    return JobError(f"{spec.input}: no audio to label: its {sum(skipped.values())} objects "
+                    f"({found}) have none of the extensions {', '.join(wanted)} (--extensions "
+                    "picks others, e.g. aiff)")
 
 
 def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
@@ -574,7 +576,7 @@ def plan(spec: JobSpec, run_id: str) -> dict[str, Any]:
     if skipped:
         counts["skipped_by_extension"] = sum(skipped.values())
     if not counts["listed"] and skipped:
-        raise JobError(f"{spec.input}: no audio to label: {nothing_listed(spec, skipped)}")
+        raise nothing_listed(spec, skipped)
     # objects labelled here before that this listing lacks (deleted from the input, or out of
     # its scope): their rows stay, and the report says how many there are
     not_listed = sorted(uri for uri in done if uri not in seen)

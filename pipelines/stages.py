@@ -28,9 +28,7 @@ StorageError ends the run (a rerun resumes).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -141,6 +139,7 @@ class DecodeStage:
         import soundfile as sf
 
         from kimi_ops.audio import SAMPLE_RATE, load_audio
+        from kimi_ops.audio.decode import audio_file
         from kimi_ops.audio.segment import segment_audio
         from kimi_ops.errors import AudioTooLongError, KimiError
         from pipelines.job import work_units
@@ -158,10 +157,7 @@ class DecodeStage:
                          size=plan.get("size"), spool_bytes=self.spool_bytes) as (data, size):
                 row["size_bytes"] = size
                 try:
-                    # opened here, never by path: libsndfile took a macOS `._name` sidecar
-                    # beside a path for a resource fork and refused the MP3 (see decode.py)
-                    with (open(data, "rb") if isinstance(data, str)
-                          else contextlib.nullcontext(io.BytesIO(data))) as handle:
+                    with audio_file(data) as handle:  # (not by path: see audio_file)
                         info = sf.info(handle)
                     row["sample_rate"], row["channels"] = int(info.samplerate), int(info.channels)
                 except (RuntimeError, OSError, sf.LibsndfileError):

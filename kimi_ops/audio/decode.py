@@ -40,6 +40,7 @@ Guards against hostile input (each checked from the header, before any sample is
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -165,11 +166,16 @@ def _read_path(path: str, label: str, max_seconds: float | None) -> tuple[np.nda
         raise AudioNotFoundError(label, "is a directory, not an audio file")
     if os.path.getsize(path) == 0:
         raise EmptyAudioError(label, "zero bytes of audio data")
-    # Opened here, not by libsndfile: given a path, libsndfile takes a macOS AppleDouble
-    # sidecar (`._name`, common in archives copied from a Mac) for a Sound Designer II resource
-    # fork and refuses an MP3 next to one ("bad data offset").
-    with open(path, "rb") as file:
+    with audio_file(path) as file:
         return _read_encoded(file, label, max_seconds)
+
+
+def audio_file(data: str | bytes):
+    """A path (or bytes) as a file object for soundfile, opened here, not by libsndfile: given a
+    path, libsndfile takes a macOS AppleDouble sidecar (`._name`, common in archives copied
+    from a Mac) for a Sound Designer II resource fork and refuses an MP3 next to one ("bad data
+    offset"). A context manager either way."""
+    return open(data, "rb") if isinstance(data, str) else contextlib.nullcontext(io.BytesIO(data))
 
 
 def _read_bytes(data: bytes, label: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
