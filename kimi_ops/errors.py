@@ -9,15 +9,20 @@ from __future__ import annotations
 
 
 class KimiError(Exception):
-    """Base class: a clear, per-input failure (never a bug in kimi_ops itself)."""
+    """Base class: a clear, per-input failure (never a bug in kimi_ops itself).
+
+    `decided_by_content`: the input's own bytes decide the failure, so the same input fails the
+    same way every time (a rerun need not try it again until it changes)."""
 
     kind = "error"
+    decided_by_content = False
 
 
 class AudioError(KimiError):
     """An audio input that cannot be used. `source` names the file (or '<bytes>', '<waveform>')."""
 
     kind = "audio_error"
+    decided_by_content = True
 
     def __init__(self, source: str, reason: str, kind: str | None = None):
         self.source = source
@@ -29,6 +34,7 @@ class AudioError(KimiError):
 
 class AudioNotFoundError(AudioError):
     kind = "not_found"
+    decided_by_content = False  # a file may appear
 
 
 class AudioDecodeError(AudioError):
@@ -53,6 +59,7 @@ class AudioTooLongError(AudioError):
     """Longer than the decode's duration limit: refused from the header, before decoding."""
 
     kind = "too_long"
+    decided_by_content = False  # the job's duration limit decides
 
     def __init__(self, source: str, reason: str, seconds: float, limit: float):
         super().__init__(source, reason)
@@ -84,3 +91,13 @@ AUDIO_ERROR_KINDS = frozenset({
     AudioError.kind, AudioNotFoundError.kind, AudioDecodeError.kind, EmptyAudioError.kind,
     NonFiniteAudioError.kind, UnsupportedSampleRateError.kind, AudioTooLongError.kind,
 })
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
+
+
+def content_error_kinds() -> frozenset[str]:
+    """The kinds of the failures an input's bytes decide (`KimiError.decided_by_content`):
+    `undecodable`, `empty_audio`, `non_finite`, `bad_sample_rate`, `audio_error`."""
+    return frozenset(c.kind for c in _subclasses(KimiError) if c.decided_by_content)

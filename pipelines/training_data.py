@@ -168,7 +168,7 @@ def _sha256(data: bytes) -> str:
 def _put_atomic(fs, root: str, relative: str, data: bytes) -> None:
     """Bytes already serialized (so the sha256 in the manifest is that of exactly what was
     uploaded), staged and moved into place, retried while the store is unavailable."""
-    from pipelines.stages import write_atomic
+    from pipelines.storage import write_atomic
 
     write_atomic(fs, root, relative, lambda handle: handle.write(data))
 
@@ -269,7 +269,7 @@ def inspect_source(spec: TrainingDataSpec) -> SourceInfo:
 
 
 def _read_files(fs, root: str) -> dict[str, tuple[str, str | None]]:
-    from pipelines.job import read_table_dir
+    from pipelines.storage import read_table_dir
 
     out: dict[str, tuple[str, str | None]] = {}
     for _, table in read_table_dir(fs, f"{root}/files", ["source_uri", "status", "etag"]):

@@ -7,10 +7,15 @@ by default `<model>/glm-4-voice-tokenizer`, overridable.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from kimi_ops.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 GLM_SUBDIR = "glm-4-voice-tokenizer"
 WHISPER_SUBDIR = "whisper-large-v3"
@@ -72,3 +77,38 @@ def resolve_checkpoint(model: str | Path, glm_tokenizer: str | Path | None = Non
     glm = (root / GLM_SUBDIR if glm_tokenizer is None
            else _local_or_hub(glm_tokenizer, "GLM-4-Voice tokenizer"))
     return CheckpointPaths(root, glm).check()
+
+
+def checkpoint_id(root: Path, cache_file: Path | None = None) -> str:
+    """A content hash of the checkpoint: sha256 over every file's relative path and bytes.
+
+    Hashing the 7B checkpoint (~25 GB with the Whisper and GLM folders) takes a minute, so each
+    file's digest is cached by (path, size, mtime) in `~/.cache/kimi-label/file-digests.json`.
+    """
+    cache_file = cache_file or Path.home() / ".cache" / "kimi-label" / "file-digests.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest = hashlib.sha256()
+    changed = False
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in cache:
+            file_digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    file_digest.update(block)
+            cache[key] = file_digest.hexdigest()
+            changed = True
+        digest.update(f"{path.relative_to(root).as_posix()}\0{cache[key]}\n".encode())
+    if changed:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(cache))
+        except OSError:
+            log.warning("cannot write the checkpoint digest cache %s", cache_file)
+    return f"kimi-{digest.hexdigest()[:16]}"
+
+
