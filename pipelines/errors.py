@@ -21,6 +21,7 @@ class PipelineError(Exception):
 
     kind = "error"
     exit_code = 2  # refused before running; `RunFailed` is 1
+    retryable = False  # whether trying the same thing again may succeed (a store outage)
 
 
 class ConfigError(PipelineError, ValueError):
