@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m flows.cli demo
+	$(PY) -m flows.console demo
 
 bench: $(STAMP)
 	$(PY) bench/cpu.py

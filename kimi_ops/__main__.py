@@ -1,4 +1,5 @@
-"""`python -m kimi_ops <command>` (also the `kimi-label` console script).
+"""`python -m kimi_ops <command>`: the model-level commands, in this process (no Ray, no Prefect;
+`kimi-label` offers the same commands beside the pipeline's).
 
 Commands:
   generate              run one message list (or, with --batch, a list of them) through the engine
@@ -253,8 +254,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser(prog: str = "python -m kimi_ops") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
 
+
+def add_commands(sub, skip: tuple[str, ...] = ()) -> None:
+    """The model-level commands as subcommands of `sub` (less `skip`); each sets `func`, which
+    `run` calls (`kimi-label` adds them to its own commands)."""
     p = sub.add_parser("generate", help="run message list(s) through the model")
     _add_model_args(p)
     _add_sampling_args(p)
@@ -287,16 +293,22 @@ def build_parser(prog: str = "python -m kimi_ops") -> argparse.ArgumentParser:
                    help="write into a folder that holds other files")
     p.set_defaults(func=cmd_make_tiny_checkpoint)
 
+    if "demo" in skip:
+        return
     p = sub.add_parser("demo", help="label the bundled sample audio with a tiny random checkpoint")
-    p.add_argument("--out", default="demo_output")
+    p.add_argument("--output", "--out", dest="out", default="demo_output")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m kimi_ops") -> int:
-    """`prog`: the command's name in usage and errors (`kimi-label` hands these commands on)."""
-    args = build_parser(prog).parse_args(argv)
+    """`prog`: the command's name in usage and errors."""
+    return run(build_parser(prog).parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """A parsed model-level command: 0, 1 when some input failed (its error line printed), 2
+    with an `error:` line for bad arguments or input."""
     try:
         return args.func(args)
     except BrokenPipeError:

@@ -48,7 +48,7 @@ def ray_local():
 
     import ray
 
-    from pipelines.job import loopback_ray
+    from pipelines.job.ray_cluster import loopback_ray
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     temp = tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")

@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from pipelines.job import JobError, JobSpec, run_job
-from pipelines.stages import PIECE_SECONDS
+from pipelines.spec import PIECE_SECONDS
 from pipelines.storage import resolve
 from tests import goldens
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
@@ -188,7 +188,7 @@ def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, r
         assert f"tasks {', '.join(TASKS)} with semantic tokens" in str(refused.value)
     # so is another model or other generation settings: the labels would be of two kinds
     from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
-    from pipelines.job import model_id
+    from kimi_ops.model.checkpoint import checkpoint_id as model_id
 
     other_model = make_tiny_checkpoint(tmp_path / "other_model", seed=7)
     for other, held, asked in (
@@ -242,11 +242,12 @@ def test_job_killed_mid_run_then_rerun_is_complete_without_duplicates(seaweed, s
                                                      16000, "WAV", "PCM_16"))
              for i in range(12)}
     upload(seaweed, f"{s3_prefix}/in", names)
-    spec = spec_for(seaweed, s3_prefix, write={"batch_size": 2, "num_cpus": 0.25},
-                    label={"batch_size": 2, "num_cpus": 0.5})
+    spec = spec_for(seaweed, s3_prefix, stages={"write": {"batch_size": 2, "num_cpus": 0.25},
+                                                "label": {"batch_size": 2, "num_cpus": 0.5}})
     script = tmp_path / "slow_job.py"
     script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # (a spec's JSON never holds credentials: the driver has them from its environment)
+    env = {**os.environ, **seaweed.env, "RAY_USAGE_STATS_ENABLED": "0"}
     ray_dir = short_temp_dir()
     proc = subprocess.Popen([sys.executable, str(script), spec.model_dump_json(), ray_dir],
                             env=env, stdout=subprocess.DEVNULL,
@@ -304,7 +305,7 @@ def test_cli_refuses_to_start_with_a_clear_reason(seaweed, s3_prefix, tmp_path):
     opts = json.dumps(seaweed.storage_options)
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "pipelines.cli", "run", *args],
+        return subprocess.run([sys.executable, "-m", "flows.console", "run", *args],
                               capture_output=True, text=True, timeout=120, check=False)
 
     bad_model = run("--input", f"{s3_prefix}/in", "--output", f"{s3_prefix}/out",
@@ -346,34 +347,37 @@ def test_the_listing_counts_what_it_leaves_out_by_extension(tmp_path):
 
 
 def test_gpu_placement_by_configuration_only():
-    from pipelines.job import place_on_gpus
+    from pipelines.job.placement import place_on_gpus
 
     spec = JobSpec(input="/in", output="/out", model=MODEL)
     assert place_on_gpus(spec, 0) == spec  # CPU-only: the CPU shares stay
     eight = place_on_gpus(spec, 8)
-    assert (eight.label.num_gpus, eight.label.concurrency) == (0.75, 8)
-    assert (eight.frontend.num_gpus, eight.frontend.concurrency) == (0.25, 8)
-    assert eight.frontend.num_gpus + eight.label.num_gpus == 1
+    assert (eight.stages.label.num_gpus, eight.stages.label.concurrency) == (0.75, 8)
+    assert (eight.stages.frontend.num_gpus, eight.stages.frontend.concurrency) == (0.25, 8)
+    assert eight.stages.frontend.num_gpus + eight.stages.label.num_gpus == 1
     pinned = JobSpec(input="/in", output="/out", model=MODEL,
-                     label={"num_gpus": 1, "concurrency": 2})
+                     stages={"label": {"num_gpus": 1, "concurrency": 2}})
     assert place_on_gpus(pinned, 8) == pinned  # explicit settings win
 
 
 def test_decode_and_write_tasks_scale_with_nodes_and_gpus_unless_set():
-    from pipelines.job import place_io_tasks
+    from pipelines.job.placement import place_io_tasks
 
     spec = JobSpec(input="/in", output="/out", model=MODEL)
     local = place_io_tasks(spec, 0, 1)
-    assert (local.decode.concurrency, local.write.concurrency) == (1, 1)
+    assert (local.stages.decode.concurrency, local.stages.write.concurrency) == (1, 1)
     cpus = place_io_tasks(spec, 0, 4)  # a CPU cluster: a decode task per node
-    assert (cpus.decode.concurrency, cpus.write.concurrency) == (4, 1)
+    assert (cpus.stages.decode.concurrency, cpus.stages.write.concurrency) == (4, 1)
     gpus = place_io_tasks(spec, 8, 2)  # four decode tasks and a writer per GPU
-    assert (gpus.decode.concurrency, gpus.write.concurrency) == (32, 8)
-    assert gpus.decode.batch_size == spec.decode.batch_size  # only the concurrency moves
+    assert (gpus.stages.decode.concurrency, gpus.stages.write.concurrency) == (32, 8)
+    # only the concurrency moves
+    assert gpus.stages.decode.batch_size == spec.stages.decode.batch_size
     pinned = JobSpec(input="/in", output="/out", model=MODEL,
-                     decode={"concurrency": 2}, write={"batch_size": 16, "concurrency": 1})
+                     stages={"decode": {"concurrency": 2},
+                             "write": {"batch_size": 16, "concurrency": 1}})
     kept = place_io_tasks(pinned, 8, 2)
-    assert (kept.decode.concurrency, kept.write.concurrency) == (2, 1)  # explicit settings win
+    # explicit settings win
+    assert (kept.stages.decode.concurrency, kept.stages.write.concurrency) == (2, 1)
 
 
 def test_max_audio_seconds_reaches_the_decode_stage(tmp_path):
@@ -383,9 +387,9 @@ def test_max_audio_seconds_reaches_the_decode_stage(tmp_path):
     import pyarrow as pa
     from pydantic import ValidationError
 
-    from flows.label_corpus import LabelCorpusParams
-    from flows.transcribe_archive import TranscribeArchiveParams
-    from pipelines.cli import build_run_parser
+    from flows.console.app import build_parser
+    from flows.console.options import model_from_args
+    from pipelines.spec import TranscribeArchiveSpec
     from pipelines.stages import DecodeStage
 
     for seconds in (1, 3):
@@ -400,27 +404,20 @@ def test_max_audio_seconds_reaches_the_decode_stage(tmp_path):
     unlimited = pa.concat_tables(DecodeStage(None)(plan)).to_pylist()  # default: 6 h
     assert [r["error_kind"] for r in unlimited] == [None, None]
 
-    args = build_run_parser().parse_args(["--input", "/in", "--output", "/out", "--model", MODEL,
-                                          "--max-audio-seconds", "90"])
-    assert args.max_audio_seconds == 90.0
-    assert LabelCorpusParams(input="/in", output="/out", model=MODEL, max_audio_seconds=90
-                             ).job_spec().max_audio_seconds == 90
-    assert TranscribeArchiveParams(input="/in", output="/out", model=MODEL,
-                                   max_audio_seconds=90).job_spec().max_audio_seconds == 90
+    def spec_of(command: str, *options: str) -> JobSpec:  # as the console makes it
+        model = JobSpec if command == "run" else TranscribeArchiveSpec
+        args = build_parser().parse_args([command, "--input", "/in", "--output", "/out",
+                                          "--model", MODEL, *options])
+        return model_from_args(model, args)
+
+    for command in ("run", "transcribe-archive"):
+        assert spec_of(command, "--max-audio-seconds", "90").max_audio_seconds == 90
+        assert spec_of(command).max_audio_seconds is None
+        # the pieces' length takes the same ways in (the pieces test shows what the stage does)
+        assert spec_of(command, "--piece-seconds", "60").piece_seconds == 60
+        assert spec_of(command).piece_seconds == PIECE_SECONDS
     with pytest.raises(ValidationError, match="max_audio_seconds"):
         JobSpec(input="/in", output="/out", model=MODEL, max_audio_seconds=0)
-
-    # the pieces' length takes the same ways in (the pieces test shows what the stage does)
-    args = build_run_parser().parse_args(["--input", "/in", "--output", "/out", "--model", MODEL,
-                                          "--piece-seconds", "60"])
-    assert args.piece_seconds == 60.0
-    assert build_run_parser().parse_args(["--input", "/in", "--output", "/out", "--model", MODEL]
-                                         ).piece_seconds == PIECE_SECONDS
-    for params in (LabelCorpusParams, TranscribeArchiveParams):
-        assert params(input="/in", output="/out", model=MODEL, piece_seconds=60
-                      ).job_spec().piece_seconds == 60
-        assert params(input="/in", output="/out", model=MODEL).job_spec().piece_seconds == (
-            PIECE_SECONDS)
     with pytest.raises(ValidationError, match="piece_seconds"):
         JobSpec(input="/in", output="/out", model=MODEL, piece_seconds=10)
 
@@ -428,19 +425,22 @@ def test_max_audio_seconds_reaches_the_decode_stage(tmp_path):
 def test_cpu_actors_get_threads_for_the_node_unless_set():
     import torch
 
-    from pipelines.job import place_on_cpus
-    from pipelines.stages import set_threads
+    from pipelines.job.placement import place_on_cpus
+    from pipelines.stages.base import set_threads
 
     spec = place_on_cpus(JobSpec(input="/in", output="/out", model=MODEL), 8)
-    assert (spec.frontend.threads, spec.label.threads) == (8, 8)
-    assert spec.decode.threads is None  # task stages keep Ray's setting
+    assert (spec.stages.frontend.threads, spec.stages.label.threads) == (8, 8)
+    assert spec.stages.decode.threads is None  # task stages keep Ray's setting
     two = place_on_cpus(JobSpec(input="/in", output="/out", model=MODEL,
-                                label={"concurrency": 2}, frontend={"threads": 3}), 8)
-    assert (two.frontend.threads, two.label.threads) == (3, 4)  # explicit wins; split by actors
+                                stages={"label": {"concurrency": 2},
+                                        "frontend": {"threads": 3}}), 8)
+    # explicit wins; split by actors
+    assert (two.stages.frontend.threads, two.stages.label.threads) == (3, 4)
     on_gpu = place_on_cpus(JobSpec(input="/in", output="/out", model=MODEL,
-                                   label={"num_gpus": 1}), 8)
-    assert on_gpu.label.threads is None and on_gpu.frontend.threads == 8
-    assert place_on_cpus(JobSpec(input="/in", output="/out", model=MODEL), 0.5).label.threads == 1
+                                   stages={"label": {"num_gpus": 1}}), 8)
+    assert on_gpu.stages.label.threads is None and on_gpu.stages.frontend.threads == 8
+    assert place_on_cpus(JobSpec(input="/in", output="/out", model=MODEL),
+                         0.5).stages.label.threads == 1
     before = torch.get_num_threads()
     try:
         set_threads(1)
@@ -452,7 +452,8 @@ def test_cpu_actors_get_threads_for_the_node_unless_set():
 
 
 def test_inflight_budget_and_local_object_store_are_fixed_sizes():
-    from pipelines.job import INFLIGHT_BYTES, inflight_budget, local_object_store_bytes
+    from pipelines.job.placement import (INFLIGHT_BYTES, inflight_budget,
+                                         local_object_store_bytes)
 
     spec = JobSpec(input="/in", output="/out", model=MODEL)
     assert inflight_budget(spec, 0) == INFLIGHT_BYTES == 128 << 20  # not the corpus, not RAM
@@ -466,7 +467,7 @@ def test_inflight_budget_and_local_object_store_are_fixed_sizes():
 
 
 def test_model_id_is_a_content_hash(tmp_path):
-    from pipelines.job import model_id
+    from kimi_ops.model.checkpoint import checkpoint_id as model_id
 
     folder = tmp_path / "ckpt"
     shutil.copytree(goldens.CHECKPOINT, folder)
@@ -525,14 +526,14 @@ def test_manifest_input_with_bad_objects_and_a_rerun_retrying_what_can_change(se
     assert fewer["processed"] == 0 and fewer["planned"]["not_listed"] == 1
     assert fewer["not_listed"] == [f"{s3_prefix}/in/long.wav"]  # named, in the report
     assert len(read_table(seaweed, f"{s3_prefix}/out", "files")) == 4
-    from pipelines.cli import format_report
+    from pipelines.job import format_report
 
     assert ("; 1 objects with rows here are not in this input (deleted, or outside it; their "
             f"rows stay): {s3_prefix}/in/long.wav),") in format_report(fewer)
 
 
 def test_work_units_bound_rows_and_bytes():
-    from pipelines.job import work_units
+    from pipelines.batching import work_units
 
     assert work_units([1] * 10, 4, 100) == [(0, 4), (4, 8), (8, 10)]
     # bytes: 60 + 50 > 100 starts a new unit; a 500-byte object is a unit alone
@@ -550,9 +551,11 @@ def golden_files_through_the_front_end(names, piece_seconds: float = PIECE_SECON
     plan = pa.Table.from_pylist([{"uri": str(goldens.INPUTS / n), "etag": None, "size": 0}
                                  for n in names])
     decoded = pa.concat_tables(DecodeStage(None, piece_seconds=piece_seconds)(plan))
-    encoded = FrontendStage(MODEL, None, "cpu")(decoded)
-    return encoded, LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model",
-                               "run")
+    frontend = FrontendStage(MODEL, None, "cpu")
+    frontend.setup()
+    label = LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model", "run")
+    label.setup()
+    return frontend(decoded), label
 
 
 def out_of_memory_on(monkeypatch, tokens: int) -> None:
@@ -577,8 +580,6 @@ def test_a_file_too_large_for_the_device_becomes_an_error_row_and_the_batch_goes
     """When one file's prompt does not fit the device even alone (the engine has halved the
     batch down to it and re-raised), the label stage labels the batch file by file: that file
     gets an `out_of_memory` error row naming it, the others their normal rows."""
-
-
     names = ("a01_tone_0p5s_16k.wav", "a02_chirp_3s_16k.wav", "a06_speech_2p37s_16k.flac")
     encoded, label = golden_files_through_the_front_end(names)
 
@@ -645,7 +646,8 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
     `out_of_memory` error row with no segments, and the other file is labelled."""
     import pyarrow as pa
 
-    from pipelines.stages import PieceStitcher, WriteStage
+    from pipelines.job.stitch import PieceStitcher
+    from pipelines.stages import WriteStage
 
     names = ("a04_mix_31s_16k.wav", "a02_chirp_3s_16k.wav")
 
@@ -738,7 +740,7 @@ def test_tasks_in_one_order_and_settings_only_of_the_tasks_run(caplog):
     assert a.tasks == b.tasks == ["asr", "sound_event"]
     assert segments_schema([get_task(t) for t in a.tasks]).names == segments_schema(
         [get_task(t) for t in b.tasks]).names
-    with caplog.at_level(logging.WARNING, logger="pipelines.job"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.spec"):
         for _ in range(2):  # (said once per process, not for each spec built from it)
             assert JobSpec(input="x", output="y", model="m", tasks=["asr"],
                            question="who is it, one order?").question is None
@@ -757,16 +759,16 @@ def test_tasks_in_one_order_and_settings_only_of_the_tasks_run(caplog):
 
 
 def test_a_manifest_naming_an_object_twice_plans_it_once_and_says_so(tmp_path):
-    from pipelines.cli import format_report
-    from pipelines.job import plan
+    from pipelines.job import format_report
+    from pipelines.job.plan import plan
 
     (tmp_path / "a.wav").write_bytes(GOOD["mono_8k.wav"]())
     (tmp_path / "list.jsonl").write_text(  # one file, three spellings
         f'{{"uri": "a.wav"}}\n{{"uri": "a.wav"}}\n{{"uri": "file://{tmp_path}/a.wav"}}\n')
     spec = JobSpec(input=str(tmp_path / "list.jsonl"), output=str(tmp_path / "out"), model=MODEL)
     planned = plan(spec, "r1")
-    assert planned["counts"]["listed"] == 1 and planned["counts"]["duplicates"] == 2
-    report = {"output": spec.output, "planned": planned["counts"], "run_id": "r1",
+    assert planned.counts["listed"] == 1 and planned.counts["duplicates"] == 2
+    report = {"output": spec.output, "planned": dict(planned.counts), "run_id": "r1",
               "processed": 0, "status": {}, "errors_by_kind": {}, "audio_hours": 0.0,
               "wall_s": 1.0, "audio_hours_per_hour": 0.0}
     assert "; 2 repeated entries of the input labelled once" in format_report(report)

@@ -194,12 +194,22 @@ class StorageConfig(BaseModel):
         return [v for k, v in credentials.s3fs().items() if k != "key"]
 
     def safe(self) -> dict[str, Any]:
-        """A view fit for logs and reports: the key id shortened, secrets masked."""
-        shown: dict[str, Any] = {k: v for k, v in self.model_dump().items()
-                                 if v not in (None, {})}
-        if "endpoint_url" in shown:
-            shown["endpoint_url"] = redact_uri(shown["endpoint_url"])
+        """A view fit for logs and reports: the key id shortened, secrets masked (also those
+        nested in options, such as `config_kwargs`)."""
+        shown = _masked({k: v for k, v in self.model_dump().items() if v not in (None, {})})
         if self.credentials is not None:
             shown["key"] = redact(self.credentials.key.get_secret_value(), keep=4)
             shown["secret"] = redact("secret")
         return shown
+
+
+def _masked(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with secret-looking names' values masked and passwords in URIs hidden."""
+    def shown(name: str, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return _masked(value)
+        if is_secret_name(name):
+            return redact(value)
+        return redact_uri(value) if isinstance(value, str) else value
+
+    return {name: shown(name, value) for name, value in values.items()}

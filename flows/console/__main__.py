@@ -1,0 +1,5 @@
+import sys
+
+from flows.console.app import main
+
+sys.exit(main())

@@ -1,0 +1,118 @@
+"""`kimi-label`: the one console, one argparse dispatcher for every command a user runs.
+
+  kimi-label run | transcribe-archive        a labelling job through its Prefect flow
+  kimi-label prepare-training-data | evaluate  what users do with a labelled output
+  kimi-label stack up|down|status | demo       the embedded local stack, the demo on it
+  kimi-label generate | audio-tokens | label | make-tiny-checkpoint   the model, in process
+
+Exit status: 0 done (a run that labelled some inputs as error rows is done); 1 the run failed
+(it started and stopped short: a rerun resumes); 2 a usage error or a refusal before anything
+ran (bad options, a pre-flight check, an output another run holds); 128+N stopped by signal N
+(130 Ctrl-C, 143 SIGTERM, 141 a closed pipe). Errors are one `error:` line on stderr: the
+pipeline's own errors (`pipelines.errors.PipelineError`) and the model's (`KimiError`) are
+caught here, in one place; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from importlib import metadata
+
+from pipelines.errors import PipelineError
+
+COMMAND_MODULES = ("flows.console.jobs", "flows.console.data", "flows.console.stack")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    from kimi_ops.__main__ import add_commands
+
+    parser = argparse.ArgumentParser(
+        prog="kimi-label", description="Label audio with Kimi-Audio: Ray Data jobs run by "
+                                       "Prefect flows. `kimi-label COMMAND --help`: its options.",
+        epilog="exit status: 0 done, 1 the run failed, 2 usage error or refused before running")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(commands)
+    add_commands(commands, skip=("demo",))
+    return parser
+
+
+def version() -> str:
+    try:
+        return metadata.version("kimi-label")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        # the reader went away (`kimi-label stack status | head`): stop quietly, as a Unix
+        # tool killed by SIGPIPE would, not with a traceback (and a second one at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)  # usage errors: argparse's line, exit 2
+    # Ctrl-C or SIGTERM (a scheduler's timeout, `kill`): one line and the shell's code for the
+    # signal, not a traceback. Noted by our handler, since libraries on the way may turn the
+    # KeyboardInterrupt into another exception.
+    interrupted: list[int] = []
+
+    def on_signal(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals live there
+    previous = ({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+                if main_thread else {})
+    try:
+        return _run(args)
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+            # Ray's driver handler, in place while `ray.init` runs (ours is put back after it:
+            # pipelines.job.ray_cluster.python_sigterm_kept), exits with the signal's number
+            interrupted.append(signal.SIGTERM)
+        if not interrupted:
+            raise
+        _end_interrupted(args.command, interrupted[0])
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its errors caught here: one line and the error's exit code."""
+    from kimi_ops.__main__ import run as run_model_command
+    from kimi_ops.errors import KimiError
+
+    if not hasattr(args, "run"):  # a model-level command: kimi_ops reports its own errors
+        return run_model_command(args)
+    try:
+        return args.run(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KimiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _end_interrupted(command: str, signum: int):
+    print(f"\ninterrupted: kimi-label {command} stopped by {signal.Signals(signum).name} (a "
+          "rerun of a labelling run resumes where it was)", file=sys.stderr)
+    # Ray's C++ core can crash in the interpreter's teardown after an interrupted `ray.init`
+    # (SIGSEGV, SIGABRT): end here, the clean-up done (`finally`s ran; the temporary Prefect
+    # server stops on our death, `flows.running.start_temporary_server`)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)

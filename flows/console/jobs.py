@@ -1,0 +1,95 @@
+"""`kimi-label run` and `kimi-label transcribe-archive`: a labelling job through its flow.
+
+The options are the job's parameters (`pipelines.spec.JobSpec`, `TranscribeArchiveSpec`). Before
+the flow starts, the command checks what the flow's first task would (`pipelines.job.check_job`:
+tasks, checkpoint, input, output, settings, lease; a credentials block is read) and that a
+`--run-id` names no finished run, so a common mistake costs a second and one line (exit 2).
+The flow runs here: ephemeral Prefect unless PREFECT_API_URL points at a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from flows.console.options import add_model_options, model_from_args
+from flows.running import check_prefect_api, prefect_defaults, run_flow_here
+from pipelines.errors import CredentialsError, JobError
+from pipelines.job import check_job, check_new_run_id, format_report
+from pipelines.spec import JobSpec, TranscribeArchiveSpec
+from pipelines.storage import RetryPolicy
+
+# Storage retries of the checks before the flow: a store that does not answer at all when the
+# command starts is most often a mistyped endpoint, and the job's budget (sized to ride out a
+# restart mid-run) would keep the user waiting over a minute to be told so.
+PREFLIGHT_RETRY = RetryPolicy(attempts=4, base_delay_s=0.5, max_delay_s=2.0, budget_s=5.0)
+
+
+def add_commands(commands) -> None:
+    p = commands.add_parser("run", help="label every audio object under --input into Parquet "
+                                        "(the label-corpus flow, a Ray job)",
+                            description="Label every new or changed audio object under --input "
+                                        "into <output>/files/ and <output>/segments/.")
+    add_model_options(p, JobSpec)
+    p.set_defaults(run=run)
+    p = commands.add_parser("transcribe-archive",
+                            help="transcripts (Parquet) and SRT/WebVTT subtitles of every "
+                                 "recording under --input",
+                            description="Transcribe every new or changed recording under "
+                                        "--input: Parquet tables and <output>/subtitles/.")
+    add_model_options(p, TranscribeArchiveSpec, skip=TranscribeArchiveSpec.FIXED)
+    p.set_defaults(run=transcribe_archive)
+
+
+def run(args: argparse.Namespace) -> int:
+    prefect_defaults()
+    params = model_from_args(JobSpec, args)
+    check_before_flow(params, "label-corpus")
+    from flows.label_corpus import label_corpus
+
+    print(format_report(run_flow_here(label_corpus, params, "label-corpus")))
+    return 0
+
+
+def transcribe_archive(args: argparse.Namespace) -> int:
+    prefect_defaults()
+    params = model_from_args(TranscribeArchiveSpec, args)
+    check_before_flow(params, "transcribe-archive")
+    from flows.transcribe_archive import transcribe_archive as flow
+
+    print(format_transcription(run_flow_here(flow, params, "transcribe-archive")))
+    return 0
+
+
+def check_before_flow(params: JobSpec, name: str) -> None:
+    """The flow's checks, here and now (module docstring); a JobError says what to fix."""
+    from flows.credentials import with_block_credentials
+
+    check_prefect_api()  # before the checks touch the output
+    storage_log = logging.getLogger("pipelines.storage")
+    level = storage_log.level
+    storage_log.setLevel(logging.ERROR)  # its retry warnings: the refusal says how many there were
+    try:
+        spec = params.model_copy(update={
+            "storage_retry": PREFLIGHT_RETRY,
+            # read here as well as by the flow (a deployment's runs have only the flow's read)
+            "storage_options": with_block_credentials(params.storage_options)})
+        check_job(spec)
+        check_new_run_id(spec)  # (the spec carries a run id only when --run-id gave one)
+    except (JobError, CredentialsError) as exc:
+        raise JobError(f"{name} cannot run: {exc}") from None
+    finally:
+        storage_log.setLevel(level)
+
+
+def format_transcription(report: dict) -> str:
+    """`kimi-label run`'s report of the job, then what the subtitles step did."""
+    subs = report["subtitles"]
+    removed, recovered = subs["subtitle_files_removed"], subs.get("recovered", 0)
+    return "\n".join([
+        format_report(report),
+        f"subtitles: {subs['subtitle_files']} files (.srt, .vtt) for {subs['recordings']} "
+        f"recordings of this run ({subs['segments']} segments)"
+        + (f" and {recovered} of earlier runs whose files were missing or stale"
+           if recovered else "")
+        + (f", {removed} stale removed" if removed else "") + f" in {subs['subtitles_dir']}"])

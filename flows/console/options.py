@@ -1,0 +1,141 @@
+"""Command-line options derived from a parameter model's fields, never written by hand.
+
+    add_model_options(parser, JobSpec)          # --input, --output, ..., --stages JSON
+    spec = model_from_args(JobSpec, args)       # only what was given: the model's defaults rule
+
+Each field `name` becomes `--name` (underscores as dashes) with the field's description and
+default as its help. How a value is read follows the field's type: a flag for a bool, one of
+the choices for a Literal, comma-separated for a list of strings, JSON for a nested model, a
+dataclass or a dict, and the text as given otherwise (pydantic converts numbers). Unset options
+are left out, so the model's own defaults apply: the defaults live in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from pipelines.errors import ConfigError
+
+
+def _bare(annotation: Any) -> Any:
+    """The annotation without `None` and `Annotated` wrappers."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kept = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = kept[0] if len(kept) == 1 else annotation
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def option_kind(field: FieldInfo) -> str:
+    """How the option of `field` reads its value: flag, choice, list, json or text."""
+    annotation = _bare(field.annotation)
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return "flag"
+    if origin is Literal:
+        return "choice"
+    if origin is list and typing.get_args(annotation) in ((str,),):
+        return "list"
+    if origin in (dict, list) or annotation is dict or (isinstance(annotation, type) and (
+            issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation))):
+        return "json"
+    return "text"
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def shown_default(field: FieldInfo) -> str:
+    """The default as a user would type it."""
+    default = field.get_default(call_default_factory=True)
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return ",".join(map(str, default))
+    if isinstance(default, BaseModel):  # what is set, without the empty parts
+        shown = {k: v for k, v in default.model_dump(mode="json", exclude_none=True).items()
+                 if v != {}}
+        return json.dumps(shown)
+    if dataclasses.is_dataclass(default):
+        return json.dumps(dataclasses.asdict(default))
+    if isinstance(default, dict):
+        return json.dumps(default)
+    return str(default)
+
+
+def help_text(field: FieldInfo) -> str:
+    description = (field.description or "").replace("%", "%%")
+    if field.is_required():
+        return description
+    return f"{description} (default: {shown_default(field).replace('%', '%%')})"
+
+
+def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel],
+                      skip: tuple[str, ...] = ()) -> None:
+    """One option per field of `model` (less `skip`), as the module docstring says."""
+    for name, field in model.model_fields.items():
+        if name in skip or field.exclude:
+            continue
+        kind = option_kind(field)
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text(field),
+                                  "default": argparse.SUPPRESS}
+        if kind == "flag":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind == "choice":
+            kwargs["choices"] = typing.get_args(_bare(field.annotation))
+        else:
+            kwargs["metavar"] = {"json": "JSON", "list": "A,B"}.get(kind, name.upper())
+        if field.is_required():
+            kwargs["required"] = True
+        parser.add_argument(flag(name), **kwargs)
+
+
+def _value(field: FieldInfo, text: Any, name: str) -> Any:
+    kind = option_kind(field)
+    if kind == "list":
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kind == "json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:  # the position, never the text (it may hold a key)
+            raise ConfigError(f"{flag(name)} is not valid JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{flag(name)} must be a JSON object")
+        return value
+    return text
+
+
+def model_from_args(model: type[BaseModel], args: argparse.Namespace, **fixed: Any):
+    """`model` from the options given (and `fixed` values); a ConfigError names the option."""
+    given = {name: _value(field, getattr(args, name), name)
+             for name, field in model.model_fields.items() if hasattr(args, name)}
+    try:
+        return model.model_validate({**given, **fixed})
+    except ValidationError as exc:
+        raise ConfigError(option_error(exc)) from None
+
+
+def option_error(exc: ValidationError) -> str:
+    """A ValidationError's first error as one line naming the option it came from
+    (`--stages label.batch_size: ...`); messages carry no input values."""
+    error = exc.errors()[0]
+    message = error["msg"].removeprefix("Value error, ")
+    loc = [str(part) for part in error["loc"]]
+    if not loc:
+        return message
+    return f"{flag(loc[0])} {'.'.join(loc[1:])}: {message}" if loc[1:] else \
+        f"{flag(loc[0])}: {message}"
