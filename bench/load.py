@@ -341,7 +341,9 @@ def run_size(count: int, workdir: Path, model: Path = CHECKPOINT, timeout_s: flo
     report = json.loads(report_line[0][7:])
     rows = pq.read_table(data / "out" / "files", columns=["source_uri", "status"]).to_pylist()
     uris = [r["source_uri"] for r in rows]
-    from pipelines.job import JobSpec, inflight_budget, local_gpus, local_object_store_bytes
+    from pipelines.job import JobSpec
+    from pipelines.job.placement import inflight_budget, local_object_store_bytes
+    from pipelines.job.ray_cluster import local_gpus
 
     job, gpus = JobSpec(**spec), local_gpus()
     result = {

@@ -86,7 +86,7 @@ def run(out: Path, files: int = 256, max_new_tokens: int = 32, preset: str = "sm
 def label_command(corpus: Path, output: Path, checkpoint: Path, max_new_tokens: int):
     """(seconds, run report) of `kimi-label run` over `corpus` in a subprocess."""
     shutil.rmtree(output, ignore_errors=True)
-    command = [sys.executable, "-m", "flows.cli", "run", "--input", str(corpus),
+    command = [sys.executable, "-m", "flows.console", "run", "--input", str(corpus),
                "--output", str(output), "--model", str(checkpoint), "--tasks", "asr",
                "--max-new-tokens", str(max_new_tokens), "--stages", json.dumps(STAGES)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",

@@ -64,14 +64,16 @@ def prefect_database() -> list[Path]:
 
 def test_secret_block_credentials_work_and_never_leak(harness, ray_local, seaweed, s3_prefix,
                                                       no_aws_env, caplog):
-    from flows.label_corpus import LabelCorpusParams, label_corpus
+    from flows.label_corpus import label_corpus
+    from pipelines.spec import JobSpec
 
     secret, key = seaweed.admin.secret_key, seaweed.admin.access_key
     upload(seaweed, f"{s3_prefix}/in", {k: GOOD[k] for k in ("mono_8k.wav", "stereo_22k.flac")})
     block = save_block({"aws_access_key_id": key, "aws_secret_access_key": secret})
-    params = LabelCorpusParams(input=f"{s3_prefix}/in", output=f"{s3_prefix}/out", model=MODEL,
-                               tasks=["asr", "emotion"], max_new_tokens=4,
-                               endpoint_url=seaweed.endpoint_url, credentials_block=block)
+    params = JobSpec(input=f"{s3_prefix}/in", output=f"{s3_prefix}/out", model=MODEL,
+                     tasks=["asr", "emotion"], max_new_tokens=4,
+                     storage_options={"endpoint_url": seaweed.endpoint_url,
+                                      "credentials_block": block})
     state = label_corpus(params, return_state=True)
     assert state.is_completed(), state.message
     report = state.result()
@@ -79,7 +81,7 @@ def test_secret_block_credentials_work_and_never_leak(harness, ray_local, seawee
 
     # the flow run's stored parameters name the block, nothing more
     found = asyncio.run(prefect_records(state.state_details.flow_run_id))
-    assert found["run"].parameters["params"]["credentials_block"] == block
+    assert found["run"].parameters["params"]["storage_options"]["credentials_block"] == block
     exposed = {
         "flow parameters": json.dumps(found["run"].parameters),
         "Prefect logs": "\n".join(log.message for log in found["logs"]),
@@ -132,18 +134,24 @@ def test_wrong_key_fails_fast_as_access_denied_without_retries(seaweed, s3_prefi
 
 def test_wrong_key_in_the_block_stops_the_flow_before_ray(harness, seaweed, s3_prefix,
                                                           no_aws_env, caplog):
-    from flows.label_corpus import LabelCorpusParams, label_corpus
+    from flows.label_corpus import label_corpus
+    from pipelines.errors import PipelineError
+    from pipelines.spec import JobSpec
 
     upload(seaweed, f"{s3_prefix}/in", {"mono_8k.wav": GOOD["mono_8k.wav"]})
     wrong = "Wr0ng-" + uuid.uuid4().hex
     block = save_block({"key": seaweed.admin.access_key, "secret": wrong})
-    params = LabelCorpusParams(input=f"{s3_prefix}/in", output=f"{s3_prefix}/out", model=MODEL,
-                               endpoint_url=seaweed.endpoint_url, credentials_block=block)
+
+    def params(block_name: str) -> JobSpec:
+        return JobSpec(input=f"{s3_prefix}/in", output=f"{s3_prefix}/out", model=MODEL,
+                       storage_options={"endpoint_url": seaweed.endpoint_url,
+                                        "credentials_block": block_name})
+
     started = time.monotonic()
-    state = label_corpus(params, return_state=True)
+    state = label_corpus(params(block), return_state=True)
     elapsed = time.monotonic() - started
     assert state.is_failed()
-    with pytest.raises(ValueError, match="access_denied") as err:
+    with pytest.raises(PipelineError, match="access_denied") as err:
         state.result()
     assert "secret key does not match" in str(err.value) and wrong not in str(err.value)
     assert elapsed < 30  # the harness's flow overhead; no retry waits (check_inputs' are 10 s)
@@ -151,10 +159,9 @@ def test_wrong_key_in_the_block_stops_the_flow_before_ray(harness, seaweed, s3_p
     assert [(t.name.split("-")[0], t.run_count) for t in task_runs] == [("check_inputs", 1)]
     assert not [r for r in caplog.records if "retrying in" in r.getMessage()]
 
-    missing = label_corpus(params.model_copy(update={"credentials_block": "no-such-block"}),
-                           return_state=True)
+    missing = label_corpus(params("no-such-block"), return_state=True)
     assert missing.is_failed()
-    with pytest.raises(ValueError, match="credentials block 'no-such-block' not found"):
+    with pytest.raises(PipelineError, match="credentials block 'no-such-block' not found"):
         missing.result()
 
 
@@ -169,10 +176,10 @@ def test_cli_takes_a_credentials_block_by_name_and_prints_no_secret(harness, sea
     env.update(PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                RAY_USAGE_STATS_ENABLED="0")
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--input", f"{s3_prefix}/in",
-         "--output", f"{s3_prefix}/out", "--model", MODEL, "--credentials-block", block,
-         "--tasks", "asr", "--max-new-tokens", "4",
-         "--storage-options", json.dumps({"endpoint_url": seaweed.endpoint_url})],
+        [sys.executable, "-m", "flows.console", "run", "--input", f"{s3_prefix}/in",
+         "--output", f"{s3_prefix}/out", "--model", MODEL, "--tasks", "asr",
+         "--max-new-tokens", "4", "--storage-options",
+         json.dumps({"endpoint_url": seaweed.endpoint_url, "credentials_block": block})],
         env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 processed" in done.stdout
@@ -182,10 +189,9 @@ def test_cli_takes_a_credentials_block_by_name_and_prints_no_secret(harness, sea
     # refuses, is one line and exit 2, no flow run, no traceback, no secret
     def refused(block_name: str) -> str:
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", "--input", f"{s3_prefix}/in",
-             "--output", f"{s3_prefix}/out2", "--model", MODEL,
-             "--credentials-block", block_name,
-             "--storage-options", json.dumps({"endpoint_url": seaweed.endpoint_url})],
+            [sys.executable, "-m", "flows.console", "run", "--input", f"{s3_prefix}/in",
+             "--output", f"{s3_prefix}/out2", "--model", MODEL, "--storage-options",
+             json.dumps({"endpoint_url": seaweed.endpoint_url, "credentials_block": block_name})],
             env=env, capture_output=True, text=True, timeout=240, check=False)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "Flow run" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -160,9 +160,12 @@ def test_seaweed_launcher_binds_loopback_only(tmp_path):
 
 JOB_RAY = textwrap.dedent("""
     import sys
-    from pipelines.job import JobSpec, _init_ray
+    from pipelines.job.placement import local_object_store_bytes
+    from pipelines.job.ray_cluster import init_ray
+    from pipelines.spec import JobSpec
     import ray
-    _init_ray(JobSpec(input="/in", output="/out", model="/m"), sys.argv[1])
+    init_ray(None, local_object_store_bytes(JobSpec(input="/in", output="/out", model="/m")),
+             sys.argv[1])
     square = ray.remote(lambda x: x * x)
     print("sum", sum(ray.get([square.remote(i) for i in range(8)])), flush=True)
     sys.stdin.readline()  # the test reads the sockets now

@@ -17,15 +17,16 @@ MODEL = str(goldens.CHECKPOINT)
 
 
 def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_path):
-    from flows.label_corpus import LabelCorpusParams, label_corpus
+    from flows.label_corpus import label_corpus
+    from pipelines.spec import JobSpec
 
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("a01_tone_0p5s_16k.wav", "a06_speech_2p37s_16k.flac"):
         shutil.copy(goldens.INPUTS / name, inputs / name)
     (inputs / "broken.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
-    params = LabelCorpusParams(input=str(inputs), output=f"{tmp_path / 'out'}/", model=MODEL,
-                               tasks=["asr", "emotion"], max_new_tokens=4)
+    params = JobSpec(input=str(inputs), output=f"{tmp_path / 'out'}/", model=MODEL,
+                     tasks=["asr", "emotion"], max_new_tokens=4)
     report = label_corpus(params)
     assert report["processed"] == 3
     assert report["status"] == {"ok": 2, "error": 1}
@@ -56,28 +57,32 @@ def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_
 
 
 def test_label_corpus_fails_with_the_reason_before_ray(harness, tmp_path):
-    from flows.label_corpus import LabelCorpusParams, label_corpus
+    from flows.label_corpus import label_corpus
+    from pipelines.errors import JobError
+    from pipelines.spec import JobSpec
 
     (tmp_path / "in").mkdir()
     shutil.copy(goldens.INPUTS / "a01_tone_0p5s_16k.wav", tmp_path / "in")
-    params = LabelCorpusParams(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
-                               model=str(tmp_path / "no-model"))
+    params = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                     model=str(tmp_path / "no-model"))
     state = label_corpus(params, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ValueError, match="checkpoint folder not found"):
+    with pytest.raises(JobError, match="label-corpus cannot run: model: .*checkpoint folder not "
+                                       "found"):
         state.result()
 
 
 def test_a_failed_flow_ends_the_command_with_its_reason_and_a_bug_keeps_its_traceback(
-        harness, capsys):
-    """`flows.cli.run_flow`: the job's own errors end the command with their message, and
-    Prefect's log line of them carries no stack; any other exception keeps its traceback."""
+        harness):
+    """`flows.running.run_flow_here`: the pipeline's own errors come out as they are (a refusal
+    keeps its exit code 2) and Prefect's log line of them carries no stack; any other exception
+    is a run that failed (exit 1) and keeps its traceback."""
     import logging
 
     from prefect import flow
 
-    from flows.cli import run_flow
-    from pipelines.job import JobError
+    from flows.running import run_flow_here
+    from pipelines.errors import JobError, RunFailed
 
     @flow(name="fails-for-the-user")
     def user_error(params):
@@ -99,11 +104,13 @@ def test_a_failed_flow_ends_the_command_with_its_reason_and_a_bug_keeps_its_trac
     seen = Records()
     logging.getLogger("prefect.flow_runs").addHandler(seen)
     try:
-        assert run_flow(user_error, {}, "fails-for-the-user", str) == 2
-        assert capsys.readouterr().err.splitlines()[-1] == (
-            "error: s3://audio/out: access_denied: the secret key does not match")
-        assert run_flow(bug, {}, "fails-by-a-bug", str) == 2
-        assert capsys.readouterr().err.splitlines()[-1] == "error: KeyError: 'missing'"
+        with pytest.raises(JobError) as refused:
+            run_flow_here(user_error, {}, "fails-for-the-user")
+        assert str(refused.value) == "s3://audio/out: access_denied: the secret key does not match"
+        assert refused.value.exit_code == 2
+        with pytest.raises(RunFailed) as failed:
+            run_flow_here(bug, {}, "fails-by-a-bug")
+        assert str(failed.value) == "KeyError: 'missing'" and failed.value.exit_code == 1
     finally:
         logging.getLogger("prefect.flow_runs").removeHandler(seen)
     user, crash = seen.records

@@ -1,13 +1,13 @@
 """Deployment configuration under infra/: it parses, has the shape KubeRay, Prefect and Docker
 expect, agrees with the code it launches, and holds no literal secret.
 
-Static checks only (no cluster, no Prefect server); the flow modules are never imported: where a
-flow file exists its source is read with `ast`.
+Static checks only (no cluster, no Prefect server); a deployment's parameters are checked by
+its flow's own parameter model.
 """
 
 from __future__ import annotations
 
-import ast
+import importlib
 import json
 import re
 import shlex
@@ -166,8 +166,9 @@ def test_raycluster_shape():
 
 
 def test_rayjob_shape_and_entrypoint():
-    from pipelines.cli import build_run_parser
-    from pipelines.job import StageResources
+    from flows.console.app import build_parser
+    from flows.console.options import model_from_args
+    from pipelines.spec import JobSpec
 
     doc = load_yaml(RAYJOB)
     assert doc["apiVersion"] == "ray.io/v1"
@@ -184,41 +185,17 @@ def test_rayjob_shape_and_entrypoint():
     entrypoint = spec["entrypoint"]
     assert entrypoint.startswith("kimi-label run ")
     argv = shlex.split(entrypoint)
-    args = build_run_parser().parse_args(argv[2:])  # the flags exist (exits on an unknown one)
+    args = build_parser().parse_args(argv[1:])  # the flags exist (exits on an unknown one)
+    job = model_from_args(JobSpec, args)  # and make a valid job
     # on a Ray node the job must join the running cluster, not start its own
-    assert args.ray_address == "auto"
-    assert args.input.startswith("s3://") and args.output.startswith("s3://")
-    assert args.model == "/models/Kimi-Audio-7B-Instruct"
-    assert args.tasks == "asr,emotion,scene"
-    if args.stages:
-        for stage, fields in json.loads(args.stages).items():
-            assert stage in ("decode", "frontend", "label", "write")
-            StageResources(**fields)
+    assert job.ray_address == "auto"
+    assert job.input.startswith("s3://") and job.output.startswith("s3://")
+    assert job.model == "/models/Kimi-Audio-7B-Instruct"
+    assert job.tasks == ["asr", "emotion", "scene"]
+    assert json.loads(args.stages)["decode"]["concurrency"] == job.stages.decode.concurrency
 
 
 # -- Prefect ---------------------------------------------------------------------------------
-
-def flow_source_args(entrypoint: str) -> dict[str, list[str]] | None:
-    """For an existing flow file: {function arg -> field names of its annotation's class if that
-    class is defined in the file, else []}; None when the file does not exist (yet)."""
-    file, func = entrypoint.split(":")
-    path = ROOT / file
-    if not path.exists():
-        return None
-    tree = ast.parse(path.read_text())
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    funcs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    assert func in funcs, f"{file} defines no {func}"
-    out = {}
-    for arg in funcs[func].args.args + funcs[func].args.kwonlyargs:
-        ann = arg.annotation.id if isinstance(arg.annotation, ast.Name) else None
-        fields = []
-        if ann in classes:
-            fields = [s.target.id for s in classes[ann].body
-                      if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
-        out[arg.arg] = fields
-    return out
-
 
 def test_prefect_deployments():
     from prefect.client.schemas.schedules import CronSchedule
@@ -230,12 +207,11 @@ def test_prefect_deployments():
         assert dep["entrypoint"] == DEPLOYMENTS[name]
         assert re.fullmatch(r"flows/[a-z_]+\.py:[a-z_]+", dep["entrypoint"])
         assert dep["work_pool"]["name"] == POOL_NAME
-        args = flow_source_args(dep["entrypoint"])
-        if args is not None:
-            assert set(dep.get("parameters") or {}) <= set(args), f"{name}: unknown parameter"
-            for pname, value in (dep.get("parameters") or {}).items():
-                if args[pname] and isinstance(value, dict):
-                    assert set(value) <= set(args[pname]), f"{name}.{pname}: unknown field"
+        if dep.get("parameters"):  # valid parameters of the flow: its own model checks them
+            file, func = dep["entrypoint"].split(":")
+            flow = getattr(importlib.import_module(file.removesuffix(".py").replace("/", ".")),
+                           func)
+            flow.validate_parameters(dep["parameters"])
 
     schedules = deployments["label-corpus"]["schedules"]
     assert len(schedules) == 1

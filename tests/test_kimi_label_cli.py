@@ -1,4 +1,4 @@
-"""The `kimi-label` command line (`flows.cli`) as a user types it, in a subprocess: what reaches
+"""The `kimi-label` console (`flows.console`) as a user types it, in a subprocess: what reaches
 the job, and refusals with a one-line reason (exit 2) before Prefect or Ray start."""
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from tests import goldens
 MODEL = str(goldens.CHECKPOINT)
 
 
-def kimi_label(*args, env=None, module="flows.cli"):
-    """`kimi-label ARGS` (`pipelines.cli`: the bare job's command line, no Prefect); a None in
-    `env` unsets that variable."""
+def kimi_label(*args, env=None, module="flows.console"):
+    """`kimi-label ARGS`; a None in `env` unsets that variable."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     env = {name: value for name, value in env.items() if value is not None}
@@ -42,24 +41,28 @@ def refused(proc, *expected: str) -> str:
     return lines[0]
 
 
-def test_label_corpus_params_reach_the_job_spec():
-    from flows.label_corpus import LabelCorpusParams
+def test_the_flows_take_the_job_spec_and_a_run_id_from_the_flow_run(monkeypatch):
+    """The flows' parameters are the job's (`JobSpec`): what is given reaches the job as it is;
+    the run id is the flow run's unless the parameters name one; validation is the spec's."""
+    import flows.labelling as labelling
+    from pipelines.spec import JobSpec
 
-    params = LabelCorpusParams(input="/in", output="/out", model=MODEL, glm_tokenizer="/glm",
-                               extensions=["wav", "flac"], device="cuda:1", run_id="nightly-1")
-    spec = params.job_spec(run_id="from-the-flow-run")
+    params = JobSpec(input="/in", output="/out", model=MODEL, glm_tokenizer="/glm",
+                     extensions=["wav", "flac"], device="cuda:1", run_id="nightly-1")
+    monkeypatch.setattr(labelling, "flow_run_id", lambda: "from-the-flow-run")
+    spec = labelling.job_of(params)
     assert (spec.glm_tokenizer, spec.extensions, spec.device) == ("/glm", ["wav", "flac"],
                                                                   "cuda:1")
     assert spec.run_id == "nightly-1"  # an explicit run id wins over the flow run's
-    derived = LabelCorpusParams(input="/in", output="/out", model=MODEL)
-    assert derived.job_spec(run_id="from-the-flow-run").run_id == "from-the-flow-run"
-    assert derived.job_spec().extensions is None and derived.job_spec().device is None
+    derived = JobSpec(input="/in", output="/out", model=MODEL)
+    assert labelling.job_of(derived).run_id == "from-the-flow-run"
+    assert derived.extensions is None and derived.device is None
     for field, value, message in (("device", "gpu0", "is not a device"),
                                   ("run_id", "../elsewhere", "names a folder"),
                                   ("run_id", "", "names a folder"),
                                   ("extensions", [" ", "."], "at least one extension")):
         with pytest.raises(ValidationError, match=message):
-            LabelCorpusParams(input="/in", output="/out", model=MODEL, **{field: value})
+            JobSpec(input="/in", output="/out", model=MODEL, **{field: value})
 
 
 SECRET = "s3cr3t-never-printed"
@@ -73,24 +76,24 @@ BAD_OPTIONS = [
     (["--stages", '{"labels": {"batch_size": 2}}'],
      ["--stages: unknown stages ['labels'] (known: decode, frontend, label, write)"]),
     (["--stages", '{"input": "/elsewhere"}'], ["--stages: unknown stages ['input']"]),
-    (["--stages", '{"label": {"batch_size": 0}}'], ["--stages label.batch_size: ", "greater than or equal to 1"]),
+    (["--stages", '{"label": {"batch_size": 0}}'],
+     ["--stages label.batch_size: ", "greater than or equal to 1"]),
     (["--tasks", ""], ["--tasks: name at least one task"]),
 ]
 
 
-@pytest.mark.parametrize("module", ["flows.cli", "pipelines.cli"])
 @pytest.mark.parametrize("args, expected", BAD_OPTIONS)
-def test_run_names_the_bad_option(tmp_path, module, args, expected):
+def test_run_names_the_bad_option(tmp_path, args, expected):
     """A malformed option is refused in the command line process, naming the option, before
-    the flow (or the job) starts; a secret in --storage-options is never echoed."""
+    the flow starts; a secret in --storage-options is never echoed."""
     line = refused(kimi_label("run", "--input", goldens.INPUTS, "--output", tmp_path / "out",
-                              "--model", MODEL, *args, module=module), *expected)
+                              "--model", MODEL, *args), *expected)
     assert SECRET not in line
     assert not (tmp_path / "out").exists()
 
 
 def test_run_names_the_storage_option_behind_a_flow_parameter(tmp_path):
-    """kimi-label run passes the endpoint of --storage-options on as the flow's endpoint_url."""
+    """A field of --storage-options is named by its path in the option."""
     line = refused(kimi_label("run", "--input", goldens.INPUTS, "--output", tmp_path / "out",
                               "--model", MODEL, "--storage-options",
                               '{"secret": "%s", "endpoint_url": 5}' % SECRET),
@@ -133,16 +136,20 @@ ALL_COMMANDS = ["run", "transcribe-archive", "prepare-training-data", "stack", "
 def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     helped = kimi_label("--help")
     assert helped.returncode == 0 and "python -m kimi_ops" not in helped.stdout
-    listed = {line.split()[0] for line in helped.stdout.splitlines() if line.startswith("  ")}
+    listed = {line.split()[0] for line in helped.stdout.splitlines() if line.startswith("    ")}
     assert listed == set(ALL_COMMANDS)
+    assert "exit status: 0 done, 1 the run failed, 2 usage error" in helped.stdout
+    version = kimi_label("--version")
+    assert version.returncode == 0 and version.stdout.startswith("kimi-label ")
     bare = kimi_label()
-    assert bare.returncode == 2 and all(f"  {c} " in bare.stderr for c in ALL_COMMANDS)
-    line = refused(kimi_label("bogus"), "unknown command 'bogus'")
-    assert all(c in line for c in ALL_COMMANDS)
+    assert bare.returncode == 2 and "required: COMMAND" in bare.stderr
+    unknown = kimi_label("bogus")
+    assert unknown.returncode == 2 and "invalid choice: 'bogus'" in unknown.stderr
+    assert all(f"'{c}'" in unknown.stderr for c in ALL_COMMANDS)
     # each command keeps its own help; the model commands still reach kimi_ops
     run_help = kimi_label("run", "--help")
-    assert run_help.returncode == 0 and "--credentials-block" in run_help.stdout
-    assert "comma-separated, from asr, caption, emotion, scene" in run_help.stdout
+    assert run_help.returncode == 0 and "credentials_block" in run_help.stdout
+    assert "comma-separated: asr, caption, emotion, scene" in run_help.stdout
     options = [line.split()[0] for line in run_help.stdout.split("options:")[1].splitlines()
                if line.startswith("  -")]
     helped = run_help.stdout.split("options:")[1]
@@ -159,6 +166,72 @@ def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     assert generate_help.stdout.startswith("usage: kimi-label generate ")
 
 
+def help_of(command: str) -> str:
+    """`kimi-label COMMAND --help`, its lines unwrapped (an option's help on one line)."""
+    import re
+
+    from flows.console.app import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    sub.formatter_class = lambda prog: __import__("argparse").HelpFormatter(prog, width=10_000)
+    return re.sub(r"\s+", " ", sub.format_help())
+
+
+def test_every_job_parameter_is_an_option_with_its_default_and_a_flow_parameter():
+    """One definition: each field of the job's spec is a `kimi-label run` option whose help
+    shows the field's default, and a parameter of the label-corpus flow with that default
+    (transcribe-archive: the same, less the fields it fixes, with its own token budget)."""
+    from flows.console.options import flag, shown_default
+    from flows.label_corpus import label_corpus
+    from flows.transcribe_archive import transcribe_archive
+    from pipelines.spec import JobSpec, TranscribeArchiveSpec
+
+    for command, spec, flow in (("run", JobSpec, label_corpus),
+                                ("transcribe-archive", TranscribeArchiveSpec, transcribe_archive)):
+        text = help_of(command)
+        schema = flow.parameters.model_dump()
+        definitions = schema["definitions"][spec.__name__]["properties"]
+        skipped = getattr(spec, "FIXED", ())
+        for name, field in spec.model_fields.items():
+            if field.exclude:
+                continue
+            assert name in definitions, (command, name)
+            if name in skipped:
+                assert f"{flag(name)} " not in text, (command, name)
+                continue
+            assert f"{flag(name)} " in text, (command, name)
+            if field.is_required():
+                assert name in schema["definitions"][spec.__name__]["required"]
+                continue
+            assert f"(default: {shown_default(field)})" in text, (command, name)
+            if isinstance(field.default, (bool, int, float, str)):  # (None: no default shown)
+                assert definitions[name]["default"] == field.default, (command, name)
+    assert "(default: 384)" in help_of("transcribe-archive")
+    assert "(default: 256)" in help_of("run")
+
+
+@pytest.mark.parametrize("command", ["run", "transcribe-archive"])
+def test_a_run_id_that_is_not_a_folder_name_writes_nothing(tmp_path, command):
+    """`--run-id ../../escape` once wrote `escape/lease.json` outside the output: every job
+    entry point refuses it where the spec is made, before anything is written."""
+    from flows.label_corpus import label_corpus
+    from pipelines.spec import JobSpec
+
+    out = tmp_path / "a" / "b" / "out"
+    line = refused(kimi_label(command, "--input", goldens.INPUTS, "--output", out,
+                              "--model", MODEL, "--run-id", "../../escape"),
+                   "--run-id: '../../escape' must be")
+    assert "names a folder" in line
+    assert list(tmp_path.rglob("*")) == []
+    with pytest.raises(ValidationError, match="names a folder"):  # the job, as a library
+        JobSpec(input=str(goldens.INPUTS), output=str(out), model=MODEL, run_id="../../escape")
+    state = label_corpus({"input": str(goldens.INPUTS), "output": str(out), "model": MODEL,
+                          "run_id": "../../escape"}, return_state=True)  # a deployment's run
+    assert state.is_failed() and "names a folder" in str(state.result(raise_on_failure=False))
+    assert list(tmp_path.rglob("*")) == []
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly():
     """`kimi-label ... | head`: output to a pipe nobody reads any more ends the command as a Unix
     tool killed by SIGPIPE would (128 + 13), with no traceback."""
@@ -167,7 +240,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
         read, write = os.pipe()
         os.close(read)  # the reader is gone before the first line
         try:
-            proc = subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)],
+            proc = subprocess.run([sys.executable, "-m", "flows.console", *map(str, args)],
                                   stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
                                   check=False)
         finally:
@@ -185,7 +258,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
            "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--input", str(goldens.INPUTS),
+        [sys.executable, "-m", "flows.console", "run", "--input", str(goldens.INPUTS),
          "--output", str(tmp_path / "out"), "--model", MODEL, "--tasks", "asr"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = []
@@ -228,7 +301,7 @@ def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
            "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--input", str(inputs),
+        [sys.executable, "-m", "flows.console", "run", "--input", str(inputs),
          "--output", str(tmp_path / "out"), "--model", MODEL, "--max-new-tokens", "8"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
@@ -374,7 +447,7 @@ def test_transcribe_archive_command_writes_tables_and_subtitles(tmp_path):
 @pytest.mark.slow
 def test_prepare_training_data_command_builds_shards_and_manifest(tmp_path):
     """`kimi-label prepare-training-data` end to end on a real labelled output made with
-    --semantic-tokens (the bare job: Ray, no Prefect), then refused in one line as a rerun
+    --semantic-tokens, then refused in one line as a rerun
     into the same destination."""
     import json
     import shutil
@@ -387,7 +460,7 @@ def test_prepare_training_data_command_builds_shards_and_manifest(tmp_path):
     shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs)
     labelled_run = kimi_label("run", "--input", inputs, "--output", out, "--model", MODEL,
                               "--tasks", "asr,emotion", "--max-new-tokens", "4",
-                              "--semantic-tokens", module="pipelines.cli")
+                              "--semantic-tokens", env=flow_env(tmp_path))
     assert labelled_run.returncode == 0, labelled_run.stderr[-3000:]
     segments = pq.read_table(out / "segments").to_pylist()
     ok = [s for s in segments if s["status"] == "ok" and s["semantic_tokens"]]
@@ -416,7 +489,7 @@ def test_prepare_training_data_command_builds_shards_and_manifest(tmp_path):
 
 
 def test_the_printed_summary_counts_retried_errors_and_keeps_paths_clean():
-    from pipelines.cli import format_report
+    from pipelines.job import format_report
 
     report = {"run_id": "r1", "processed": 3, "planned": {"already_done": 5,
                                                          "retried_errors": 2},
@@ -427,7 +500,7 @@ def test_the_printed_summary_counts_retried_errors_and_keeps_paths_clean():
     assert paths.startswith("output: s3://audio/labels/files/ and s3://audio/labels/segments/")
     report["planned"] = {"already_done": 5}
     assert "(5 already done)" in format_report(report)
-    from flows.cli import format_transcription
+    from flows.console.jobs import format_transcription
 
     report["subtitles"] = {"subtitle_files": 6, "recordings": 1, "segments": 4, "recovered": 2,
                            "subtitle_files_removed": 0, "subtitles_dir": "s3://audio/labels/sub"}
@@ -445,7 +518,7 @@ def test_a_prefect_api_that_does_not_answer_is_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input", goldens.INPUTS,
+    proc = subprocess.run([sys.executable, "-m", "flows.console", "run", "--input", goldens.INPUTS,
                            "--output", tmp_path / "out", "--model", MODEL], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -464,7 +537,7 @@ def test_a_prefect_api_that_does_not_answer_is_one_line(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/api"
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--input",
+        proc = subprocess.run([sys.executable, "-m", "flows.console", "run", "--input",
                                goldens.INPUTS, "--output", tmp_path / "out", "--model", MODEL],
                               env={**env, "PREFECT_API_URL": url}, capture_output=True,
                               text=True, timeout=120, check=False)
@@ -505,7 +578,8 @@ def test_ray_addresses_that_are_urls_are_refused_before_the_flow():
 
     from ray._private.utils import get_ray_client_dependency_error
 
-    from pipelines.job import JobError, check_ray_address
+    from pipelines.job import JobError
+    from pipelines.job.ray_cluster import check_ray_address
 
     with pytest.raises(JobError, match=r"not a URL \(http://...:8265 is the dashboard\)"):
         check_ray_address("http://127.0.0.1:8265")

@@ -278,7 +278,8 @@ def test_joining_the_stacks_ray_needs_only_its_token(home):
     env = state.env()
     probe = textwrap.dedent("""
         import sys, time
-        from pipelines.job import JobError, JobSpec, _init_ray, check_ray_address
+        from pipelines.errors import JobError
+        from pipelines.job.ray_cluster import check_ray_address, init_ray
         address = sys.argv[1]
         start = time.monotonic()
         try:
@@ -287,7 +288,7 @@ def test_joining_the_stacks_ray_needs_only_its_token(home):
             print("refused", round(time.monotonic() - start), exc)
             raise SystemExit(0)
         import ray
-        _init_ray(JobSpec(input="x", output="y", model="m", ray_address=address))
+        init_ray(address, 0)
         print("joined", ray.cluster_resources().get("CPU"))
         ray.shutdown()
     """)

@@ -26,11 +26,11 @@ from pipelines.storage import (
     list_objects,
     open_input,
     read_manifest,
-    redact,
+    StorageConfig,
     redact_uri,
     resolve,
-    safe_options,
 )
+from pipelines.storage.uri import redact
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
 
 MIXED = {
@@ -129,25 +129,25 @@ def test_start_refuses_a_busy_port_and_reports_a_dead_server(tmp_path):
 def test_list_filters_extensions_case_insensitively(seaweed, s3_prefix):  # noqa: F811
     _put(seaweed, s3_prefix, MIXED)
     opts = seaweed.storage_options
-    assert _names(list_objects(s3_prefix, storage_options=opts), s3_prefix) == MIXED_AUDIO
-    assert _names(list_objects(s3_prefix + "/", storage_options=opts), s3_prefix) == MIXED_AUDIO
+    assert _names(list_objects(s3_prefix, storage=opts), s3_prefix) == MIXED_AUDIO
+    assert _names(list_objects(s3_prefix + "/", storage=opts), s3_prefix) == MIXED_AUDIO
     assert _names(list_objects(s3_prefix, None, opts), s3_prefix) == set(MIXED)
     assert _names(list_objects(s3_prefix, [".TXT"], opts), s3_prefix) == {"notes.txt",
                                                                           "x.wav.txt"}
     # "sub" is a folder: "subway.wav" next to it is not inside it.
-    assert _names(list_objects(f"{s3_prefix}/sub", storage_options=opts), s3_prefix) == {
+    assert _names(list_objects(f"{s3_prefix}/sub", storage=opts), s3_prefix) == {
         "sub/c.Mp3", "sub/e.opus", "sub/deep/d.ogg"}
     # One object lists itself, whatever its extension.
-    (single,) = list_objects(f"{s3_prefix}/notes.txt", storage_options=opts)
+    (single,) = list_objects(f"{s3_prefix}/notes.txt", storage=opts)
     assert single.uri == f"{s3_prefix}/notes.txt" and single.size == 1 and single.etag
     assert single.mtime is not None
-    assert list(list_objects(f"{s3_prefix}/nothing-here", storage_options=opts)) == []
+    assert list(list_objects(f"{s3_prefix}/nothing-here", storage=opts)) == []
 
 
 def test_listing_streams_thousands_of_objects(seaweed, s3_prefix):  # noqa: F811
     n = 2000
     _put(seaweed, s3_prefix, {f"{i // 500:02d}/{i:05d}.wav": b"x" for i in range(n)})
-    listing = list_objects(s3_prefix, storage_options=seaweed.storage_options)
+    listing = list_objects(s3_prefix, storage=seaweed.storage_options)
     assert isinstance(listing, types.GeneratorType)
     first = next(listing)
     assert first.uri == f"{s3_prefix}/00/00000.wav"
@@ -159,11 +159,11 @@ def test_listing_streams_thousands_of_objects(seaweed, s3_prefix):  # noqa: F811
 def test_etag_changes_with_content(seaweed, s3_prefix, tmp_path):  # noqa: F811
     opts = seaweed.storage_options
     _put(seaweed, s3_prefix, {"a.wav": b"one"})
-    (before,) = list_objects(s3_prefix, storage_options=opts)
+    (before,) = list_objects(s3_prefix, storage=opts)
     _put(seaweed, s3_prefix, {"a.wav": b"two"})
-    (after,) = list_objects(s3_prefix, storage_options=opts)
+    (after,) = list_objects(s3_prefix, storage=opts)
     _put(seaweed, s3_prefix, {"a.wav": b"one"})
-    (again,) = list_objects(s3_prefix, storage_options=opts)
+    (again,) = list_objects(s3_prefix, storage=opts)
     assert before.etag != after.etag and before.etag == again.etag  # content hash
 
     path = tmp_path / "a.wav"
@@ -274,7 +274,7 @@ def test_manifests_in_three_formats(seaweed, s3_prefix, tmp_path):  # noqa: F811
     fs = _fs(seaweed)
     root = s3_prefix.removeprefix("s3://")
     _put(seaweed, s3_prefix, {"clips/a.wav": b"aa", "clips/b.flac": b"bbb"})
-    etag = next(list_objects(f"{s3_prefix}/clips/a.wav", storage_options=opts)).etag
+    etag = next(list_objects(f"{s3_prefix}/clips/a.wav", storage=opts)).etag
     table = pa.table({"uri": [f"{s3_prefix}/clips/a.wav", "clips/b.flac"],
                       "size": [2, None], "etag": [etag, None], "extra": [1, 2]})
     with fs.open(f"{root}/lists/m.parquet", "wb") as f:
@@ -346,7 +346,7 @@ def test_bad_credentials_are_access_denied_without_the_secret(seaweed, s3_prefix
     opts = {**seaweed.storage_options, "secret": "Wr0ng-secret-do-not-print"}
     if key:
         opts["key"] = key
-    calls = {"list": lambda: list(list_objects(s3_prefix, storage_options=opts)),
+    calls = {"list": lambda: list(list_objects(s3_prefix, storage=opts)),
              "open prefix": lambda: open_input(s3_prefix, opts),
              "open object": lambda: open_input(f"{s3_prefix}/a.wav", opts),
              "check_output": lambda: check_output(f"{s3_prefix}/out", opts),
@@ -388,7 +388,7 @@ def test_env_var_route(seaweed, s3_prefix, monkeypatch):  # noqa: F811
 
 def test_missing_bucket(seaweed):  # noqa: F811
     opts = seaweed.storage_options
-    for call in (lambda: list(list_objects("s3://no-such-bucket/x", storage_options=opts)),
+    for call in (lambda: list(list_objects("s3://no-such-bucket/x", storage=opts)),
                  lambda: open_input("s3://no-such-bucket/x", opts),
                  lambda: check_output("s3://no-such-bucket/out", opts),
                  lambda: fetch("s3://no-such-bucket/x.wav", opts)):
@@ -438,7 +438,7 @@ def test_check_output(seaweed, s3_prefix, tmp_path):  # noqa: F811
 def test_fetch_and_vanished(seaweed, s3_prefix, tmp_path):  # noqa: F811
     opts = seaweed.storage_options
     _put(seaweed, s3_prefix, {"a.wav": b"payload"})
-    (info,) = list_objects(s3_prefix, storage_options=opts)
+    (info,) = list_objects(s3_prefix, storage=opts)
     assert fetch(info, opts) == b"payload"
     _fs(seaweed).rm_file(info.uri)
     with pytest.raises(ObjectVanishedError) as err:
@@ -488,14 +488,21 @@ def test_fetched_decodes_a_large_object_from_a_local_copy_then_removes_it(
 
 def test_redaction(seaweed):  # noqa: F811
     secret = seaweed.admin.secret_key
-    safe = safe_options({**seaweed.storage_options, "token": "tok-123456",
-                         "password": "hunter2", "config_kwargs": {"api_key": "k-987654"}})
-    text = json.dumps(safe)
-    for hidden in (secret, "tok-123456", "hunter2", "k-987654", seaweed.admin.access_key):
+    config = StorageConfig.coerce({**seaweed.storage_options, "token": "tok-123456"})
+    safe = config.safe()
+    # what may be shown or stored (as a flow parameter) holds no credential
+    text = json.dumps(safe) + repr(config) + config.model_dump_json()
+    for hidden in (secret, "tok-123456", seaweed.admin.access_key):
         assert hidden not in text
     assert safe["key"].startswith(seaweed.admin.access_key[:4]) and safe["key"].endswith("***")
-    assert safe["client_kwargs"]["endpoint_url"] == seaweed.endpoint_url
-    assert safe_options(None) is None
+    assert safe["endpoint_url"] == seaweed.endpoint_url
+    assert config.s3fs_options()["secret"] == secret  # in memory, for s3fs only
+    assert StorageConfig().safe() == {}
+    # other secrets have no place that keeps them out of stored parameters: refused
+    for options, name in (({"password": "hunter2"}, "password"),
+                          ({"config_kwargs": {"api_key": "k-987654"}}, "config_kwargs.api_key")):
+        with pytest.raises(ValueError, match=f"secret-looking storage options \\['{name}'\\]"):
+            StorageConfig.coerce(options)
     assert redact("abcdef") == "***" and redact("") == ""
     assert redact_uri("s3://AKID1234:s3cr3t@bucket/key") == "s3://AK***:***@bucket/key"
     assert "s3cr3t" not in str(StorageError("s3://AKID1234:s3cr3t@b/k", "x", "io_error"))

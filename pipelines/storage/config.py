@@ -130,10 +130,11 @@ class StorageConfig(BaseModel):
         if given and values.get("credentials") is None:
             values["credentials"] = Credentials.from_mapping(given, "storage options")
         extra = {k: values.pop(k) for k in list(values) if k not in own}
-        secret = sorted(k for k in extra if is_secret_name(k))
-        if secret:
+        secret = _secret_names({**extra, **(values.get("options") or {}),
+                                "client_kwargs": client})
+        if secret:  # options are flow parameters, which Prefect stores: no secret goes there
             raise ValueError(f"unsupported secret-looking storage options {secret} (credentials "
-                             "are key, secret and token)")
+                             "are key, secret and token, or the AWS_* environment)")
         options = {**extra, **(values.get("options") or {})}
         if client:
             options["client_kwargs"] = client
@@ -201,6 +202,17 @@ class StorageConfig(BaseModel):
             shown["key"] = redact(self.credentials.key.get_secret_value(), keep=4)
             shown["secret"] = redact("secret")
         return shown
+
+
+def _secret_names(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The secret-looking names in `values`, nested ones as `outer.inner`."""
+    found = []
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            found += _secret_names(value, f"{prefix}{name}.")
+        elif is_secret_name(name):
+            found.append(f"{prefix}{name}")
+    return sorted(found)
 
 
 def _masked(values: Mapping[str, Any]) -> dict[str, Any]:

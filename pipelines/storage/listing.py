@@ -23,7 +23,6 @@ from typing import Any
 from pipelines.storage.errors import StorageError, translated
 from pipelines.storage.filesystem import is_local_fs, is_s3_fs, resolve, uri_of
 from pipelines.storage.retry import RetryPolicy, retrying
-from pipelines.storage.uri import canonical_uri
 
 log = logging.getLogger("pipelines.storage")
 
@@ -202,7 +201,7 @@ def walk_generic(fs, path: str, extensions, skipped: Counter | None = None
             mtime = mtime.timestamp()
         if etag is None and mtime is not None and d.get("size") is not None:
             etag = f"{mtime}-{d['size']}"
-        return ObjectInfo(canonical_uri(uri_of(fs, p)), d.get("size"), str(etag).strip('"') if etag else None,
+        return ObjectInfo(uri_of(fs, p), d.get("size"), str(etag).strip('"') if etag else None,
                           float(mtime) if isinstance(mtime, (int, float)) else None)
 
     if fs.isfile(path):

@@ -10,7 +10,8 @@ object are one input:
     `file://localhost/` are dropped (`./a/../b.wav` -> `/cwd/b.wav`);
   * S3: `s3://bucket/key` (`s3a://` is the same store), the key without `//`, `./` or `..`
     parts; a key above its bucket names no object (`ValueError`);
-  * any other scheme: lower-cased, the path as written.
+  * any other scheme: lower-cased, the path as written (each fsspec filesystem has its own
+    rules; listings spell such objects as fsspec does).
 
 A relative spelling is relative to a `base` folder (a manifest's or a references file's folder),
 else to the working directory. A leading '/' in a remote base means the bucket's root.
@@ -53,7 +54,7 @@ def split(uri: str) -> tuple[str, str]:
 
 def _without_file_scheme(uri: str) -> str:
     for prefix in _LOCAL_PREFIXES:
-        if uri.startswith(prefix):
+        if uri[:len(prefix)].lower() == prefix:  # (schemes are case-insensitive)
             rest = uri[len(prefix):]
             return rest if prefix == "file://" else "/" + rest
     return uri
@@ -75,13 +76,15 @@ def canonical_uri(uri: str, base: str | None = None) -> str:
             return local_path(path)
         if is_local(base):
             return local_path(os.path.join(local_path(base), path))
-        kind, folder = split(base)  # relative to a remote folder; '/' is its bucket's root
-        joined = (folder.split("/", 1)[0] + path if path.startswith("/")
-                  else posixpath.join(folder, path))
+        kind, folder = scheme(base), base.partition("://")[2]  # a remote folder, as written
+        if not path.startswith("/"):
+            joined = posixpath.normpath(posixpath.join(folder, path))
+        else:  # an S3 bucket's root; another filesystem's own root
+            joined = folder.lstrip("/").split("/", 1)[0] + path if kind == "s3" else path
         uri = f"{kind}://{joined}"
     kind, path = split(uri)
-    if kind != "s3":
-        return f"{kind}://{path}"
+    if kind != "s3":  # as written: each fsspec filesystem has its own path rules
+        return f"{kind}://{uri.partition('://')[2]}"
     bucket, _, key = path.partition("/")
     key = posixpath.normpath(key.lstrip("/")) if key.strip("/") else ""
     if not bucket or not key or key == ".." or key.startswith("../"):
