@@ -14,7 +14,7 @@ below the file's folder for a single-object input), extension kept (`a/b.wav` ->
 basename; when two objects of one run would share a name, each of them gets a short hash of its
 URI (`b.wav.1a2b3c4d.srt`). Objects whose row of this run is an error lose subtitles an earlier
 run wrote for them (their content changed and is no longer usable). Cue layout and timing:
-`flows.subtitles`.
+`pipelines.subtitles.formats`.
 
 Resuming: the job's run id is derived from the Prefect flow run (`<scheduled start>-<flow run id
 prefix>`), so a retried task or flow run reuses it: the job skips objects already labelled, and
@@ -51,9 +51,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.label_corpus import flow_run_id, label_checked
-from flows.subtitles import to_srt, to_webvtt
 from pipelines.job import JobSpec, StageOverrides
 from pipelines.stages import PIECE_SECONDS
+from pipelines.subtitles import to_srt, to_webvtt
 
 SUBTITLES_DIR = "subtitles"
 NAMING_FILE = "subtitles.json"  # in _runs/<run id>/: the folder its subtitle names are below

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from flows.subtitles import split_cue, to_srt, to_webvtt
+from pipelines.subtitles import split_cue, to_srt, to_webvtt
 from tests import goldens
 from tests.flow_helpers import artifacts
 

@@ -1,4 +1,4 @@
-"""Subtitles from timed transcript segments: SRT and WebVTT, pure functions (no I/O).
+"""Subtitle formats from timed transcript segments: SRT and WebVTT, pure functions (no I/O).
 
     to_srt([(0.0, 2.5, "hello there"), (2.5, 31.0, "a long segment ...")])  -> str
     to_webvtt(same cues)                                                    -> str
