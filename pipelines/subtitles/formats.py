@@ -187,3 +187,7 @@ def to_webvtt(cues: Iterable[tuple[float, float, str | None]]) -> str:
     blocks = ["WEBVTT\n"] + [f"{_times(cue, '.')}\n{escape_webvtt(cue.text)}\n"
                              for cue in layout(cues)]
     return "\n".join(blocks)
+
+
+# the files every recording's subtitles are: file suffix -> the text it holds
+FORMATS = {".srt": to_srt, ".vtt": to_webvtt}
