@@ -246,7 +246,7 @@ def _write_subtitles(out: Path, uris: list[str], input_uri: str) -> list[str]:
     """transcribe-archive's real subtitle naming and writer -> paths written."""
     import fsspec
 
-    from flows.transcribe_archive import input_prefix, subtitle_names, write_file_subtitles
+    from pipelines.subtitles import input_prefix, subtitle_names, write_file_subtitles
 
     fs = fsspec.filesystem("file")
     names = subtitle_names(uris, input_prefix(input_uri, False, False))

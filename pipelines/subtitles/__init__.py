@@ -6,6 +6,9 @@ One module a job each:
   formats   cue layout and timing, SRT and WebVTT text: pure functions
   naming    which name an object's subtitles get: pure functions
   recorded  a run's naming, recorded in `_runs/<run id>/subtitles.json` and read back
+  output    what subtitles are made from: listings with times, file rows, segment rows
+  plan      what a run writes and removes, decided from the output's state
+  writing   `write_run_subtitles`: all of the above, on the output's filesystem
 
 Subtitles: for every file row of the run with status ok, its segments (ordered by
 `segment_index`) become `<output>/subtitles/<relative path>.srt` and `.vtt`, where the relative
@@ -37,8 +40,10 @@ many earlier recordings got their subtitles back (`recovered`).
 from pipelines.subtitles.formats import FORMATS, Cue, split_cue, to_srt, to_webvtt
 from pipelines.subtitles.naming import (Naming, input_prefix, relative_path, safe_relative,
                                         subtitle_names, with_hash)
+from pipelines.subtitles.writing import write_file_subtitles, write_run_subtitles
 
 __all__ = [
     "FORMATS", "Cue", "Naming", "input_prefix", "relative_path", "safe_relative", "split_cue",
-    "subtitle_names", "to_srt", "to_webvtt", "with_hash",
+    "subtitle_names", "to_srt", "to_webvtt", "with_hash", "write_file_subtitles",
+    "write_run_subtitles",
 ]
