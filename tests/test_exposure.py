@@ -249,7 +249,7 @@ def _write_subtitles(out: Path, uris: list[str], input_uri: str) -> list[str]:
     """transcribe-archive's real subtitle naming and writer -> paths written."""
     import fsspec
 
-    from flows.transcribe_archive import input_prefix, subtitle_names, write_file_subtitles
+    from pipelines.subtitles import input_prefix, subtitle_names, write_file_subtitles
 
     fs = fsspec.filesystem("file")
     names = subtitle_names(uris, input_prefix(input_uri, False, False))
@@ -262,7 +262,7 @@ def _write_subtitles(out: Path, uris: list[str], input_uri: str) -> list[str]:
 
 
 def test_shard_and_subtitle_paths_of_hostile_keys_stay_under_the_output(tmp_path):
-    from pipelines.stages import shard_name
+    from pipelines.storage import shard_name
 
     uris = [u for key in HOSTILE_KEYS for u in _uris(key)]
     for uri in uris:

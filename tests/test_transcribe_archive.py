@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from flows.subtitles import split_cue, to_srt, to_webvtt
+from pipelines.subtitles import split_cue, to_srt, to_webvtt
 from tests import goldens
 from tests.flow_helpers import artifacts
 
@@ -94,7 +94,7 @@ def test_wrapping_is_balanced_and_cjk_breaks_between_characters():
 # -- subtitle paths and the writer over known rows ---------------------------------------------
 
 def test_relative_paths_below_the_prefix_else_basename():
-    from flows.transcribe_archive import input_prefix, relative_path, subtitle_names
+    from pipelines.subtitles import input_prefix, relative_path, subtitle_names
 
     prefix = input_prefix("s3://audio/corpus/", is_manifest=False, is_single_object=False)
     assert prefix == ("s3", "audio/corpus")
@@ -113,7 +113,7 @@ def test_relative_paths_below_the_prefix_else_basename():
 def test_writer_on_known_segment_rows(tmp_path):
     import fsspec
 
-    from flows.transcribe_archive import write_file_subtitles
+    from pipelines.subtitles import write_file_subtitles
 
     fs = fsspec.filesystem("file")
     rows = [  # out of order on purpose; a silent segment gives no cue
@@ -139,10 +139,11 @@ def test_run_subtitles_cover_every_attempt_of_the_run_and_nothing_else(tmp_path)
     """Two shards with this run's id (a retried attempt writes its own shard), one of another
     run whose subtitles are in place, an error row of this run whose old subtitles go, and a
     rerun that rewrites the same bytes."""
-    from flows.transcribe_archive import TranscribeArchiveParams, write_run_subtitles
     from kimi_ops.tasks import get_task
     from pipelines.schema import files_schema, segments_schema, to_table
-    from pipelines.stages import write_parquet_atomic
+    from pipelines.spec import TranscribeArchiveSpec
+    from pipelines.storage import write_parquet_atomic
+    from pipelines.subtitles import write_run_subtitles
 
     inputs, out = tmp_path / "in", str(tmp_path / "out")
     (inputs / "a").mkdir(parents=True)
@@ -177,7 +178,7 @@ def test_run_subtitles_cover_every_attempt_of_the_run_and_nothing_else(tmp_path)
     for suffix in (".srt", ".vtt"):  # written by run OTHER after its rows: left alone
         (tmp_path / f"out/subtitles/old.wav{suffix}").write_text("run OTHER's")
 
-    spec = TranscribeArchiveParams(input=str(inputs), output=out, model=MODEL).job_spec("R")
+    spec = TranscribeArchiveSpec(input=str(inputs), output=out, model=MODEL, run_id="R")
     counts = write_run_subtitles(spec, "R")
     assert counts["recordings"] == 2 and counts["segments"] == 3
     assert counts["subtitle_files"] == 4 and counts["subtitle_files_removed"] == 1
@@ -203,10 +204,11 @@ def test_a_run_on_a_subfolder_keeps_the_names_an_earlier_run_gave(tmp_path):
     and write back a missing one under R1's name."""
     import fsspec
 
-    from flows.transcribe_archive import TranscribeArchiveParams, write_run_subtitles
     from kimi_ops.tasks import get_task
     from pipelines.schema import files_schema, segments_schema, to_table
-    from pipelines.stages import write_parquet_atomic
+    from pipelines.spec import TranscribeArchiveSpec
+    from pipelines.storage import write_parquet_atomic
+    from pipelines.subtitles import write_run_subtitles
 
     inputs, out = tmp_path / "archive", tmp_path / "out"
     (inputs / "a").mkdir(parents=True)
@@ -224,8 +226,8 @@ def test_a_run_on_a_subfolder_keeps_the_names_an_earlier_run_gave(tmp_path):
     write_parquet_atomic(fs, str(out), "files/p.parquet", to_table(files, files_schema(tasks)))
 
     def run(folder, run_id):
-        spec = TranscribeArchiveParams(input=str(folder), output=str(out),
-                                       model=MODEL).job_spec(run_id)
+        spec = TranscribeArchiveSpec(input=str(folder), output=str(out), model=MODEL,
+                                     run_id=run_id)
         return write_run_subtitles(spec, run_id)
 
     def written():
@@ -261,10 +263,11 @@ def test_runs_on_sibling_folders_do_not_overwrite_each_others_subtitles(tmp_path
 
     import fsspec
 
-    from flows.transcribe_archive import TranscribeArchiveParams, write_run_subtitles
     from kimi_ops.tasks import get_task
     from pipelines.schema import files_schema, segments_schema, to_table
-    from pipelines.stages import write_parquet_atomic
+    from pipelines.spec import TranscribeArchiveSpec
+    from pipelines.storage import write_parquet_atomic
+    from pipelines.subtitles import write_run_subtitles
 
     archive, out = tmp_path / "archive", tmp_path / "out"
     fs = fsspec.filesystem("file")
@@ -283,8 +286,8 @@ def test_runs_on_sibling_folders_do_not_overwrite_each_others_subtitles(tmp_path
         return uri
 
     def run(day, run_id):
-        spec = TranscribeArchiveParams(input=str(archive / day), output=str(out),
-                                       model=MODEL).job_spec(run_id)
+        spec = TranscribeArchiveSpec(input=str(archive / day), output=str(out), model=MODEL,
+                                     run_id=run_id)
         return write_run_subtitles(spec, run_id)
 
     labelled("day1", "R1", "first day")

@@ -1,4 +1,4 @@
-"""Subtitles from timed transcript segments: SRT and WebVTT, pure functions (no I/O).
+"""Subtitle formats from timed transcript segments: SRT and WebVTT, pure functions (no I/O).
 
     to_srt([(0.0, 2.5, "hello there"), (2.5, 31.0, "a long segment ...")])  -> str
     to_webvtt(same cues)                                                    -> str
@@ -187,3 +187,7 @@ def to_webvtt(cues: Iterable[tuple[float, float, str | None]]) -> str:
     blocks = ["WEBVTT\n"] + [f"{_times(cue, '.')}\n{escape_webvtt(cue.text)}\n"
                              for cue in layout(cues)]
     return "\n".join(blocks)
+
+
+# the files every recording's subtitles are: file suffix -> the text it holds
+FORMATS = {".srt": to_srt, ".vtt": to_webvtt}
