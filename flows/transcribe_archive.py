@@ -1,11 +1,10 @@
 """`transcribe-archive`: transcribe every new or changed recording under a prefix and write
 subtitles (SRT and WebVTT) next to the Parquet tables.
 
-Thin, like `label-corpus`: validate the parameters -> run the Ray Data job (`pipelines.job`,
-task `asr` only) -> check the output -> write the subtitles (`pipelines.subtitles`: naming,
-resuming and recovery of earlier runs' subtitles) -> publish a summary.
-Credentials are never flow parameters: the job reads them from the worker's AWS_* environment;
-only the non-secret endpoint may be passed.
+Thin, like `label-corpus`: check the job -> run the Ray Data job (`pipelines.job`, its
+parameters `pipelines.spec.TranscribeArchiveSpec`: the asr task only) -> check the output ->
+write the subtitles (`pipelines.subtitles`: naming, resuming and recovery of earlier runs'
+subtitles) -> publish a summary. Credentials are never flow parameters (`flows.labelling`).
 
 Resuming: the job's run id is derived from the Prefect flow run (`<scheduled start>-<flow run id
 prefix>`), so a retried task or flow run reuses it: the job skips objects already labelled, and
@@ -17,48 +16,19 @@ so it covers all attempts; it adds how many earlier recordings got their subtitl
 # No `from __future__ import annotations`: served flows are pickled by value and pydantic
 # must resolve the parameter model from the real annotation, not a string.
 
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field
 
-from flows.label_corpus import flow_run_id, label_checked
-from pipelines.job import JobSpec, StageOverrides
-from pipelines.stages import PIECE_SECONDS
+from flows.labelling import job_of, label_checked
+from flows.retry import retry_unless_final
+from pipelines.spec import JobSpec, TranscribeArchiveSpec
 from pipelines.storage import OutputLayout
 from pipelines.subtitles import write_run_subtitles
 
 
-class TranscribeArchiveParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    input: str = Field(description="s3://bucket/prefix, a local folder or a manifest")
-    output: str
-    model: str = Field(description="Kimi-Audio checkpoint folder on the workers")
-    language: Literal["auto", "en", "zh"] = "auto"
-    max_new_tokens: int = Field(384, ge=1, description="per segment of up to 30 s")
-    max_audio_seconds: float | None = Field(
-        None, gt=0, description="longer recordings get a too_long error row (default 6 h)")
-    piece_seconds: float = Field(
-        PIECE_SECONDS, ge=30, description="a longer recording travels through the stages as "
-                                          "pieces of at most this much audio")
-    endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
-    ray_address: str | None = None
-    stages: StageOverrides = {}
-
-    def job_spec(self, run_id: str | None = None) -> JobSpec:
-        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
-        return JobSpec(input=self.input, output=self.output, model=self.model, tasks=["asr"],
-                       language=self.language, max_new_tokens=self.max_new_tokens,
-                       max_audio_seconds=self.max_audio_seconds, piece_seconds=self.piece_seconds,
-                       storage_options=options,
-                       ray_address=self.ray_address, run_id=run_id, **self.stages)
-
-
-# -- the flow ------------------------------------------------------------------------------
-
-@task(retries=2, retry_delay_seconds=10)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_final)
 def write_subtitles(spec: JobSpec, run_id: str) -> dict[str, Any]:
     return write_run_subtitles(spec, run_id)
 
@@ -93,9 +63,9 @@ def publish(report: dict[str, Any], subtitles: dict[str, Any], output: str) -> N
 
 
 @flow(name="transcribe-archive", log_prints=True)
-def transcribe_archive(params: TranscribeArchiveParams) -> dict[str, Any]:
+def transcribe_archive(params: TranscribeArchiveSpec) -> dict[str, Any]:
     logger = get_run_logger()
-    spec = params.job_spec(run_id=flow_run_id())
+    spec = job_of(params)
     report = label_checked(spec, "transcribe-archive")
     subtitles = write_subtitles(spec, report["run_id"])
     publish(report, subtitles, spec.output)
