@@ -18,7 +18,7 @@ import pytest
 import ray.cloudpickle
 
 from pipelines import stages
-from pipelines.job import JobError, run_job
+from pipelines.job import RunFailed, run_job
 from pipelines.local_s3 import SeaweedS3
 from pipelines.storage import (
     RetryPolicy,
@@ -59,8 +59,9 @@ def clips(n: int) -> dict:
 def small_batches(seaweed, prefix, **overrides):
     """One plan shard, so one Ray block, per two objects: shards finish one after another."""
     return spec_for(seaweed, prefix, tasks=["asr", "emotion"], semantic_tokens=False,
-                    plan_shard_rows=2, label={"batch_size": 1, "num_cpus": 0.5},
-                    write={"batch_size": 2, "num_cpus": 0.25}, **overrides)
+                    plan_shard_rows=2, stages={"label": {"batch_size": 1, "num_cpus": 0.5},
+                                               "write": {"batch_size": 2, "num_cpus": 0.25}},
+                    **overrides)
 
 
 class JobThread(threading.Thread):
@@ -254,7 +255,7 @@ def test_outage_beyond_the_budget_fails_clearly_and_a_rerun_resumes(own_store, r
     own_store.stop()
     job.join(timeout=120)
     assert not job.is_alive()
-    assert isinstance(job.error, JobError), job.error
+    assert isinstance(job.error, RunFailed) and job.error.exit_code == 1, job.error
     message = str(job.error)
     assert message.startswith("unavailable: s3://audio/long-outage/"), message
     assert "gave up after" in message and "rerun resumes" in message

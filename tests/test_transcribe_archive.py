@@ -334,15 +334,16 @@ def cue_times(text: str) -> list[tuple[float, float]]:
 
 def test_transcribe_archive_flow_writes_subtitles_publishes_and_reruns_idle(
         harness, ray_local, tmp_path):
-    from flows.transcribe_archive import TranscribeArchiveParams, transcribe_archive
+    from flows.transcribe_archive import transcribe_archive
+    from pipelines.spec import TranscribeArchiveSpec
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     (inputs / "archive").mkdir(parents=True)
     (inputs / "archive/talk_70s.wav").write_bytes(recording_with_pauses(70))
     shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs / "clip.flac")
     (inputs / "broken.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
-    params = TranscribeArchiveParams(input=str(inputs), output=str(out), model=MODEL,
-                                     max_new_tokens=3)
+    params = TranscribeArchiveSpec(input=str(inputs), output=str(out), model=MODEL,
+                                   max_new_tokens=3)
     report = transcribe_archive(params)
     assert report["status"] == {"ok": 2, "error": 1}
     subs = report["subtitles"]
@@ -401,15 +402,16 @@ def test_a_rerun_writes_the_subtitles_a_stopped_run_left_missing_or_stale(
     """A run stopped between labelling and subtitles: one recording's subtitles never written,
     another's still those of its previous content (older than its row). The next run, with
     nothing to label, writes both as the first run did; the one after writes nothing."""
-    from flows.transcribe_archive import TranscribeArchiveParams, transcribe_archive
+    from flows.transcribe_archive import transcribe_archive
+    from pipelines.spec import TranscribeArchiveSpec
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     (inputs / "a").mkdir(parents=True)
     shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs / "a/clip.flac")
     shutil.copy(goldens.INPUTS / "a02_chirp_3s_16k.wav", inputs / "chirp.wav")
     shutil.copy(goldens.INPUTS / "a01_tone_0p5s_16k.wav", inputs / "tone.wav")
-    params = TranscribeArchiveParams(input=str(inputs), output=str(out), model=MODEL,
-                                     max_new_tokens=3)
+    params = TranscribeArchiveSpec(input=str(inputs), output=str(out), model=MODEL,
+                                   max_new_tokens=3)
     first = transcribe_archive(params)
     assert first["status"] == {"ok": 3} and first["subtitles"]["subtitle_files"] == 6
     subtitles = out / "subtitles"
@@ -436,18 +438,23 @@ def test_a_rerun_writes_the_subtitles_a_stopped_run_left_missing_or_stale(
 def test_transcribe_archive_refuses_bad_parameters(harness, tmp_path):
     from pydantic import ValidationError
 
-    from flows.transcribe_archive import TranscribeArchiveParams, transcribe_archive
+    from flows.transcribe_archive import transcribe_archive
+    from pipelines.spec import TranscribeArchiveSpec
+
+    from pipelines.errors import JobError
 
     with pytest.raises(ValidationError):
-        TranscribeArchiveParams(input="x", output="y", model="m", language="fr")
+        TranscribeArchiveSpec(input="x", output="y", model="m", language="fr")
     with pytest.raises(ValidationError):
-        TranscribeArchiveParams(input="x", output="y", model="m", stages={"nope": {}})
-    assert TranscribeArchiveParams(input="x", output="y", model="m").job_spec().tasks == ["asr"]
+        TranscribeArchiveSpec(input="x", output="y", model="m", stages={"nope": {}})
+    with pytest.raises(ValidationError, match="runs the asr task only"):
+        TranscribeArchiveSpec(input="x", output="y", model="m", tasks=["asr", "emotion"])
+    assert TranscribeArchiveSpec(input="x", output="y", model="m").tasks == ["asr"]
     (tmp_path / "in").mkdir()
     shutil.copy(goldens.INPUTS / "a01_tone_0p5s_16k.wav", tmp_path / "in")
-    state = transcribe_archive(TranscribeArchiveParams(
+    state = transcribe_archive(TranscribeArchiveSpec(
         input=str(tmp_path / "in"), output=str(tmp_path / "out"),
         model=str(tmp_path / "no-model")), return_state=True)
     assert state.is_failed()
-    with pytest.raises(ValueError, match="checkpoint folder not found"):
+    with pytest.raises(JobError, match="checkpoint folder not found"):
         state.result()

@@ -262,8 +262,8 @@ DRIVER = textwrap.dedent("""
 
 
     class FrontendStage(stages.FrontendStage):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+        def setup(self):  # once per actor, where it runs
+            super().setup()
             note("frontend", "start")
 
         def __call__(self, batch):
@@ -273,8 +273,8 @@ DRIVER = textwrap.dedent("""
 
 
     class LabelStage(stages.LabelStage):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+        def setup(self):  # once per actor, where it runs
+            super().setup()
             note("label", "start")
 
         def __call__(self, batch):
@@ -331,10 +331,10 @@ def test_job_joins_a_two_node_cluster_and_both_nodes_work(cluster, seaweed, s3_p
     spec = {
         "input": str(inputs), "output": str(output), "model": MODEL,
         "tasks": ["asr", "emotion"], "max_new_tokens": 4, "no_progress_timeout_s": 90,
-        "decode": {"batch_size": 1, "num_cpus": 0.25, "concurrency": 4},
-        "frontend": {"batch_size": 1, "num_cpus": 0, "concurrency": 2},
-        "label": {"batch_size": 2, "num_cpus": 0, "concurrency": 2},
-        "write": {"batch_size": 1, "num_cpus": 0.25, "concurrency": 2},
+        "stages": {"decode": {"batch_size": 1, "num_cpus": 0.25, "concurrency": 4},
+                   "frontend": {"batch_size": 1, "num_cpus": 0, "concurrency": 2},
+                   "label": {"batch_size": 2, "num_cpus": 0, "concurrency": 2},
+                   "write": {"batch_size": 1, "num_cpus": 0.25, "concurrency": 2}},
     }
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)

@@ -27,11 +27,19 @@ class _StageActor:
         return self.stage(batch)
 
 
+def _actor_class(stage: Stage) -> type:
+    """`_StageActor` named after the stage: Ray Data names its operator, its progress lines,
+    its stats and the actors' process titles after the class (`MapBatches(LabelStage)`)."""
+    name = type(stage).__name__
+    return type(name, (_StageActor,), {"__qualname__": name})
+
+
 def _as_task(stage: Stage):
     def run(batch):
         stage.setup()  # a task stage's setup is cheap and idempotent
         return stage(batch)
 
+    run.__name__ = run.__qualname__ = type(stage).__name__  # as `_actor_class`
     return run
 
 
@@ -87,7 +95,7 @@ def map_stage(ds, stage: Stage):
     r = stage.resources
     common = {"batch_format": "pyarrow", "batch_size": r.batch_size, "num_cpus": r.num_cpus}
     if stage.actor:
-        return ds.map_batches(_StageActor, fn_constructor_args=(stage,), **common,
+        return ds.map_batches(_actor_class(stage), fn_constructor_args=(stage,), **common,
                               num_gpus=r.num_gpus or None, max_restarts=r.max_restarts,
                               max_task_retries=r.max_restarts,
                               compute=ActorPoolStrategy(size=r.concurrency))
