@@ -589,6 +589,25 @@ def test_evaluate_flow_publishes_its_artifacts(harness, tmp_path):
         state.result()
 
 
+def test_flow_tasks_retry_a_storage_failure_not_bad_input(tmp_path):
+    """The flows' retry condition: an EvaluationError from a storage failure a retry may get
+    past is retried, one from bad input is not; any other exception is."""
+    from types import SimpleNamespace
+
+    from flows.retry import retry_unless_final
+
+    def retried(exc) -> bool:
+        state = SimpleNamespace(result=lambda raise_on_failure: exc)
+        return retry_unless_final(None, None, state)
+
+    output = make_output(tmp_path / "out")
+    with pytest.raises(EvaluationError) as missing:
+        check_inputs(EvaluationSpec(input=output, references=str(tmp_path / "no.csv")))
+    assert not missing.value.retryable and not retried(missing.value)
+    assert retried(EvaluationError("references x: unavailable: store down", retryable=True))
+    assert retried(OSError("connection reset"))
+
+
 def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys):
     """A run spells local objects as absolute paths: a reference naming them relative to the
     references file's folder, with `file://`, or with `./`, still finds its row; when no
