@@ -1,16 +1,17 @@
 """`evaluate`: score a labelled output against reference labels (and against another output).
 
-Thin by design: check the inputs (`pipelines.evaluate.check_inputs`: the references file, the
+Thin by design: check the inputs (`pipelines.evaluation.check_inputs`: the references file, the
 outputs' footers, write access to the report folder) -> score -> write report.json and
-confusion.png -> publish them as artifacts. All logic lives in `pipelines.evaluate`.
+confusion.png -> publish them as artifacts. All logic lives in `pipelines.evaluation`; the
+flow's parameter is its `EvaluationSpec`.
 
 Artifacts: `evaluation-summary` (headline metrics; with `compare`, both values and the delta),
 `evaluation-coverage` (scored/missing/errored, errors by kind), `evaluation-report` (markdown:
 where report.json and the confusion-matrix PNG are, the matrices as tables) and, with `compare`,
 `evaluation-changes` (reference items whose label, transcript or state differs).
 
-Credentials are never flow parameters: they come from the worker's AWS_* environment; only the
-non-secret endpoint may be passed.
+Credentials are never flow parameters: `storage_options` leaves them out of every dump, so they
+come from the worker's AWS_* environment; only the non-secret endpoint and region may be passed.
 """
 
 # No `from __future__ import annotations`: served flows are pickled by value and pydantic
@@ -20,11 +21,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import Field
 
-from pipelines.evaluate import (
+from flows.retry import retry_unless_final
+from pipelines.evaluation import (
     EvaluationError,
-    EvaluationOptions,
     EvaluationPlan,
     EvaluationSpec,
     check_inputs,
@@ -37,27 +37,12 @@ from pipelines.evaluate import (
 CHANGES_SHOWN = 500  # rows of the changes artifact; report.json has them all
 
 
-class EvaluateParams(EvaluationOptions):
-    endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
-
-    def spec(self) -> EvaluationSpec:
-        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
-        return EvaluationSpec(**self.model_dump(exclude={"endpoint_url"}),
-                              storage_options=options)
-
-
-def _unless_bad_input(task, task_run, state) -> bool:
-    """Retry storage hiccups, not bad input: it does not get better on retry."""
-    exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, EvaluationError) or exc.retryable
-
-
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_unless_bad_input)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_final)
 def check(spec: EvaluationSpec) -> EvaluationPlan:
     return check_inputs(spec)
 
 
-@task(retries=1, retry_delay_seconds=30, retry_condition_fn=_unless_bad_input)
+@task(retries=1, retry_delay_seconds=30, retry_condition_fn=retry_unless_final)
 def score_and_write(spec: EvaluationSpec, plan: EvaluationPlan) -> dict[str, Any]:
     report = evaluate(spec, plan)
     write_report(report, spec)
@@ -115,14 +100,13 @@ def publish(report: dict[str, Any]) -> None:
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(params: EvaluateParams) -> dict[str, Any]:
+def evaluate_flow(params: EvaluationSpec) -> dict[str, Any]:
     logger = get_run_logger()
     try:
-        spec = params.spec()
-        plan = check(spec)
-        report = score_and_write(spec, plan)
+        plan = check(params)
+        report = score_and_write(params, plan)
     except EvaluationError as exc:
-        raise ValueError(f"evaluate cannot run: {exc}") from None
+        raise EvaluationError(f"evaluate cannot run: {exc}", exc.retryable) from None
     publish(report)
     logger.info("evaluated %d reference items: %s -> %s", report["reference_rows"],
                 report["metrics"], report["files"]["report"])

@@ -1,12 +1,14 @@
 """`prepare-training-data`: turn a labelled output into train/validation shards.
 
-Thin by design: validate the parameters and the source (`pipelines.training_data.inspect_source`:
-a labelled output made with --semantic-tokens, filters naming its tasks) -> build the shards
-(`build_training_data`, retried: an attempt that dies midway leaves no manifest, and the next one
-clears its shards and starts again) -> publish counts and the manifest's location.
+Thin by design: check the parameters, the input and the output
+(`pipelines.training_data.check_training_data`: a labelled output made with --semantic-tokens,
+filters naming its tasks, an output holding no build unless `overwrite`) -> build the shards
+(`build_training_data`, retried: an attempt that dies midway leaves no manifest, and the next
+one clears its shards and starts again) -> publish counts and the manifest's location. The
+flow's parameter is its `TrainingDataSpec`.
 
-Credentials are never flow parameters: they come from the worker's AWS_* environment; only the
-non-secret endpoint may be passed.
+Credentials are never flow parameters: `storage_options` leaves them out of every dump, so they
+come from the worker's AWS_* environment; only the non-secret endpoint and region may be passed.
 """
 
 # No `from __future__ import annotations`: served flows are pickled by value and pydantic
@@ -16,39 +18,23 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import Field
 
-from flows.label_corpus import CannotRun
+from flows.retry import retry_unless_final
 from pipelines.training_data import (
     SourceInfo,
     TrainingDataError,
-    TrainingDataOptions,
     TrainingDataSpec,
     build_training_data,
-    inspect_source,
+    check_training_data,
 )
 
 
-class PrepareTrainingDataParams(TrainingDataOptions):
-    endpoint_url: str | None = Field(None, description="S3 endpoint (credentials: AWS_* env)")
-
-    def spec(self) -> TrainingDataSpec:
-        options = {"endpoint_url": self.endpoint_url} if self.endpoint_url else None
-        return TrainingDataSpec(**self.model_dump(exclude={"endpoint_url"}),
-                                storage_options=options)
-
-
-def _unless_bad_input(task, task_run, state) -> bool:
-    """Retry storage hiccups, not a TrainingDataError: bad input does not get better."""
-    return not isinstance(state.result(raise_on_failure=False), TrainingDataError)
-
-
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_unless_bad_input)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_final)
 def check_source(spec: TrainingDataSpec) -> SourceInfo:
-    return inspect_source(spec)
+    return check_training_data(spec)
 
 
-@task(retries=2, retry_delay_seconds=30, retry_condition_fn=_unless_bad_input)
+@task(retries=2, retry_delay_seconds=30, retry_condition_fn=retry_unless_final)
 def build_shards(spec: TrainingDataSpec) -> dict[str, Any]:
     return build_training_data(spec)
 
@@ -86,20 +72,17 @@ def publish(manifest: dict[str, Any]) -> None:
 
 
 @flow(name="prepare-training-data", log_prints=True)
-def prepare_training_data(params: PrepareTrainingDataParams) -> dict[str, Any]:
+def prepare_training_data(params: TrainingDataSpec) -> dict[str, Any]:
     logger = get_run_logger()
     try:
-        spec = params.spec()
-        info = check_source(spec)
-    except (TrainingDataError, ValueError) as exc:
-        raise CannotRun(f"prepare-training-data cannot run: {exc}") from None
-    if info.shards_without_tokens:
-        logger.warning("%d segments shards have no semantic_tokens (labelled without "
-                       "--semantic-tokens): their rows are dropped", info.shards_without_tokens)
-    try:
-        manifest = build_shards(spec)
+        info = check_source(params)
+        if info.shards_without_tokens:
+            logger.warning("%d segments shards have no semantic_tokens (labelled without "
+                           "--semantic-tokens): their rows are dropped",
+                           info.shards_without_tokens)
+        manifest = build_shards(params)
     except TrainingDataError as exc:
-        raise CannotRun(f"prepare-training-data cannot run: {exc}") from None
+        raise TrainingDataError(f"prepare-training-data cannot run: {exc}") from None
     publish(manifest)
     logger.info("kept %d of %d segments -> %s", manifest["counts"]["kept"],
                 manifest["counts"]["input_segments"], manifest["manifest_uri"])

@@ -25,7 +25,7 @@ from kimi_ops.evaluation import (
 # test using capsys it would keep writing to that test's closed stream
 from flows.evaluate import report_markdown
 from kimi_ops.tasks import get_task
-from pipelines.evaluate import EvaluationError, EvaluationSpec, check_inputs, evaluate
+from pipelines.evaluation import EvaluationError, EvaluationSpec, check_inputs, evaluate
 from pipelines.schema import files_schema, segments_schema, to_table
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
 
@@ -238,7 +238,7 @@ def write_references(path, rows=REFERENCES):
 def scored(tmp_path):
     output = make_output(tmp_path / "out")
     refs = write_references(tmp_path / "refs.parquet")
-    spec = EvaluationSpec(output=output, references=refs, report_dir=str(tmp_path / "eval"))
+    spec = EvaluationSpec(input=output, references=refs, output=str(tmp_path / "eval"))
     return evaluate(spec)
 
 
@@ -298,8 +298,8 @@ def test_comparison_reports_deltas_and_changed_files(tmp_path):
     other = make_output(tmp_path / "old", a_emotion="neutral", b_transcript="hello world",
                         c_ok=True)
     refs = write_references(tmp_path / "refs.parquet")
-    report = evaluate(EvaluationSpec(output=output, references=refs, compare=other,
-                                     report_dir=str(tmp_path / "eval")))
+    report = evaluate(EvaluationSpec(input=output, references=refs, compare=other,
+                                     output=str(tmp_path / "eval")))
     deltas = {d["metric"]: d for d in report["comparison"]["deltas"]}
     # old: C is scored too (errored 1 instead of 2); English errors A 1, B 0, C 0, H 2, I 3 = 6
     # over 6 + 2 + 1 + 0 + 3 = 12 words -> 0.5
@@ -359,15 +359,15 @@ def test_comparison_with_an_output_lacking_a_task_keeps_the_outputs_metrics(tmp_
 
 
 def test_file_label_without_scores_is_the_longest_label():
-    from pipelines.evaluate import _file_label
+    from pipelines.evaluation.outputs import file_label
 
     # joy covers 1 s + 1 s, anger 3 s: anger wins by duration (2 segments to 1 by count)
     segments = [{"start_s": 0.0, "end_s": 1.0, "emotion": "joy"},
                 {"start_s": 1.0, "end_s": 4.0, "emotion": "anger"},
                 {"start_s": 4.0, "end_s": 5.0, "emotion": "joy"},
                 {"start_s": 5.0, "end_s": 6.0, "emotion": None}]  # no label: no vote
-    assert _file_label(segments, "emotion") == ("anger", None)  # no scores: no confidence
-    assert _file_label(segments[3:], "emotion") == (None, None)
+    assert file_label(segments, "emotion") == ("anger", None)  # no scores: no confidence
+    assert file_label(segments[3:], "emotion") == (None, None)
 
 
 def test_csv_and_jsonl_references_read_like_parquet(tmp_path):
@@ -381,8 +381,8 @@ def test_csv_and_jsonl_references_read_like_parquet(tmp_path):
         {"source_uri": A, "transcript": "The cat sat on the mat.", "emotion": "joy"},
         {"source_uri": E, "segment_index": 0, "emotion": "anger"},
         {"source_uri": F, "transcript": "你好，世界！", "language": "zh"}]) + "\n")
-    reports = [evaluate(EvaluationSpec(output=output, references=str(tmp_path / name),
-                                       report_dir=str(tmp_path / "eval")))
+    reports = [evaluate(EvaluationSpec(input=output, references=str(tmp_path / name),
+                                       output=str(tmp_path / "eval")))
                for name in ("refs.csv", "refs.jsonl")]
     for report in reports:
         assert report["levels"] == {"file": 2, "segment": 1}
@@ -396,8 +396,8 @@ def test_inputs_are_refused_with_the_file_and_the_reason(tmp_path):
     output = make_output(tmp_path / "out")
 
     def refused(references, match, out=output, **kwargs):
-        spec = EvaluationSpec(output=out, references=str(references),
-                              report_dir=str(tmp_path / "eval"), **kwargs)
+        spec = EvaluationSpec(input=out, references=str(references),
+                              output=str(tmp_path / "eval"), **kwargs)
         with pytest.raises(EvaluationError, match=match):
             check_inputs(spec)
 
@@ -428,7 +428,7 @@ def test_inputs_are_refused_with_the_file_and_the_reason(tmp_path):
 def test_references_output_and_report_on_s3(seaweed, s3_prefix, tmp_path):
     import gzip
 
-    from pipelines.evaluate import write_report
+    from pipelines.evaluation import write_report
     from pipelines.storage import resolve
 
     options = seaweed.storage_options
@@ -436,7 +436,7 @@ def test_references_output_and_report_on_s3(seaweed, s3_prefix, tmp_path):
     fs.put(f"{make_output(tmp_path / 'out')}/", f"{root}/out", recursive=True)
     lines = [json.dumps(r, ensure_ascii=False) for r in REFERENCES]
     fs.pipe_file(f"{root}/refs.jsonl.gz", gzip.compress("\n".join(lines).encode()))
-    spec = EvaluationSpec(output=f"{s3_prefix}/out", references=f"{s3_prefix}/refs.jsonl.gz",
+    spec = EvaluationSpec(input=f"{s3_prefix}/out", references=f"{s3_prefix}/refs.jsonl.gz",
                           storage_options=options)
     report = evaluate(spec)
     assert report["metrics"]["asr.wer.en"] == pytest.approx(7 / 11)
@@ -449,8 +449,8 @@ def test_references_output_and_report_on_s3(seaweed, s3_prefix, tmp_path):
 
     # a read-only identity may read everything but not write the report: refused up front
     reader = seaweed.storage_options_for("reader")
-    spec = EvaluationSpec(output=f"{s3_prefix}/out", references=f"{s3_prefix}/refs.jsonl.gz",
-                          report_dir=f"{s3_prefix}/eval", storage_options=reader)
+    spec = EvaluationSpec(input=f"{s3_prefix}/out", references=f"{s3_prefix}/refs.jsonl.gz",
+                          output=f"{s3_prefix}/eval", storage_options=reader)
     with pytest.raises(EvaluationError, match=f"report folder {s3_prefix}/eval: access_denied") \
             as refused:
         check_inputs(spec)
@@ -551,15 +551,15 @@ def test_kimi_label_evaluate_refuses_bad_inputs_before_scoring(tmp_path, capsys)
 
 @pytest.mark.slow
 def test_evaluate_flow_publishes_its_artifacts(harness, tmp_path):
-    from flows.evaluate import EvaluateParams, evaluate_flow
+    from flows.evaluate import evaluate_flow
     from tests.flow_helpers import artifacts
 
     output = make_output(tmp_path / "new")
     other = make_output(tmp_path / "old", a_emotion="neutral", b_transcript="hello world",
                         c_ok=True)
     refs = write_references(tmp_path / "refs.parquet")
-    report = evaluate_flow(EvaluateParams(output=output, references=refs, compare=other,
-                                          report_dir=str(tmp_path / "eval")))
+    report = evaluate_flow(EvaluationSpec(input=output, references=refs, compare=other,
+                                          output=str(tmp_path / "eval")))
     assert report["metrics"]["emotion.accuracy"] == 0.75
     keys = ["evaluation-summary", "evaluation-coverage", "evaluation-report",
             "evaluation-changes"]
@@ -581,11 +581,31 @@ def test_evaluate_flow_publishes_its_artifacts(harness, tmp_path):
     assert {(c["source_uri"], c["task"]) for c in changes} == {
         (A, "emotion"), (B, "transcript"), (C, "transcript"), (C, "emotion")}
 
-    state = evaluate_flow(EvaluateParams(output=output, references=str(tmp_path / "no.csv")),
+    state = evaluate_flow(EvaluationSpec(input=output, references=str(tmp_path / "no.csv")),
                           return_state=True)
     assert state.is_failed()
-    with pytest.raises(ValueError, match="evaluate cannot run: references .*no.csv: not_found"):
+    with pytest.raises(EvaluationError,
+                       match="evaluate cannot run: references .*no.csv: not_found"):
         state.result()
+
+
+def test_flow_tasks_retry_a_storage_failure_not_bad_input(tmp_path):
+    """The flows' retry condition: an EvaluationError from a storage failure a retry may get
+    past is retried, one from bad input is not; any other exception is."""
+    from types import SimpleNamespace
+
+    from flows.retry import retry_unless_final
+
+    def retried(exc) -> bool:
+        state = SimpleNamespace(result=lambda raise_on_failure: exc)
+        return retry_unless_final(None, None, state)
+
+    output = make_output(tmp_path / "out")
+    with pytest.raises(EvaluationError) as missing:
+        check_inputs(EvaluationSpec(input=output, references=str(tmp_path / "no.csv")))
+    assert not missing.value.retryable and not retried(missing.value)
+    assert retried(EvaluationError("references x: unavailable: store down", retryable=True))
+    assert retried(OSError("connection reset"))
 
 
 def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys):
@@ -593,7 +613,7 @@ def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys
     references file's folder, with `file://`, or with `./`, still finds its row; when no
     reference names any object of the output, the command says so and exits 2."""
     from flows.cli import main
-    from pipelines.evaluate import as_listed
+    from pipelines.evaluation import as_listed
 
     clip = tmp_path / "corpus" / "clip.wav"
     output = write_output(tmp_path / "out", [file_row(str(clip), "hello world")],
@@ -602,8 +622,8 @@ def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys
                     f"{tmp_path}/./corpus//clip.wav"):
         refs = write_references(tmp_path / "refs.parquet",
                                 [{"source_uri": spelled, "emotion": "joy"}])
-        report = evaluate(EvaluationSpec(output=output, references=refs,
-                                         report_dir=str(tmp_path / "eval")))
+        report = evaluate(EvaluationSpec(input=output, references=refs,
+                                         output=str(tmp_path / "eval")))
         assert report["coverage"]["scored"] == 1, spelled
     assert as_listed("s3://b/in//a/./x.wav", "s3://b/refs.csv") == "s3://b/in/a/x.wav"
     assert as_listed("x.wav", "s3://b/refs/list.csv") == "s3://b/refs/x.wav"
@@ -618,3 +638,23 @@ def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: none of the 1 references matched a row of ")
     assert "'elsewhere/clip.wav'" in err
+
+
+def test_no_match_message_names_the_output_and_an_example(tmp_path):
+    """The console's refusal when not one reference matched a row (its scores mean nothing):
+    the output and a reference as written; none as soon as one matched."""
+    from pipelines.evaluation import no_match_message
+
+    clip = tmp_path / "corpus" / "clip.wav"
+    output = write_output(tmp_path / "out", [file_row(str(clip), "hello world")],
+                          [seg_row(str(clip), 0, 0, 2, emotion("joy", 0.9))])
+    for spelled, matched in (("elsewhere/clip.wav", False), (str(clip), True)):
+        refs = write_references(tmp_path / "refs.parquet",
+                                [{"source_uri": spelled, "emotion": "joy"}])
+        message = no_match_message(evaluate(EvaluationSpec(
+            input=output, references=refs, output=str(tmp_path / "eval"))))
+        if matched:
+            assert message is None
+        else:
+            assert message.startswith(f"none of the 1 references matched a row of {output} ")
+            assert "'elsewhere/clip.wav'" in message

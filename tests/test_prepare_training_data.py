@@ -137,7 +137,7 @@ def source(tmp_path_factory) -> str:
 
 
 def build(source, dest, **kw):
-    return build_training_data(TrainingDataSpec(source=source, destination=str(dest), **kw))
+    return build_training_data(TrainingDataSpec(input=source, output=str(dest), **kw))
 
 
 def read_split(dest: Path, split: str) -> list[dict]:
@@ -276,8 +276,8 @@ def test_clear_errors(source, tmp_path):
         build(source, tmp_path / "ds", filters=TrainingFilters(min_confidence={"speaker": 0.5}))
     with pytest.raises(ValueError, match="max_duration_s"):
         TrainingFilters(min_duration_s=5, max_duration_s=1)
-    with pytest.raises(ValueError, match="destination must differ"):
-        TrainingDataSpec(source=source, destination=f"{source}/segments/x")
+    with pytest.raises(ValueError, match="output must differ"):
+        TrainingDataSpec(input=source, output=f"{source}/segments/x")
 
     dest = tmp_path / "built"
     build(source, dest, rows_per_shard=7)
@@ -293,6 +293,25 @@ def test_clear_errors(source, tmp_path):
         build(source, dest, overwrite=True)
 
 
+def test_check_training_data_refuses_before_anything_is_written(source, tmp_path):
+    """The console's pre-flight: the input checked as the flow checks it, and an output that
+    holds a build refused unless overwrite."""
+    from pipelines.training_data import check_training_data
+
+    built = tmp_path / "built"
+    build(source, built)
+    info = check_training_data(TrainingDataSpec(input=source, output=str(tmp_path / "new")))
+    assert info.tasks == ["emotion", "scene"] and info.shards_without_tokens == 1
+    with pytest.raises(TrainingDataError,
+                       match=r"already holds a build \(manifest.json\); pass --overwrite"):
+        check_training_data(TrainingDataSpec(input=source, output=str(built)))
+    check_training_data(TrainingDataSpec(input=source, output=str(built), overwrite=True))
+    with pytest.raises(TrainingDataError, match="is not a labelled output"):
+        check_training_data(TrainingDataSpec(input=str(tmp_path / "nowhere"),
+                                             output=str(tmp_path / "new")))
+    assert not (tmp_path / "new").exists()
+
+
 def test_s3_source_and_destination(seaweed, s3_prefix, source):
     from pipelines.storage import resolve
 
@@ -301,7 +320,7 @@ def test_s3_source_and_destination(seaweed, s3_prefix, source):
     src = f"{s3_prefix}/labels"
     fs.put(f"{source}/", src.removeprefix("s3://"), recursive=True)
     dest = f"{s3_prefix}/training"
-    spec = {"source": src, "destination": dest, "filters": STRICT, "validation_fraction": 0.3,
+    spec = {"input": src, "output": dest, "filters": STRICT, "validation_fraction": 0.3,
             "rows_per_shard": 7, "webdataset": True, "storage_options": options}
     build_training_data(TrainingDataSpec(**spec))
     manifest = build_training_data(TrainingDataSpec(**spec, overwrite=True))  # replaces
@@ -320,11 +339,10 @@ def test_s3_source_and_destination(seaweed, s3_prefix, source):
 # -- the flow ----------------------------------------------------------------------------
 
 def test_flow_builds_and_publishes(harness, source, tmp_path):
-    from flows.prepare_training_data import PrepareTrainingDataParams, prepare_training_data
+    from flows.prepare_training_data import prepare_training_data
 
-    params = PrepareTrainingDataParams(source=source, destination=str(tmp_path / "ds"),
-                                       filters=STRICT, validation_fraction=0.3,
-                                       rows_per_shard=7, webdataset=True)
+    params = TrainingDataSpec(input=source, output=str(tmp_path / "ds"), filters=STRICT,
+                              validation_fraction=0.3, rows_per_shard=7, webdataset=True)
     manifest = prepare_training_data(params)
     assert manifest["counts"]["kept"] == len(CASES["strict"][1])
     assert (tmp_path / "ds" / "manifest.json").exists()
@@ -343,18 +361,18 @@ def test_flow_builds_and_publishes(harness, source, tmp_path):
 
 
 def test_flow_refuses_a_source_without_tokens(harness, tmp_path):
-    from flows.prepare_training_data import PrepareTrainingDataParams, prepare_training_data
+    from flows.prepare_training_data import prepare_training_data
 
     source = make_output(tmp_path / "no-tokens", semantic_tokens=False)
-    state = prepare_training_data(PrepareTrainingDataParams(
-        source=source, destination=str(tmp_path / "ds")), return_state=True)
+    state = prepare_training_data(TrainingDataSpec(
+        input=source, output=str(tmp_path / "ds")), return_state=True)
     assert state.is_failed()
-    with pytest.raises(ValueError, match="semantic_tokens"):
+    with pytest.raises(TrainingDataError, match="semantic_tokens"):
         state.result()
 
 
 def test_an_empty_build_is_said_and_a_nan_fraction_named(source, tmp_path):
-    from flows.cli import format_training_data
+    from pipelines.training_data import format_training_data
 
     manifest = build(source, tmp_path / "ds", filters=TrainingFilters(min_duration_s=1e6))
     assert manifest["counts"]["kept"] == 0
@@ -363,5 +381,5 @@ def test_an_empty_build_is_said_and_a_nan_fraction_named(source, tmp_path):
                               "too_short (--filters sets the rules")
     assert not format_training_data(build(source, tmp_path / "ds2")).startswith("warning")
     with pytest.raises(ValueError, match="finite number"):
-        TrainingDataSpec(source=source, destination=str(tmp_path / "x"),
+        TrainingDataSpec(input=source, output=str(tmp_path / "x"),
                          validation_fraction=float("nan"))

@@ -7,7 +7,7 @@
 `text` normalises transcripts (Whisper's English normaliser; Chinese without whitespace and
 punctuation) and decides which of the two a reference is; `asr` aligns token sequences into
 substitution/deletion/insertion counts; `closed_set` scores labels against a closed set. Reading
-tables and joining them to references is `pipelines.evaluate`'s job, not this package's.
+tables and joining them to references is `pipelines.evaluation`'s job, not this package's.
 """
 
 from __future__ import annotations

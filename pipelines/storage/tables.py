@@ -36,6 +36,28 @@ def read_parquet(fs, path: str, columns: list[str] | None = None,
     return retrying(read, uri_of(fs, path), action="read", policy=retry)
 
 
+def read_schema(fs, path: str, retry: RetryPolicy | None = None) -> pa.Schema:
+    """A Parquet file's schema, from its footer only."""
+    def read() -> pa.Schema:
+        with fs.open(path, "rb") as handle:
+            return pq.read_schema(handle)
+
+    return retrying(read, uri_of(fs, path), action="read", policy=retry)
+
+
+def read_available(fs, path: str, columns: list[str],
+                   retry: RetryPolicy | None = None) -> pa.Table:
+    """The `columns` a Parquet file has, in one read; the others are skipped, not an error (an
+    output labelled without a task, or by an older version, lacks that task's columns)."""
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            present = set(parquet.schema_arrow.names)
+            return parquet.read(columns=[c for c in columns if c in present])
+
+    return retrying(read, uri_of(fs, path), action="read", policy=retry)
+
+
 def read_table_dir(fs, folder: str, columns: list[str] | None,
                    retry: RetryPolicy | None = None) -> Iterator[tuple[str, pa.Table]]:
     """(path, table) of every Parquet file under `folder` (sorted by path). The folder is listed

@@ -1,0 +1,95 @@
+"""What a training-data build is: `TrainingDataSpec` and its `TrainingFilters`, each parameter
+declared once, with its description.
+
+    spec = TrainingDataSpec(input="s3://audio/labels", output="s3://audio/train-v1",
+                            filters=TrainingFilters(min_duration_s=1.0,
+                                                    min_confidence={"emotion": 0.5}),
+                            validation_fraction=0.05, webdataset=True)
+
+`input` is what is read (a labelled output), `output` where the shards are written. The
+console's options and the `prepare-training-data` flow's parameters are these fields; the
+storage configurations' credentials are never part of a dump, so Prefect never stores them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.storage import OutputLayout, StorageConfig
+
+
+class TrainingFilters(BaseModel):
+    """Which segments are kept (`pipelines.training_data.selection`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    drop_truncated: bool = Field(
+        True, description="drop segments whose transcript hit the token budget")
+    drop_looped: bool = Field(
+        True, description="drop segments whose transcript ended in a repetition loop")
+    min_duration_s: float = Field(0.0, ge=0, description="drop shorter segments (seconds)")
+    max_duration_s: float | None = Field(
+        None, gt=0, description="drop longer segments (seconds); none: no maximum")
+    min_confidence: dict[str, float] = Field(
+        default_factory=dict, description="closed-set task -> minimum top probability, e.g. "
+                                          '{"emotion": 0.5}')
+    require_transcript: bool = Field(
+        False, description="drop segments whose transcript is null or blank")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingFilters:
+        if self.max_duration_s is not None and self.max_duration_s < self.min_duration_s:
+            raise ValueError(f"max_duration_s {self.max_duration_s} < min_duration_s "
+                             f"{self.min_duration_s}")
+        for name, value in self.min_confidence.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"min_confidence[{name!r}] = {value} is not in [0, 1]")
+        return self
+
+
+class TrainingDataSpec(BaseModel):
+    """Train/validation shards from a labelled output made with semantic tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="a labelled output made with --semantic-tokens: the URI "
+                                   "holding files/ and segments/")
+    output: str = Field(description="where train/, validation/, webdataset/ and manifest.json "
+                                    "go")
+    filters: TrainingFilters = Field(
+        default_factory=TrainingFilters,
+        description='JSON, e.g. {"min_duration_s": 1.0, "min_confidence": {"emotion": 0.5}, '
+                    '"drop_truncated": false}; fields: drop_truncated, drop_looped, '
+                    "min_duration_s, max_duration_s, min_confidence, require_transcript")
+    validation_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="share of the input's files (whole files) in validation/")
+    split_salt: str = Field("", description="another salt gives another (still deterministic) "
+                                            "split")
+    rows_per_shard: int = Field(10_000, ge=1, description="segments per shard at most")
+    webdataset: bool = Field(False, description="also WebDataset tars (<key>.json + "
+                                                "<key>.tokens.npy per segment)")
+    overwrite: bool = Field(False, description="replace a build the output already holds")
+    storage_options: StorageConfig = Field(
+        StorageConfig(), description="JSON: the store's endpoint_url, region, key, secret, "
+                                     "token, client_kwargs or other s3fs options, for the input "
+                                     "and (unless destination_options) the output; credentials "
+                                     "are never stored (none: the AWS_* environment)")
+    destination_options: StorageConfig | None = Field(
+        None, description="JSON like storage_options, for the output when it is on another "
+                          "store; none: storage_options")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TrainingDataSpec:
+        source, tables = self.input.rstrip("/"), OutputLayout(self.input)
+        output = self.output.rstrip("/")
+        if output == source or any(output == t or output.startswith(f"{t}/")
+                                   for t in (tables.files, tables.segments)):
+            raise ValueError("output must differ from the input (a labelled output) and lie "
+                             "outside its files/ and segments/")
+        return self
+
+    def output_storage(self) -> StorageConfig:
+        """The storage configuration of the output side."""
+        return self.destination_options if self.destination_options is not None \
+            else self.storage_options
