@@ -8,9 +8,14 @@ checks a run before starting it), held in memory, and reach the job only through
 from __future__ import annotations
 
 import json
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from pipelines.errors import CredentialsError
 from pipelines.storage import Credentials, StorageConfig
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def load_credentials(block_name: str) -> Credentials:
@@ -38,3 +43,11 @@ def with_block_credentials(storage: StorageConfig) -> StorageConfig:
     if not storage.credentials_block:
         return storage
     return storage.with_credentials(load_credentials(storage.credentials_block))
+
+
+def with_credentials_read(params: Model) -> Model:
+    """`params` (a job's, an evaluation's, a training build's) with the credentials block of
+    each of its storage configurations read."""
+    return params.model_copy(update={name: with_block_credentials(value)
+                                     for name, value in params if isinstance(value,
+                                                                             StorageConfig)})

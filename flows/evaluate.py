@@ -22,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.credentials import with_credentials_read
 from flows.retry import retry_unless_final
 from pipelines.evaluation import (
     EvaluationError,
@@ -103,8 +104,9 @@ def publish(report: dict[str, Any]) -> None:
 def evaluate_flow(params: EvaluationSpec) -> dict[str, Any]:
     logger = get_run_logger()
     try:
-        plan = check(params)
-        report = score_and_write(params, plan)
+        spec = with_credentials_read(params)
+        plan = check(spec)
+        report = score_and_write(spec, plan)
     except EvaluationError as exc:
         raise EvaluationError(f"evaluate cannot run: {exc}", exc.retryable) from None
     publish(report)

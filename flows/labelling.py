@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import task
 
-from flows.credentials import with_block_credentials
+from flows.credentials import with_credentials_read
 from flows.retry import retry_unless_final
 from pipelines.errors import JobError
 from pipelines.job import check_job, run_job
@@ -36,8 +36,7 @@ def flow_run_id() -> str | None:
 def job_of(params: JobSpec) -> JobSpec:
     """The job a flow runs for `params`: its credentials block read, the flow run's id as its
     run id unless the parameters name one."""
-    return params.model_copy(update={
-        "storage_options": with_block_credentials(params.storage_options),
+    return with_credentials_read(params).model_copy(update={
         "run_id": params.run_id or flow_run_id()})
 
 

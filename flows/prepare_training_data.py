@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.credentials import with_credentials_read
 from flows.retry import retry_unless_final
 from pipelines.training_data import (
     SourceInfo,
@@ -75,12 +76,13 @@ def publish(manifest: dict[str, Any]) -> None:
 def prepare_training_data(params: TrainingDataSpec) -> dict[str, Any]:
     logger = get_run_logger()
     try:
-        info = check_source(params)
+        spec = with_credentials_read(params)
+        info = check_source(spec)
         if info.shards_without_tokens:
             logger.warning("%d segments shards have no semantic_tokens (labelled without "
                            "--semantic-tokens): their rows are dropped",
                            info.shards_without_tokens)
-        manifest = build_shards(params)
+        manifest = build_shards(spec)
     except TrainingDataError as exc:
         raise TrainingDataError(f"prepare-training-data cannot run: {exc}") from None
     publish(manifest)

@@ -322,7 +322,7 @@ def test_comparison_reports_deltas_and_changed_files(tmp_path):
 def test_comparison_with_an_output_lacking_a_task_keeps_the_outputs_metrics(tmp_path, capsys):
     """An older output without emotion labels: the output's emotion metrics are still scored
     and shown, with no compare value or delta, and the report and the printout say why."""
-    from flows.cli import main
+    from flows.console import main
 
     output = make_output(tmp_path / "new")
     asr_only = [get_task("asr")]
@@ -338,8 +338,8 @@ def test_comparison_with_an_output_lacking_a_task_keeps_the_outputs_metrics(tmp_
         os.makedirs(old / table)
         pq.write_table(to_table(rows, schema), old / table / "part-0.parquet")
     refs = write_references(tmp_path / "refs.parquet")
-    assert main(["evaluate", "--output", output, "--references", refs, "--compare", str(old),
-                 "--report-dir", str(tmp_path / "eval")]) == 0
+    assert main(["evaluate", "--input", output, "--references", refs, "--compare", str(old),
+                 "--output", str(tmp_path / "eval")]) == 0
     printed = capsys.readouterr().out
     lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
     assert lines["emotion.accuracy"] == ["0.75", "-", "-"]  # as without --compare
@@ -459,14 +459,14 @@ def test_references_output_and_report_on_s3(seaweed, s3_prefix, tmp_path):
 # -- the command line and the flow -----------------------------------------------------------
 
 def test_kimi_label_evaluate_prints_and_writes_the_report(tmp_path, capsys):
-    from flows.cli import main
+    from flows.console import main
 
     output = make_output(tmp_path / "new")
     other = make_output(tmp_path / "old", a_emotion="neutral", b_transcript="hello world",
                         c_ok=True)
     refs = write_references(tmp_path / "refs.parquet")
-    assert main(["evaluate", "--output", output, "--references", refs,
-                 "--report-dir", str(tmp_path / "eval")]) == 0
+    assert main(["evaluate", "--input", output, "--references", refs,
+                 "--output", str(tmp_path / "eval")]) == 0
     printed = capsys.readouterr().out
     lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
     assert lines["asr.wer.en"] == ["0.6364"]  # 7 / 11
@@ -479,7 +479,7 @@ def test_kimi_label_evaluate_prints_and_writes_the_report(tmp_path, capsys):
     assert f"confusion matrices: {tmp_path / 'eval' / 'confusion.png'}" in printed
 
     # with --compare: both values and the delta; default report folder under the output
-    assert main(["evaluate", "--output", output, "--references", refs, "--compare", other]) == 0
+    assert main(["evaluate", "--input", output, "--references", refs, "--compare", other]) == 0
     printed = capsys.readouterr().out
     lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
     assert lines["metric"] == ["output", "compare", "delta"]
@@ -495,15 +495,15 @@ def test_reference_labels_outside_the_label_set_are_left_out_and_printed(tmp_pat
     """'happy' where the task says 'joy' could never be predicted: its items are not scored
     (they would lower accuracy and macro-F1), and the printout names them and the task's
     labels."""
-    from flows.cli import main
+    from flows.console import main
 
     output = make_output(tmp_path / "out")
     # H and I are scored (both neutral); as unknown labels they leave the metrics as they were
     rows = [*REFERENCES[:-2], {**REFERENCES[-2], "emotion": "happy"},
             {**REFERENCES[-1], "emotion": "Sad"}]
     refs = write_references(tmp_path / "refs.parquet", rows)
-    assert main(["evaluate", "--output", output, "--references", refs,
-                 "--report-dir", str(tmp_path / "eval")]) == 0
+    assert main(["evaluate", "--input", output, "--references", refs,
+                 "--output", str(tmp_path / "eval")]) == 0
     printed = capsys.readouterr().out
     lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
     assert lines["emotion.accuracy"] == ["0.75"] and lines["emotion.macro_f1"] == ["0.6"]
@@ -524,16 +524,16 @@ def test_reference_labels_outside_the_label_set_are_left_out_and_printed(tmp_pat
 
 
 def test_kimi_label_evaluate_refuses_bad_inputs_before_scoring(tmp_path, capsys):
-    from flows.cli import main
+    from flows.console import main
 
     output = make_output(tmp_path / "out")
     missing = tmp_path / "refs.csv"
-    assert main(["evaluate", "--output", output, "--references", str(missing),
-                 "--report-dir", str(tmp_path / "eval")]) == 2
+    assert main(["evaluate", "--input", output, "--references", str(missing),
+                 "--output", str(tmp_path / "eval")]) == 2
     assert f"error: references {missing}: not_found" in capsys.readouterr().err
     (tmp_path / "captions.jsonl").write_text(json.dumps({"source_uri": A, "caption": "x"}))
-    assert main(["evaluate", "--output", output, "--references",
-                 str(tmp_path / "captions.jsonl"), "--report-dir", str(tmp_path / "eval")]) == 2
+    assert main(["evaluate", "--input", output, "--references",
+                 str(tmp_path / "captions.jsonl"), "--output", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert "captions.jsonl: no task column the output can be scored on" in err
     assert "output tasks: ['transcript', 'emotion']" in err
@@ -542,8 +542,8 @@ def test_kimi_label_evaluate_refuses_bad_inputs_before_scoring(tmp_path, capsys)
                                                           "valid JSON (Expecting property name"),
                           (["--storage-options", "[1]"], "error: --storage-options must be a "
                                                          "JSON object")):
-        assert main(["evaluate", "--output", output, "--references", str(missing),
-                     "--report-dir", str(tmp_path / "eval"), *args]) == 2
+        assert main(["evaluate", "--input", output, "--references", str(missing),
+                     "--output", str(tmp_path / "eval"), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(message) and "n_bins" not in err, err
     assert not (tmp_path / "eval").exists()  # nothing written for a refused evaluation
@@ -612,7 +612,7 @@ def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys
     """A run spells local objects as absolute paths: a reference naming them relative to the
     references file's folder, with `file://`, or with `./`, still finds its row; when no
     reference names any object of the output, the command says so and exits 2."""
-    from flows.cli import main
+    from flows.console import main
     from pipelines.evaluation import as_listed
 
     clip = tmp_path / "corpus" / "clip.wav"
@@ -633,8 +633,8 @@ def test_references_spelled_as_a_user_types_them_match_the_rows(tmp_path, capsys
 
     refs = write_references(tmp_path / "refs.parquet",
                             [{"source_uri": "elsewhere/clip.wav", "emotion": "joy"}])
-    assert main(["evaluate", "--output", output, "--references", refs,
-                 "--report-dir", str(tmp_path / "eval2")]) == 2
+    assert main(["evaluate", "--input", output, "--references", refs,
+                 "--output", str(tmp_path / "eval2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: none of the 1 references matched a row of ")
     assert "'elsewhere/clip.wav'" in err

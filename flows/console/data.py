@@ -33,9 +33,11 @@ def prepare_training_data(args: argparse.Namespace) -> int:
     from pipelines.training_data import (TrainingDataSpec, check_training_data,
                                          format_training_data)
 
+    from flows.credentials import with_credentials_read
+
     spec = model_from_args(TrainingDataSpec, args)
     check_prefect_api()
-    check_training_data(spec)
+    check_training_data(with_credentials_read(spec))  # as the flow will (exit 2 here)
     from flows.prepare_training_data import prepare_training_data as flow
 
     print(format_training_data(run_flow_here(flow, spec, "prepare-training-data")))
@@ -47,11 +49,13 @@ def evaluate(args: argparse.Namespace) -> int:
                                       no_match_message, write_report)
     from pipelines.evaluation import evaluate as score
 
-    spec = model_from_args(EvaluationSpec, args)
+    from flows.credentials import with_credentials_read
+
+    spec = with_credentials_read(model_from_args(EvaluationSpec, args))
     report = score(spec, check_inputs(spec))
     write_report(report, spec)
     print(format_summary(report))
-    refusal = no_match_message(report, spec.input)
+    refusal = no_match_message(report)
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2

@@ -63,17 +63,16 @@ def transcribe_archive(args: argparse.Namespace) -> int:
 
 def check_before_flow(params: JobSpec, name: str) -> None:
     """The flow's checks, here and now (module docstring); a JobError says what to fix."""
-    from flows.credentials import with_block_credentials
+    from flows.credentials import with_credentials_read
 
     check_prefect_api()  # before the checks touch the output
     storage_log = logging.getLogger("pipelines.storage")
     level = storage_log.level
     storage_log.setLevel(logging.ERROR)  # its retry warnings: the refusal says how many there were
     try:
-        spec = params.model_copy(update={
-            "storage_retry": PREFLIGHT_RETRY,
-            # read here as well as by the flow (a deployment's runs have only the flow's read)
-            "storage_options": with_block_credentials(params.storage_options)})
+        # a credentials block is read here as well as by the flow (a deployment's runs have
+        # only the flow's read)
+        spec = with_credentials_read(params).model_copy(update={"storage_retry": PREFLIGHT_RETRY})
         check_job(spec)
         check_new_run_id(spec)  # (the spec carries a run id only when --run-id gave one)
     except (JobError, CredentialsError) as exc:

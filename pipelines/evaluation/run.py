@@ -28,7 +28,7 @@ def _score_outputs(spec: EvaluationSpec, plan: EvaluationPlan) -> list[tuple]:
         outcomes, label_order, facts = collect(info, plan.references, tasks,
                                                spec.storage_options)
         results.append((outcomes, score(plan.references, tasks, outcomes, label_order,
-                                        spec.n_bins), facts))
+                                        spec.bins), facts))
     return results
 
 

@@ -35,7 +35,7 @@ class EvaluationSpec(BaseModel):
     output: str | None = Field(
         None, description="where report.json and confusion.png go; none: "
                           "<input>/_evaluations/<UTC time>")
-    n_bins: int = Field(10, ge=1, le=100, description="equal-width calibration bins")
+    bins: int = Field(10, ge=1, le=100, description="equal-width calibration bins")
     storage_options: StorageConfig = Field(
         StorageConfig(), description="JSON: the store's endpoint_url, region, key, secret, "
                                      "token, client_kwargs or other s3fs options, for every "

@@ -77,10 +77,13 @@ def canonical_uri(uri: str, base: str | None = None) -> str:
         if is_local(base):
             return local_path(os.path.join(local_path(base), path))
         kind, folder = scheme(base), base.partition("://")[2]  # a remote folder, as written
+        bucket = folder.lstrip("/").split("/", 1)[0]
         if not path.startswith("/"):
             joined = posixpath.normpath(posixpath.join(folder, path))
         else:  # an S3 bucket's root; another filesystem's own root
-            joined = folder.lstrip("/").split("/", 1)[0] + path if kind == "s3" else path
+            joined = bucket + path if kind == "s3" else path
+        if kind == "s3" and joined.lstrip("/").split("/", 1)[0] != bucket:
+            raise ValueError(f"{uri}: above the bucket of {base}: names no object")
         uri = f"{kind}://{joined}"
     kind, path = split(uri)
     if kind != "s3":  # as written: each fsspec filesystem has its own path rules

@@ -72,10 +72,10 @@ class TrainingDataSpec(BaseModel):
     overwrite: bool = Field(False, description="replace a build the output already holds")
     storage_options: StorageConfig = Field(
         StorageConfig(), description="JSON: the store's endpoint_url, region, key, secret, "
-                                     "token, client_kwargs or other s3fs options, for the input "
-                                     "and (unless destination_options) the output; credentials "
+                                     "token, credentials_block, client_kwargs or other s3fs "
+                                     "options, for the input and (unless output_storage_options) the output; credentials "
                                      "are never stored (none: the AWS_* environment)")
-    destination_options: StorageConfig | None = Field(
+    output_storage_options: StorageConfig | None = Field(
         None, description="JSON like storage_options, for the output when it is on another "
                           "store; none: storage_options")
 
@@ -91,5 +91,5 @@ class TrainingDataSpec(BaseModel):
 
     def output_storage(self) -> StorageConfig:
         """The storage configuration of the output side."""
-        return self.destination_options if self.destination_options is not None \
+        return self.output_storage_options if self.output_storage_options is not None \
             else self.storage_options
