@@ -507,7 +507,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_stack(argv: list[str]) -> int:
-    from flows import stack
+    from pipelines import local_stack as stack
 
     p = argparse.ArgumentParser(prog="kimi-label stack")
     p.add_argument("action", choices=["up", "down", "status"])

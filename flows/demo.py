@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    from flows.stack import stack_down, stack_up
     from kimi_ops.audio.samples import write_sample_audio
     from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
+    from pipelines.local_stack import stack_down, stack_up
     from pipelines.storage import resolve
 
     home = out / "stack"
