@@ -48,7 +48,9 @@ import threading
 import time
 from pathlib import Path
 
-from pipelines.procfs import stat_fields
+import psutil
+
+from pipelines.processes import identify
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT.parent / "shared" / "kimi_tiny" / "checkpoint"
@@ -114,10 +116,10 @@ def shmem_kb() -> int:
     return 0
 
 
-def start_time(pid: int) -> int | None:
-    """Clock ticks after boot: with the PID, names one process even if the PID is reused."""
-    fields = stat_fields(pid)
-    return None if fields is None else int(fields[19])
+def start_time(pid: int) -> float | None:
+    """With the PID, names one process even if the PID is reused (`pipelines.processes`)."""
+    process = identify(pid)
+    return None if process is None else process.start
 
 
 def descendants(root: int) -> list[int]:
@@ -229,9 +231,11 @@ class MemorySampler(threading.Thread):
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process so far."""
-    fields = stat_fields(pid)
-    return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf(
-        "SC_CLK_TCK")
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
 
 
 def cpu_group(cmdline: str) -> str:
@@ -257,7 +261,7 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root = root
         self.done = threading.Event()
-        self.by_process: dict[tuple[int, int | None], dict] = {}
+        self.by_process: dict[tuple[int, float | None], dict] = {}
 
     def run(self) -> None:
         while not self.done.is_set():
@@ -361,7 +365,7 @@ def run_size(count: int, workdir: Path, model: Path = CHECKPOINT, timeout_s: flo
     return result
 
 
-def _stop_tree(proc: subprocess.Popen, seen: list[tuple[int, int | None]]) -> None:
+def _stop_tree(proc: subprocess.Popen, seen: list[tuple[int, float | None]]) -> None:
     """Normally the driver has shut Ray down and exited. Otherwise (a failure, a timeout) stop
     it and every process the sampler saw under it, by PID and start time, SIGTERM then SIGKILL."""
     if proc.poll() is None:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.procfs import alive, proc_stat
+from pipelines.processes import ProcessIdentity, identify, is_running
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ def leases(fs, root: str) -> list[dict[str, Any]]:
 
 def _pid_space() -> dict[str, Any]:
     """What makes a pid mean one process: the kernel's boot and the pid namespace. Containers
-    may share a host name (and their pid numbers overlap), never both of these."""
+    may share a host name (and their pid numbers overlap), never both of these. Only Linux
+    shows them ({} elsewhere: the host name alone says whose pid it is)."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         namespace = os.stat("/proc/self/ns/pid").st_ino
@@ -76,9 +77,9 @@ def _pid_space() -> dict[str, Any]:
 
 
 def _process() -> dict[str, Any]:
-    stat = proc_stat(os.getpid())
+    me = identify(os.getpid())
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "pid_start": stat[2] if stat else None, **_pid_space()}
+            "pid_start": me.start if me else None, **_pid_space()}
 
 
 def _here(doc: dict[str, Any]) -> bool:
@@ -97,8 +98,8 @@ def _holder_gone(doc: dict[str, Any]) -> bool:
         return False
     if doc.get("pid") == os.getpid():
         return doc["run_id"] not in _HELD
-    return doc.get("pid_start") is not None and not alive(int(doc["pid"]),
-                                                          int(doc["pid_start"]))
+    return doc.get("pid_start") is not None and not is_running(
+        ProcessIdentity(int(doc["pid"]), float(doc["pid_start"])))
 
 
 def _takes_over(doc: dict[str, Any], run_id: str | None) -> bool:

@@ -1,57 +1,40 @@
-"""Processes read from /proc, for tests that start services and must stop exactly them.
+"""Processes for tests that start services and must stop exactly them.
 
-A process is (pid, start time in clock ticks after boot): immune to PID reuse.
+A process is (pid, start time), which PID reuse cannot fake (`pipelines.processes`); finding
+and stopping them is the local stack's own (`pipelines.local_stack.supervision`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import time
-from pathlib import Path
+from pipelines.local_stack.supervision import (
+    environment_value,
+    find_processes,
+    process_name,
+    stop_processes,
+)
+from pipelines.processes import ProcessIdentity, identify, is_running
 
-from pipelines.procfs import alive, proc_stat
+__all__ = ["alive", "comm", "identify", "marked", "stop"]
+
+
+def alive(pid: int, start: float) -> bool:
+    """Running (not a zombie) and still the same process."""
+    return is_running(ProcessIdentity(pid, start))
 
 
 def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
+    return process_name(pid)
 
 
-def marked(env_name: str, prefix: str) -> list[tuple[int, int]]:
+def marked(env_name: str, prefix: str) -> list[tuple[int, float]]:
     """Live processes (not this one) whose environment holds ``env_name=<prefix>...``."""
-    needle = f"\0{env_name}={prefix}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        st = proc_stat(int(entry.name))
-        if st is None or st[0] in "ZXx":
-            continue
-        try:
-            if needle in b"\0" + (entry / "environ").read_bytes():
-                found.append((int(entry.name), st[2]))
-        except OSError:
-            continue
-    return sorted(found)
+    def carries(process) -> bool:
+        value = environment_value(process, env_name)
+        return value is not None and value.startswith(prefix)
+
+    return find_processes(carries)
 
 
-def stop(procs: list[tuple[int, int]], timeout_s: float = 10.0) -> None:
+def stop(procs: list[tuple[int, float]], timeout_s: float = 10.0) -> None:
     """SIGTERM, wait, SIGKILL what is left: exactly these processes."""
-    live = [p for p in procs if alive(*p)]
-    for pid, _ in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while any(alive(*p) for p in live) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid, start in live:
-        if alive(pid, start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while any(alive(*p) for p in live) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    stop_processes([[ProcessIdentity(*p) for p in procs]], timeout_s)

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from pipelines.local_s3 import S3Identity, SeaweedS3
+from pipelines.local_stack import S3Identity, SeaweedS3
 
 BUCKET = "audio"
 SPARE_BUCKET = "spare"

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.processes import alive, proc_stat
+from tests.processes import alive, identify
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -97,15 +97,15 @@ def exposed(sockets: dict[int, list[tuple[str, str, int]]]) -> dict[int, list]:
             for pid, socks in sockets.items() if any(s[1] not in LOOPBACK for s in socks)}
 
 
-def procs(pids: set[int]) -> list[tuple[int, int]]:
-    return [(pid, st[2]) for pid in pids if (st := proc_stat(pid)) is not None]
+def procs(pids: set[int]) -> list[tuple[int, float]]:
+    return [me for pid in pids if (me := identify(pid)) is not None]
 
 
 # -- the services ----------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_stack_services_and_their_children_listen_on_loopback_only():
-    from flows.stack import stack_down, stack_up
+    from pipelines.local_stack import stack_down, stack_up
 
     home = Path(tempfile.mkdtemp(dir="/tmp", prefix="kl-exp-"))  # Ray sockets: < 107 bytes
     try:
@@ -146,7 +146,7 @@ def test_stack_services_and_their_children_listen_on_loopback_only():
 
 
 def test_seaweed_launcher_binds_loopback_only(tmp_path):
-    from pipelines.local_s3 import SeaweedS3
+    from pipelines.local_stack import SeaweedS3
 
     with SeaweedS3(tmp_path / "weed", buckets=["audio"]) as s3:
         members = descendants({s3.pid})
@@ -181,7 +181,7 @@ def test_the_jobs_own_local_ray_binds_loopback_only():
     proc = subprocess.Popen([sys.executable, "-c", JOB_RAY, temp], cwd=ROOT, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
-    recorded: list[tuple[int, int]] = []
+    recorded: list[tuple[int, float]] = []
     try:
         assert proc.stdout.readline().strip() == "sum 140"
         members = descendants({proc.pid})

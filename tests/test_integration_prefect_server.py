@@ -26,8 +26,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.stack import MARKER_ENV as STACK_MARKER_ENV
-from flows.stack import StackState, stack_down, stack_up
+from pipelines.local_stack import MARKER_ENV as STACK_MARKER_ENV
+from pipelines.local_stack import StackState, stack_down, stack_up
 from tests import goldens
 from tests.processes import alive as _alive
 from tests.processes import marked, stop
@@ -54,11 +54,11 @@ SERVE = textwrap.dedent("""
 """)
 
 
-def _marked(marker: str, env_name: str = MARKER_ENV) -> list[tuple[int, int]]:
+def _marked(marker: str, env_name: str = MARKER_ENV) -> list[tuple[int, float]]:
     return marked(env_name, marker)
 
 
-def _stop(procs: list[tuple[int, int]]) -> None:
+def _stop(procs: list[tuple[int, float]]) -> None:
     stop(procs, timeout_s=15.0)
 
 

@@ -13,7 +13,7 @@ import fsspec
 import pytest
 
 from pipelines.lease import LEASE_FILE, OutputBusy, OutputLease, live_holders
-from pipelines.procfs import proc_stat
+from pipelines.processes import identify
 from tests import goldens
 
 
@@ -60,7 +60,7 @@ def test_the_lease_is_renewed_while_the_run_holds_it(tmp_path):
 
 def test_a_lease_of_a_dead_process_or_a_lapsed_one_does_not_hold_the_output(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = proc_stat(gone.pid)[2]
+    start = identify(gone.pid).start
     gone.wait()
     write_lease(tmp_path, "died-here", host=socket.gethostname(), pid=gone.pid, pid_start=start)
     write_lease(tmp_path, "lapsed", renewed=time.time() - 1000)
@@ -110,7 +110,7 @@ def test_the_same_run_id_from_a_second_command_here_is_refused_from_elsewhere_ta
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_lease(tmp_path, "run-a", host=socket.gethostname(), pid=other.pid,
-                    pid_start=proc_stat(other.pid)[2])
+                    pid_start=identify(other.pid).start)
         with pytest.raises(OutputBusy, match=f"run run-a \\(on {socket.gethostname()}, "
                                              f"pid {other.pid},"):
             lease(tmp_path, "run-a").acquire()
@@ -145,7 +145,7 @@ def test_a_container_sharing_the_host_name_is_another_machine(tmp_path):
     from pipelines.lease import _pid_space
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = proc_stat(gone.pid)[2]
+    start = identify(gone.pid).start
     gone.wait()
     here = _pid_space()
     assert set(here) == {"boot_id", "pid_ns"}

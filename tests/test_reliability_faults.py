@@ -19,7 +19,7 @@ import ray.cloudpickle
 
 from pipelines import stages
 from pipelines.job import RunFailed, run_job
-from pipelines.local_s3 import SeaweedS3
+from pipelines.local_stack import SeaweedS3
 from pipelines.storage import (
     RetryPolicy,
     StorageError,
@@ -94,7 +94,7 @@ def files_shards(fs, root: str) -> list[str]:
     return [p for p in fs.find(f"{root}/files") if p.endswith(".parquet")]
 
 
-def label_actors(ray_dir: str) -> list[tuple[int, int, bool]]:
+def label_actors(ray_dir: str) -> list[tuple[int, float, bool]]:
     """(pid, start time, busy with a batch) of this Ray's label actors: their raylet (the
     parent) runs with our temp dir, so other Rays on the machine never match."""
     found = []
@@ -109,9 +109,9 @@ def label_actors(ray_dir: str) -> list[tuple[int, int, bool]]:
             parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        st = processes.proc_stat(int(entry.name))
-        if ray_dir.encode() in parent and st is not None and st[0] not in "ZXx":
-            found.append((int(entry.name), st[2], b".submit" in title))
+        actor = processes.identify(int(entry.name))
+        if ray_dir.encode() in parent and actor is not None and processes.alive(*actor):
+            found.append((*actor, b".submit" in title))
     return found
 
 

@@ -18,9 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.stack import MARKER_ENV, StackState, stack_down, stack_status, stack_up
-from pipelines.local_s3 import listening_addresses
-from pipelines.procfs import port_free
+from pipelines.local_stack import (
+    MARKER_ENV,
+    StackState,
+    listening_addresses,
+    stack_down,
+    stack_status,
+    stack_up,
+)
+from pipelines.processes import ProcessIdentity, is_running, port_free
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +50,8 @@ def _clean_env() -> dict[str, str]:
             if not k.startswith(("AWS_", "RAY_", "PREFECT_", MARKER_ENV))}
 
 
-def _running(pid: int, start: int) -> bool:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    rest = raw[raw.rindex(")") + 2 :].split()
-    return rest[0] not in "ZXx" and int(rest[19]) == start
+def _running(pid: int, start: float) -> bool:
+    return is_running(ProcessIdentity(pid, start))
 
 
 def _pids(state: StackState, service: str) -> list[int]:
@@ -100,7 +101,7 @@ def _processes_of(stack_id: str, *needles: str) -> list[tuple[int, str]]:
 
 def test_s3_stack_up_status_down(home, monkeypatch):
     # `up` from a separate process, as the CLI does: the server must outlive it.
-    script = "import sys; from flows.stack import stack_up; stack_up(sys.argv[1])"
+    script = "import sys; from pipelines.local_stack import stack_up; stack_up(sys.argv[1])"
     up = subprocess.run([sys.executable, "-c", script, str(home)], check=False, cwd=ROOT,
                         env=_clean_env(), capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr[-3000:]

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import storage
-from pipelines.local_s3 import SeaweedError, SeaweedS3, listening_addresses
+from pipelines.local_stack import SeaweedError, SeaweedS3, listening_addresses
 from pipelines.storage import (
     InputInfo,
     ObjectInfo,

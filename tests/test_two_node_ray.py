@@ -32,13 +32,14 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipelines.local_s3 import listening_addresses
-from pipelines.procfs import port_free  # binds as Ray's gRPC servers do
+from pipelines.local_stack import listening_addresses
+from pipelines.local_stack.supervision import members
+from pipelines.processes import ProcessIdentity, identify
+from pipelines.processes import port_free  # binds as Ray's gRPC servers do
 from tests import goldens
 from tests.processes import alive as _alive
 from tests.processes import comm as _comm
 from tests.processes import marked
-from tests.processes import proc_stat as _stat
 from tests.processes import stop as _stop
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
 
@@ -56,34 +57,17 @@ START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 150
 
 
-# ---- processes, read from /proc --------------------------------------------------------------
-def _marked_by(prefix: str) -> list[tuple[int, int]]:
+# ---- processes ------------------------------------------------------------------------------
+def _marked_by(prefix: str) -> list[tuple[int, float]]:
     return marked(MARKER_ENV, prefix)
 
 
 def _members(marker: str, session: int | None = None,
-             session_start: int = 0) -> list[tuple[int, int]]:
+             session_start: float = 0) -> list[tuple[int, float]]:
     """(pid, start) of live processes carrying ``MARKER_ENV=marker`` in their environment or
     belonging to ``session`` (the PID of the process we spawned with a new session)."""
-    needle = f"\0{MARKER_ENV}={marker}\0".encode()
-    me = os.getpid()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        pid = int(entry.name)
-        st = _stat(pid)
-        if st is None or st[0] in "ZXx":
-            continue
-        mine = session is not None and st[1] == session and st[2] >= session_start
-        if not mine:
-            try:
-                mine = needle in b"\0" + (entry / "environ").read_bytes()
-            except OSError:
-                continue
-        if mine:
-            found.append((pid, st[2]))
-    return sorted(found)
+    leader = None if session is None else ProcessIdentity(session, session_start)
+    return members(marker, leader, marker_env=MARKER_ENV)
 
 
 def _free_ports(n: int, taken: set[int]) -> list[int]:
@@ -106,10 +90,10 @@ class RayNode:
     log: Path
     ports: dict[str, int]
     session: int = 0
-    session_start: int = 0
-    seen: list[tuple[int, int]] = field(default_factory=list)
+    session_start: float = 0
+    seen: list[tuple[int, float]] = field(default_factory=list)
 
-    def members(self) -> list[tuple[int, int]]:
+    def members(self) -> list[tuple[int, float]]:
         found = dict(p for p in self.seen if _alive(*p))
         found.update(_members(self.marker, self.session, self.session_start))
         return sorted(found.items())
@@ -184,8 +168,8 @@ def _start_node(cluster: Cluster, name: str, head: bool, taken: set[int]) -> Ray
                                     stderr=subprocess.STDOUT, env=env, cwd=cluster.base,
                                     start_new_session=True)
     node.session = launcher.pid
-    st = _stat(launcher.pid)
-    node.session_start = st[2] if st else 0
+    leader = identify(launcher.pid)
+    node.session_start = leader.start if leader else 0
     cluster.nodes.append(node)  # recorded before waiting: a failed start is still cleaned up
     try:
         code = launcher.wait(timeout=START_TIMEOUT_S)  # forks the daemons, then exits
