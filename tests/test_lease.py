@@ -1,4 +1,5 @@
-"""One run at a time per output (`pipelines.lease`): on a local output folder, real processes."""
+"""One run at a time per output (`pipelines.storage.lease`): on a local output folder and on
+SeaweedFS, with real processes and real races."""
 
 from __future__ import annotations
 
@@ -7,23 +8,31 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import fsspec
 import pytest
 
-from pipelines.lease import LEASE_FILE, OutputBusy, OutputLease, live_holders
+from pipelines.errors import OutputBusy
 from pipelines.processes import identify
+from pipelines.storage import OutputLayout, resolve
+from pipelines.storage.lease import OutputLease, create_exclusive, live_holder
 from tests import goldens
+from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
 
 
 def write_lease(root, run_id: str, **fields) -> None:
-    folder = root / "_runs" / run_id
-    folder.mkdir(parents=True, exist_ok=True)
+    """Another run's lease, as its process wrote it."""
     now = time.time()
     doc = {"run_id": run_id, "host": "other-host", "pid": 1, "pid_start": None,
            "started": now - 60, "renewed": now, **fields}
-    (folder / LEASE_FILE).write_text(json.dumps(doc))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "_lease.json").write_text(json.dumps(doc))
+
+
+def held(root) -> dict:
+    return json.loads((root / "_lease.json").read_text())
 
 
 def lease(root, run_id: str, **kwargs) -> OutputLease:
@@ -33,8 +42,9 @@ def lease(root, run_id: str, **kwargs) -> OutputLease:
 def test_a_second_run_is_refused_until_the_first_releases(tmp_path):
     first = lease(tmp_path, "run-a")
     first.acquire()
-    held = json.loads((tmp_path / "_runs" / "run-a" / LEASE_FILE).read_text())
-    assert held["host"] == socket.gethostname() and held["pid_start"] is not None
+    assert OutputLayout(str(tmp_path)).lease == str(tmp_path / "_lease.json")
+    assert held(tmp_path)["host"] == socket.gethostname()
+    assert held(tmp_path)["pid_start"] is not None
     with pytest.raises(OutputBusy, match=f"output {tmp_path} is being written by run run-a "
                                          f"\\(on {socket.gethostname()}, pid "):
         lease(tmp_path, "run-b").acquire()
@@ -42,55 +52,105 @@ def test_a_second_run_is_refused_until_the_first_releases(tmp_path):
     retry.acquire()
     retry.release()
     first.release()
-    assert not (tmp_path / "_runs" / "run-a" / LEASE_FILE).exists()
+    assert not (tmp_path / "_lease.json").exists()
     second = lease(tmp_path, "run-b")
     second.acquire()
     second.release()
 
 
 def test_the_lease_is_renewed_while_the_run_holds_it(tmp_path):
-    held = lease(tmp_path, "run-a", renew_s=0.05)
-    held.acquire()
-    path = tmp_path / "_runs" / "run-a" / LEASE_FILE
-    before = json.loads(path.read_text())["renewed"]
+    holding = lease(tmp_path, "run-a", renew_s=0.05)
+    holding.acquire()
+    before = held(tmp_path)["renewed"]
     time.sleep(0.4)
-    assert json.loads(path.read_text())["renewed"] > before
-    held.release()
+    assert held(tmp_path)["renewed"] > before
+    holding.release()
 
 
 def test_a_lease_of_a_dead_process_or_a_lapsed_one_does_not_hold_the_output(tmp_path):
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    fs = fsspec.filesystem("file")
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     start = identify(gone.pid).start
     gone.wait()
     write_lease(tmp_path, "died-here", host=socket.gethostname(), pid=gone.pid, pid_start=start)
+    assert live_holder(fs, str(tmp_path), None) is None
     write_lease(tmp_path, "lapsed", renewed=time.time() - 1000)
-    fs = fsspec.filesystem("file")
-    assert live_holders(fs, str(tmp_path), None) == []
+    assert live_holder(fs, str(tmp_path), None) is None
+    taken = lease(tmp_path, "run-a")  # a dead holder's lease is taken over
+    taken.acquire()
+    assert held(tmp_path)["run_id"] == "run-a"
+    taken.release()
     write_lease(tmp_path, "elsewhere")  # another host, renewed just now: it holds the output
-    assert [h["run_id"] for h in live_holders(fs, str(tmp_path), None)] == ["elsewhere"]
+    assert live_holder(fs, str(tmp_path), None)["run_id"] == "elsewhere"
     with pytest.raises(OutputBusy, match="run elsewhere \\(on other-host, pid 1, .* lease "
                                          "renewed 0 s ago\\).*lapses 180 s after"):
         lease(tmp_path, "run-a").acquire()
 
 
-def test_of_two_runs_starting_together_the_later_steps_back(tmp_path, monkeypatch):
-    """Both write their lease before either sees the other's: the later one (by start time)
-    removes its own and is refused."""
-    mine = lease(tmp_path, "run-b")
-    write = OutputLease._write
+def race(acquire_one, runs: int) -> tuple[list[str], list[str]]:
+    """`acquire_one(run_id)` from `runs` threads released at the same instant: (run ids that
+    took the lease, run ids refused)."""
+    barrier = threading.Barrier(runs)
+    took, refused = [], []
 
-    def racing_write(self):
-        write(self)
-        write_lease(tmp_path, "run-a", started=self.started - 1)  # came in just before
+    def one(run_id: str) -> None:
+        barrier.wait()
+        try:
+            acquire_one(run_id)
+            took.append(run_id)
+        except OutputBusy:
+            refused.append(run_id)
 
-    monkeypatch.setattr(OutputLease, "_write", racing_write)
-    with pytest.raises(OutputBusy, match="run run-a"):
-        mine.acquire()
-    assert not (tmp_path / "_runs" / "run-b" / LEASE_FILE).exists()
+    threads = [threading.Thread(target=one, args=(f"run-{i}",)) for i in range(runs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return took, refused
+
+
+def test_of_runs_starting_at_the_same_instant_exactly_one_holds_the_output(tmp_path):
+    """The lease is a conditional create: however the runs interleave, one creates it and the
+    others find it taken; also when they all take over the same lapsed lease at once."""
+    leases = {}
+
+    def acquire(run_id: str) -> None:
+        leases[run_id] = lease(tmp_path, run_id)
+        leases[run_id].acquire()
+
+    for attempt in range(5):
+        if attempt % 2:
+            write_lease(tmp_path, "lapsed", renewed=time.time() - 1000)
+        took, refused = race(acquire, 6)
+        assert len(took) == 1 and len(refused) == 5, (attempt, took, refused)
+        assert held(tmp_path)["run_id"] == took[0]
+        leases[took[0]].release()
+
+
+def test_the_conditional_create_against_seaweedfs(seaweed, s3_prefix):  # noqa: F811
+    """SeaweedFS answers `If-None-Match: *` (s3fs's mode "xb"): a second create of the lease
+    is refused, and of runs racing on one S3 output exactly one holds it."""
+    fs, root = resolve(f"{s3_prefix}/out", seaweed.storage_options)
+    path = OutputLayout(root).lease
+    assert create_exclusive(fs, path, b'{"run_id": "first"}')
+    assert not create_exclusive(fs, path, b'{"run_id": "second"}')
+    assert fs.cat_file(path) == b'{"run_id": "first"}'
+    fs.rm(path)
+    leases = {}
+
+    def acquire(run_id: str) -> None:
+        leases[run_id] = OutputLease(fs, root, f"{s3_prefix}/out", run_id)
+        leases[run_id].acquire()
+
+    took, refused = race(acquire, 4)
+    assert len(took) == 1 and len(refused) == 3, (took, refused)
+    assert json.loads(fs.cat_file(path))["run_id"] == took[0]
+    leases[took[0]].release()
+    assert not fs.exists(path)
 
 
 def test_the_job_refuses_an_output_another_run_holds_before_planning(tmp_path):
-    from pipelines.job import JobError, JobSpec, validate
+    from pipelines.job import JobError, JobSpec, check_job
 
     (tmp_path / "in").mkdir()
     shutil.copy(goldens.INPUTS / "a01_tone_0p5s_16k.wav", tmp_path / "in")
@@ -98,8 +158,8 @@ def test_the_job_refuses_an_output_another_run_holds_before_planning(tmp_path):
     spec = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                    model=str(goldens.CHECKPOINT))
     with pytest.raises(JobError, match="is being written by run nightly-1"):
-        validate(spec)
-    assert sorted(p.name for p in (tmp_path / "out" / "_runs").iterdir()) == ["nightly-1"]
+        check_job(spec)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_lease.json"]
 
 
 def test_the_same_run_id_from_a_second_command_here_is_refused_from_elsewhere_taken_over(
@@ -120,6 +180,7 @@ def test_the_same_run_id_from_a_second_command_here_is_refused_from_elsewhere_ta
     write_lease(tmp_path, "run-a", host="other-host")
     retried = lease(tmp_path, "run-a")
     retried.acquire()
+    assert held(tmp_path)["host"] == socket.gethostname()
     retried.release()
 
 
@@ -132,7 +193,7 @@ def test_a_lease_left_behind_by_an_ended_run_of_this_process_does_not_hold_the_o
     monkeypatch.setattr(ended.fs, "rm", lambda path: (_ for _ in ()).throw(OSError("down")))
     ended.release()  # logged, not raised
     monkeypatch.undo()
-    assert (tmp_path / "_runs" / "run-a" / LEASE_FILE).exists()
+    assert held(tmp_path)["run_id"] == "run-a"
     after = lease(tmp_path, "run-b")
     after.acquire()
     after.release()
@@ -142,17 +203,17 @@ def test_a_container_sharing_the_host_name_is_another_machine(tmp_path):
     """A lease written in another pid namespace (a container with this host name) whose pid
     number is free here is not judged dead by that pid: it lapses by time, as another host's
     does; one of this namespace with that dead pid is over at once."""
-    from pipelines.lease import _pid_space
+    from pipelines.storage.lease import _pid_space
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     start = identify(gone.pid).start
     gone.wait()
     here = _pid_space()
     assert set(here) == {"boot_id", "pid_ns"}
+    fs = fsspec.filesystem("file")
     write_lease(tmp_path, "in-a-container", host=socket.gethostname(), pid=gone.pid,
                 pid_start=start, boot_id=here["boot_id"], pid_ns=here["pid_ns"] + 1)
-    fs = fsspec.filesystem("file")
-    assert [h["run_id"] for h in live_holders(fs, str(tmp_path), None)] == ["in-a-container"]
+    assert live_holder(fs, str(tmp_path), None)["run_id"] == "in-a-container"
     write_lease(tmp_path, "in-a-container", host=socket.gethostname(), pid=gone.pid,
                 pid_start=start, **here)
-    assert live_holders(fs, str(tmp_path), None) == []
+    assert live_holder(fs, str(tmp_path), None) is None

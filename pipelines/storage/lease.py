@@ -13,8 +13,9 @@ taken over: on the same host as soon as its process is gone (pid and start time,
 cannot fake; "the same host" is the same host name, boot and pid namespace, so a container that
 shares the host name counts as another host), from another host `ttl_s` after its last renewal
 (the time in the file is the holder's clock: hosts whose clocks differ by more than the margin
-between the two periods would misjudge it). Taking over removes the lapsed lease and creates
-anew, conditionally, so two runs taking over together still leave one holder. A retry of the same
+between the two periods would misjudge it). Taking over a lapsed lease is claimed with another
+conditional create, named by the lapsed lease's bytes (`<lease>.<hash>.takeover`, removed when
+the run ends): of runs taking it over together, only the claimant replaces it. A retry of the same
 run (same run id: a Prefect retry in the same process, or on another host) takes its own lease
 over; another process of this host with the same run id is refused like any other run.
 
@@ -24,6 +25,8 @@ On a store without conditional writes (a plain fsspec filesystem), the create de
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import OutputBusy
-from pipelines.procfs import alive, proc_stat
+from pipelines.processes import ProcessIdentity, identify, is_running
 from pipelines.storage.errors import client_error
 from pipelines.storage.layout import OutputLayout
 
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RENEW_S = 30.0
 TTL_S = 180.0
+ACQUIRE_TRIES = 40  # looks at a lease being written or released meanwhile, 50 ms apart
 # the run ids whose lease this process holds now: one of its leases left behind (a removal the
 # store refused when the run ended) does not hold the output against its next run
 _HELD: set[str] = set()
@@ -50,15 +54,23 @@ _HELD: set[str] = set()
 def read_lease(fs, path: str) -> dict[str, Any] | None:
     """The lease at `path`, or None: absent, or half written (not a live holder)."""
     try:
-        doc = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, ValueError):
+        return _parsed(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def _parsed(raw: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
         return None
     return doc if isinstance(doc, dict) and "run_id" in doc else None
 
 
 def _pid_space() -> dict[str, Any]:
     """What makes a pid mean one process: the kernel's boot and the pid namespace. Containers
-    may share a host name (and their pid numbers overlap), never both of these."""
+    may share a host name (and their pid numbers overlap), never both of these. Only Linux
+    shows them ({} elsewhere: the host name alone says whose pid it is)."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         namespace = os.stat("/proc/self/ns/pid").st_ino
@@ -68,9 +80,9 @@ def _pid_space() -> dict[str, Any]:
 
 
 def _process() -> dict[str, Any]:
-    stat = proc_stat(os.getpid())
+    me = identify(os.getpid())
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "pid_start": stat[2] if stat else None, **_pid_space()}
+            "pid_start": me.start if me else None, **_pid_space()}
 
 
 def _here(doc: dict[str, Any]) -> bool:
@@ -88,8 +100,8 @@ def _holder_gone(doc: dict[str, Any]) -> bool:
         return False
     if doc.get("pid") == os.getpid():
         return doc["run_id"] not in _HELD
-    return doc.get("pid_start") is not None and not alive(int(doc["pid"]),
-                                                          int(doc["pid_start"]))
+    return doc.get("pid_start") is not None and not is_running(
+        ProcessIdentity(int(doc["pid"]), float(doc["pid_start"])))
 
 
 def takes_over(doc: dict[str, Any], run_id: str | None) -> bool:
@@ -157,6 +169,7 @@ class OutputLease:
         self.renew_s, self.ttl_s = renew_s, ttl_s
         self.path = OutputLayout(root).lease
         self.started = time.time()
+        self._claims: list[str] = []  # takeover claims of lapsed leases, removed on release
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -169,30 +182,62 @@ class OutputLease:
 
     def acquire(self) -> None:
         """Raises OutputBusy (naming the holder) when another run holds the output."""
-        for _ in range(3):  # a lapsed lease removed by a rival in between: look again
+        _HELD.add(self.run_id)  # before it is written: this process's other runs see it held
+        try:
+            self._acquire()
+        except BaseException:
+            _HELD.discard(self.run_id)
+            raise
+        self._thread = threading.Thread(target=self._renew, name="output-lease", daemon=True)
+        self._thread.start()
+
+    def _acquire(self) -> None:
+        for _ in range(ACQUIRE_TRIES):
             if create_exclusive(self.fs, self.path, self._doc()):
                 break
-            holder = read_lease(self.fs, self.path)
-            if holder is not None and takes_over(holder, self.run_id):
+            try:
+                raw = self.fs.cat_file(self.path)
+            except FileNotFoundError:  # its holder released it just now: try again
+                continue
+            holder = _parsed(raw)
+            if holder is None:  # being written by the run that created it: look again
+                time.sleep(0.05)
+                continue
+            if takes_over(holder, self.run_id):
                 self._write()
                 break
-            if holder is not None and live(holder, self.ttl_s):
+            if live(holder, self.ttl_s):
                 raise OutputBusy(busy_message(self.output, holder, self.ttl_s))
-            if holder is not None:  # lapsed, or its process is gone: take it over
-                log.info("taking over the lapsed lease of run %s", holder["run_id"])
-                self.fs.rm(self.path)
+            if self._take_over(raw, holder):
+                break
         else:
-            raise OutputBusy(f"output {self.output}: could not take its lease ({self.path}), "
+            raise OutputBusy(f"output {self.output}: could not take its lease ({self.path}): "
                              "other runs keep taking it")
-        first = read_lease(self.fs, self.path)  # (a store without conditional writes)
+        self._check_held()
+
+    def _take_over(self, raw: bytes, holder: dict[str, Any]) -> bool:
+        """Replace the lapsed lease `raw` (its holder is gone): only the run that claims its
+        takeover (a conditional create named by the lapsed lease's bytes) may; False for the
+        others, which look again and find the new holder."""
+        claim = f"{self.path}.{hashlib.sha256(raw).hexdigest()[:16]}.takeover"
+        if not create_exclusive(self.fs, claim, self.run_id.encode()):
+            time.sleep(0.05)
+            return False
+        log.info("taking over the lapsed lease of run %s", holder["run_id"])
+        self._claims.append(claim)
+        self._write()
+        return True
+
+    def _check_held(self) -> None:
+        """The lease read back is ours (on a store without conditional writes, the run whose
+        lease is not there steps back)."""
+        first = read_lease(self.fs, self.path)
         if first is None:
             raise OutputBusy(f"output {self.output}: its lease ({self.path}) vanished as it "
                              "was taken (another run?): try again")
         if first["run_id"] != self.run_id:
+            self._remove_claims()
             raise OutputBusy(busy_message(self.output, first, self.ttl_s))
-        _HELD.add(self.run_id)
-        self._thread = threading.Thread(target=self._renew, name="output-lease", daemon=True)
-        self._thread.start()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_s):
@@ -210,5 +255,12 @@ class OutputLease:
             held = read_lease(self.fs, self.path)
             if held is not None and held["run_id"] == self.run_id:
                 self.fs.rm(self.path)
+            self._remove_claims()
         except Exception as exc:  # noqa: BLE001 - it lapses after ttl_s anyway
             log.warning("could not remove the lease %s: %s", self.path, exc)
+
+    def _remove_claims(self) -> None:
+        for claim in self._claims:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(claim)
+        self._claims.clear()
