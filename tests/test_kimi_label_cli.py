@@ -96,7 +96,7 @@ def test_run_names_the_storage_option_behind_a_flow_parameter(tmp_path):
     """A field of --storage-options is named by its path in the option."""
     line = refused(kimi_label("run", "--input", goldens.INPUTS, "--output", tmp_path / "out",
                               "--model", MODEL, "--storage-options",
-                              '{"secret": "%s", "endpoint_url": 5}' % SECRET),
+                              '{"key": "k", "secret": "%s", "endpoint_url": 5}' % SECRET),
                    "--storage-options endpoint_url: Input should be a valid string")
     assert SECRET not in line
 
@@ -136,7 +136,8 @@ ALL_COMMANDS = ["run", "transcribe-archive", "prepare-training-data", "stack", "
 def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     helped = kimi_label("--help")
     assert helped.returncode == 0 and "python -m kimi_ops" not in helped.stdout
-    listed = {line.split()[0] for line in helped.stdout.splitlines() if line.startswith("    ")}
+    listed = {line.split()[0] for line in helped.stdout.splitlines()
+              if line.startswith("    ") and line[4] != " "}
     assert listed == set(ALL_COMMANDS)
     assert "exit status: 0 done, 1 the run failed, 2 usage error" in helped.stdout
     version = kimi_label("--version")
@@ -149,7 +150,7 @@ def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     # each command keeps its own help; the model commands still reach kimi_ops
     run_help = kimi_label("run", "--help")
     assert run_help.returncode == 0 and "credentials_block" in run_help.stdout
-    assert "comma-separated: asr, caption, emotion, scene" in run_help.stdout
+    assert "comma-separated: asr, caption, emotion, scene" in " ".join(run_help.stdout.split())
     options = [line.split()[0] for line in run_help.stdout.split("options:")[1].splitlines()
                if line.startswith("  -")]
     helped = run_help.stdout.split("options:")[1]
@@ -348,7 +349,7 @@ def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
     (["--stages", '{"label": {"batch_size": 0}}'], ["--stages label.batch_size: "]),
     (["--storage-options", '{"secret": "%s", "key": ' % SECRET],
      ["--storage-options is not valid JSON"]),
-    (["--storage-options", '{"secret": "%s", "endpoint_url": 5}' % SECRET],
+    (["--storage-options", '{"key": "k", "secret": "%s", "endpoint_url": 5}' % SECRET],
      ["--storage-options endpoint_url: Input should be a valid string"]),
 ])
 def test_transcribe_archive_refuses_before_the_flow(tmp_path, args, expected):
@@ -372,12 +373,11 @@ def labelled(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--source", "{tmp}/nowhere"], ["prepare-training-data cannot run: ",
-                                     "is not a labelled output: no Parquet shards under files/"]),
-    (["--destination", "{source}/segments/train"], ["destination must differ from the source"]),
-    (["--destination", "{built}"], ["already holds a build (manifest.json); pass --overwrite"]),
+    (["--input", "{tmp}/nowhere"], ["is not a labelled output: no Parquet shards under files/"]),
+    (["--output", "{source}/segments/train"], ["output must differ from the input"]),
+    (["--output", "{built}"], ["already holds a build (manifest.json); pass --overwrite"]),
     (["--filters", '{"min_confidence": {"bogus": 0.5}}'],
-     ["cannot run: min_confidence names ['bogus'], not closed-set tasks"]),
+     ["min_confidence names ['bogus'], not closed-set tasks"]),
     (["--filters", '{"min_duration_s": -1}'], ["--filters min_duration_s: ", "greater than"]),
     (["--filters", '{"drop_truncated": false, "bogus": 1}'], ["--filters bogus: Extra inputs"]),
     (["--filters", "[1]"], ["--filters must be a JSON object"]),
@@ -398,7 +398,7 @@ def test_prepare_training_data_refuses_before_the_flow(labelled, tmp_path, args,
         return places.get(head, head) + sep + rest
 
     given = {k: placed(v) for k, v in zip(args[::2], args[1::2])}
-    base = {"--source": labelled, "--destination": tmp_path / "ds"}
+    base = {"--input": labelled, "--output": tmp_path / "ds"}
     line = refused(kimi_label("prepare-training-data",
                               *[x for k, v in {**base, **given}.items() for x in (k, v)]),
                    *expected)
@@ -440,7 +440,7 @@ def test_transcribe_archive_command_writes_tables_and_subtitles(tmp_path):
         assert (out / "subtitles" / f"{name}.vtt").read_text().startswith("WEBVTT")
 
     # the transcripts carry no semantic tokens: no training data from them, said up front
-    refused(kimi_label("prepare-training-data", "--source", out, "--destination",
+    refused(kimi_label("prepare-training-data", "--input", out, "--output",
                        tmp_path / "ds"), "no semantic_tokens column", "--semantic-tokens")
 
 
@@ -467,7 +467,7 @@ def test_prepare_training_data_command_builds_shards_and_manifest(tmp_path):
     assert ok
 
     # 4 new tokens truncate every transcript: keep those rows, so that there is data
-    args = ["prepare-training-data", "--source", out, "--destination", ds,
+    args = ["prepare-training-data", "--input", out, "--output", ds,
             "--filters", '{"drop_truncated": false, "drop_looped": false}',
             "--rows-per-shard", "1", "--webdataset"]
     done = kimi_label(*args, env=flow_env(tmp_path))

@@ -27,12 +27,20 @@ from pipelines.errors import PipelineError
 COMMAND_MODULES = ("flows.console.jobs", "flows.console.data", "flows.console.stack")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that help written to a reader that went away is a BrokenPipeError
+    (`main` ends quietly with 141), not an error argparse swallows on its way to exit 0."""
+
+    def print_help(self, file=None) -> None:
+        (file or sys.stdout).write(self.format_help())
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     from kimi_ops.__main__ import add_commands
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kimi-label", description="Label audio with Kimi-Audio: Ray Data jobs run by "
                                        "Prefect flows. `kimi-label COMMAND --help`: its options.",
         epilog="exit status: 0 done, 1 the run failed, 2 usage error or refused before running")
@@ -53,7 +61,12 @@ def version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        try:
+            code = _main(list(sys.argv[1:] if argv is None else argv))
+        except SystemExit as exc:  # argparse's --help, --version and usage errors
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
     except BrokenPipeError:
         # the reader went away (`kimi-label stack status | head`): stop quietly, as a Unix
         # tool killed by SIGPIPE would, not with a traceback (and a second one at exit)
