@@ -313,10 +313,11 @@ def run_size(count: int, workdir: Path, model: Path = CHECKPOINT, timeout_s: flo
               else make_corpus(data / "in", count))
     spec = {"input": str(data / "in"), "output": str(data / "out"), "model": str(model),
             "tasks": ["asr"], "max_new_tokens": 4, "no_progress_timeout_s": 300,
-            "label": {"batch_size": 16, "num_cpus": 0.5},
-            "frontend": {"batch_size": 16, "num_cpus": 0.5},
-            "decode": {"batch_size": 16, "num_cpus": 0.5},
-            "write": {"batch_size": 64, "num_cpus": 0.25}, **(spec_overrides or {})}
+            "stages": {"label": {"batch_size": 16, "num_cpus": 0.5},
+                       "frontend": {"batch_size": 16, "num_cpus": 0.5},
+                       "decode": {"batch_size": 16, "num_cpus": 0.5},
+                       "write": {"batch_size": 64, "num_cpus": 0.25}},
+            **(spec_overrides or {})}
     ray_dir = tempfile.mkdtemp(prefix="kl-ray-", dir="/tmp")  # socket paths < 107 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
            "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}

@@ -194,7 +194,7 @@ def test_s3_stack_up_status_down(home, monkeypatch):
     # (AWS_ENDPOINT_URL) stays right. `kimi-label stack up` and `status` print the exports,
     # never the secret; `--s3-port` picks the port.
     def kimi_label_stack(*args):
-        done = subprocess.run([sys.executable, "-m", "flows.cli", "stack", *args,
+        done = subprocess.run([sys.executable, "-m", "flows.console", "stack", *args,
                                "--home", str(home)], cwd=ROOT, env=_clean_env(),
                               capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -214,7 +214,7 @@ def test_s3_stack_up_status_down(home, monkeypatch):
                 if port_free(p) and port_free(p + 10000))  # weed's gRPC: HTTP + 10000
     assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n" in kimi_label_stack(
         "up", "--s3-port", str(port))
-    moved = subprocess.run([sys.executable, "-m", "flows.cli", "stack", "up", "--s3-port",
+    moved = subprocess.run([sys.executable, "-m", "flows.console", "stack", "up", "--s3-port",
                             str(port + 1), "--home", str(home)], cwd=ROOT, env=_clean_env(),
                            capture_output=True, text=True, timeout=120, check=False)
     assert moved.returncode == 2 and moved.stderr == (  # one line, not a traceback
