@@ -40,7 +40,7 @@ run() {
       python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"
     } 2>&1 | tee "$out/device.txt"
     status=0
-    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 \
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kimi_ops/test_gpu.py 2>&1 \
         | tee "$out/gpu_tests.log" || status=1
     # shellcheck disable=SC2086
     timeout 330 python3 bench/gpu.py --out "$out" ${GPU_BENCH_ARGS:-} 2>&1 \

@@ -38,10 +38,11 @@ def engine():
     return KimiAudio(goldens.CHECKPOINT, device="cpu")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray for the module (loopback, short temp dir: Ray's unix socket paths must stay
-    under 107 bytes, which pytest's tmp paths exceed). Yields the temp dir (worker logs)."""
+    """A local Ray for the session (loopback, short temp dir: Ray's unix socket paths must stay
+    under 107 bytes, which pytest's tmp paths exceed), started when a test first asks for it.
+    Yields the temp dir (worker logs). A job run while it is up uses it instead of its own."""
     import os
     import shutil
     import tempfile
@@ -60,9 +61,10 @@ def ray_local():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def harness():
-    """Prefect's test harness (a temporary server and database) for the module."""
+    """Prefect's test harness (a temporary server and database) for the session, started when
+    a test first asks for it (each start costs about ten seconds)."""
     import os
 
     from prefect.testing.utilities import prefect_test_harness

@@ -30,7 +30,7 @@ from pipelines.storage import (
 )
 from tests import processes
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
-from tests.test_pipeline import encode, read_table, spec_for, tone, upload
+from tests.pipelines.test_job import encode, read_table, spec_for, tone, upload
 
 pytestmark = pytest.mark.slow
 LABEL_PROCTITLE = b"ray::MapWorker(MapBatches(SlowLabelStage))"

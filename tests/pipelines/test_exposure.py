@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from tests.processes import alive, identify
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 TCP_LISTEN, UDP_UNCONNECTED = "0A", "07"
 

@@ -34,7 +34,7 @@ from tests.processes import marked, stop
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = str(goldens.CHECKPOINT)
 INPUTS = ("a01_tone_0p5s_16k.wav", "a02_chirp_3s_16k.wav", "a06_speech_2p37s_16k.flac")
 FLOW_NAME = "label-corpus"

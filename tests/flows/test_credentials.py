@@ -18,7 +18,7 @@ import pytest
 from pipelines.storage import RetryPolicy, StorageError, check_output, open_input, resolve
 from tests import goldens
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
-from tests.test_pipeline import GOOD, upload
+from tests.pipelines.test_job import GOOD, upload
 
 pytestmark = pytest.mark.slow
 MODEL = str(goldens.CHECKPOINT)

@@ -19,7 +19,7 @@ import pytest
 from tests import goldens
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL, LARGE = 100, 1000
 FLAT = 1.10  # peak memory of the 10x corpus within 10 % of the small one
 INFLIGHT = 16 << 20  # the job's object-store budget for blocks in flight (JobSpec.inflight_bytes)

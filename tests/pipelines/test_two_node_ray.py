@@ -45,7 +45,7 @@ from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = str(goldens.CHECKPOINT)
 MARKER_ENV = "KIMI_LABEL_TWO_NODE_TEST"
 HOST = "127.0.0.1"

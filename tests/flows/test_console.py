@@ -367,7 +367,7 @@ def test_transcribe_archive_refuses_before_the_flow(tmp_path, args, expected):
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> str:
     """A hand-made labelled output with semantic tokens and emotion/scene columns."""
-    from tests.test_prepare_training_data import make_output
+    from tests.pipelines.test_training_data import make_output
 
     return make_output(tmp_path_factory.mktemp("labelled") / "out")
 

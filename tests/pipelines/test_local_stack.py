@@ -30,7 +30,7 @@ from pipelines.processes import ProcessIdentity, is_running, port_free
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 
 
