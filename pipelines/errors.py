@@ -43,6 +43,22 @@ class RunFailed(PipelineError):
     exit_code = 1
 
 
+class Interrupted(RunFailed):
+    """A run stopped by a signal (Ctrl-C, SIGTERM) where the signal came as an exception
+    through code that would otherwise report it as something else (Ray's handler, in place
+    while `ray.init` runs, exits with the signal's number). Exit code: 128 + the signal."""
+
+    kind = "interrupted"
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    def __reduce__(self):  # (pickled by Prefect and Ray with its signal, not its message)
+        return type(self), (self.signum,)
+
+
 class OutputBusy(JobError):
     """Another run holds the output's lease."""
 

@@ -22,7 +22,7 @@ import sys
 import threading
 from importlib import metadata
 
-from pipelines.errors import PipelineError
+from pipelines.errors import Interrupted, PipelineError
 
 COMMAND_MODULES = ("flows.console.jobs", "flows.console.data", "flows.console.stack")
 
@@ -88,8 +88,9 @@ def _main(argv: list[str]) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # signals live there
     previous = ({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
                 if main_thread else {})
+    code = 0
     try:
-        return _run(args)
+        code = _run(args)
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
             # Ray's driver handler, in place while `ray.init` runs (ours is put back after it:
@@ -97,10 +98,12 @@ def _main(argv: list[str]) -> int:
             interrupted.append(signal.SIGTERM)
         if not interrupted:
             raise
-        _end_interrupted(args.command, interrupted[0])
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if interrupted:  # also when a library on the way reported it as a crash and returned
+        _end_interrupted(args.command, interrupted[0])
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -112,6 +115,8 @@ def _run(args: argparse.Namespace) -> int:
         return run_model_command(args)
     try:
         return args.run(args)
+    except Interrupted as exc:
+        _end_interrupted(args.command, exc.signum)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -125,7 +130,7 @@ def _end_interrupted(command: str, signum: int):
           "rerun of a labelling run resumes where it was)", file=sys.stderr)
     # Ray's C++ core can crash in the interpreter's teardown after an interrupted `ray.init`
     # (SIGSEGV, SIGABRT): end here, the clean-up done (`finally`s ran; the temporary Prefect
-    # server stops on our death, `flows.running.start_temporary_server`)
+    # server stops on our death, `flows.console.running.start_temporary_server`)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signum)

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from flows.console.options import add_model_options, model_from_args
-from flows.running import check_prefect_api, prefect_defaults, run_flow_here
+from flows.console.running import check_prefect_api, prefect_defaults, run_flow_here
 
 
 def add_commands(commands) -> None:

@@ -13,7 +13,7 @@ import argparse
 import logging
 
 from flows.console.options import add_model_options, model_from_args
-from flows.running import check_prefect_api, prefect_defaults, run_flow_here
+from flows.console.running import check_prefect_api, prefect_defaults, run_flow_here
 from pipelines.errors import CredentialsError, JobError
 from pipelines.job import check_job, check_new_run_id, format_report
 from pipelines.spec import JobSpec, TranscribeArchiveSpec

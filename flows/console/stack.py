@@ -13,7 +13,7 @@ DEFAULT_HOME = Path(os.environ.get("KIMI_LABEL_HOME", "~/.kimi-label/stack")).ex
 
 
 def add_commands(commands) -> None:
-    from flows import demo
+    from flows.console import demo
 
     p = commands.add_parser("stack", help="up | down | status of the embedded local stack "
                                           "(SeaweedFS, Prefect server, Ray head) on 127.0.0.1")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
-from pipelines.errors import JobError
+from pipelines.errors import Interrupted, JobError
 
 
 def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
@@ -159,8 +160,11 @@ def init_ray(address: str | None, object_store_bytes: int,
                              num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir,
                              object_store_memory=object_store_bytes,
                              log_to_driver=False)
-    except BaseException:  # interrupted half way (Ctrl-C, SIGTERM): stop what it started
+    except BaseException as exc:  # interrupted half way (Ctrl-C, SIGTERM): stop what it started
         ray.shutdown()
+        if isinstance(exc, SystemExit) and exc.code in (signal.SIGTERM, signal.SIGINT):
+            # Ray's handler's exit: said as such (Prefect took a bare SystemExit for a crash)
+            raise Interrupted(exc.code) from None
         raise
     return True
 

@@ -27,6 +27,26 @@ def kimi_label(*args, env=None, module="flows.console"):
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.fixture
+def here(capfd, monkeypatch):
+    """`kimi-label ARGS` run in this process (the same console, without an interpreter's start
+    for each case): a result with `returncode`, `stdout` and `stderr`, as `kimi_label` gives."""
+    import types
+
+    from flows.console import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    def run(*args):
+        capfd.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
+
+
 def refused(proc, *expected: str) -> str:
     """The one-line reason of a refusal before any flow run, Ray or model."""
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -83,18 +103,18 @@ BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize("args, expected", BAD_OPTIONS)
-def test_run_names_the_bad_option(tmp_path, args, expected):
+def test_run_names_the_bad_option(here, tmp_path, args, expected):
     """A malformed option is refused in the command line process, naming the option, before
     the flow starts; a secret in --storage-options is never echoed."""
-    line = refused(kimi_label("run", "--input", goldens.INPUTS, "--output", tmp_path / "out",
+    line = refused(here("run", "--input", goldens.INPUTS, "--output", tmp_path / "out",
                               "--model", MODEL, *args), *expected)
     assert SECRET not in line
     assert not (tmp_path / "out").exists()
 
 
-def test_run_names_the_storage_option_behind_a_flow_parameter(tmp_path):
+def test_run_names_the_storage_option_behind_a_flow_parameter(here, tmp_path):
     """A field of --storage-options is named by its path in the option."""
-    line = refused(kimi_label("run", "--input", goldens.INPUTS, "--output", tmp_path / "out",
+    line = refused(here("run", "--input", goldens.INPUTS, "--output", tmp_path / "out",
                               "--model", MODEL, "--storage-options",
                               '{"key": "k", "secret": "%s", "endpoint_url": 5}' % SECRET),
                    "--storage-options endpoint_url: Input should be a valid string")
@@ -119,12 +139,12 @@ def test_run_names_the_storage_option_behind_a_flow_parameter(tmp_path):
     (["--device", "cuda:3" if torch.cuda.is_available() else "cuda"],
      ["no such device on this machine"]),
 ])
-def test_run_refuses_a_job_that_cannot_run_before_the_flow(tmp_path, args, expected):
+def test_run_refuses_a_job_that_cannot_run_before_the_flow(here, tmp_path, args, expected):
     """The job's own checks (checkpoint, tasks, input, output) run in the command line process:
     one line, exit 2, no flow run, no temporary Prefect server, no Ray."""
     given = dict(zip(args[::2], args[1::2]))
     base = {"--input": goldens.INPUTS, "--output": tmp_path / "out", "--model": MODEL}
-    refused(kimi_label("run", *[x for k, v in {**base, **given}.items() for x in (k, v)]),
+    refused(here("run", *[x for k, v in {**base, **given}.items() for x in (k, v)]),
             *expected)
     assert not (tmp_path / "out").exists()
 
@@ -352,12 +372,12 @@ def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
     (["--storage-options", '{"key": "k", "secret": "%s", "endpoint_url": 5}' % SECRET],
      ["--storage-options endpoint_url: Input should be a valid string"]),
 ])
-def test_transcribe_archive_refuses_before_the_flow(tmp_path, args, expected):
+def test_transcribe_archive_refuses_before_the_flow(here, tmp_path, args, expected):
     """The flow's parameters and the job's own checks, in the command line process: one line,
     exit 2, no flow run, no temporary Prefect server, no Ray; never the secret."""
     given = dict(zip(args[::2], args[1::2]))
     base = {"--input": goldens.INPUTS, "--output": tmp_path / "out", "--model": MODEL}
-    line = refused(kimi_label("transcribe-archive",
+    line = refused(here("transcribe-archive",
                               *[x for k, v in {**base, **given}.items() for x in (k, v)]),
                    *expected)
     assert SECRET not in line
@@ -386,7 +406,8 @@ def labelled(tmp_path_factory) -> str:
     (["--storage-options", '{"secret": "%s", "key": ' % SECRET],
      ["--storage-options is not valid JSON"]),
 ])
-def test_prepare_training_data_refuses_before_the_flow(labelled, tmp_path, args, expected):
+def test_prepare_training_data_refuses_before_the_flow(here, labelled, tmp_path, args,
+                                                       expected):
     """The flow's parameters, its source check and a destination holding a build, in the
     command line process: one line, exit 2, no flow run; never the secret."""
     (tmp_path / "built").mkdir()
@@ -399,7 +420,7 @@ def test_prepare_training_data_refuses_before_the_flow(labelled, tmp_path, args,
 
     given = {k: placed(v) for k, v in zip(args[::2], args[1::2])}
     base = {"--input": labelled, "--output": tmp_path / "ds"}
-    line = refused(kimi_label("prepare-training-data",
+    line = refused(here("prepare-training-data",
                               *[x for k, v in {**base, **given}.items() for x in (k, v)]),
                    *expected)
     assert SECRET not in line

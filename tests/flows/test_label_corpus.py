@@ -43,13 +43,13 @@ def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_
     again = label_corpus(params)  # a rerun (or a retried run) resumes: nothing left to do
     assert again["processed"] == 0 and again["planned"]["already_done"] == 3
 
-    from flows.demo import run_summary  # what `make demo` prints of each run
+    from flows.console.demo import run_summary  # what `make demo` prints of each run
 
     assert run_summary(report).startswith("3 new objects (0 already labelled) in ")
     assert run_summary(report).endswith(f"s; status {report['status']}")
     assert run_summary(again).startswith("0 new objects (3 already labelled) in ")
     assert "status" not in run_summary(again)
-    from flows.demo import error_cell  # the demo table's error column: the reason, not the URI
+    from flows.console.demo import error_cell  # the demo table's error column: the reason, not the URI
 
     row = {"source_uri": "s3://audio/in/broken.wav", "error": {
         "kind": "undecodable", "message": "s3://audio/in/broken.wav: cannot decode audio: bad"}}
@@ -74,14 +74,14 @@ def test_label_corpus_fails_with_the_reason_before_ray(harness, tmp_path):
 
 def test_a_failed_flow_ends_the_command_with_its_reason_and_a_bug_keeps_its_traceback(
         harness):
-    """`flows.running.run_flow_here`: the pipeline's own errors come out as they are (a refusal
+    """`flows.console.running.run_flow_here`: the pipeline's own errors come out as they are (a refusal
     keeps its exit code 2) and Prefect's log line of them carries no stack; any other exception
     is a run that failed (exit 1) and keeps its traceback."""
     import logging
 
     from prefect import flow
 
-    from flows.running import run_flow_here
+    from flows.console.running import run_flow_here
     from pipelines.errors import JobError, RunFailed
 
     @flow(name="fails-for-the-user")
