@@ -42,7 +42,8 @@ class StageResources(BaseModel):
     batch_size: int = Field(4, ge=1, description="rows per call")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per task or actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")
-    concurrency: int = Field(1, ge=1, description="actors (actor stages) or parallel tasks")
+    concurrency: int | None = Field(1, ge=1, description="actors (actor stages) or parallel "
+                                                         "tasks (none: as Ray schedules them)")
     # worker deaths survived: restarts of a dead actor and retries of the batch it held (actor
     # stages), or re-runs of a task whose worker died (task stages); Ray's own default for
     # actors is unbounded, which turns a batch that always kills its worker into a hang
@@ -79,6 +80,11 @@ class StageSettings(BaseModel):
         unknown = sorted(set(values) - set(STAGE_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown stages {unknown} (known: {', '.join(STAGE_DEFAULTS)})")
+        unbounded = [n for n in ("frontend", "label") if isinstance(values.get(n), dict)
+                     and "concurrency" in values[n] and values[n]["concurrency"] is None]
+        if unbounded:
+            raise ValueError(f"{unbounded[0]}: an actor stage needs a number of actors "
+                             "(concurrency)")
         merged = {}
         for name, given in values.items():
             if isinstance(given, dict):

@@ -1,9 +1,9 @@
-"""Load: 1,000 short files through the real pipeline (local Ray, 2 CPUs, tiny checkpoint), against
-a 100-file run. Every file is accounted exactly once; peak RSS must not grow with the corpus.
+"""Load: 600 short files through the real pipeline (local Ray, 2 CPUs, tiny checkpoint), against
+a 60-file run. Every file is accounted exactly once; peak RSS must not grow with the corpus.
 
-1,000 files take about 50-100 s here and 100 files about 15-25 s, the most `make test` can spend;
+600 files take about 40-60 s here and 60 files about 15-20 s, the most `make test` can spend;
 `bench/load.py --files 200 2000` runs the full-size comparison (same code, default budget).
-The 1,000 clips decode to about 42 MB, less than the default in-flight budget (128 MiB), which
+The 600 clips decode to about 25 MB, less than the default in-flight budget (128 MiB), which
 a queue would then never reach; the test gives the job a 16 MiB budget, which it does reach.
 """
 
@@ -18,9 +18,10 @@ import pytest
 
 from tests import goldens
 
-pytestmark = pytest.mark.slow
+# one worker runs both tests: they share the module's two runs, too costly to make twice
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("load")]
 ROOT = Path(__file__).resolve().parents[2]
-SMALL, LARGE = 100, 1000
+SMALL, LARGE = 60, 600
 FLAT = 1.10  # peak memory of the 10x corpus within 10 % of the small one
 INFLIGHT = 16 << 20  # the job's object-store budget for blocks in flight (JobSpec.inflight_bytes)
 
