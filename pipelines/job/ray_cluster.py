@@ -172,11 +172,16 @@ def init_ray(address: str | None, object_store_bytes: int,
 @contextlib.contextmanager
 def python_sigterm_kept():
     """Around `ray.init`: a SIGTERM handler this process set in Python (the command line's,
-    which ends a run in one line) is put back afterwards. Ray's driver installs its own, whose
-    C++ part aborted the process with a stack dump."""
-    import signal
+    which ends a run in one line) is put back afterwards; Ray's driver installs its own. And
+    the driver's core worker installs no C++ failure-signal handler: that one (absl's) also
+    takes SIGTERM, and a SIGTERM arriving while `ray.init` ran aborted the process with a
+    stack dump (SIGABRT) instead of ending the run in one line. The daemons keep theirs; the
+    driver's own crashes are still reported by Python (a fatal error and its traceback)."""
     import threading
 
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read by the core worker's start
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
     try:
@@ -184,7 +189,6 @@ def python_sigterm_kept():
     finally:
         if callable(before):
             signal.signal(signal.SIGTERM, before)
-
 
 
 def local_gpus() -> int:
