@@ -19,10 +19,10 @@ MODEL = str(goldens.CHECKPOINT)
 
 def kimi_label(*args, env=None, module="flows.console"):
     """`kimi-label ARGS`; a None in `env` unsets that variable."""
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-    env = {name: value for name, value in env.items() if value is not None}
-    env.pop("PREFECT_API_URL", None)
+    base = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "RAY_USAGE_STATS_ENABLED": "0"}
+    base.pop("PREFECT_API_URL", None)  # unless `env` names one: a temporary server
+    env = {name: value for name, value in {**base, **(env or {})}.items() if value is not None}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
 
@@ -428,14 +428,17 @@ def test_prepare_training_data_refuses_before_the_flow(here, labelled, tmp_path,
     assert (tmp_path / "built" / "manifest.json").read_text() == "{}"
 
 
-def flow_env(tmp_path) -> dict[str, str | None]:
-    """Ephemeral Prefect (its own home), as a user without a server gets; kimi-label turns the
-    temporary server's telemetry off itself."""
-    return {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": None}
+def server_env() -> dict[str, str]:
+    """The session's Prefect server (the harness's), as a user with a server has: each command
+    skips starting a temporary server of its own (the signal tests and
+    tests/flows/test_label_corpus.py take that path)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
 @pytest.mark.slow
-def test_transcribe_archive_command_writes_tables_and_subtitles(tmp_path):
+def test_transcribe_archive_command_writes_tables_and_subtitles(harness, tmp_path):
     """`kimi-label transcribe-archive` end to end: the flow on a local Ray and the tiny
     checkpoint; its summary names the run and the subtitles folder."""
     import shutil
@@ -446,7 +449,7 @@ def test_transcribe_archive_command_writes_tables_and_subtitles(tmp_path):
     shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs / "archive")
     done = kimi_label("transcribe-archive", "--input", inputs, "--output", f"{out}/",
                       "--model", MODEL, "--max-new-tokens", "4", "--language", "en",
-                      env=flow_env(tmp_path))
+                      env=server_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "telemetry" not in done.stderr
     lines = done.stdout.strip().splitlines()
@@ -466,7 +469,7 @@ def test_transcribe_archive_command_writes_tables_and_subtitles(tmp_path):
 
 
 @pytest.mark.slow
-def test_prepare_training_data_command_builds_shards_and_manifest(tmp_path):
+def test_prepare_training_data_command_builds_shards_and_manifest(harness, tmp_path):
     """`kimi-label prepare-training-data` end to end on a real labelled output made with
     --semantic-tokens, then refused in one line as a rerun
     into the same destination."""
@@ -481,7 +484,7 @@ def test_prepare_training_data_command_builds_shards_and_manifest(tmp_path):
     shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs)
     labelled_run = kimi_label("run", "--input", inputs, "--output", out, "--model", MODEL,
                               "--tasks", "asr,emotion", "--max-new-tokens", "4",
-                              "--semantic-tokens", env=flow_env(tmp_path))
+                              "--semantic-tokens", env=server_env())
     assert labelled_run.returncode == 0, labelled_run.stderr[-3000:]
     segments = pq.read_table(out / "segments").to_pylist()
     ok = [s for s in segments if s["status"] == "ok" and s["semantic_tokens"]]
@@ -491,7 +494,7 @@ def test_prepare_training_data_command_builds_shards_and_manifest(tmp_path):
     args = ["prepare-training-data", "--input", out, "--output", ds,
             "--filters", '{"drop_truncated": false, "drop_looped": false}',
             "--rows-per-shard", "1", "--webdataset"]
-    done = kimi_label(*args, env=flow_env(tmp_path))
+    done = kimi_label(*args, env=server_env())
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((ds / "manifest.json").read_text())
     counts = manifest["counts"]
