@@ -198,12 +198,15 @@ def cmd_label(args: argparse.Namespace) -> int:
 def cmd_make_tiny_checkpoint(args: argparse.Namespace) -> int:
     from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
 
+    target = args.output or args.out
+    if not target or (args.output and args.out and args.output != args.out):
+        raise KimiError("make-tiny-checkpoint: name one folder to write (OUT or --output)")
     try:
-        out = make_tiny_checkpoint(args.out, seed=args.seed, preset=args.preset,
+        out = make_tiny_checkpoint(target, seed=args.seed, preset=args.preset,
                                    num_shards=args.num_shards, overwrite=args.overwrite)
     except OSError as exc:  # not a folder, not writable, a real model's folder
         raise KimiError(str(exc) if isinstance(exc, FileExistsError)
-                        else f"{args.out}: cannot write the checkpoint ({exc.strerror or exc})"
+                        else f"{target}: cannot write the checkpoint ({exc.strerror or exc})"
                         ) from None
     print(out)
     return 0
@@ -282,8 +285,10 @@ def add_commands(sub, skip: tuple[str, ...] = ()) -> None:
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("make-tiny-checkpoint", help="random checkpoint in the official layout")
-    p.add_argument("out", help="folder to write (refused if it holds anything else than an "
-                                "earlier tiny checkpoint, unless --overwrite)")
+    p.add_argument("out", nargs="?", help="folder to write (refused if it holds anything else "
+                                           "than an earlier tiny checkpoint, unless --overwrite)")
+    p.add_argument("--output", default=None, help="the folder to write, as an option (as the "
+                                                  "pipeline's commands take their output)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--preset", choices=["tiny", "small"], default="tiny",
                    help="tiny: the shared parity checkpoint's sizes; small: ~33 M LM parameters")

@@ -195,7 +195,7 @@ class JobSpec(BaseModel):
     def _local_folder_absolute(cls, value: str | None) -> str | None:
         """A local folder given relative to here becomes absolute (the actors run elsewhere);
         a hub id (`owner/name`) stays as it is."""
-        if value and "://" not in value and os.path.isdir(os.path.expanduser(value)):
+        if value and uris.is_local(value) and os.path.isdir(uris.local_path(value)):
             return uris.local_path(value)
         return value
 

@@ -6,11 +6,11 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from pipelines.storage.errors import StorageError, translated
+from pipelines.storage.errors import StorageError, client_error, translated
 from pipelines.storage.filesystem import is_local_fs, is_s3_fs, resolve
 from pipelines.storage.listing import ObjectInfo, local_info, walk_generic, walk_local, walk_s3
 from pipelines.storage.retry import RetryPolicy, retrying
-from pipelines.storage.errors import client_error
+from pipelines.storage.uri import s3_uri
 
 PROBE_PREFIX = ".kimi-label-write-probe-"
 
@@ -65,7 +65,7 @@ def open_input(uri: str, storage=None,
         if is_s3_fs(fs):
             bucket, key = _checked_bucket(fs, path, uri, storage, retry)
             first = next(walk_s3(fs, path, None, uri, storage, retry), None)
-            if first is not None and first.uri == f"s3://{bucket}/{key}":
+            if first is not None and first.uri == s3_uri(bucket, key):
                 return InputInfo(first.uri, False, first)
         elif is_local_fs(fs):
             if os.path.isfile(path):

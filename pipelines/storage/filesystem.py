@@ -52,5 +52,6 @@ def uri_of(fs, path: str) -> str:
     if is_local_fs(fs):
         return path
     if is_s3_fs(fs):
-        return f"s3://{path}"
+        bucket, _, key = path.partition("/")
+        return uris.s3_uri(bucket, key)
     return fs.unstrip_protocol(path)

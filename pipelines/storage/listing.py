@@ -23,6 +23,7 @@ from typing import Any
 from pipelines.storage.errors import StorageError, translated
 from pipelines.storage.filesystem import is_local_fs, is_s3_fs, resolve, uri_of
 from pipelines.storage.retry import RetryPolicy, retrying
+from pipelines.storage.uri import s3_uri
 
 log = logging.getLogger("pipelines.storage")
 
@@ -74,7 +75,7 @@ def local_info(path: str, st: os.stat_result) -> ObjectInfo:
 def _s3_info(bucket: str, obj: Mapping[str, Any]) -> ObjectInfo:
     modified = obj.get("LastModified")
     return ObjectInfo(
-        uri=f"s3://{bucket}/{obj['Key']}",
+        uri=s3_uri(bucket, obj["Key"]),
         size=int(obj["Size"]) if obj.get("Size") is not None else None,
         etag=str(obj.get("ETag") or "").strip('"') or None,
         mtime=modified.timestamp() if modified is not None else None,

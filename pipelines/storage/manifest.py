@@ -106,28 +106,12 @@ def read_manifest(uri: str, storage=None,
                            "bad_manifest")
     handle = retrying(lambda: fs.open(path, "rb", compression=None if fmt == "parquet"
                                       else "infer"), uri, storage, "read manifest", retry)
-    column: str | None = None
     with handle:
         try:
+            column: str | None = None
             for number, row in _manifest_rows(fmt, handle, uri):
-                if column is None:
-                    column = next((c for c in MANIFEST_URI_COLUMNS if c in row), None)
-                    if column is None:
-                        raise StorageError(uri, f"no {'/'.join(MANIFEST_URI_COLUMNS)} column "
-                                                f"(columns: {sorted(row)})", "bad_manifest")
-                entry = row.get(column)
-                if not isinstance(entry, str) or not entry.strip():
-                    raise StorageError(uri, f"row {number}: empty or non-text {column!r}",
-                                       "bad_manifest")
-                size = row.get("size")
-                try:
-                    size = int(size) if size is not None else None
-                except (TypeError, ValueError):
-                    raise StorageError(uri, f"row {number}: size {size!r} is not an integer",
-                                       "bad_manifest") from None
-                etag = row.get("etag")
-                yield ObjectInfo(_entry_uri(entry, uri, number), size,
-                                 str(etag).strip('"') if etag not in (None, "") else None)
+                column = column or _uri_column(row, uri)
+                yield _entry(row, column, number, uri)
         except StorageError:
             raise
         except (UnicodeDecodeError, csv.Error, EOFError) as exc:
@@ -138,4 +122,28 @@ def read_manifest(uri: str, storage=None,
                 raise StorageError(uri, f"unreadable {fmt} manifest ({exc})",
                                    "bad_manifest") from None
             raise storage_error(exc, uri, storage, "read manifest") from None
+
+
+def _uri_column(row: Mapping[str, Any], uri: str) -> str:
+    column = next((c for c in MANIFEST_URI_COLUMNS if c in row), None)
+    if column is None:
+        raise StorageError(uri, f"no {'/'.join(MANIFEST_URI_COLUMNS)} column "
+                                f"(columns: {sorted(row)})", "bad_manifest")
+    return column
+
+
+def _entry(row: Mapping[str, Any], column: str, number: int, uri: str) -> ObjectInfo:
+    """Row `number` of manifest `uri` as the object it names."""
+    entry = row.get(column)
+    if not isinstance(entry, str) or not entry.strip():
+        raise StorageError(uri, f"row {number}: empty or non-text {column!r}", "bad_manifest")
+    size = row.get("size")
+    try:
+        size = int(size) if size is not None else None
+    except (TypeError, ValueError):
+        raise StorageError(uri, f"row {number}: size {size!r} is not an integer",
+                           "bad_manifest") from None
+    etag = row.get("etag")
+    return ObjectInfo(_entry_uri(entry, uri, number), size,
+                      str(etag).strip('"') if etag not in (None, "") else None)
 

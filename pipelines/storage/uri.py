@@ -92,7 +92,12 @@ def canonical_uri(uri: str, base: str | None = None) -> str:
     key = posixpath.normpath(key.lstrip("/")) if key.strip("/") else ""
     if not bucket or not key or key == ".." or key.startswith("../"):
         raise ValueError(f"{uri}: names no object (a bucket and a key below it are needed)")
-    return f"s3://{bucket}/{key}"
+    return s3_uri(bucket, key)
+
+
+def s3_uri(bucket: str, key: str = "") -> str:
+    """The URI of an S3 object (or, without a key, of a bucket) as listed: its key as stored."""
+    return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
 
 
 def folder_of(uri: str) -> str:

@@ -193,3 +193,17 @@ def test_bad_generation_options_are_one_line_and_exit_2(inputs_dir, args, messag
     proc = kimi("generate", "--model", goldens.CHECKPOINT, "--messages", messages,
                 "--max-new-tokens", 2, *args, check=False)
     assert proc.returncode == 2 and proc.stderr == message + "\n"
+
+
+def test_make_tiny_checkpoint_takes_its_folder_as_output_too(tmp_path, capsys):
+    """`--output DIR`, as the pipeline's commands take their output, or the positional OUT; one
+    folder, not two different ones, and not none."""
+    from kimi_ops.__main__ import main
+
+    assert main(["make-tiny-checkpoint", "--output", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "config.json").is_file()
+    assert main(["make-tiny-checkpoint", str(tmp_path / "b"), "--output",
+                 str(tmp_path / "c")]) == 2
+    assert main(["make-tiny-checkpoint"]) == 2
+    assert "name one folder to write (OUT or --output)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
