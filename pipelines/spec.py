@@ -22,7 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_valida
                       model_validator)
 from pydantic.fields import FieldInfo
 
-from pipelines.storage import RetryPolicy, StorageConfig, is_manifest
+from pipelines.storage import StorageOptions, StorageRetry, is_manifest
 from pipelines.storage import uri as uris
 
 log = logging.getLogger(__name__)
@@ -145,14 +145,8 @@ class JobSpec(BaseModel):
     extensions: Annotated[list[str] | None, AfterValidator(_some_extensions)] = Field(
         None, description="comma-separated extensions to label, e.g. wav,flac,aiff; none: "
                           "wav,flac,ogg,opus,mp3")
-    storage_options: StorageConfig = Field(
-        StorageConfig(), description='JSON: the store\'s endpoint_url, region, key, secret, '
-                                     'token, credentials_block (a Prefect Secret block), '
-                                     'client_kwargs or other s3fs options; credentials are '
-                                     'never stored (none: the AWS_* environment)')
-    storage_retry: RetryPolicy = Field(
-        RetryPolicy(), description="JSON: how long storage calls retry while the store is "
-                                   "unavailable (attempts, base_delay_s, max_delay_s, budget_s)")
+    storage_options: StorageOptions
+    storage_retry: StorageRetry
     ray_address: str | None = Field(
         None, description="join this Ray cluster: its GCS host:port, or auto; none: "
                           "$RAY_ADDRESS, else a Ray of the job's own on this machine")

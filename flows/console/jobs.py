@@ -42,22 +42,26 @@ def add_commands(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prefect_defaults()
-    params = model_from_args(JobSpec, args)
-    check_before_flow(params, "label-corpus")
-    from flows.label_corpus import label_corpus
-
-    print(format_report(run_flow_here(label_corpus, params, "label-corpus")))
-    return 0
+    return _job_through_flow(args, JobSpec, "label_corpus", format_report)
 
 
 def transcribe_archive(args: argparse.Namespace) -> int:
-    prefect_defaults()
-    params = model_from_args(TranscribeArchiveSpec, args)
-    check_before_flow(params, "transcribe-archive")
-    from flows.transcribe_archive import transcribe_archive as flow
+    return _job_through_flow(args, TranscribeArchiveSpec, "transcribe_archive",
+                             format_transcription)
 
-    print(format_transcription(run_flow_here(flow, params, "transcribe-archive")))
+
+def _job_through_flow(args: argparse.Namespace, model: type[JobSpec], flow_name: str,
+                      formatter) -> int:
+    """The job of `model` from the options, checked here, then run by the flow `flow_name`
+    (the function of that name in `flows.<flow_name>`); its report printed by `formatter`."""
+    import importlib
+
+    prefect_defaults()  # before Prefect is imported
+    params = model_from_args(model, args)
+    name = flow_name.replace("_", "-")
+    check_before_flow(params, name)
+    flow = getattr(importlib.import_module(f"flows.{flow_name}"), flow_name)
+    print(formatter(run_flow_here(flow, params, name)))
     return 0
 
 

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.storage import OutputLayout, StorageConfig
+from pipelines.storage import OutputLayout, StorageOptions
 
 REPORT_STAMP = "%Y%m%dT%H%M%SZ"  # the default report folder's name: the UTC time
 
@@ -36,11 +36,7 @@ class EvaluationSpec(BaseModel):
         None, description="where report.json and confusion.png go; none: "
                           "<input>/_evaluations/<UTC time>")
     bins: int = Field(10, ge=1, le=100, description="equal-width calibration bins")
-    storage_options: StorageConfig = Field(
-        StorageConfig(), description="JSON: the store's endpoint_url, region, key, secret, "
-                                     "token, client_kwargs or other s3fs options, for every "
-                                     "URI; credentials are never stored (none: the AWS_* "
-                                     "environment)")
+    storage_options: StorageOptions
 
     def report_folder(self, created: datetime) -> str:
         """Where this evaluation's report goes when it is created at `created` (UTC)."""

@@ -17,14 +17,14 @@ One module a job each:
 """
 
 from pipelines.storage.access import InputInfo, check_output, open_input
-from pipelines.storage.config import Credentials, StorageConfig
+from pipelines.storage.config import Credentials, StorageConfig, StorageOptions
 from pipelines.storage.errors import ObjectVanishedError, StorageError, storage_error
 from pipelines.storage.filesystem import is_local_fs, resolve, uri_of
 from pipelines.storage.layout import OutputLayout, shard_name
 from pipelines.storage.listing import AUDIO_EXTENSIONS, ObjectInfo, list_objects
 from pipelines.storage.manifest import is_manifest, read_manifest
 from pipelines.storage.reading import SPOOL_BYTES, fetch, fetched
-from pipelines.storage.retry import DEFAULT_RETRY, RetryPolicy, retrying
+from pipelines.storage.retry import DEFAULT_RETRY, RetryPolicy, StorageRetry, retrying
 from pipelines.storage.tables import (parquet_files, read_available, read_parquet, read_schema,
                                       read_table_dir, this_run, write_atomic,
                                       write_parquet_atomic)
@@ -33,7 +33,7 @@ from pipelines.storage.uri import canonical_uri, redact_uri
 __all__ = [
     "AUDIO_EXTENSIONS", "DEFAULT_RETRY", "SPOOL_BYTES", "Credentials", "InputInfo",
     "ObjectInfo", "ObjectVanishedError", "OutputLayout", "RetryPolicy", "StorageConfig",
-    "StorageError", "canonical_uri", "check_output", "fetch", "fetched", "is_local_fs",
+    "StorageError", "StorageOptions", "StorageRetry", "canonical_uri", "check_output", "fetch", "fetched", "is_local_fs",
     "is_manifest", "list_objects", "open_input", "parquet_files", "read_available",
     "read_manifest", "read_parquet", "read_schema", "read_table_dir", "redact_uri", "resolve", "retrying", "shard_name",
     "storage_error", "this_run", "uri_of", "write_atomic", "write_parquet_atomic",

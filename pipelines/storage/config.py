@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -225,3 +225,11 @@ def _masked(values: Mapping[str, Any]) -> dict[str, Any]:
         return redact_uri(value) if isinstance(value, str) else value
 
     return {name: shown(name, value) for name, value in values.items()}
+
+
+StorageOptions = Annotated[StorageConfig, Field(
+    default_factory=StorageConfig,
+    description="JSON: the store's endpoint_url, region, key, secret, token, credentials_block "
+                "(a Prefect Secret block), client_kwargs or other s3fs options; credentials are "
+                "never stored (none: the AWS_* environment)")]
+"""The `storage_options` field of every parameter model that reaches a store."""

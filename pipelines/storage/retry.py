@@ -12,7 +12,9 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, TypeVar
+
+from pydantic import Field
 
 from pipelines.storage.errors import StorageError, storage_error
 
@@ -82,3 +84,9 @@ def retrying(call: Callable[[], T], uri: str, storage=None, action: str = "acces
                     err.kind, err, attempt, policy.attempts, pause)
         time.sleep(pause)
 
+
+StorageRetry = Annotated[RetryPolicy, Field(
+    default_factory=RetryPolicy,
+    description="JSON: how long storage calls retry while the store is unavailable (attempts, "
+                "base_delay_s, max_delay_s, budget_s)")]
+"""The `storage_retry` field of a parameter model."""

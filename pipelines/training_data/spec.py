@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.storage import OutputLayout, StorageConfig
+from pipelines.storage import OutputLayout, StorageConfig, StorageOptions
 
 
 class TrainingFilters(BaseModel):
@@ -70,11 +70,7 @@ class TrainingDataSpec(BaseModel):
     webdataset: bool = Field(False, description="also WebDataset tars (<key>.json + "
                                                 "<key>.tokens.npy per segment)")
     overwrite: bool = Field(False, description="replace a build the output already holds")
-    storage_options: StorageConfig = Field(
-        StorageConfig(), description="JSON: the store's endpoint_url, region, key, secret, "
-                                     "token, credentials_block, client_kwargs or other s3fs "
-                                     "options, for the input and (unless output_storage_options) the output; credentials "
-                                     "are never stored (none: the AWS_* environment)")
+    storage_options: StorageOptions  # the input's, and the output's unless it has its own
     output_storage_options: StorageConfig | None = Field(
         None, description="JSON like storage_options, for the output when it is on another "
                           "store; none: storage_options")
