@@ -26,14 +26,13 @@ from pipelines.errors import ConfigError
 
 
 def _bare(annotation: Any) -> Any:
-    """The annotation without `None` and `Annotated` wrappers."""
-    while typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    """The annotation without its `Annotated` and `| None` wrappers, at any depth."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _bare(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
         kept = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = kept[0] if len(kept) == 1 else annotation
-    while typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
+        return _bare(kept[0]) if len(kept) == 1 else annotation
     return annotation
 
 
@@ -45,7 +44,7 @@ def option_kind(field: FieldInfo) -> str:
         return "flag"
     if origin is Literal:
         return "choice"
-    if origin is list and typing.get_args(annotation) in ((str,),):
+    if origin is list and typing.get_args(annotation) == (str,):
         return "list"
     if origin in (dict, list) or annotation is dict or (isinstance(annotation, type) and (
             issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation))):
