@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml infra/constraints-cpu.txt
 	$(PY) -m pip install --quiet -c infra/constraints-cpu.txt -e '.[dev]'
 	touch $(STAMP)
 
+# two workers (pytest-xdist): the suite waits on services and subprocesses as much as it computes
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 demo: $(STAMP)
 	$(PY) -m flows.console demo
