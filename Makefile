@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml infra/constraints-cpu.txt
 	$(PY) -m pip install --quiet -c infra/constraints-cpu.txt -e '.[dev]'
 	touch $(STAMP)
 
-# two workers (pytest-xdist): the suite waits on services and subprocesses as much as it computes
+# two workers (pytest-xdist), each taking the next test when it is free: the suite waits on
+# services and subprocesses as much as it computes
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 demo: $(STAMP)
 	$(PY) -m flows.console demo

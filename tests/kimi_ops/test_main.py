@@ -1,4 +1,6 @@
-"""The command-line contract, run as a user would: `python -m kimi_ops ...` in a subprocess."""
+"""The command-line contract of `python -m kimi_ops ...`: its `main`, in this process (the
+model loads in a second, not a new interpreter's four); `python -m kimi_ops` itself runs in a
+subprocess where that is the point (a closed pipe)."""
 
 import json
 import subprocess
@@ -12,8 +14,20 @@ GEN_CASES = list(goldens.load_json("generation.json"))
 
 
 def kimi(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "kimi_ops", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    """`python -m kimi_ops ARGS`: (returncode, stdout, stderr) of its `main` here."""
+    import contextlib
+    import io
+    import types
+
+    from kimi_ops.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+    proc = types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
     return proc

@@ -18,8 +18,7 @@ import pytest
 
 from tests import goldens
 
-# one worker runs both tests: they share the module's two runs, too costly to make twice
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("load")]
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SMALL, LARGE = 60, 600
 FLAT = 1.10  # peak memory of the 10x corpus within 10 % of the small one
@@ -33,20 +32,24 @@ def _bench():
     return module
 
 
-@pytest.fixture(scope="module")
-def runs():
+def test_every_file_once_and_peak_memory_flat_at_ten_times_the_files():
+    """Every file is accounted exactly once, and neither the driver's peak RSS nor the largest
+    Ray worker's (VmHWM: heap, libraries and the object store's shared pages it touched) grows
+    by more than 10 % at 10x the files. Two bounds make it so: work units of at most
+    `unit_rows` objects (whole 2,000-row plan shards as the unit doubled the front-end actor's
+    peak), and a fixed object-store budget for the blocks in flight (`inflight_bytes`). Without
+    the budget Ray Data let the decode stage run ahead by the whole corpus, and the shared pages
+    the front-end actor touched (RssShmem) grew with it: 4.5 -> 40 MB at 100 -> 1,000 files,
+    8.6 -> 78 MB at 200 -> 2,000. Now they stop below the budget (about 10 MB here)."""
     goldens.require()
     bench = _bench()
     workdir = Path(tempfile.mkdtemp(prefix="kl-load-", dir="/tmp"))
     try:
-        yield {n: bench.run_size(n, workdir, goldens.CHECKPOINT, timeout_s=400,
-                                 spec_overrides={"inflight_bytes": INFLIGHT})
-               for n in (SMALL, LARGE)}
+        runs = {n: bench.run_size(n, workdir, goldens.CHECKPOINT, timeout_s=400,
+                                  spec_overrides={"inflight_bytes": INFLIGHT})
+                for n in (SMALL, LARGE)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def test_every_file_accounted_once_and_driver_memory_flat(runs):
     for n, run in runs.items():
         assert run["all_accounted_once"], run
         assert run["rows"] == run["unique_rows"] == run["report_processed"] == n
@@ -55,17 +58,6 @@ def test_every_file_accounted_once_and_driver_memory_flat(runs):
     small, large = runs[SMALL], runs[LARGE]
     assert large["driver_rss_mb"] <= FLAT * small["driver_rss_mb"], (small, large)
     assert small["worker_processes"] > 0 and large["worker_max_rss_mb"] > 100
-
-
-def test_ray_worker_peak_memory_flat(runs):
-    """The largest Ray worker's peak RSS (VmHWM: heap, libraries and the object store's shared
-    pages it touched) stays within 10 % at 10x. Two bounds make it so: work units of at most
-    `unit_rows` objects (whole 2,000-row plan shards as the unit doubled the front-end actor's
-    peak), and a fixed object-store budget for the blocks in flight (`inflight_bytes`). Without
-    the budget Ray Data let the decode stage run ahead by the whole corpus, and the shared pages
-    the front-end actor touched (RssShmem) grew with it: 4.5 -> 40 MB at 100 -> 1,000 files,
-    8.6 -> 78 MB at 200 -> 2,000. Now they stop below the budget (about 10 MB here)."""
-    small, large = runs[SMALL], runs[LARGE]
     assert large["worker_max_rss_mb"] <= FLAT * small["worker_max_rss_mb"], (
         small["workers"], large["workers"])
     assert large["worker_max_shmem_mb"] <= INFLIGHT / 2**20, large["workers"]
