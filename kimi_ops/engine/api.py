@@ -28,6 +28,7 @@ from kimi_ops.model.checkpoint import resolve_checkpoint
 from kimi_ops.model.config import KimiAudioConfig
 from kimi_ops.model.modeling import KimiAudioForCausalLM
 from kimi_ops.model.text_tokenizer import TextTokenizer
+from kimi_ops.model.empty import uninitialised
 from kimi_ops.model.weights import load_state_dict
 
 
@@ -180,7 +181,7 @@ class KimiAudio:
                 f"{paths.tiktoken}: {self.tokenizer.num_base_tokens} ranks + specials give "
                 f"{self.tokenizer.vocab_size} text ids, config.json says kimia_token_offset="
                 f"{self.config.kimia_token_offset}")
-        with torch.device("meta"):
+        with uninitialised():
             model = KimiAudioForCausalLM(self.config)
         load_state_dict(model, paths.root, self.dtype, self.device)
         self.model = model.eval().requires_grad_(False)

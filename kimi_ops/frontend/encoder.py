@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_ops.errors import CheckpointError
+from kimi_ops.model.empty import uninitialised
 
 
 @dataclass(frozen=True)
@@ -238,9 +239,9 @@ _PREFIXES = ("", "model.encoder.", "encoder.")
 
 
 def load_encoder_weights(
-    module: AudioEncoder, model_dir: str, dtype: torch.dtype, device: str | torch.device
+    cfg: EncoderConfig, model_dir: str, dtype: torch.dtype, device: str | torch.device
 ) -> AudioEncoder:
-    """Fill `module` from `model_dir/model*.safetensors` (any of the prefixes '', 'model.encoder.',
+    """An `AudioEncoder` of `cfg` filled from `model_dir/model*.safetensors` (any of the prefixes '', 'model.encoder.',
     'encoder.'); every parameter must be present with the right shape. Extra tensors (decoder,
     EMA buffers, layers past the quantiser) are ignored."""
     from safetensors import safe_open
@@ -248,6 +249,8 @@ def load_encoder_weights(
     files = sorted(glob.glob(os.path.join(model_dir, "model*.safetensors")))
     if not files:
         raise CheckpointError(f"{os.path.join(model_dir, 'model.safetensors')}: file not found")
+    with uninitialised():
+        module = AudioEncoder(cfg)
     wanted = module.state_dict()
     found: dict[str, torch.Tensor] = {}
     for path in files:
@@ -277,6 +280,6 @@ def load_encoder_weights(
             f"{where}: missing tensor(s) {', '.join(missing[:5])}"
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         )
-    module.load_state_dict(found, strict=True)
+    module.load_state_dict(found, strict=True, assign=True)
     module.to(device=device, dtype=dtype)
     return module.eval().requires_grad_(False)

@@ -64,7 +64,7 @@ class GlmVqTokenizer:
             raise CheckpointError(f"{pre_path}: sampling_rate must be {SAMPLE_RATE}")
         if pre.get("feature_size", cfg.num_mel_bins) != cfg.num_mel_bins:
             raise CheckpointError(f"{pre_path}: feature_size != num_mel_bins of config.json")
-        encoder = load_encoder_weights(AudioEncoder(cfg), model_dir, dtype, device)
+        encoder = load_encoder_weights(cfg, model_dir, dtype, device)
         return cls(
             encoder,
             n_fft=pre.get("n_fft", 400),

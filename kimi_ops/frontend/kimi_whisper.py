@@ -49,7 +49,7 @@ class KimiWhisperEncoder:
         model_dir = os.fspath(model_dir)
         config_path = os.path.join(model_dir, "config.json")
         cfg = EncoderConfig.kimi_whisper(read_json(config_path), config_path)
-        encoder = load_encoder_weights(AudioEncoder(cfg), model_dir, dtype, device)
+        encoder = load_encoder_weights(cfg, model_dir, dtype, device)
         return cls(encoder, max_batch_pieces=max_batch_pieces)
 
     @property

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from kimi_ops.audio import CHUNK_SAMPLES, load_audio
 from kimi_ops.errors import CheckpointError
 from kimi_ops.frontend import AudioEncoding, AudioFrontend, GlmVqTokenizer, KimiWhisperEncoder
-from kimi_ops.frontend.encoder import AudioEncoder, load_encoder_weights
+from kimi_ops.frontend.encoder import load_encoder_weights
 from tests import goldens
 from tests.goldens import CHECKPOINT, INPUTS
 
@@ -185,7 +185,7 @@ def test_mini_batches_do_not_change_results(frontend, wavs, single):
 def test_multi_block_mask_batching(frontend, wavs):
     """Block size 8 frames (instead of 200) puts many block boundaries inside short clips."""
     small = dataclasses.replace(frontend.vq.encoder.cfg, block_size=8)
-    encoder = load_encoder_weights(AudioEncoder(small), str(GLM_DIR), torch.float32, "cpu")
+    encoder = load_encoder_weights(small, str(GLM_DIR), torch.float32, "cpu")
     group = [wavs[s] for s in STEMS]
     batched = GlmVqTokenizer(encoder, max_batch_pieces=16).tokenize(group)
     one_by_one = GlmVqTokenizer(encoder, max_batch_pieces=1)

@@ -211,3 +211,21 @@ def test_linear_and_mlp_agree_with_plain_products_at_every_row_count(tiny_model,
     expected = (torch.nn.functional.silu(gate) * up) @ mlp.down_proj.weight.T
     with torch.inference_mode():
         torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_uninitialised_builds_meta_modules_and_restores_torch_init():
+    """Inside: parameters on meta and torch.nn.init's functions skipped; after, even when the
+    block raises, the real functions are back and a module built outside is initialised."""
+    import pytest
+    from torch import nn
+
+    from kimi_ops.model.empty import uninitialised
+
+    real = nn.init.normal_
+    with pytest.raises(RuntimeError, match="boom"):
+        with uninitialised():
+            layer = nn.Linear(4, 3)
+            assert layer.weight.is_meta and nn.init.normal_ is not real
+            raise RuntimeError("boom")
+    assert nn.init.normal_ is real
+    assert not nn.Embedding(5, 2).weight.is_meta
