@@ -1,10 +1,10 @@
-"""Load: 600 short files through the real pipeline (local Ray, 2 CPUs, tiny checkpoint), against
-a 60-file run. Every file is accounted exactly once; peak RSS must not grow with the corpus.
+"""Load: 400 short files through the real pipeline (local Ray, 2 CPUs, tiny checkpoint), against
+a 40-file run. Every file is accounted exactly once; peak RSS must not grow with the corpus.
 
-600 files take about 40-60 s here and 60 files about 15-20 s, the most `make test` can spend;
+400 files take about 40-60 s here and 40 files about 15-20 s, the most `make test` can spend;
 `bench/load.py --files 200 2000` runs the full-size comparison (same code, default budget).
-The 600 clips decode to about 25 MB, less than the default in-flight budget (128 MiB), which
-a queue would then never reach; the test gives the job a 16 MiB budget, which it does reach.
+The 400 clips decode to about 17 MB, less than the default in-flight budget (128 MiB), which
+a queue would then never reach; the test gives the job an 8 MiB budget, which it does reach.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from tests import goldens
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-SMALL, LARGE = 60, 600
+SMALL, LARGE = 40, 400
 FLAT = 1.10  # peak memory of the 10x corpus within 10 % of the small one
-INFLIGHT = 16 << 20  # the job's object-store budget for blocks in flight (JobSpec.inflight_bytes)
+INFLIGHT = 8 << 20  # the job's object-store budget for blocks in flight (JobSpec.inflight_bytes)
 
 
 def _bench():
@@ -40,7 +40,7 @@ def test_every_file_once_and_peak_memory_flat_at_ten_times_the_files():
     peak), and a fixed object-store budget for the blocks in flight (`inflight_bytes`). Without
     the budget Ray Data let the decode stage run ahead by the whole corpus, and the shared pages
     the front-end actor touched (RssShmem) grew with it: 4.5 -> 40 MB at 100 -> 1,000 files,
-    8.6 -> 78 MB at 200 -> 2,000. Now they stop below the budget (about 10 MB here)."""
+    8.6 -> 78 MB at 200 -> 2,000. Now they stop below the budget (about 5 MB here)."""
     goldens.require()
     bench = _bench()
     workdir = Path(tempfile.mkdtemp(prefix="kl-load-", dir="/tmp"))
