@@ -9,8 +9,10 @@ over each row's whole (padded) spectrogram, then `(x + 4) / 4`.
 They differ only in where the filter bank comes from, so both are available:
   * "openai": the `mel_filters.npz` shipped with Kimi-Audio, i.e. `librosa.filters.mel` (float32
     weights, Slaney normalisation applied in float32); recomputed here with numpy;
-  * "hf": `transformers.audio_utils.mel_filter_bank(norm="slaney", mel_scale="slaney")` (float64,
-    cast to float32 at use), exactly what the HF feature extractor uses.
+  * "hf": what `transformers.audio_utils.mel_filter_bank(norm="slaney", mel_scale="slaney")`
+    gives the HF feature extractor (float64, cast to float32 at use); recomputed here with numpy,
+    so that a front-end does not import transformers (tests/kimi_ops/test_frontend.py holds the
+    two equal).
 """
 
 from __future__ import annotations
@@ -33,17 +35,7 @@ def mel_filters(
     if kind == "openai":
         weights = _librosa_style_mel(sampling_rate, n_fft, n_mels)
     elif kind == "hf":
-        from transformers.audio_utils import mel_filter_bank
-
-        weights = mel_filter_bank(
-            num_frequency_bins=1 + n_fft // 2,
-            num_mel_filters=n_mels,
-            min_frequency=0.0,
-            max_frequency=8000.0,
-            sampling_rate=sampling_rate,
-            norm="slaney",
-            mel_scale="slaney",
-        ).T
+        weights = _hf_style_mel(sampling_rate, n_fft, n_mels)
     else:
         raise ValueError(f"unknown mel filter kind {kind!r}")
     return torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
@@ -80,6 +72,21 @@ def _librosa_style_mel(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
         weights[i] = np.maximum(0.0, np.minimum(rising, falling))
     weights *= (2.0 / (hz_edges[2 : n_mels + 2] - hz_edges[:n_mels]))[:, None]
     return weights
+
+
+def _hf_style_mel(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """The same filters as transformers builds them: float64 throughout, frequency bins from
+    `linspace`, band edges up to sr // 2."""
+    fft_freqs = np.linspace(0, sr // 2, 1 + n_fft // 2)
+    mel_edges = np.linspace(_hz_to_mel(0.0), _hz_to_mel(float(sr // 2)), n_mels + 2)
+    hz_edges = _mel_to_hz(mel_edges)
+    widths = np.diff(hz_edges)
+    ramps = hz_edges[None, :] - fft_freqs[:, None]
+    rising = -ramps[:, :-2] / widths[:-1]
+    falling = ramps[:, 2:] / widths[1:]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= 2.0 / (hz_edges[2 : n_mels + 2] - hz_edges[:n_mels])
+    return weights.T
 
 
 _F_SP = 200.0 / 3  # Slaney: linear below 1 kHz (3 mels per 200 Hz), log above

@@ -286,3 +286,24 @@ def test_whisper_accepts_encoder_prefix(tmp_path, wavs, single):
     )
     (feats,) = KimiWhisperEncoder.from_pretrained(whisper).features([wavs["a01_tone_0p5s_16k"]])
     torch.testing.assert_close(feats, single["a01_tone_0p5s_16k"].features, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_hf_mel_filters_equal_transformers_without_importing_it(n_mels):
+    """The "hf" filter bank, rebuilt with numpy, equals transformers' float32 weights bit for
+    bit (the GLM tokenizer's features use them), and building it imports no transformers."""
+    import subprocess
+    import sys
+
+    from transformers.audio_utils import mel_filter_bank
+
+    from kimi_ops.frontend.mel import mel_filters
+
+    theirs = mel_filter_bank(num_frequency_bins=201, num_mel_filters=n_mels, min_frequency=0.0,
+                             max_frequency=8000.0, sampling_rate=16000, norm="slaney",
+                             mel_scale="slaney").T.astype(np.float32)
+    assert np.array_equal(mel_filters("hf", n_mels).numpy(), theirs)
+    probe = ("import sys; from kimi_ops.frontend.mel import mel_filters; mel_filters('hf'); "
+             "print('transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
