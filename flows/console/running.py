@@ -15,7 +15,10 @@ import os
 import signal
 from typing import Any
 
-from pipelines.errors import PipelineError, RunFailed
+from pipelines.errors import PipelineError, RunFailed, StackError
+
+SERVER_START_S = 120  # the longest a temporary Prefect server may take to answer, unless
+STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # says otherwise
 
 
 def prefect_defaults() -> None:
@@ -82,7 +85,8 @@ def start_temporary_server() -> None:
     import subprocess
 
     from prefect.server.api import server as prefect_server
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
@@ -104,7 +108,16 @@ def start_temporary_server() -> None:
             subprocess.Popen = popen
 
     temporary._run_uvicorn_command = launch_detached
-    temporary.start()
+    # Prefect's 20 s default is too short for a busy small machine (seen at 25-60 s on two
+    # loaded cores); the user's own setting wins
+    timeout = (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+               if STARTUP_SETTING in os.environ else SERVER_START_S)
+    try:
+        temporary.start(timeout=timeout)
+    except RuntimeError as exc:  # Prefect's "Timed out while attempting to connect"
+        raise StackError(f"the temporary Prefect server did not answer within {timeout} s "
+                         f"({STARTUP_SETTING}): start a server (`kimi-label stack up "
+                         "--prefect`) and set PREFECT_API_URL to it") from exc
 
 
 def parent_death_signal():

@@ -270,13 +270,20 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
         assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, args
 
 
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory):
+    """One PREFECT_HOME for the temporary servers of this module's signal tests: its database is
+    migrated once, as a user's ~/.prefect is, not at every start."""
+    return str(tmp_path_factory.mktemp("prefect"))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, prefect_home):
     """SIGINT while `kimi-label run` starts its temporary Prefect server: a line, not a
     traceback, the shell's 130, and the server stopped with it."""
     import signal
 
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": str(tmp_path / "prefect")}
+           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": prefect_home}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.console", "run", "--input", str(goldens.INPUTS),
@@ -301,7 +308,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     ("SIGKILL", False),  # the OOM killer
 ])
 def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
-        tmp_path, signum, whole_group):
+        tmp_path, prefect_home, signum, whole_group):
     """Signalled while its Ray job runs, `kimi-label run` exits within seconds, with one line
     and 128 + the signal where it can; the temporary Prefect server it started stops too (it
     runs in its own session, so Ctrl-C does not take it down under the run reporting its
@@ -319,7 +326,7 @@ def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
     for i in range(24):  # enough work to be mid-job when the signal comes
         sf.write(inputs / f"c{i:02d}.wav", np.zeros(16000 * 6, np.float32) + 0.01, 16000)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": str(tmp_path / "prefect")}
+           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": prefect_home}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.console", "run", "--input", str(inputs),
@@ -531,6 +538,37 @@ def test_the_printed_summary_counts_retried_errors_and_keeps_paths_clean():
     assert format_transcription(report).splitlines()[-1] == (
         "subtitles: 6 files (.srt, .vtt) for 1 recordings of this run (4 segments) and 2 of "
         "earlier runs whose files were missing or stale in s3://audio/labels/sub")
+
+
+def test_a_temporary_server_too_slow_to_start_is_one_line_and_goes_away(tmp_path):
+    """A temporary Prefect server that does not answer in time (here: a 1 s limit the user set)
+    ends the command with one line and exit 2, and the server does not outlive it."""
+    import re
+    import socket
+    import time
+
+    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1",
+           "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "flows.console", "run", "--input", goldens.INPUTS,
+                           "--output", tmp_path / "out", "--model", MODEL], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: the temporary Prefect server did not answer within 1 s (PREFECT_SERVER_"
+        "EPHEMERAL_STARTUP_TIMEOUT_SECONDS): start a server (`kimi-label stack up --prefect`) "
+        "and set PREFECT_API_URL to it"]
+    port = int(re.search(r"temporary server on http://127.0.0.1:(\d+)", proc.stderr)[1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the temporary server still answers on {port}")
+    assert not list((tmp_path / "out").rglob("*"))  # the pre-flight's folder, empty
 
 
 def test_a_prefect_api_that_does_not_answer_is_one_line(tmp_path):
