@@ -272,18 +272,18 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
 
 @pytest.fixture(scope="module")
 def prefect_home(tmp_path_factory):
-    """One PREFECT_HOME for the temporary servers of this module's signal tests: its database is
-    migrated once, as a user's ~/.prefect is, not at every start."""
+    """One PREFECT_HOME for the temporary servers of the signal tests (signalled once up): its
+    database is migrated once, as a user's ~/.prefect is, not at every start."""
     return str(tmp_path_factory.mktemp("prefect"))
 
 
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path, prefect_home):
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     """SIGINT while `kimi-label run` starts its temporary Prefect server: a line, not a
     traceback, the shell's 130, and the server stopped with it."""
     import signal
 
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": prefect_home}
+           "RAY_USAGE_STATS_ENABLED": "0", "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.console", "run", "--input", str(goldens.INPUTS),
