@@ -27,6 +27,7 @@ from pipelines.training_data import (
     TrainingDataSpec,
     build_training_data,
     check_training_data,
+    shard_counts,
 )
 
 
@@ -68,8 +69,7 @@ def publish(manifest: dict[str, Any]) -> None:
         f"- source: `{manifest['source']}` (runs: {', '.join(manifest['source_runs']) or '-'})\n"
         f"- kept {counts['kept']} of {counts['input_segments']} segments: "
         f"train {splits['train']['rows']}, validation {splits['validation']['rows']}\n"
-        f"- shards: {len(manifest['shards'])} "
-        f"({'Parquet + WebDataset' if manifest['webdataset'] else 'Parquet'})\n"))
+        f"- shards: {shard_counts(manifest)}\n"))
 
 
 @flow(name="prepare-training-data", log_prints=True)

@@ -5,9 +5,10 @@
 
 Each field `name` becomes `--name` (underscores as dashes) with the field's description and
 default as its help. How a value is read follows the field's type: a flag for a bool, one of
-the choices for a Literal, comma-separated for a list of strings, JSON for a nested model, a
-dataclass or a dict, and the text as given otherwise (pydantic converts numbers). Unset options
-are left out, so the model's own defaults apply: the defaults live in one place.
+the choices for a Literal, comma-separated for a list of strings (or of a Literal's strings),
+JSON for a nested model, a dataclass or a dict, and the text as given otherwise (pydantic
+converts numbers). Unset options are left out, so the model's own defaults apply: the defaults
+live in one place.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def _bare(annotation: Any) -> Any:
     return annotation
 
 
+def _is_name(annotation: Any) -> bool:
+    """A string, or one of a Literal's strings."""
+    return annotation is str or (typing.get_origin(annotation) is Literal and all(
+        isinstance(a, str) for a in typing.get_args(annotation)))
+
+
 def option_kind(field: FieldInfo) -> str:
     """How the option of `field` reads its value: flag, choice, list, json or text."""
     annotation = _bare(field.annotation)
@@ -44,7 +51,7 @@ def option_kind(field: FieldInfo) -> str:
         return "flag"
     if origin is Literal:
         return "choice"
-    if origin is list and typing.get_args(annotation) == (str,):
+    if origin is list and _is_name(typing.get_args(annotation)[0]):
         return "list"
     if origin in (dict, list) or annotation is dict or (isinstance(annotation, type) and (
             issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation))):

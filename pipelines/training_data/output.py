@@ -1,13 +1,20 @@
 """A build's output folder: the only code that spells its layout, and what a build clears.
 
-    train/part-00000.parquet ...        validation/part-00000.parquet ...
-    webdataset/train-000000.tar ...     webdataset/validation-000000.tar ...  (webdataset=True)
+    train/part-00000.parquet ...        validation/part-00000.parquet ...   (always)
+    webdataset/train-000000.tar ...     webdataset/validation-000000.tar ...  (webdataset)
+    hf/train/part-00000.parquet ...     hf/validation/part-00000.parquet ...  (hf)
+    lhotse/recordings_train.jsonl.gz    lhotse/supervisions_train.jsonl.gz    (lhotse; and
+    lhotse/audio/train-000000/<key>.flac ...                                   _validation)
     manifest.json                       written last: its presence marks a complete build
     _staging/                           objects being written (`pipelines.storage.write_atomic`)
 
+Shard number n of a split holds the same rows in every format (the lhotse audio of Parquet
+shard n is under `lhotse/audio/<split>-<n>/`). The lhotse manifests' names are the ones lhotse's
+`read_manifests_if_cached(["train", "validation"], output_dir=<output>/lhotse)` looks for.
+
 A build into an output without a manifest (an interrupted earlier attempt) first removes that
 attempt's shards; an output with a manifest needs `overwrite`. Anything else in train/,
-validation/ or webdataset/ is not ours and stops the build.
+validation/, webdataset/, hf/ or lhotse/ is not ours and stops the build.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ from pipelines.storage import OutputLayout, redact_uri
 from pipelines.training_data.errors import TrainingDataError
 
 MANIFEST = "manifest.json"
-SHARD_DIRS = ("train", "validation", "webdataset")
+SHARD_DIRS = ("train", "validation", "webdataset", "hf", "lhotse")
 TOKENS_MEMBER = "tokens.npy"  # a WebDataset sample's tokens: `<key>.tokens.npy`
-_SHARD_NAME = re.compile(r"^(train|validation)/part-\d{5}\.parquet$"
-                         r"|^webdataset/(train|validation)-\d{6}\.tar$")
+_SPLIT = "(train|validation)"
+_SHARD_NAME = re.compile(rf"^(hf/)?{_SPLIT}/part-\d{{5}}\.parquet$"
+                         rf"|^webdataset/{_SPLIT}-\d{{6}}\.tar$"
+                         rf"|^lhotse/(recordings|supervisions)_{_SPLIT}\.jsonl\.gz$"
+                         rf"|^lhotse/audio/{_SPLIT}-\d{{6}}/[0-9a-f]{{24}}-\d{{6}}\.flac$")
 
 
 def parquet_shard(split: str, number: int) -> str:
@@ -32,6 +42,21 @@ def parquet_shard(split: str, number: int) -> str:
 def webdataset_shard(split: str, number: int) -> str:
     """The WebDataset tar holding the rows of Parquet shard `number` of `split`."""
     return f"webdataset/{split}-{number:06d}.tar"
+
+
+def hf_shard(split: str, number: int) -> str:
+    """The HF dataset's Parquet shard holding the rows of Parquet shard `number` of `split`."""
+    return f"hf/{parquet_shard(split, number)}"
+
+
+def lhotse_manifest(kind: str, split: str) -> str:
+    """A split's lhotse manifest; `kind`: recordings or supervisions."""
+    return f"lhotse/{kind}_{split}.jsonl.gz"
+
+
+def lhotse_audio_dir(split: str, number: int) -> str:
+    """The folder of the segments' FLAC files of Parquet shard `number` of `split`."""
+    return f"lhotse/audio/{split}-{number:06d}"
 
 
 def manifest_uri(output: str) -> str:
@@ -79,7 +104,7 @@ def prepare_output(fs, root: str, output: str, overwrite: bool) -> None:
                                 "output")
     if holds_build(fs, root):
         fs.rm(f"{root}/{MANIFEST}")  # first: shards without a manifest are an unfinished build
-    for path in ours:
-        fs.rm(path)
+    if ours:
+        fs.rm(ours)  # one call: a store deletes them in batches
     remove_staging(fs, root)
     fs.makedirs(root, exist_ok=True)

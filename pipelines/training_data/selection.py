@@ -8,11 +8,15 @@ dropped row is counted under the first rule it fails (`DROP_REASONS` order).
 Split: by source file. A file goes to validation when the first 64 bits of
 sha256(split_salt + NUL + source_uri), as a fraction of 2**64, fall below `validation_fraction`:
 the same input always gives the same split, and no file has segments in both splits.
+
+A row's `language` is the language its run asked the asr task for (`--language`, in the
+segments' `generation` settings); null for auto, and without asr.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +26,13 @@ import pyarrow.compute as pc
 
 from pipelines.training_data.spec import TrainingFilters
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the language column; the webdataset, lhotse and hf formats
 SPLITS = ("train", "validation")
 # the order in which rules are checked; a dropped row counts under the first it fails
 DROP_REASONS = ("not_in_files", "duplicate", "error", "silent", "no_semantic_tokens",
                 "truncated", "looped", "too_short", "too_long", "empty_transcript")
-# + "low_confidence:<task>" per task of `min_confidence`, last
+# + "low_confidence:<task>" per task of `min_confidence`, last; then, with an export holding
+# audio, "source_changed" (`pipelines.training_data.build`)
 SPLIT_RULE = ("validation iff int(sha256(salt + '\\0' + source_uri)[:8 bytes]) "
               "< validation_fraction * 2**64")
 
@@ -54,7 +59,8 @@ def output_schema(tasks: list[str]) -> pa.Schema:
               pa.field("duration_s", pa.float64(), nullable=False),
               pa.field("num_tokens", pa.int32(), nullable=False),
               pa.field("semantic_tokens", pa.list_(pa.int32()), nullable=False),
-              pa.field("transcript", pa.string())]
+              pa.field("transcript", pa.string()),
+              pa.field("language", pa.string())]
     for name in tasks:
         fields += [pa.field(name, pa.string()), pa.field(f"{name}_confidence", pa.float32())]
     fields += [pa.field("model_id", pa.string()), pa.field("run_id", pa.string())]
@@ -75,6 +81,15 @@ def _top_probability(table: pa.Table, task: str) -> pa.Array:
         return pa.nulls(table.num_rows, pa.float32())
     return pa.array([max(v for _, v in m) if m else None for m in table[name].to_pylist()],
                     pa.float32())
+
+
+def _language(table: pa.Table) -> pa.Array:
+    """The asr language of each row's run, from its `generation` JSON (null for auto)."""
+    settings = _column(table, "generation", pa.string()).to_pylist()
+    parsed = {text: json.loads(text).get("language") if text else None
+              for text in set(settings)}
+    return pa.array([None if parsed[s] == "auto" else parsed[s] for s in settings],
+                    pa.string())
 
 
 @dataclass
@@ -181,6 +196,7 @@ class Selector:
             "num_tokens": pc.list_value_length(d.tokens).filter(keep).cast(pa.int32()),
             "semantic_tokens": d.tokens.filter(keep),
             "transcript": d.transcript.filter(keep),
+            "language": _language(table).filter(keep),
         }
         for t in self.tasks:
             columns[t] = _column(table, t, pa.string()).filter(keep)

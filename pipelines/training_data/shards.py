@@ -2,8 +2,9 @@
 
 Rows go out in input order, at most `rows_per_shard` per shard. The tars hold the same rows as
 the Parquet shard of the same number: per sample `<key>.json` (every column but the tokens) and
-`<key>.tokens.npy` (int32, numpy format), adjacent as WebDataset wants. Every object is
-serialised first, so the sha256 in the manifest is that of exactly what was uploaded, then
+`<key>.tokens.npy` (int32, numpy format), adjacent as WebDataset wants; so do the exports with
+audio (`pipelines.training_data.exports`), which get each shard once it is written. Every object
+is serialised first, so the sha256 in the manifest is that of exactly what was uploaded, then
 staged and moved into place (`pipelines.storage.write_atomic`).
 """
 
@@ -14,7 +15,7 @@ import io
 import json
 import tarfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +24,9 @@ import pyarrow.parquet as pq
 from pipelines.storage import write_atomic
 from pipelines.training_data.output import TOKENS_MEMBER, parquet_shard, webdataset_shard
 from pipelines.training_data.selection import SPLITS
+
+if TYPE_CHECKING:
+    from pipelines.training_data.exports import AudioExports
 
 TAR_MTIME = 0  # fixed member metadata: the same rows always give the same tar bytes
 
@@ -64,11 +68,14 @@ def put_bytes(fs, root: str, relative: str, data: bytes) -> None:
 
 class ShardWriter:
     """Buffers kept rows per split and writes `rows_per_shard`-row shards as they fill; keeps
-    each written shard's manifest entry (`shards`) and each split's totals (`stats`)."""
+    each written shard's manifest entry (`shards`) and each split's totals (`stats`). Each
+    Parquet shard also goes to WebDataset with `webdataset`, and to `exports` when given."""
 
-    def __init__(self, fs, root: str, rows_per_shard: int, webdataset: bool):
+    def __init__(self, fs, root: str, rows_per_shard: int, webdataset: bool,
+                 exports: AudioExports | None = None):
         self.fs, self.root = fs, root
         self.rows_per_shard, self.webdataset = rows_per_shard, webdataset
+        self.exports = exports
         self.buffers: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
         self.buffered = dict.fromkeys(SPLITS, 0)
         self.shards: list[dict[str, Any]] = []
@@ -88,6 +95,8 @@ class ShardWriter:
         for split in SPLITS:
             if self.buffered[split]:
                 self._flush(split, self.buffered[split])
+        if self.exports is not None:
+            self.shards += self.exports.close()
 
     def _take(self, split: str, rows: int) -> pa.Table:
         """The first `rows` buffered rows of `split`; the rest stay buffered."""
@@ -111,6 +120,8 @@ class ShardWriter:
             self.shards.append({"path": relative, "split": split, "format": fmt,
                                 "rows": shard.num_rows, "bytes": len(data),
                                 "sha256": hashlib.sha256(data).hexdigest()})
+        if self.exports is not None:
+            self.shards += self.exports.write(split, number, shard)
         self._count(split, shard)
 
     def _count(self, split: str, shard: pa.Table) -> None:

@@ -18,7 +18,7 @@ from pipelines.training_data.spec import TrainingDataSpec
 # what the build reads of each segments row, besides each closed-set task's label and scores
 SEGMENT_COLUMNS = ("source_uri", "segment_index", "start_s", "end_s", "status", "etag",
                    "model_id", "run_id", "semantic_tokens", "transcript",
-                   "transcript_truncated", "transcript_looped")
+                   "transcript_truncated", "transcript_looped", "generation")
 FILE_COLUMNS = ["source_uri", "status", "etag"]
 
 

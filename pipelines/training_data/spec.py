@@ -4,18 +4,26 @@ declared once, with its description.
     spec = TrainingDataSpec(input="s3://audio/labels", output="s3://audio/train-v1",
                             filters=TrainingFilters(min_duration_s=1.0,
                                                     min_confidence={"emotion": 0.5}),
-                            validation_fraction=0.05, webdataset=True)
+                            validation_fraction=0.05, formats=["webdataset", "hf"])
 
-`input` is what is read (a labelled output), `output` where the shards are written. The
+`input` is what is read (a labelled output), `output` where the shards are written; the
+Parquet shards are always written, `formats` names the exports written besides them. The
 console's options and the `prepare-training-data` flow's parameters are these fields; the
 storage configurations' credentials are never part of a dump, so Prefect never stores them.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.storage import OutputLayout, StorageConfig, StorageOptions
+
+
+ExportFormat = Literal["webdataset", "lhotse", "hf"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+AUDIO_FORMATS = frozenset({"lhotse", "hf"})  # the exports that hold each segment's audio
 
 
 class TrainingFilters(BaseModel):
@@ -54,8 +62,8 @@ class TrainingDataSpec(BaseModel):
 
     input: str = Field(description="a labelled output made with --semantic-tokens: the URI "
                                    "holding files/ and segments/")
-    output: str = Field(description="where train/, validation/, webdataset/ and manifest.json "
-                                    "go")
+    output: str = Field(description="where train/, validation/, the exports (webdataset/, "
+                                    "lhotse/, hf/) and manifest.json go")
     filters: TrainingFilters = Field(
         default_factory=TrainingFilters,
         description='JSON, e.g. {"min_duration_s": 1.0, "min_confidence": {"emotion": 0.5}, '
@@ -67,13 +75,29 @@ class TrainingDataSpec(BaseModel):
     split_salt: str = Field("", description="another salt gives another (still deterministic) "
                                             "split")
     rows_per_shard: int = Field(10_000, ge=1, description="segments per shard at most")
-    webdataset: bool = Field(False, description="also WebDataset tars (<key>.json + "
-                                                "<key>.tokens.npy per segment)")
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: list(EXPORT_FORMATS),
+        description="exports besides the Parquet shards: webdataset (tars of <key>.json + "
+                    "<key>.tokens.npy), lhotse (recordings/supervisions manifests + a 16 kHz "
+                    "FLAC per segment), hf (Parquet with an Audio column, for HF datasets); "
+                    "lhotse and hf read the source audio again; empty: Parquet shards only")
     overwrite: bool = Field(False, description="replace a build the output already holds")
     storage_options: StorageOptions  # the input's, and the output's unless it has its own
     output_storage_options: StorageConfig | None = Field(
         None, description="JSON like storage_options, for the output when it is on another "
                           "store; none: storage_options")
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _known_formats(cls, formats):
+        """One line naming an unknown format; each format once, in the given order."""
+        if not isinstance(formats, (list, tuple)):
+            return formats
+        unknown = [f for f in formats if f not in EXPORT_FORMATS]
+        if unknown:
+            raise ValueError(f"unknown format {unknown[0]!r}; the formats are "
+                             f"{', '.join(EXPORT_FORMATS)}")
+        return list(dict.fromkeys(formats))
 
     @model_validator(mode="after")
     def _distinct(self) -> TrainingDataSpec:

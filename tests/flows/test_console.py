@@ -410,6 +410,8 @@ def labelled(tmp_path_factory) -> str:
     (["--filters", "[1]"], ["--filters must be a JSON object"]),
     (["--validation-fraction", "1.5"], ["--validation-fraction: ", "less than or equal to 1"]),
     (["--rows-per-shard", "0"], ["--rows-per-shard: ", "greater than or equal to 1"]),
+    (["--formats", "hf,tar"], ["--formats: unknown format 'tar'; the formats are webdataset, "
+                               "lhotse, hf"]),
     (["--storage-options", '{"secret": "%s", "key": ' % SECRET],
      ["--storage-options is not valid JSON"]),
 ])
@@ -478,20 +480,25 @@ def test_transcribe_archive_command_writes_tables_and_subtitles(harness, tmp_pat
 @pytest.mark.slow
 def test_prepare_training_data_command_builds_shards_and_manifest(harness, tmp_path):
     """`kimi-label prepare-training-data` end to end on a real labelled output made with
-    --semantic-tokens, then refused in one line as a rerun
+    --semantic-tokens, in every format (the default), then refused in one line as a rerun
     into the same destination."""
+    import gzip
     import json
     import shutil
+    from collections import Counter
 
     import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from pipelines.training_data import shard_counts
 
     inputs, out, ds = tmp_path / "in", tmp_path / "out", tmp_path / "ds"
     inputs.mkdir()
     shutil.copy(goldens.INPUTS / "a02_chirp_3s_16k.wav", inputs)
     shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs)
     labelled_run = kimi_label("run", "--input", inputs, "--output", out, "--model", MODEL,
-                              "--tasks", "asr,emotion", "--max-new-tokens", "4",
-                              "--semantic-tokens", env=server_env())
+                              "--tasks", "asr,emotion", "--language", "en",
+                              "--max-new-tokens", "4", "--semantic-tokens", env=server_env())
     assert labelled_run.returncode == 0, labelled_run.stderr[-3000:]
     segments = pq.read_table(out / "segments").to_pylist()
     ok = [s for s in segments if s["status"] == "ok" and s["semantic_tokens"]]
@@ -500,19 +507,36 @@ def test_prepare_training_data_command_builds_shards_and_manifest(harness, tmp_p
     # 4 new tokens truncate every transcript: keep those rows, so that there is data
     args = ["prepare-training-data", "--input", out, "--output", ds,
             "--filters", '{"drop_truncated": false, "drop_looped": false}',
-            "--rows-per-shard", "1", "--webdataset"]
+            "--rows-per-shard", "1"]
     done = kimi_label(*args, env=server_env())
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((ds / "manifest.json").read_text())
     counts = manifest["counts"]
     assert counts["input_segments"] == len(segments) and counts["kept"] == len(ok)
+    assert "source_changed" not in counts["dropped"]  # the listing's etags, read again
     assert manifest["tasks"] == ["emotion"]
-    assert len(manifest["shards"]) == 2 * len(ok)  # a Parquet shard and a tar per row
+    splits = [s for s, st in counts["splits"].items() if st["rows"]]
+    assert Counter(s["format"] for s in manifest["shards"]) == {  # a shard of each per row
+        "parquet": len(ok), "webdataset": len(ok), "hf": len(ok), "lhotse-audio": len(ok),
+        "lhotse": 2 * len(splits)}
     for shard in manifest["shards"]:
-        assert (ds / shard["path"]).is_file()
+        assert (ds / shard["path"]).exists()
+    by_place = {(s["source_uri"], s["segment_index"]): s for s in ok}
+    for split in splits:
+        for line in gzip.decompress((ds / "lhotse" / f"supervisions_{split}.jsonl.gz")
+                                    .read_bytes()).splitlines():
+            sup = json.loads(line)
+            segment = by_place.pop((sup["custom"]["source_uri"], sup["custom"]["segment_index"]))
+            assert (sup["text"], sup["language"], sup["custom"]["emotion"]) \
+                == (segment["transcript"], "en", segment["emotion"])
+            assert sup["custom"]["semantic_tokens"] == segment["semantic_tokens"]
+            (flac,) = ds.glob(f"lhotse/audio/{split}-*/{sup['id']}.flac")
+            assert sf.info(flac).frames == round(segment["end_s"] * 16000) \
+                - round(segment["start_s"] * 16000)
+    assert not by_place
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith(f"kept {len(ok)} of {len(segments)} segments: train ")
-    assert lines[1] == f"shards: {len(ok)} Parquet + {len(ok)} WebDataset tars under {ds}/"
+    assert lines[1] == f"shards: {shard_counts(manifest)} under {ds}/"
     assert lines[2] == f"manifest: {ds}/manifest.json"
 
     again = refused(kimi_label(*args), "already holds a build", "--overwrite")

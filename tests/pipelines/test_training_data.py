@@ -1,4 +1,5 @@
-"""Training shards from a hand-made labelled output: filters, split, shards, manifest, flow."""
+"""Training shards from a hand-made labelled output: filters, split, shards, manifest, flow;
+the lhotse and HF exports from the same output backed by real audio files."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import soundfile as sf
 
 from kimi_ops.tasks import get_task
 from pipelines.schema import files_schema, segments_schema, to_table
@@ -45,9 +47,11 @@ def scores(label: str, p: float, others: tuple[str, str]) -> dict[str, float]:
 def seg(uri, index, start, end, *, status="ok", transcript="some words", truncated=False,
         looped=False, emotion=("neutral", 0.9), scene=("office", 0.8), tokens="auto",
         etag=None, with_tokens=True):
+    language = "auto" if uri == C else "en"  # C's run transcribed with --language auto
     row = {"source_uri": uri, "segment_index": index, "start_s": start, "end_s": end,
            "status": status, "model_id": MODEL, "run_id": RUN, "etag": etag or f"etag-{uri}",
-           "task_versions": {t.name: t.version for t in TASKS}}
+           "task_versions": {t.name: t.version for t in TASKS},
+           "generation": json.dumps({"language": language, "max_new_tokens": 384})}
     if status == "error":
         row["error"] = {"kind": "internal", "message": "boom"}
     if status == "ok":
@@ -115,19 +119,62 @@ def write(path: Path, table) -> None:
     pq.write_table(table, path)
 
 
-def make_output(root: Path, semantic_tokens: bool = True) -> str:
+GONE, CHANGED = MANY[18], MANY[19]  # with audio: deleted, and rewritten, since labelling
+RATES = {C: 22050}  # the decoder resamples it; every other file is 16 kHz
+
+
+def audio_files(folder: Path, rows: list[dict]) -> dict[str, tuple[str, str]]:
+    """A WAV file of noise for each source of `rows` (but GONE), long enough for its segments:
+    uri -> (its path, its etag as a listing gives it)."""
+    from pipelines.storage import list_objects
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ends: dict[str, float] = {}
+    for row in rows:
+        ends[row["source_uri"]] = max(ends.get(row["source_uri"], 0.0), row["end_s"])
+    moved = {}
+    for n, (uri, end) in enumerate(sorted(ends.items())):
+        path, rate = folder / uri.rsplit("/", 1)[1], RATES.get(uri, 16000)
+        etag = None
+        if uri != GONE:
+            noise = np.random.default_rng(n).uniform(-0.5, 0.5, int((end + 0.25) * rate))
+            sf.write(path, noise, rate, subtype="PCM_16")
+            etag = next(iter(list_objects(str(path), None))).etag
+        moved[uri] = (str(path), etag)
+    return moved
+
+
+def relocated(rows: list[dict], moved: dict[str, tuple[str, str]]) -> list[dict]:
+    """`rows` naming the audio files, with the files' etags (GONE, CHANGED and a stale etag
+    keep theirs)."""
+    out = []
+    for row in rows:
+        path, etag = moved[row["source_uri"]]
+        fresh = row["etag"] == f"etag-{row['source_uri']}" and etag is not None \
+            and row["source_uri"] != CHANGED
+        out.append({**row, "source_uri": path, "etag": etag if fresh else row["etag"]})
+    return out
+
+
+def make_output(root: Path, semantic_tokens: bool = True, audio: Path | None = None) -> str:
+    """The labelled output; with `audio`, its sources are real audio files in that folder."""
     seg_schema = segments_schema(TASKS, semantic_tokens=semantic_tokens)
     strip = (lambda rows: rows) if semantic_tokens else \
         (lambda rows: [{k: v for k, v in r.items() if k != "semantic_tokens"} for r in rows])
     files = {"part-1": [file_row(u) for u in (A, B, C, E, F, H)] + [file_row(D, "error", 0)],
              "part-2": [file_row(u, n=3) for u in MANY],
              "part-3": [file_row(G, n=2)]}
+    segments = {"part-1": SHARD1, "part-2": SHARD2, "part-3": SHARD3, "part-9-orphan": ORPHANS}
+    if audio is not None:
+        moved = audio_files(audio, [r for rows in segments.values() for r in rows])
+        files = {name: relocated(rows, moved) for name, rows in files.items()}
+        segments = {name: relocated(rows, moved) for name, rows in segments.items()}
     for name, rows in files.items():
         write(root / "files" / f"{name}.parquet", to_table(rows, files_schema(TASKS)))
-    write(root / "segments/part-1.parquet", to_table(strip(SHARD1), seg_schema))
-    write(root / "segments/part-2.parquet", to_table(strip(SHARD2), seg_schema))
-    write(root / "segments/part-3.parquet", to_table(SHARD3, segments_schema(TASKS)))
-    write(root / "segments/part-9-orphan.parquet", to_table(strip(ORPHANS), seg_schema))
+    for name, rows in segments.items():
+        schema = segments_schema(TASKS) if name == "part-3" else seg_schema
+        write(root / "segments" / f"{name}.parquet",
+              to_table(rows if name == "part-3" else strip(rows), schema))
     return str(root)
 
 
@@ -137,6 +184,9 @@ def source(tmp_path_factory) -> str:
 
 
 def build(source, dest, **kw):
+    """A build; Parquet shards only unless a test names formats (these sources are not
+    audio: the `exported` build is the one with audio)."""
+    kw.setdefault("formats", [])
     return build_training_data(TrainingDataSpec(input=source, output=str(dest), **kw))
 
 
@@ -153,7 +203,8 @@ def expected_row(key) -> dict:
             "start_s": row["start_s"], "end_s": row["end_s"],
             "duration_s": row["end_s"] - row["start_s"],
             "num_tokens": len(row["semantic_tokens"]), "semantic_tokens": row["semantic_tokens"],
-            "transcript": row["transcript"], "emotion": row["emotion"],
+            "transcript": row["transcript"], "language": None if key[0] == C else "en",
+            "emotion": row["emotion"],
             "emotion_confidence": pytest.approx(max(row["emotion_scores"].values()), abs=1e-6),
             "scene": row["scene"],
             "scene_confidence": pytest.approx(max(row["scene_scores"].values()), abs=1e-6),
@@ -209,22 +260,69 @@ def test_split_is_by_file_and_deterministic(source, tmp_path):
     assert not (tmp_path / "all-train" / "validation").exists()
 
 
-def test_manifest_matches_the_files(source, tmp_path):
-    dest = tmp_path / "ds"
-    result = build(source, dest, filters=STRICT, validation_fraction=0.3, rows_per_shard=7,
-                   webdataset=True)
+# -- every format, from the output backed by audio files ------------------------------------
+
+BY_NAME = {uri.rsplit("/", 1)[1]: uri for uri in (A, B, C, D, E, F, G, H, ORPHAN, *MANY)}
+EXPORTED_KEPT = len(CASES["strict"][1]) - 6  # GONE's and CHANGED's 3 segments each
+
+
+@pytest.fixture(scope="module")
+def audio_source(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("labelled-audio")
+    return make_output(root / "out", audio=root / "audio")
+
+
+@pytest.fixture(scope="module")
+def exported(audio_source, tmp_path_factory) -> tuple[Path, dict]:
+    """One build in every format (the default) from the output backed by audio files."""
+    dest = tmp_path_factory.mktemp("exported") / "ds"
+    return dest, build_training_data(TrainingDataSpec(
+        input=audio_source, output=str(dest), filters=STRICT, validation_fraction=0.3,
+        rows_per_shard=7))
+
+
+def labels_of(row: dict) -> dict:
+    """The input labels of a written row (its source is an audio file named as in the
+    hand-made rows)."""
+    return expected_row((BY_NAME[Path(row["source_uri"]).name], row["segment_index"]))
+
+
+def samples_of(row: dict) -> int:
+    return round(row["end_s"] * 16000) - round(row["start_s"] * 16000)
+
+
+def files_listed(manifest: dict, folder_files) -> list[str]:
+    """The paths of every object the manifest names: a lhotse-audio entry is a folder, whose
+    files `folder_files(path)` lists ((name, size) pairs), checked against its counts."""
+    listed = []
+    for shard in manifest["shards"]:
+        if shard["format"] != "lhotse-audio":
+            listed.append(shard["path"])
+            continue
+        files = folder_files(shard["path"])
+        assert len(files) == shard["rows"] and sum(size for _, size in files) == shard["bytes"]
+        listed += [f"{shard['path']}{name}" for name, _ in files]
+    return sorted(listed)
+
+
+def test_manifest_matches_the_files(exported, audio_source):
+    dest, result = exported
     manifest = json.loads((dest / "manifest.json").read_text())
     assert result["manifest_uri"] == f"{dest}/manifest.json"
-    assert manifest["source"] == source and manifest["filters"] == STRICT.model_dump()
+    assert manifest["source"] == audio_source and manifest["filters"] == STRICT.model_dump()
     assert manifest["created_at"] and manifest["source_runs"] == [RUN]
+    assert manifest["formats"] == ["webdataset", "lhotse", "hf"]
+    assert manifest["counts"]["dropped"] == {**CASES["strict"][2], "source_changed": 6}
+    assert manifest["counts"]["kept"] == EXPORTED_KEPT
     on_disk = sorted(str(p.relative_to(dest)) for p in dest.rglob("*")
                      if p.is_file() and p.name != "manifest.json")
-    assert sorted(s["path"] for s in manifest["shards"]) == on_disk
-    for shard in manifest["shards"]:
+    assert files_listed(manifest, lambda path: sorted(
+        (p.name, p.stat().st_size) for p in (dest / path).iterdir())) == on_disk
+    for shard in (s for s in manifest["shards"] if s["format"] != "lhotse-audio"):
         data = (dest / shard["path"]).read_bytes()
         assert shard["sha256"] == hashlib.sha256(data).hexdigest()
         assert shard["bytes"] == len(data)
-        if shard["format"] == "parquet":
+        if shard["format"] in ("parquet", "hf"):
             assert pq.read_metadata(dest / shard["path"]).num_rows == shard["rows"]
     for split, stats in manifest["counts"]["splits"].items():
         rows = read_split(dest, split)
@@ -233,15 +331,84 @@ def test_manifest_matches_the_files(source, tmp_path):
             and s["format"] == "parquet")
         assert stats["source_files"] == len({r["source_uri"] for r in rows})
         assert stats["tokens"] == sum(r["num_tokens"] for r in rows)
-    assert [f["name"] for f in manifest["schema"]][:9] == [
+        for row in rows:
+            assert row == {**labels_of(row), "source_uri": row["source_uri"],
+                           "key": sample_key(row["source_uri"], row["segment_index"])}
+    assert [f["name"] for f in manifest["schema"]][:10] == [
         "key", "source_uri", "segment_index", "start_s", "end_s", "duration_s", "num_tokens",
-        "semantic_tokens", "transcript"]
+        "semantic_tokens", "transcript", "language"]
+
+
+def test_lhotse_manifests_match_the_labels(exported):
+    from lhotse import CutSet, load_manifest
+
+    from kimi_ops.audio import load_audio
+
+    dest, _ = exported
+    waves: dict[str, np.ndarray] = {}
+    for split in ("train", "validation"):
+        rows = {r["key"]: r for r in read_split(dest, split)}
+        cuts = CutSet.from_manifests(
+            recordings=load_manifest(dest / "lhotse" / f"recordings_{split}.jsonl.gz"),
+            supervisions=load_manifest(dest / "lhotse" / f"supervisions_{split}.jsonl.gz"))
+        assert sorted(cut.recording_id for cut in cuts) == sorted(rows)
+        for cut in cuts:
+            row = rows[cut.recording_id]
+            labels = labels_of(row)
+            (sup,) = cut.supervisions
+            assert (sup.text, sup.language) == (labels["transcript"], labels["language"])
+            assert {k: sup.custom[k] for k in ("emotion", "emotion_confidence", "scene",
+                                               "scene_confidence", "semantic_tokens")} \
+                == {k: labels[k] for k in ("emotion", "emotion_confidence", "scene",
+                                           "scene_confidence", "semantic_tokens")}
+            assert (sup.custom["source_uri"], sup.custom["segment_index"],
+                    sup.custom["source_start_s"], sup.custom["source_end_s"]) \
+                == (row["source_uri"], row["segment_index"], row["start_s"], row["end_s"])
+            assert sup.start == 0 and sup.duration == cut.duration \
+                == pytest.approx(labels["duration_s"], abs=1e-9)
+            samples = cut.load_audio()  # the FLAC the recording points to
+            assert cut.sampling_rate == 16000 and samples.shape == (1, samples_of(row))
+            if row["source_uri"] not in waves:
+                waves[row["source_uri"]] = load_audio(row["source_uri"])
+            start = round(row["start_s"] * 16000)
+            np.testing.assert_allclose(  # the samples the model labelled, in 16 bits
+                samples[0], waves[row["source_uri"]][start:start + samples.shape[1]],
+                atol=1 / 32768)
+    assert len(waves) > 2 and any(Path(u).name == Path(C).name for u in waves)  # C: 22.05 kHz
+
+
+def test_hf_dataset_matches_the_labels(exported, tmp_path):
+    import importlib.util
+
+    import datasets
+
+    dest, manifest = exported
+    loaded = datasets.load_dataset(str(dest / "hf"), cache_dir=str(tmp_path / "hf-cache"))
+    assert sorted(loaded) == ["train", "validation"]
+    for split, ds in loaded.items():
+        assert ds.features["audio"] == datasets.Audio(sampling_rate=16000)
+        rows = read_split(dest, split)
+        assert len(ds) == len(rows) == manifest["counts"]["splits"][split]["rows"]
+        for row, got in zip(rows, ds.cast_column("audio", datasets.Audio(decode=False))):
+            audio = got.pop("audio")
+            assert got == row  # the label columns, row for row
+            assert got["emotion"] == labels_of(row)["emotion"]
+            samples, rate = sf.read(io.BytesIO(audio["bytes"]), dtype="float32")
+            assert rate == 16000 and samples.shape == (samples_of(row),)
+            assert audio["path"] == f"{row['key']}.flac"
+            (flac,) = dest.glob(f"lhotse/audio/{split}-*/{row['key']}.flac")
+            assert audio["bytes"] == flac.read_bytes()  # one encoding for both exports
+    if importlib.util.find_spec("torchcodec") is not None:  # datasets decodes with it
+        first = loaded["train"][0]
+        decoded = first["audio"].get_all_samples()
+        assert decoded.sample_rate == 16000
+        assert decoded.data.shape[-1] == samples_of(first)
 
 
 def test_webdataset_tars_match_the_parquet_shards(source, tmp_path):
     dest = tmp_path / "ds"
     build(source, dest, filters=STRICT, validation_fraction=0.3, rows_per_shard=7,
-          webdataset=True)
+          formats=["webdataset"])
     for split in ("train", "validation"):
         parquet = sorted((dest / split).glob("*.parquet"))
         tars = sorted((dest / "webdataset").glob(f"{split}-*.tar"))
@@ -278,6 +445,9 @@ def test_clear_errors(source, tmp_path):
         TrainingFilters(min_duration_s=5, max_duration_s=1)
     with pytest.raises(ValueError, match="output must differ"):
         TrainingDataSpec(input=source, output=f"{source}/segments/x")
+    with pytest.raises(ValueError, match="unknown format 'tar'; the formats are webdataset, "
+                                         "lhotse, hf"):
+        TrainingDataSpec(input=source, output=str(tmp_path / "ds"), formats=["hf", "tar"])
 
     dest = tmp_path / "built"
     build(source, dest, rows_per_shard=7)
@@ -312,28 +482,39 @@ def test_check_training_data_refuses_before_anything_is_written(source, tmp_path
     assert not (tmp_path / "new").exists()
 
 
-def test_s3_source_and_destination(seaweed, s3_prefix, source):
+def test_s3_source_and_destination(seaweed, s3_prefix, audio_source):
+    """Input and output on S3 (the audio stays local): every format, and the lhotse recordings
+    point at their FLACs by URI."""
+    import gzip
+
     from pipelines.storage import resolve
 
     options = seaweed.storage_options
     fs, _ = resolve(s3_prefix, options)
     src = f"{s3_prefix}/labels"
-    fs.put(f"{source}/", src.removeprefix("s3://"), recursive=True)
+    fs.put(f"{audio_source}/", src.removeprefix("s3://"), recursive=True)
     dest = f"{s3_prefix}/training"
     spec = {"input": src, "output": dest, "filters": STRICT, "validation_fraction": 0.3,
-            "rows_per_shard": 7, "webdataset": True, "storage_options": options}
-    build_training_data(TrainingDataSpec(**spec))
+            "rows_per_shard": 7, "storage_options": options}
+    build_training_data(TrainingDataSpec(**spec, formats=["webdataset"]))
     manifest = build_training_data(TrainingDataSpec(**spec, overwrite=True))  # replaces
-    assert manifest["counts"]["kept"] == 62
+    assert manifest["counts"]["kept"] == EXPORTED_KEPT
     assert manifest["manifest_uri"] == f"{dest}/manifest.json"
     root = dest.removeprefix("s3://")
     stored = json.loads(fs.cat_file(f"{root}/manifest.json"))
     assert stored["counts"] == manifest["counts"]
-    for shard in stored["shards"]:
+    for shard in (s for s in stored["shards"] if s["format"] != "lhotse-audio"):
         assert hashlib.sha256(fs.cat_file(f"{root}/{shard['path']}")).hexdigest() \
             == shard["sha256"]
     listed = sorted(p[len(root) + 1:] for p in fs.find(root))
-    assert listed == sorted([s["path"] for s in stored["shards"]] + ["manifest.json"])
+    assert listed == sorted(files_listed(stored, lambda path: sorted(
+        (p.rsplit("/", 1)[1], fs.size(p)) for p in fs.find(f"{root}/{path}")))
+        + ["manifest.json"])
+    recording = json.loads(gzip.decompress(fs.cat_file(
+        f"{root}/lhotse/recordings_train.jsonl.gz")).splitlines()[0])
+    (audio,) = recording["sources"]
+    assert audio["type"] == "url" and audio["source"].startswith(f"{dest}/lhotse/audio/train-")
+    assert fs.size(audio["source"].removeprefix("s3://")) > 0
 
 
 # -- the flow ----------------------------------------------------------------------------
@@ -342,7 +523,8 @@ def test_flow_builds_and_publishes(harness, source, tmp_path):
     from flows.prepare_training_data import prepare_training_data
 
     params = TrainingDataSpec(input=source, output=str(tmp_path / "ds"), filters=STRICT,
-                              validation_fraction=0.3, rows_per_shard=7, webdataset=True)
+                              validation_fraction=0.3, rows_per_shard=7,
+                              formats=["webdataset"])
     manifest = prepare_training_data(params)
     assert manifest["counts"]["kept"] == len(CASES["strict"][1])
     assert (tmp_path / "ds" / "manifest.json").exists()
