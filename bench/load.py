@@ -424,7 +424,8 @@ def growth(small: dict, large: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--files", type=int, nargs="+", default=[200, 2000])
+    parser.add_argument("--files", type=int, nargs="*", default=[200, 2000],
+                        help="corpus sizes of short clips (none: only the --long run)")
     parser.add_argument("--model", type=Path, default=CHECKPOINT)
     parser.add_argument("--long", type=float, nargs=2, metavar=("FILES", "SECONDS"),
                         help="also run this many recordings of this length, as pieces and "
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["files", "wall_s", "files_per_s", "rows", "all_accounted_once", "driver_rss_mb",
             "worker_max_rss_mb", "workers_total_rss_mb", "worker_processes", "system_rss_mb",
             "object_store_touched_mb", "inflight_budget_mb", "object_store_mb"]
-    print(" | ".join(cols))
+    print(" | ".join(cols) if results else "(no short-clip runs)")
     for r in results:
         print(" | ".join(str(r[c]) for c in cols))
     for r in results:
