@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.labelling import job_of, label_checked
+from flows.labelling import job_of, label_checked, planned_checked
 from flows.retry import retry_unless_final
 from pipelines.spec import JobSpec, TranscribeArchiveSpec
 from pipelines.storage import OutputLayout
@@ -66,6 +66,8 @@ def publish(report: dict[str, Any], subtitles: dict[str, Any], output: str) -> N
 def transcribe_archive(params: TranscribeArchiveSpec) -> dict[str, Any]:
     logger = get_run_logger()
     spec = job_of(params)
+    if spec.dry_run:  # the plan, nothing run or written
+        return planned_checked(spec, "transcribe-archive")
     report = label_checked(spec, "transcribe-archive")
     subtitles = write_subtitles(spec, report["run_id"])
     publish(report, subtitles, spec.output)

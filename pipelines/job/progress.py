@@ -65,6 +65,29 @@ class Progress:
         return (self.files_total - self.files_done) / self.files_per_s
 
 
+def progress_parts(p: Progress) -> dict[str, str]:
+    """The progress as short texts (files, audio, speed, eta), for bars, lines and artifacts."""
+    files = f"{p.files_done}/{p.files_total} files"
+    speed = (f"{p.files_per_s:.2f} files/s, {p.audio_per_s:.1f}x real time"
+             if p.files_per_s is not None and p.audio_per_s is not None else "measuring speed")
+    return {"files": files + (f" ({p.errors} failed)" if p.errors else ""),
+            "audio": f"{clock_time(p.audio_s)} of audio", "speed": speed,
+            "eta": "?" if p.eta_s is None else clock_time(p.eta_s)}
+
+
+def describe(p: Progress) -> str:
+    """One line: `12/40 files, 0:31:48 of audio, 1.20 files/s, 45.0x real time, ETA 0:03:10`
+    (the audio is the labelled audio's length, hours:minutes:seconds)."""
+    parts = progress_parts(p)
+    return f"{parts['files']}, {parts['audio']}, {parts['speed']}, ETA {parts['eta']}"
+
+
+def clock_time(seconds: float) -> str:
+    """`H:MM:SS`."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 class ProgressListener:
     """What a run tells of its progress: `started` once the plan is known, `advanced` after
     each file done, `ended` once (also when the run fails). Override what you need."""
@@ -128,7 +151,11 @@ class ProgressTracker:
 
     def end(self, ok: bool) -> None:
         self._measure()
-        self.progress = replace(self.progress, state="completed" if ok else "failed")
+        p = self.progress
+        if p.files_per_s is None and p.files_done and p.elapsed_s > 0:  # one landing: overall
+            p = replace(p, files_per_s=p.files_done / p.elapsed_s,
+                        audio_per_s=p.audio_s / p.elapsed_s)
+        self.progress = replace(p, state="completed" if ok else "failed")
         self._tell("ended")
 
     def _measure(self) -> None:

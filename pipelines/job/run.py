@@ -17,6 +17,7 @@ from pipelines.errors import JobError, RunFailed
 from pipelines.job import placement, ray_cluster
 from pipelines.job.checks import check_job
 from pipelines.job.dataset import build_dataset, job_stages
+from pipelines.job.preview import dry_run
 from pipelines.job.plan import Plan, plan
 from pipelines.job.progress import ProgressTracker
 from pipelines.job.report import make_report
@@ -32,9 +33,12 @@ def new_run_id() -> str:
 
 def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
     """Check, plan, run, report. Returns the report (also written as JSON to
-    `<output>/_runs/<run_id>/report.json`)."""
+    `<output>/_runs/<run_id>/report.json`); for a dry run (`spec.dry_run`), the plan
+    (`pipelines.job.preview`), nothing written."""
     started = time.time()
     tasks, model_id = check_job(spec)
+    if spec.dry_run:
+        return dry_run(spec)
     run_id = spec.run_id or new_run_id()
     fs, root = resolve(spec.output, spec.storage_options)
     lease = OutputLease(fs, root, spec.output, run_id)
