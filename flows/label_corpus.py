@@ -1,7 +1,7 @@
 """`label-corpus`: label every new or changed audio object under a prefix (meant for a schedule).
 
 Thin by design: check the job -> run the Ray Data job (`pipelines.job`) -> check the output ->
-publish a summary. Its parameters are the job's (`pipelines.spec.JobSpec`), defined there once;
+publish a summary (a dry run: check the job -> publish its plan). Its parameters are the job's (`pipelines.spec.JobSpec`), defined there once;
 all logic lives in `pipelines`. A retried run resumes, because the job skips every object
 already labelled with the same etag.
 """

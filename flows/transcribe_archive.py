@@ -4,7 +4,7 @@ subtitles (SRT and WebVTT) next to the Parquet tables.
 Thin, like `label-corpus`: check the job -> run the Ray Data job (`pipelines.job`, its
 parameters `pipelines.spec.TranscribeArchiveSpec`: the asr task only) -> check the output ->
 write the subtitles (`pipelines.subtitles`: naming, resuming and recovery of earlier runs'
-subtitles) -> publish a summary. Credentials are never flow parameters (`flows.labelling`).
+subtitles) -> publish a summary. A dry run checks the job and publishes its plan. Credentials are never flow parameters (`flows.labelling`).
 
 Resuming: the job's run id is derived from the Prefect flow run (`<scheduled start>-<flow run id
 prefix>`), so a retried task or flow run reuses it: the job skips objects already labelled, and
