@@ -74,9 +74,12 @@ class ArtifactProgress(ProgressListener):
 
     def advanced(self, progress: Progress) -> None:
         if self.clock() - self.last >= self.every_s:
-            self.ended(progress)
+            self._update(progress)
 
     def ended(self, progress: Progress) -> None:
+        self._update(progress)
+
+    def _update(self, progress: Progress) -> None:
         from prefect.artifacts import update_progress_artifact
 
         self.last = self.clock()

@@ -5,7 +5,7 @@ own counts (`pipelines.job.progress`): files done of total, audio-hours, through
     prints them above it); it stays on screen at the run's last state;
   * stderr is not a terminal (CI, a log file, `2> run.log`): one compact line when the run
     starts, then at most one every LINE_EVERY_S seconds, and one when it ends, e.g.
-    `progress: run 2026...: 120/400 files, 1:31:12 of audio, 3.10 files/s, 41.3x real time,
+    `progress: run 2026...: 120/400 files, 1:31:12 audio, 3.10 files/s, 41x real time,
     ETA 0:01:30`.
 
 Either way Ray Data's own per-operator progress (bars on a terminal, log lines off one) is
@@ -34,7 +34,8 @@ def progress_for(stream: TextIO | None = None) -> ProgressListener:
 
 
 class LineProgress(ProgressListener):
-    """A line at the start, at most one every `every_s` seconds, and one at the end."""
+    """A line at the start, at most one every `every_s` seconds, and one at the end; none for a
+    run with nothing to do."""
 
     replaces_ray_progress = True
 
@@ -44,7 +45,8 @@ class LineProgress(ProgressListener):
 
     def started(self, progress: Progress) -> None:
         self.last = self.clock()
-        self._line(progress, f"{progress.files_total} files to label")
+        if progress.files_total:
+            self._line(progress, f"{progress.files_total} files to label")
 
     def advanced(self, progress: Progress) -> None:
         if self.clock() - self.last >= self.every_s:
@@ -52,7 +54,8 @@ class LineProgress(ProgressListener):
             self._line(progress, describe(progress))
 
     def ended(self, progress: Progress) -> None:
-        self._line(progress, f"{progress.state}: {describe(progress)}")
+        if progress.files_total:
+            self._line(progress, f"{progress.state}: {describe(progress)}")
 
     def _line(self, progress: Progress, text: str) -> None:
         # written, not printed: a flow's `log_prints` would turn a print into a task's log line
@@ -61,7 +64,9 @@ class LineProgress(ProgressListener):
 
 
 class TerminalProgress(ProgressListener):
-    """A rich progress bar on a terminal; nothing for a run with nothing to do."""
+    """A rich progress bar on a terminal; nothing for a run with nothing to do. Its texts keep
+    their width and the bar takes what is left (at 80 columns, about 10); a spinner shows the
+    run is alive while no file lands."""
 
     replaces_ray_progress = True
 
@@ -73,18 +78,22 @@ class TerminalProgress(ProgressListener):
 
     def started(self, progress: Progress) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress as Bar, SpinnerColumn, TextColumn
+        from rich.table import Column
 
         if not progress.files_total:
             return
-        field = "[progress.percentage]{task.fields[%s]}"
-        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), TextColumn(field % "files"),
-                       TextColumn(field % "audio"), TextColumn("{task.fields[speed]}"),
-                       TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn(),
-                       console=Console(file=self.stream), redirect_stdout=True,
+
+        def text(template: str) -> TextColumn:
+            return TextColumn(template, table_column=Column(no_wrap=True))
+
+        self.bar = Bar(SpinnerColumn(table_column=Column(no_wrap=True)),
+                       text("[progress.percentage]{task.fields[files]}"), BarColumn(None),
+                       text("[progress.percentage]{task.fields[audio]}"),
+                       text("{task.fields[speed]}"), text("ETA {task.fields[eta]}"),
+                       console=Console(file=self.stream), expand=True, redirect_stdout=True,
                        redirect_stderr=True)
-        self.task = self.bar.add_task(f"run {progress.run_id}", total=progress.files_total,
-                                      **progress_parts(progress))
+        self.task = self.bar.add_task("", total=progress.files_total, **progress_parts(progress))
         self.bar.start()
         self.handlers.enter_context(log_handlers_writing_to(self.stream, self.bar.console))
 

@@ -68,18 +68,22 @@ class Progress:
 def progress_parts(p: Progress) -> dict[str, str]:
     """The progress as short texts (files, audio, speed, eta), for bars, lines and artifacts."""
     files = f"{p.files_done}/{p.files_total} files"
-    speed = (f"{p.files_per_s:.2f} files/s, {p.audio_per_s:.1f}x real time"
+    speed = (f"{p.files_per_s:.2f} files/s, {_times(p.audio_per_s)} real time"
              if p.files_per_s is not None and p.audio_per_s is not None else "measuring speed")
     return {"files": files + (f" ({p.errors} failed)" if p.errors else ""),
-            "audio": f"{clock_time(p.audio_s)} of audio", "speed": speed,
+            "audio": f"{clock_time(p.audio_s)} audio", "speed": speed,
             "eta": "?" if p.eta_s is None else clock_time(p.eta_s)}
 
 
 def describe(p: Progress) -> str:
-    """One line: `12/40 files, 0:31:48 of audio, 1.20 files/s, 45.0x real time, ETA 0:03:10`
-    (the audio is the labelled audio's length, hours:minutes:seconds)."""
+    """One line: `12/40 files, 0:31:48 audio, 1.20 files/s, 45x real time, ETA 0:03:10` (the
+    labelled audio's length, hours:minutes:seconds; how many times real time it goes)."""
     parts = progress_parts(p)
     return f"{parts['files']}, {parts['audio']}, {parts['speed']}, ETA {parts['eta']}"
+
+
+def _times(factor: float) -> str:
+    return f"{factor:.1f}x" if factor < 10 else f"{factor:.0f}x"
 
 
 def clock_time(seconds: float) -> str:

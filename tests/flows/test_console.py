@@ -219,6 +219,57 @@ def test_log_level_and_version(here):
     assert version.returncode == 0 and version.stdout.startswith("kimi-label ")
 
 
+def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_elsewhere():
+    """The console's progress (`flows.console.progress`), fed a run's events: off a terminal a
+    line at the start, at most one per interval, one at the end; on one a rich bar, during which
+    a log handler holding the terminal prints through the bar's console, and after it as before."""
+    import io
+    import logging
+
+    from flows.console.progress import LineProgress, TerminalProgress, progress_for
+    from pipelines.job.progress import ProgressTracker
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    now = [0.0]
+    log = io.StringIO()
+    lines = LineProgress(log, every_s=30, clock=lambda: now[0])
+    assert isinstance(progress_for(log), LineProgress)
+    tracker = ProgressTracker("r1", 3, (lines,), clock=lambda: now[0])
+    tracker.start()
+    for t in (10.0, 20.0, 45.0):  # the third file comes after 30 s: one line for it
+        now[0] = t
+        tracker.file_done({"status": "ok", "duration_s": 60.0})
+    tracker.end(ok=True)
+    assert log.getvalue().splitlines() == [
+        "progress: run r1: 3 files to label",
+        "progress: run r1: 3/3 files, 0:03:00 audio, 0.06 files/s, 3.4x real time, ETA 0:00:00",
+        "progress: run r1: completed: 3/3 files, 0:03:00 audio, 0.06 files/s, 3.4x real time, "
+        "ETA 0:00:00"]
+
+    screen = Terminal()
+    bar = progress_for(screen)
+    assert isinstance(bar, TerminalProgress) and bar.replaces_ray_progress
+    handler = logging.StreamHandler(screen)
+    logger = logging.getLogger("tests.progress_display")
+    logger.addHandler(handler)
+    try:
+        tracker = ProgressTracker("r2", 2, (bar,))
+        tracker.start()
+        assert handler.stream is not screen  # through the bar's console, above the bar
+        logger.warning("a line while the bar is up")
+        tracker.file_done({"status": "error", "duration_s": 0.0})
+        tracker.end(ok=False)
+        assert handler.stream is screen
+    finally:
+        logger.removeHandler(handler)
+    shown = screen.getvalue()
+    assert "a line while the bar is up" in shown and "1/2 files" in shown
+    assert "━" in shown  # (80 columns: the texts fit, the bar has what is left)
+
+
 ALL_COMMANDS = ["run", "transcribe-archive", "prepare-training-data", "stack", "evaluate", "demo",
                 "generate", "audio-tokens", "label", "make-tiny-checkpoint"]
 

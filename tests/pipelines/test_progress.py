@@ -48,8 +48,8 @@ def test_progress_counts_files_audio_rates_and_eta_from_the_first_landing():
     assert p.files_per_s == pytest.approx(0.4) and p.audio_per_s == pytest.approx(18.0)
     assert p.eta_s == pytest.approx(10.0) and p.fraction == pytest.approx(0.6)
     assert p.audio_hours == pytest.approx(300 / 3600)
-    assert describe(p) == ("6/10 files (1 failed), 0:05:00 of audio, 0.40 files/s, "
-                           "18.0x real time, ETA 0:00:10")
+    assert describe(p) == ("6/10 files (1 failed), 0:05:00 audio, 0.40 files/s, "
+                           "18x real time, ETA 0:00:10")
     tracker.end(ok=True)
     kinds = [kind for kind, _ in seen.events]
     assert kinds == ["started", *["advanced"] * 6, "ended"]
