@@ -1,7 +1,7 @@
 """`label-corpus`: label every new or changed audio object under a prefix (meant for a schedule).
 
 Thin by design: check the job -> run the Ray Data job (`pipelines.job`) -> check the output ->
-publish a summary. Its parameters are the job's (`pipelines.spec.JobSpec`), defined there once;
+publish a summary (a dry run: check the job -> publish its plan). Its parameters are the job's (`pipelines.spec.JobSpec`), defined there once;
 all logic lives in `pipelines`. A retried run resumes, because the job skips every object
 already labelled with the same etag.
 """
@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.labelling import job_of, label_checked
+from flows.labelling import job_of, label_checked, planned_checked
 from pipelines.spec import JobSpec
 from pipelines.storage import OutputLayout, read_table_dir, resolve, this_run
 
@@ -76,6 +76,8 @@ def publish(report: dict[str, Any], distribution: dict[str, dict[str, int]], out
 @flow(name="label-corpus", log_prints=True)
 def label_corpus(params: JobSpec) -> dict[str, Any]:
     spec = job_of(params)
+    if spec.dry_run:  # the plan, nothing run or written
+        return planned_checked(spec, "label-corpus")
     report = label_checked(spec, "label-corpus")
     distribution = label_distribution(spec, report["run_id"])
     publish(report, distribution, spec.output)

@@ -1,5 +1,7 @@
 """The Prefect tasks every flow that runs a labelling job shares: check the job, run it (a
-retried run resumes), check its output (every object exactly once in `files/`).
+retried run resumes, its progress a Prefect progress artifact `<flow>-progress` updated as the
+files land), check its output (every object exactly once in `files/`); or, for a dry run, check
+the job and publish its plan.
 
 Credentials are never flow parameters (Prefect stores parameters): they come from the worker's
 AWS_* environment, or from the Secret block the parameters name (`flows.credentials`).
@@ -7,6 +9,7 @@ AWS_* environment, or from the Secret block the parameters name (`flows.credenti
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -15,7 +18,8 @@ from prefect import task
 from flows.credentials import with_credentials_read
 from flows.retry import retry_unless_final
 from pipelines.errors import JobError
-from pipelines.job import check_job, run_job
+from pipelines.job import check_job, dry_run, format_dry_run, run_job
+from pipelines.job.progress import Progress, ProgressListener, describe, watching
 from pipelines.spec import JobSpec
 from pipelines.storage import OutputLayout, read_table_dir, resolve
 
@@ -47,9 +51,48 @@ def check_inputs(spec: JobSpec) -> str:
     return model_id
 
 
+ARTIFACT_EVERY_S = 10.0  # a progress artifact's update is an API call: at most one this often
+
+
+class ArtifactProgress(ProgressListener):
+    """A run's progress as a Prefect progress artifact (percent of files done, described by
+    `pipelines.job.progress.describe`), created when the run starts, updated at most every
+    `every_s` seconds and when it ends."""
+
+    def __init__(self, key: str, every_s: float = ARTIFACT_EVERY_S, clock=time.monotonic):
+        self.key, self.every_s, self.clock = key, every_s, clock
+        self.artifact_id = None
+        self.last = 0.0
+
+    def started(self, progress: Progress) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.last = self.clock()
+        self.artifact_id = create_progress_artifact(
+            100.0 * progress.fraction, key=self.key,
+            description=f"run {progress.run_id}: {describe(progress)}")
+
+    def advanced(self, progress: Progress) -> None:
+        if self.clock() - self.last >= self.every_s:
+            self._update(progress)
+
+    def ended(self, progress: Progress) -> None:
+        self._update(progress)
+
+    def _update(self, progress: Progress) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        self.last = self.clock()
+        state = "" if progress.state == "running" else f" ({progress.state})"
+        update_progress_artifact(self.artifact_id, 100.0 * progress.fraction,
+                                 description=f"run {progress.run_id}{state}: "
+                                             f"{describe(progress)}")
+
+
 @task(retries=1, retry_delay_seconds=30, retry_condition_fn=retry_unless_final)
-def run_labelling(spec: JobSpec) -> dict[str, Any]:
-    return run_job(spec)
+def run_labelling(spec: JobSpec, flow_name: str) -> dict[str, Any]:
+    with watching(ArtifactProgress(f"{flow_name}-progress")):
+        return run_job(spec)
 
 
 @task
@@ -67,6 +110,27 @@ def check_output(spec: JobSpec) -> dict[str, int]:
     return {"files_rows": sum(counts.values())}
 
 
+@task
+def plan_only(spec: JobSpec, flow_name: str) -> dict[str, Any]:
+    """A dry run's plan (`pipelines.job.preview`), published as the markdown artifact
+    `<flow>-dry-run`; nothing is labelled or written."""
+    from prefect.artifacts import create_markdown_artifact
+
+    plan = dry_run(spec)
+    create_markdown_artifact(key=f"{flow_name}-dry-run",
+                             markdown=f"```\n{format_dry_run(plan)}\n```")
+    return plan
+
+
+def planned_checked(spec: JobSpec, flow_name: str) -> dict[str, Any]:
+    """A flow's dry run: its inputs checked as for a run, then its plan. Returns the plan."""
+    try:
+        check_inputs(spec)
+    except JobError as exc:
+        raise JobError(f"{flow_name} cannot run: {exc}") from None
+    return plan_only(spec, flow_name)
+
+
 def label_checked(spec: JobSpec, flow_name: str) -> dict[str, Any]:
     """A flow's labelling: inputs checked (a bad input or output is the caller's error, not a
     task to retry), the job run, its output checked for duplicates. Returns the job's report."""
@@ -74,6 +138,6 @@ def label_checked(spec: JobSpec, flow_name: str) -> dict[str, Any]:
         check_inputs(spec)
     except JobError as exc:
         raise JobError(f"{flow_name} cannot run: {exc}") from None
-    report = run_labelling(spec)
+    report = run_labelling(spec, flow_name)
     check_output(spec)
     return report

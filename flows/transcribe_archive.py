@@ -4,7 +4,7 @@ subtitles (SRT and WebVTT) next to the Parquet tables.
 Thin, like `label-corpus`: check the job -> run the Ray Data job (`pipelines.job`, its
 parameters `pipelines.spec.TranscribeArchiveSpec`: the asr task only) -> check the output ->
 write the subtitles (`pipelines.subtitles`: naming, resuming and recovery of earlier runs'
-subtitles) -> publish a summary. Credentials are never flow parameters (`flows.labelling`).
+subtitles) -> publish a summary. A dry run checks the job and publishes its plan. Credentials are never flow parameters (`flows.labelling`).
 
 Resuming: the job's run id is derived from the Prefect flow run (`<scheduled start>-<flow run id
 prefix>`), so a retried task or flow run reuses it: the job skips objects already labelled, and
@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.labelling import job_of, label_checked
+from flows.labelling import job_of, label_checked, planned_checked
 from flows.retry import retry_unless_final
 from pipelines.spec import JobSpec, TranscribeArchiveSpec
 from pipelines.storage import OutputLayout
@@ -66,6 +66,8 @@ def publish(report: dict[str, Any], subtitles: dict[str, Any], output: str) -> N
 def transcribe_archive(params: TranscribeArchiveSpec) -> dict[str, Any]:
     logger = get_run_logger()
     spec = job_of(params)
+    if spec.dry_run:  # the plan, nothing run or written
+        return planned_checked(spec, "transcribe-archive")
     report = label_checked(spec, "transcribe-archive")
     subtitles = write_subtitles(spec, report["run_id"])
     publish(report, subtitles, spec.output)

@@ -176,6 +176,12 @@ class JobSpec(BaseModel):
     inflight_bytes: int | None = Field(
         None, ge=1 << 20, description="object-store bytes of the blocks in flight between the "
                                       "stages; none: 128 MiB per node on CPUs, 1 GiB per GPU")
+    # a dry run is the same job, planned and not run (`pipelines.job.preview`): the checks, the
+    # listing and the output's rows are read as a run reads them, and nothing is written
+    dry_run: bool = Field(
+        False, description="print the plan (objects new, already labelled, changed, skipped; "
+                           "audio hours from the headers; the output) and stop: no Ray, no "
+                           "lease, nothing written")
 
     @field_validator("input", "output")
     @classmethod

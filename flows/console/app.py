@@ -22,6 +22,7 @@ import sys
 import threading
 from importlib import metadata
 
+from flows.console.log_level import add_log_level, log_level
 from pipelines.errors import Interrupted, PipelineError
 
 COMMAND_MODULES = ("flows.console.jobs", "flows.console.data", "flows.console.stack")
@@ -45,10 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Prefect flows. `kimi-label COMMAND --help`: its options.",
         epilog="exit status: 0 done, 1 the run failed, 2 usage error or refused before running")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_log_level(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(commands)
     add_commands(commands, skip=("demo",))
+    for command in set(commands.choices.values()):  # also after the command: `run --log-level`
+        add_log_level(command, top=False)
     return parser
 
 
@@ -90,7 +94,8 @@ def _main(argv: list[str]) -> int:
                 if main_thread else {})
     code = 0
     try:
-        code = _run(args)
+        with log_level(args.log_level):
+            code = _run(args)
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
             # Ray's driver handler, in place while `ray.init` runs (ours is put back after it:

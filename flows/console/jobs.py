@@ -4,18 +4,24 @@ The options are the job's parameters (`pipelines.spec.JobSpec`, `TranscribeArchi
 the flow starts, the command checks what the flow's first task would (`pipelines.job.check_job`:
 tasks, checkpoint, input, output, settings, lease; a credentials block is read) and that a
 `--run-id` names no finished run, so a common mistake costs a second and one line (exit 2).
-The flow runs here: ephemeral Prefect unless PREFECT_API_URL points at a server.
+`--dry-run` prints the plan made after those checks (`pipelines.job.preview`) and stops, here:
+no flow run, no Prefect server, no Ray, nothing written.
+The flow runs here: ephemeral Prefect unless PREFECT_API_URL points at a server. The run's
+progress is shown on stderr (`flows.console.progress`), its report on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from flows.console.options import add_model_options, model_from_args
+from flows.console.progress import progress_for
 from flows.console.running import check_prefect_api, prefect_defaults, run_flow_here
 from pipelines.errors import CredentialsError, JobError
-from pipelines.job import check_job, check_new_run_id, format_report
+from pipelines.job import check_job, check_new_run_id, dry_run, format_dry_run, format_report
+from pipelines.job.progress import watching
 from pipelines.spec import JobSpec, TranscribeArchiveSpec
 from pipelines.storage import RetryPolicy
 
@@ -59,30 +65,39 @@ def _job_through_flow(args: argparse.Namespace, model: type[JobSpec], flow_name:
     prefect_defaults()  # before Prefect is imported
     params = model_from_args(model, args)
     name = flow_name.replace("_", "-")
-    check_before_flow(params, name)
+    spec = check_before_flow(params, name)
+    if spec.dry_run:  # the same plan as the flow's, made here: no flow run, no Prefect server
+        print(format_dry_run(dry_run(spec)))
+        return 0
     flow = getattr(importlib.import_module(f"flows.{flow_name}"), flow_name)
-    print(formatter(run_flow_here(flow, params, name)))
+    with watching(progress_for(sys.stderr)):
+        report = run_flow_here(flow, params, name)
+    print(formatter(report))
     return 0
 
 
-def check_before_flow(params: JobSpec, name: str) -> None:
-    """The flow's checks, here and now (module docstring); a JobError says what to fix."""
+def check_before_flow(params: JobSpec, name: str) -> JobSpec:
+    """The flow's checks, here and now (module docstring); a JobError says what to fix. Returns
+    the job with its credentials block read."""
     from flows.credentials import with_credentials_read
 
-    check_prefect_api()  # before the checks touch the output
+    if not params.dry_run:  # (a dry run needs no Prefect)
+        check_prefect_api()  # before the checks touch the output
     storage_log = logging.getLogger("pipelines.storage")
     level = storage_log.level
     storage_log.setLevel(logging.ERROR)  # its retry warnings: the refusal says how many there were
     try:
         # a credentials block is read here as well as by the flow (a deployment's runs have
         # only the flow's read)
-        spec = with_credentials_read(params).model_copy(update={"storage_retry": PREFLIGHT_RETRY})
+        job = with_credentials_read(params)
+        spec = job.model_copy(update={"storage_retry": PREFLIGHT_RETRY})
         check_job(spec)
         check_new_run_id(spec)  # (the spec carries a run id only when --run-id gave one)
     except (JobError, CredentialsError) as exc:
         raise JobError(f"{name} cannot run: {exc}") from None
     finally:
         storage_log.setLevel(level)
+    return job
 
 
 def format_transcription(report: dict) -> str:

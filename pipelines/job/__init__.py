@@ -6,6 +6,8 @@
 One module a job each:
   checks       the pre-flight checks (`check_job`), before anything is allocated or written
   plan         the to-do list, streamed from the listing into plan shards; what a rerun skips
+  preview      a dry run: the plan of a run, read and not written, with the audio hours of its headers
+  progress     a run's progress (files, audio, throughput, ETA) told to listeners as it goes
   ray_cluster  the Ray connection: address forms, tokens, loopback, start or join
   placement    where the stages run and how much they hold, from the cluster found
   dataset      the Ray adapter: the job's stages as one Ray Data pipeline
@@ -16,9 +18,10 @@ One module a job each:
 
 from pipelines.errors import JobError, RunFailed
 from pipelines.job.checks import check_job, check_new_run_id
+from pipelines.job.preview import dry_run, format_dry_run
 from pipelines.job.report import format_report
 from pipelines.job.run import new_run_id, run_job
 from pipelines.spec import JobSpec
 
-__all__ = ["JobError", "JobSpec", "RunFailed", "check_job", "check_new_run_id",
-           "format_report", "new_run_id", "run_job"]
+__all__ = ["JobError", "JobSpec", "RunFailed", "check_job", "check_new_run_id", "dry_run",
+           "format_dry_run", "format_report", "new_run_id", "run_job"]

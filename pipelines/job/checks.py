@@ -3,8 +3,9 @@ mistake costs a second and one line (a `JobError`, exit 2), not a cluster's wort
 
 `check_job(spec)` checks, in order: the tasks (known, not repeated, columns that do not clash),
 the checkpoint's files, the Ray address, the device (for the job's own Ray), that the input
-lists and holds audio, that the output is writable, that its segments were labelled with these
-tasks, this model and these generation settings, and that no other run holds its lease.
+lists and holds audio, that the output is writable (not for a dry run, which writes nothing),
+that its segments were labelled with these tasks, this model and these generation settings,
+and that no other run holds its lease.
 `check_new_run_id` refuses a run id a user picked that names a finished run.
 """
 
@@ -46,7 +47,8 @@ def check_job(spec: JobSpec) -> tuple[list, str]:
         found = open_input(spec.input, spec.storage_options, spec.storage_retry)
         if found.is_prefix and not spec.is_manifest():
             check_some_audio(spec)
-        check_output(spec.output, spec.storage_options, spec.storage_retry)
+        if not spec.dry_run:  # (a probe object written and deleted)
+            check_output(spec.output, spec.storage_options, spec.storage_retry)
         check_output_settings(spec, tasks, model, schema)
         check_output_free(spec)
     except StorageError as exc:

@@ -9,9 +9,11 @@ that turns that into `map_batches` arguments: an actor stage runs in an `ActorPo
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 
+from pipelines.job.ray_cluster import driver_log_level
 from pipelines.spec import JobSpec
 from pipelines.stages.base import Stage
 
@@ -63,11 +65,14 @@ def job_stages(spec: JobSpec, model_id: str, run_id: str, writer: Stage) -> list
 
 
 def build_dataset(stages: Sequence[Stage], units: list[dict], no_progress_timeout_s: float,
-                  inflight_bytes: int):
-    """The dataset of `units` (plan work units) through `stages`, one `map_batches` each."""
+                  inflight_bytes: int, ray_progress_bars: bool = True):
+    """The dataset of `units` (plan work units) through `stages`, one `map_batches` each.
+    `ray_progress_bars=False`: while the run's own progress is drawn (`pipelines.job.progress`),
+    Ray Data's per-operator bars (off a terminal, its progress log lines) are off."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
+    _ray_data_console(ctx, ray_progress_bars)
     ctx.execution_options.preserve_order = False
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s
     # the queues between the stages stop at a fixed budget (`placement.inflight_budget`), not
@@ -85,6 +90,17 @@ def build_dataset(stages: Sequence[Stage], units: list[dict], no_progress_timeou
         for stage in stages:
             ds = map_stage(ds, stage)
     return ds
+
+
+def _ray_data_console(ctx, progress_bars: bool) -> None:
+    """What Ray Data prints here: its progress bars or not, its lines at the driver's level
+    (`ray_cluster.driver_log_level`; its log file under the session keeps every line)."""
+    ctx.enable_progress_bars = progress_bars
+    if not progress_bars:  # its warning that they are off: we turned them off
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(driver_log_level())
 
 
 def map_stage(ds, stage: Stage):

@@ -85,11 +85,26 @@ def plan(spec: JobSpec, run_id: str) -> Plan:
     layout, retry = OutputLayout(root), spec.storage_retry
     retrying(lambda: remove_leftovers(fs, layout, run_id), spec.output, action="cleanup",
              policy=retry)
-    done, retry_errors = finished_objects(fs, layout, spec.max_audio_seconds
-                                          or default_max_seconds(), retry)
+    done = finished_objects(fs, layout, spec.max_audio_seconds or default_max_seconds(), retry)
     writer = _PlanWriter(fs, layout.plan(run_id), spec)
     result = Plan(Counter(), plan_dir=writer.folder)
-    seen, changed = set(), set()
+    changed: set[str] = set()
+    for info in to_do(spec, result, *done, changed):
+        writer.add({"uri": info.uri, "size": info.size, "etag": info.etag})
+    writer.flush()
+    result.shards, result.units = writer.shards, writer.units
+    if changed:
+        drop_rows(fs, layout, changed, retry)
+    return result
+
+
+def to_do(spec: JobSpec, result: Plan, done: dict[str, str | None], retry_errors: set[str],
+          changed: set[str]) -> Iterator[ObjectInfo]:
+    """The listed objects a run labels (`finished_objects` gave `done` and `retry_errors`):
+    new ones, changed ones, and those whose earlier error a rerun tries again (their URIs into
+    `changed`). What it passes over is counted in `result` as it goes, the rest (skipped,
+    not listed, changed) once the listing is exhausted. Reads, never writes."""
+    seen: set[str] = set()
     for info in listing(spec, result.skipped):
         if info.uri in seen:  # a manifest naming an object twice: labelled once
             result.counts["duplicates"] += 1
@@ -102,14 +117,9 @@ def plan(spec: JobSpec, run_id: str) -> Plan:
                 continue
             changed.add(info.uri)
             result.counts["retried_errors"] += info.uri in retry_errors
-        writer.add({"uri": info.uri, "size": info.size, "etag": info.etag})
         result.counts["todo"] += 1
-    writer.flush()
-    result.shards, result.units = writer.shards, writer.units
+        yield info
     _count_the_rest(spec, result, done, seen, changed)
-    if changed:
-        drop_rows(fs, layout, changed, retry)
-    return result
 
 
 def _count_the_rest(spec: JobSpec, result: Plan, done: dict, seen: set, changed: set) -> None:

@@ -8,6 +8,7 @@ this is what changes.
     answering); `auto` and `local` are left to Ray; a URL is refused.
   * `init_ray(spec)`: join the cluster, or start a Ray of the job's own on this machine, bound
     to loopback, with an object store sized by the job's in-flight budget.
+  * `driver_log_level()`: the level of Ray's driver-side lines, following the console's.
   * cluster facts for placement: `cluster_gpus`, `alive_nodes`, `smallest_node_cpus`,
     `local_gpus`, `object_store_minimum`.
 """
@@ -15,6 +16,7 @@ this is what changes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 
@@ -153,13 +155,14 @@ def init_ray(address: str | None, object_store_bytes: int,
                 # a loopback address stays one: Ray's client would otherwise rewrite it to
                 # this machine's routable address, where a loopback-only head never answers
                 with loopback_ray() if is_loopback(address) else contextlib.nullcontext():
-                    ray.init(address=address, log_to_driver=False)
+                    ray.init(address=address, log_to_driver=False,
+                             logging_level=driver_log_level())
             else:
                 with loopback_ray():
                     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
                              num_cpus=max(os.cpu_count() or 1, 2), _temp_dir=temp_dir,
                              object_store_memory=object_store_bytes,
-                             log_to_driver=False)
+                             log_to_driver=False, logging_level=driver_log_level())
     except BaseException as exc:  # interrupted half way (Ctrl-C, SIGTERM): stop what it started
         ray.shutdown()
         if isinstance(exc, SystemExit) and exc.code in (signal.SIGTERM, signal.SIGINT):
@@ -167,6 +170,16 @@ def init_ray(address: str | None, object_store_bytes: int,
             raise Interrupted(exc.code) from None
         raise
     return True
+
+
+def driver_log_level() -> int:
+    """The level of Ray's log lines in this (the driver's) process: the level set on the
+    `pipelines` logger (`kimi-label --log-level`), but not below INFO (Ray's DEBUG lines are for
+    its developers); Ray's own INFO when none is set. `ray.init` sets it on the `ray` logger,
+    and `pipelines.job.dataset` on Ray Data's console handler; the session's log files under
+    Ray's temp dir keep their own levels."""
+    level = logging.getLogger("pipelines").level
+    return max(level, logging.INFO) if level else logging.INFO
 
 
 @contextlib.contextmanager

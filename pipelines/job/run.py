@@ -17,7 +17,9 @@ from pipelines.errors import JobError, RunFailed
 from pipelines.job import placement, ray_cluster
 from pipelines.job.checks import check_job
 from pipelines.job.dataset import build_dataset, job_stages
+from pipelines.job.preview import dry_run
 from pipelines.job.plan import Plan, plan
+from pipelines.job.progress import ProgressTracker
 from pipelines.job.report import make_report
 from pipelines.job.stitch import PieceStitcher
 from pipelines.spec import JobSpec
@@ -31,9 +33,12 @@ def new_run_id() -> str:
 
 def run_job(spec: JobSpec, ray_temp_dir: str | None = None) -> dict[str, Any]:
     """Check, plan, run, report. Returns the report (also written as JSON to
-    `<output>/_runs/<run_id>/report.json`)."""
+    `<output>/_runs/<run_id>/report.json`); for a dry run (`spec.dry_run`), the plan
+    (`pipelines.job.preview`), nothing written."""
     started = time.time()
     tasks, model_id = check_job(spec)
+    if spec.dry_run:
+        return dry_run(spec)
     run_id = spec.run_id or new_run_id()
     fs, root = resolve(spec.output, spec.storage_options)
     lease = OutputLease(fs, root, spec.output, run_id)
@@ -66,8 +71,15 @@ def _run_holding(spec: JobSpec, run_id: str, task_names: list[str], model_id: st
                                spec.stages.write)
     stitcher = PieceStitcher(writer)
     summary: list[dict] = []
-    stats = _run_on_ray(workers, planned, model_id, run_id, stitcher, summary,
-                        ray_temp_dir) if planned.shards else ""
+    tracker = ProgressTracker(run_id, planned.counts["todo"])
+    tracker.start()
+    ok = False
+    try:
+        stats = _run_on_ray(workers, planned, model_id, run_id, stitcher, summary, tracker,
+                            ray_temp_dir) if planned.shards else ""
+        ok = True
+    finally:
+        tracker.end(ok)
     report = make_report(spec, run_id, model_id, task_names, planned, summary,
                          time.time() - started, stats)
     report["long_files_in_pieces"] = {"files": stitcher.files, "pieces": stitcher.pieces}
@@ -75,9 +87,11 @@ def _run_holding(spec: JobSpec, run_id: str, task_names: list[str], model_id: st
 
 
 def _run_on_ray(spec: JobSpec, planned: Plan, model_id: str, run_id: str,
-                stitcher: PieceStitcher, summary: list[dict], ray_temp_dir: str | None) -> str:
-    """The planned units through the stages on Ray; the files' summary rows into `summary`.
-    Returns Ray Data's stats."""
+                stitcher: PieceStitcher, summary: list[dict], tracker: ProgressTracker,
+                ray_temp_dir: str | None) -> str:
+    """The planned units through the stages on Ray; the files' summary rows into `summary`,
+    each counted by `tracker` as it lands (a long file once, when stitched). Returns Ray Data's
+    stats."""
     import ray
 
     store = placement.local_object_store_bytes(spec, ray_cluster.local_gpus())
@@ -88,10 +102,13 @@ def _run_on_ray(spec: JobSpec, planned: Plan, model_id: str, run_id: str,
         writer = stitcher.writer
         writer.resources = spec.stages.write
         ds = build_dataset(job_stages(spec, model_id, run_id, writer), planned.units,
-                           spec.no_progress_timeout_s, spec.inflight_bytes)
+                           spec.no_progress_timeout_s, spec.inflight_bytes,
+                           ray_progress_bars=not tracker.replaces_ray_progress)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
-                summary.extend(stitcher.add(row))
+                for done in stitcher.add(row):
+                    summary.append(done)
+                    tracker.file_done(done)
         stitcher.check_complete()
         return ds.stats()
     finally:

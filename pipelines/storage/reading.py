@@ -1,7 +1,9 @@
-"""Reading objects for a decoder: the whole object, or a local file for a large one."""
+"""Reading objects for a decoder: the whole object, or a local file for a large one; or, for a
+look at a header, a few ranges of it (`opened_head`)."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -79,3 +81,62 @@ def _broken_link(uri: str, err: StorageError) -> str | None:
     why = "does not exist" if err.kind == "not_found" else f"cannot be followed ({err.reason})"
     return f"broken symbolic link: its target {target!r} {why}"
 
+
+
+HEAD_BYTES = 1 << 20  # what a look at a header may read of an object at most
+HEAD_BLOCK = 64 << 10  # a remote object's ranges: a header takes one or two (Ogg: and its end)
+
+
+class BoundedReader(io.RawIOBase):
+    """A seekable object file for a header reader (libsndfile's virtual I/O), reading at most
+    `limit` bytes: past them, or when the store fails, it reads as at the end of the file and
+    says so (`exhausted`, `error`); an exception would be lost in the C callback."""
+
+    def __init__(self, handle, limit: int = HEAD_BYTES):
+        self.handle, self.limit = handle, limit
+        self.used = 0
+        self.exhausted = False
+        self.error: Exception | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+    def readinto(self, buffer) -> int:
+        if self.error is not None:
+            return 0
+        if self.used >= self.limit:
+            self.exhausted = True
+            return 0
+        view = memoryview(buffer)[:self.limit - self.used]
+        try:
+            data = self.handle.read(len(view))
+        except Exception as exc:  # noqa: BLE001 - told to the caller after the C code returns
+            self.error = exc
+            return 0
+        view[:len(data)] = data
+        self.used += len(data)
+        return len(data)
+
+
+@contextmanager
+def opened_head(uri: str, storage=None, limit: int = HEAD_BYTES) -> Iterator[BoundedReader]:
+    """The object as a `BoundedReader` of at most `limit` bytes: a local file as it is, a remote
+    one read in ranges of `HEAD_BLOCK` bytes as they are asked for, so a look at its header
+    costs a request or two, not the object. Errors opening it are the backend's (callers
+    translate them, e.g. with `retrying`); errors reading it are the reader's `error`."""
+    fs, path = resolve(uri, storage)
+    if is_local_fs(fs):
+        handle = open(path, "rb")  # noqa: SIM115 - closed below
+    else:
+        handle = fs.open(path, "rb", block_size=HEAD_BLOCK, cache_type="readahead")
+    with handle:
+        yield BoundedReader(handle, limit)

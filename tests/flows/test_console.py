@@ -4,6 +4,7 @@ the job, and refusals with a one-line reason (exit 2) before Prefect or Ray star
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,126 @@ def test_run_refuses_a_job_that_cannot_run_before_the_flow(here, tmp_path, args,
     refused(here("run", *[x for k, v in {**base, **given}.items() for x in (k, v)]),
             *expected)
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(here, tmp_path, monkeypatch):
+    """`run --dry-run` on a folder of new, labelled, changed, failed and other files: the plan's
+    counts and audio from the headers, exit 0, and the output as it was (no table, lease or
+    _runs/), Ray never started. `--log-level` is taken after the command too."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipelines.schema import files_schema, to_table
+    from pipelines.storage.listing import local_info
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("a01_tone_0p5s_16k.wav", "a02_chirp_3s_16k.wav", "a03_speech_12s_16k.wav",
+                 "a06_speech_2p37s_16k.flac"):
+        shutil.copy(goldens.INPUTS / name, inputs / name)
+    (inputs / "broken.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
+    (inputs / "notes.txt").write_text("not audio")
+    (inputs / "cover.jpg").write_bytes(b"\xff\xd8")
+
+    def row(name, etag=None, kind=None):
+        etag = etag or local_info(str(inputs / name), (inputs / name).stat()).etag
+        return {"source_uri": str(inputs / name), "status": "error" if kind else "ok",
+                "error": {"kind": kind, "message": "m"} if kind else None, "etag": etag,
+                "duration_s": 1.0, "run_id": "earlier"}
+
+    (out / "files").mkdir(parents=True)
+    pq.write_table(to_table([row("a01_tone_0p5s_16k.wav"),  # labelled: skipped
+                             row("a02_chirp_3s_16k.wav", etag="older"),  # changed since
+                             row("a03_speech_12s_16k.wav", kind="unavailable")],  # retried
+                            files_schema()), out / "files" / "part-0.parquet")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a dry run started Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    done = here("run", "--input", inputs, "--output", out, "--model", MODEL, "--dry-run",
+                "--log-level", "debug")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "dry run: nothing was labelled or written",
+        f"input {inputs}: 5 audio objects, 2 other objects skipped by extension (1 .jpg, 1 .txt)",
+        "  to label: 4 (2 new, 1 changed, 1 earlier errors tried again); already labelled: 1",
+        "audio to label: 0:00:17 (0.00483 hours), from the headers of all 4 objects; 1 without "
+        "a length in their first 1 MiB (not audio, or broken)",  # 3 + 12 + 2.37 s
+        f"output {out}: would write {out}/files/, {out}/segments/ and "
+        f"{out}/_runs/<run id>/report.json (run id: a new one when the run starts)"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert "Flow run" not in done.stderr and "temporary server" not in done.stderr
+
+    # an output that is not there yet stays so; a run id given is the one it would write
+    new = here("transcribe-archive", "--input", inputs, "--output", tmp_path / "new",
+               "--model", MODEL, "--dry-run", "--run-id", "nightly")
+    assert new.returncode == 0, new.stderr
+    assert "to label: 5 (5 new," in new.stdout and "(run id: nightly)" in new.stdout
+    assert f"{tmp_path}/new/_runs/nightly/report.json" in new.stdout
+    assert not (tmp_path / "new").exists()
+
+
+def test_log_level_and_version(here):
+    """`--log-level` takes the four levels (any case) and refuses others (exit 2); `--version`
+    exits 0 (as a subprocess: test_top_level_help_lists_every_command...)."""
+    bad = here("--log-level", "LOUD", "run", "--help")
+    assert bad.returncode == 2 and "argument --log-level: invalid choice: 'LOUD'" in bad.stderr
+    assert here("run", "--log-level", "verbose", "--help").returncode == 2
+    version = here("--log-level", "error", "--version")
+    assert version.returncode == 0 and version.stdout.startswith("kimi-label ")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_elsewhere():
+    """The console's progress (`flows.console.progress`), fed a run's events: off a terminal a
+    line at the start, at most one per interval, one at the end; on one a rich bar, during which
+    a log handler holding the terminal prints through the bar's console, and after it as before."""
+    import io
+    import logging
+
+    from flows.console.progress import LineProgress, TerminalProgress, progress_for
+    from pipelines.job.progress import ProgressTracker
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    now = [0.0]
+    log = io.StringIO()
+    lines = LineProgress(log, every_s=30, clock=lambda: now[0])
+    assert isinstance(progress_for(log), LineProgress)
+    tracker = ProgressTracker("r1", 3, (lines,), clock=lambda: now[0])
+    tracker.start()
+    for t in (10.0, 20.0, 45.0):  # the third file comes after 30 s: one line for it
+        now[0] = t
+        tracker.file_done({"status": "ok", "duration_s": 60.0})
+    tracker.end(ok=True)
+    assert log.getvalue().splitlines() == [
+        "progress: run r1: 3 files to label",
+        "progress: run r1: 3/3 files, 0:03:00 audio, 0.06 files/s, 3.4x real time, ETA 0:00:00",
+        "progress: run r1: completed: 3/3 files, 0:03:00 audio, 0.06 files/s, 3.4x real time, "
+        "ETA 0:00:00"]
+
+    screen = Terminal()
+    bar = progress_for(screen)
+    assert isinstance(bar, TerminalProgress) and bar.replaces_ray_progress
+    handler = logging.StreamHandler(screen)
+    logger = logging.getLogger("tests.progress_display")
+    logger.addHandler(handler)
+    try:
+        tracker = ProgressTracker("r2", 2, (bar,))
+        tracker.start()
+        assert handler.stream is not screen  # through the bar's console, above the bar
+        logger.warning("a line while the bar is up")
+        tracker.file_done({"status": "error", "duration_s": 0.0})
+        tracker.end(ok=False)
+        assert handler.stream is screen
+    finally:
+        logger.removeHandler(handler)
+    shown = screen.getvalue()
+    assert "a line while the bar is up" in shown and "1/2 files" in shown
+    assert "━" in shown  # (80 columns: the texts fit, the bar has what is left)
 
 
 ALL_COMMANDS = ["run", "transcribe-archive", "prepare-training-data", "stack", "evaluate", "demo",

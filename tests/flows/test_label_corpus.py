@@ -33,8 +33,13 @@ def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_
     assert sum(report["label_distribution"]["emotion"].values()) == 2  # one segment per clip
 
     found = asyncio.run(artifacts(["label-corpus-summary", "label-corpus-labels",
-                                   "label-corpus-output"]))
-    assert set(found) == {"label-corpus-summary", "label-corpus-labels", "label-corpus-output"}
+                                   "label-corpus-output", "label-corpus-progress"]))
+    assert set(found) == {"label-corpus-summary", "label-corpus-labels", "label-corpus-output",
+                          "label-corpus-progress"}
+    progress = found["label-corpus-progress"]  # updated as the run went, ended at 100 %
+    assert float(progress.data) == 100.0
+    assert progress.description.startswith(f"run {report['run_id']} (completed): 3/3 files "
+                                           "(1 failed), ")
     summary = {row["metric"]: row["value"]
                for row in json.loads(found["label-corpus-summary"].data)}
     assert summary["ok"] == 2 and summary["errors: undecodable"] == 1
@@ -42,6 +47,12 @@ def test_label_corpus_flow_labels_publishes_and_resumes(harness, ray_local, tmp_
 
     again = label_corpus(params)  # a rerun (or a retried run) resumes: nothing left to do
     assert again["processed"] == 0 and again["planned"]["already_done"] == 3
+    # a dry run through the flow: its plan, published, and nothing run
+    plan = label_corpus(params.model_copy(update={"dry_run": True}))
+    assert plan["planned"] == {"listed": 3, "already_done": 3, "new": 0}
+    shown = asyncio.run(artifacts(["label-corpus-dry-run"]))["label-corpus-dry-run"].data
+    assert "to label: 0 (0 new, 0 changed, 0 earlier errors tried again); already labelled: 3" \
+        in shown
 
     from flows.console.demo import run_summary  # what `make demo` prints of each run
 

@@ -97,9 +97,28 @@ def spec_for(seaweed, prefix: str, **overrides) -> JobSpec:
 
 def test_job_labels_mixed_formats_segments_long_audio_and_reports_bad_files(
         seaweed, s3_prefix, ray_local, caplog, capfd):
+    from pipelines.job import dry_run
+    from pipelines.job.progress import watching
+    from tests.pipelines.test_progress import Recorder
+
     upload(seaweed, f"{s3_prefix}/in", {**GOOD, **BAD, "notes.txt": lambda: b"skip me"})
     # the 65 s archive travels as pieces of at most 30 s, stitched back by the driver
-    report = run_job(spec_for(seaweed, s3_prefix, piece_seconds=30))
+    spec = spec_for(seaweed, s3_prefix, piece_seconds=30)
+    # a dry run first: the plan, the audio from the headers (range reads), nothing written
+    plan = dry_run(spec)
+    n = len(GOOD) + len(BAD)
+    assert plan["planned"] == {"listed": n, "todo": n, "new": n, "skipped_by_extension": 1}
+    assert plan["audio"]["unreadable"] == len(BAD) and not plan["audio"]["estimated"]
+    assert plan["audio"]["hours"] == pytest.approx((2 + 3 + 2 + 2 + 2 + 65) / 3600, rel=0.02)
+    fs, out_root = resolve(spec.output, seaweed.storage_options)
+    assert not fs.exists(out_root)
+    seen = Recorder()
+    with watching(seen):
+        report = run_job(spec)
+    # its progress counted every file once, the pieces of the archive as one file
+    assert [(kind, p.files_done, p.files_total) for kind, p in seen.events] == [
+        ("started", 0, n), *(("advanced", i, n) for i in range(1, n + 1)), ("ended", n, n)]
+    assert seen.events[-1][1].audio_s == pytest.approx(report["audio_hours"] * 3600)
 
     files = read_table(seaweed, f"{s3_prefix}/out", "files")
     segments = read_table(seaweed, f"{s3_prefix}/out", "segments")
