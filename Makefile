@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both build the venv on demand.
-PYTHON ?= python3.11
+# the first supported Python found (the package needs 3.10 or newer); `make test PYTHON=...` picks one
+PYTHON ?= $(firstword $(shell for p in python3.11 python3.12 python3.10 python3; do command -v $$p; done 2>/dev/null))
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -9,6 +10,8 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml infra/constraints-cpu.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+	  { echo "kimi-label needs Python 3.10 or newer; $(PYTHON) is older (make PYTHON=python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c infra/constraints-cpu.txt -e '.[dev]'
