@@ -24,7 +24,7 @@ from kimi_ops.evaluation import (
 # imported here, not in a test: Prefect sets up its console logging on import, and inside a
 # test using capsys it would keep writing to that test's closed stream
 from flows.evaluate import report_markdown
-from kimi_ops.tasks import get_task
+from kimi_ops.tasks import ChoiceTask, get_task
 from pipelines.evaluation import EvaluationError, EvaluationSpec, check_inputs, evaluate
 from pipelines.schema import files_schema, segments_schema, to_table
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
@@ -142,8 +142,10 @@ def test_expected_calibration_error_on_known_scores():
 
 # -- a hand-made labelled output -------------------------------------------------------------
 
-TASKS = [get_task("asr"), get_task("emotion")]
 LABELS = ("neutral", "joy", "anger")
+# the output's closed-set task: emotion, with a label set of three to keep the sums by hand short
+TASKS = [get_task("asr"), ChoiceTask(name="emotion", version="emotion-test",
+                                     question="Which emotion?", labels=LABELS)]
 A, B, C, D, E, F, G, H, I = (f"s3://audio/in/{x}.wav" for x in "abcdefghi")  # noqa: E741
 
 
@@ -283,7 +285,7 @@ def test_closed_set_scores_of_the_output(scored):
     assert rows[(B, None)]["confidence"] == pytest.approx(0.45, abs=1e-6)
     assert rows[(G, None)]["predicted"] == "joy"  # not the stale row's neutral
     assert emo["accuracy"] == 0.75
-    assert emo["labels"] == ["neutral", "joy", "anger"]  # the scores map's order
+    assert emo["labels"] == ["neutral", "joy", "anger"]  # the scores' order
     assert emo["confusion"] == [[0, 1, 0], [0, 2, 0], [0, 0, 1]]
     # F1: neutral 0 (no TP), joy 2*2/(4+1+0) = 0.8, anger 1.0 -> macro (0 + 0.8 + 1) / 3
     assert emo["macro_f1"] == pytest.approx(0.6)

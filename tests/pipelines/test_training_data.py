@@ -43,7 +43,7 @@ def scores(label: str, p: float, others: tuple[str, str]) -> dict[str, float]:
 
 
 def seg(uri, index, start, end, *, status="ok", transcript="some words", truncated=False,
-        looped=False, emotion=("neutral", 0.9), scene=("office", 0.8), tokens="auto",
+        looped=False, emotion=("neutral", 0.9), scene=("kitchen", 0.8), tokens="auto",
         etag=None, with_tokens=True):
     row = {"source_uri": uri, "segment_index": index, "start_s": start, "end_s": end,
            "status": status, "model_id": MODEL, "run_id": RUN, "etag": etag or f"etag-{uri}",
@@ -82,7 +82,7 @@ SHARD1 = [
     seg(D, 0, 0.0, 1.0),                                   # its file's row is an error
 ]
 SHARD2 = [seg(uri, i, 2.0 * i, 2.0 * i + 1.5,
-              scene=("office", 0.6) if (uri, i) == (MANY[0], 2) else ("office", 0.8))
+              scene=("kitchen", 0.6) if (uri, i) == (MANY[0], 2) else ("kitchen", 0.8))
           for uri in MANY for i in range(3)]
 SHARD2.append(seg(C, 1, 1.5, 3.5, transcript="DUP"))       # duplicate of C/1: the first wins
 SHARD3 = [seg(G, 0, 0.0, 1.0, with_tokens=False), seg(G, 1, 1.0, 2.0, with_tokens=False)]
