@@ -319,14 +319,15 @@ def test_cli_refuses_to_start_with_a_clear_reason(seaweed, s3_prefix, tmp_path):
                  "--model", MODEL, "--storage-options", json.dumps(wrong))
     assert denied.returncode == 2 and "access_denied" in denied.stderr
     assert "wrong-secret-value-123" not in denied.stderr + denied.stdout
-    # objects, but no audio among them (here: the default extensions; AIFF needs asking for)
+    # objects, but no audio among them (here: the default extensions; NIST needs asking for)
     upload(seaweed, f"{s3_prefix}/notes", {"a.txt": lambda: b"x", "b.txt": lambda: b"y",
-                                           "c.aiff": lambda: b"z"})
+                                           "c.sph": lambda: b"z"})
     no_audio = run("--input", f"{s3_prefix}/notes", "--output", f"{s3_prefix}/out2",
                    "--model", MODEL, "--storage-options", opts)
     assert no_audio.returncode == 2 and no_audio.stderr.strip().endswith(
-        f"{s3_prefix}/notes: no audio to label: its 3 objects (2 .txt, 1 .aiff) have none of "
-        "the extensions flac, mp3, ogg, opus, wav (--extensions picks others, e.g. aiff)")
+        f"{s3_prefix}/notes: no audio to label: its 3 objects (2 .txt, 1 .sph) have none of "
+        "the extensions aif, aifc, aiff, au, caf, flac, mp3, oga, ogg, opus, rf64, snd, w64, "
+        "wav, wave (--extensions picks others that libsndfile reads, e.g. sph)")
     for proc in (bad_model, no_bucket, denied, no_audio):
         assert "Started a local Ray instance" not in proc.stderr  # refused before Ray
         assert "Traceback" not in proc.stderr
@@ -337,13 +338,13 @@ def test_the_listing_counts_what_it_leaves_out_by_extension(tmp_path):
 
     from pipelines.storage import list_objects
 
-    for name in ("a.wav", "b.TXT", "c.aiff", "d/e.txt", "README"):
+    for name in ("a.wav", "b.TXT", "c.sph", "d/e.txt", "README", "f.AIFF", "g.oga", "h.au"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     skipped = Counter()
     listed = [i.uri for i in list_objects(str(tmp_path), skipped=skipped)]
-    assert listed == [str(tmp_path / "a.wav")]
-    assert skipped == {"txt": 2, "aiff": 1, "": 1}
+    assert listed == [str(tmp_path / n) for n in ("a.wav", "f.AIFF", "g.oga", "h.au")]
+    assert skipped == {"txt": 2, "sph": 1, "": 1}
 
 
 def test_gpu_placement_by_configuration_only():
