@@ -295,6 +295,23 @@ def test_closed_set_scores_of_the_output(scored):
     assert [b["count"] for b in emo["calibration"]["bins"]] == [0, 0, 0, 0, 1, 0, 1, 0, 1, 1]
 
 
+def test_an_output_of_schema_version_1_scores_as_its_version_2_twin(tmp_path):
+    """An output written before schema version 2 (map columns) is read as the same output in
+    structs: the same coverage, labels, confidences and metrics."""
+    from tests.pipelines.schema_v1 import copy_as_schema_1
+
+    new = make_output(tmp_path / "new")
+    old = copy_as_schema_1(new, tmp_path / "old")
+    assert pa.types.is_map(pq.read_schema(f"{old}/segments/part-0.parquet")
+                           .field("emotion_scores").type)
+    refs = write_references(tmp_path / "refs.parquet")
+    reports = [evaluate(EvaluationSpec(input=out, references=refs, output=str(tmp_path / name)))
+               for out, name in ((new, "eval-new"), (old, "eval-old"))]
+    for key in ("coverage", "metrics", "results", "tasks", "levels"):
+        assert reports[1][key] == reports[0][key], key
+    assert reports[1]["results"]["emotion"]["labels"] == ["neutral", "joy", "anger"]
+
+
 def test_comparison_reports_deltas_and_changed_files(tmp_path):
     output = make_output(tmp_path / "new")
     other = make_output(tmp_path / "old", a_emotion="neutral", b_transcript="hello world",

@@ -160,6 +160,23 @@ def expected_row(key) -> dict:
             "model_id": MODEL, "run_id": RUN}
 
 
+def test_an_output_of_schema_version_1_builds_the_rows_of_its_version_2_twin(source, tmp_path):
+    """An output written before schema version 2 (its scores as maps) gives the same shards,
+    confidences included, and the same counts."""
+    from tests.pipelines.schema_v1 import copy_as_schema_1
+
+    old = copy_as_schema_1(source, tmp_path / "old")
+    assert pq.read_schema(f"{old}/segments/part-1.parquet").metadata[
+        b"kimi_label.schema_version"] == b"1"
+    filters = CASES["keep_flagged"][0]  # a confidence filter reads the scores
+    built = [build(out, tmp_path / name, filters=filters, validation_fraction=0.3)
+             for out, name in ((source, "ds-new"), (old, "ds-old"))]
+    assert built[1]["counts"] == built[0]["counts"]
+    assert built[1]["tasks"] == built[0]["tasks"] == ["emotion", "scene"]
+    for split in ("train", "validation"):
+        assert read_split(tmp_path / "ds-old", split) == read_split(tmp_path / "ds-new", split)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_filters_keep_exactly_the_expected_rows(source, tmp_path, case):
     filters, kept, dropped = CASES[case]
