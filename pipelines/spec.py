@@ -22,7 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_valida
                       model_validator)
 from pydantic.fields import FieldInfo
 
-from pipelines.storage import StorageOptions, StorageRetry, is_manifest
+from pipelines.storage import AUDIO_EXTENSIONS, StorageOptions, StorageRetry, is_manifest
 from pipelines.storage import uri as uris
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,9 @@ class JobSpec(BaseModel):
     semantic_tokens: bool = Field(
         False, description="also write each segment's 12.5 Hz VQ tokens (training data)")
     extensions: Annotated[list[str] | None, AfterValidator(_some_extensions)] = Field(
-        None, description="comma-separated extensions to label, e.g. wav,flac,aiff; none: "
-                          "wav,flac,ogg,opus,mp3")
+        None, description="comma-separated extensions to label, e.g. wav,flac; none: every "
+                          "container the decoder reads: "
+                          f"{','.join(sorted(AUDIO_EXTENSIONS))}")
     storage_options: StorageOptions
     storage_retry: StorageRetry
     ray_address: str | None = Field(

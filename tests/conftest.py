@@ -31,11 +31,12 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def engine():
-    """The full KimiAudio API on the shared tiny checkpoint."""
-    from kimi_ops.engine.api import KimiAudio
+    """The full KimiAudio API on the shared tiny checkpoint, made with the keywords of the
+    reference's README (`model_path`, `load_detokenizer=False`) and imported as users do."""
+    from kimi_ops import KimiAudio
 
     goldens.require()
-    return KimiAudio(goldens.CHECKPOINT, device="cpu")
+    return KimiAudio(model_path=goldens.CHECKPOINT, load_detokenizer=False, device="cpu")
 
 
 @pytest.fixture(scope="session")

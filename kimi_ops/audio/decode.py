@@ -6,7 +6,8 @@ with libsndfile, average the channels, resample with soxr at "HQ" quality (libro
 
 Accepted sources (`AudioSource`):
   * a path (`str` / `os.PathLike`) to any file libsndfile reads (wav, flac, ogg/vorbis, opus,
-    mp3 with libsndfile >= 1.1);
+    mp3 with libsndfile >= 1.1, aiff, au, w64, rf64, caf, ...; `AUDIO_FILE_EXTENSIONS` names
+    the usual extensions of these containers);
   * `bytes` / `bytearray` / `memoryview` holding such an encoded file;
   * a tuple `(waveform, sample_rate)`, or a bare `waveform` with `sample_rate=` given, where
     `waveform` is a numpy array or torch tensor, 1-D `[samples]` or 2-D. For 2-D arrays the
@@ -35,7 +36,7 @@ Guards against hostile input (each checked from the header, before any sample is
     streamed WAV's placeholder size (0, 0x7FFFF000 or 0xFFFFFFFF) and an AU's 0xFFFFFFFF
     declare nothing. MP3 has no reliable count to compare with: a truncated MP3 gives what is
     there; so do rarer containers libsndfile also opens (IRCAM, NIST, VOC, ...), which the
-    default listing does not pick (`.wav .flac .ogg .opus .mp3`).
+    default listing does not pick (it takes `AUDIO_FILE_EXTENSIONS`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ _BLOCK_FRAMES = 1 << 20  # frames per read when mixing down
 _COUNTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "AIFF", "AU", "W64"})
 _FIXED_WIDTH_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT",
                                    "DOUBLE", "ULAW", "ALAW"})
+# The extensions of the containers above that this decoder reads, and checks for truncation
+# (MP3 aside): the audio a listing takes by default (`pipelines.storage.listing`).
+AUDIO_FILE_EXTENSIONS = frozenset({
+    "wav", "wave", "rf64", "w64",  # RIFF WAVE, its 64-bit forms
+    "flac",
+    "ogg", "oga", "opus",  # Ogg: Vorbis, FLAC or Opus
+    "mp3",
+    "aif", "aiff", "aifc",  # AIFF and AIFF-C
+    "au", "snd",  # Sun/NeXT
+    "caf",  # Apple Core Audio
+})
 # What writers that cannot seek back (ffmpeg, sox, libsndfile to a pipe) leave as a WAV data size.
 _STREAMED_SIZES = frozenset({0, 0x7FFFF000, 0xFFFFFFFF})
 

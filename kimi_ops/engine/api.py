@@ -166,9 +166,18 @@ class KimiAudio:
     def __init__(self, model_path: str | os.PathLike, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, glm_tokenizer: str | os.PathLike | None = None,
                  max_batch_size: int = 32, max_batch_tokens: int = 65536,
-                 load_frontend: bool = True):
-        """`load_frontend=False` loads only the language model: prompts must then carry
-        `AudioEncoding`s computed elsewhere (e.g. by a front-end worker)."""
+                 load_frontend: bool = True, *, load_detokenizer: bool = False):
+        """`model_path`: a checkpoint folder or a hub id, as in the reference
+        (`KimiAudio(model_path=..., load_detokenizer=False)`). `load_frontend=False` loads only
+        the language model: prompts must then carry `AudioEncoding`s computed elsewhere (e.g.
+        by a front-end worker). `load_detokenizer` is the reference's keyword: this package
+        has no audio detokenizer (no waveform output), so only False is accepted; audio token
+        ids still come back from `generate_batch(..., output_type="both")`."""
+        if load_detokenizer:
+            raise InvalidArgumentError(
+                "load_detokenizer=True: kimi_ops has no audio detokenizer and writes no waveform "
+                "(it labels and transcribes); pass load_detokenizer=False. "
+                "generate_batch(..., output_type='both') still returns the audio token ids")
         self.max_batch_size = checked_int(max_batch_size, "max_batch_size", low=1)
         self.max_batch_tokens = checked_int(max_batch_tokens, "max_batch_tokens", low=1)
         self.device = checked_device(device)

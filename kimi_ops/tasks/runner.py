@@ -11,6 +11,7 @@ OR-ed and closed-set probabilities are averaged over segments weighted by durati
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,15 +90,38 @@ def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
 
 
 
+def label_files(engine, sources: Sequence[Any], tasks: Sequence[Task | str],
+                max_new_tokens: int = -1, **task_params: Any) -> list[dict[str, Any]]:
+    """Label audio files with tasks in one call; one row (a plain dict) per source, in order.
 
-def label_files(engine, sources: Sequence[Any], tasks: Sequence[Task],
-                max_new_tokens: int = -1) -> list[dict[str, Any]]:
-    """One row per source, in order: `path`, `duration_s`, the tasks' fields, `task_versions`;
-    or `path`, `error`, `error_kind` for a source that cannot be decoded."""
+        from kimi_ops import KimiAudio, label_files
+        engine = KimiAudio(model_path="moonshotai/Kimi-Audio-7B-Instruct", load_detokenizer=False)
+        rows = label_files(engine, ["a.wav", "b.flac"], ["asr", "emotion"], language="en")
+
+    `sources`: what `kimi_ops.audio.load_audio` takes: paths (any container libsndfile reads:
+    wav, flac, ogg/opus, mp3, aiff, ...), encoded bytes, or `(waveform, sample_rate)` tuples.
+    `tasks`: task objects (`kimi_ops.tasks.get_task`, or your own `ChoiceTask` /
+    `GenerativeTask`) or task specs such as "asr", "scene:tut2017", "question"; a spec is
+    built with `task_params` (`language` for asr, `question` for question), which a task's
+    factory ignores when it does not take them. `max_new_tokens` bounds each generated text
+    (-1: the model's context).
+
+    A row holds `path` (the source as given when it is a path, else None), then either
+    `duration_s` (seconds of audio), `num_segments` (the <= 30 s segments it was cut into at
+    pauses), every task's fields and `task_versions` (task -> version); or, for a source that
+    cannot be decoded, `error` (the message) and `error_kind` (a stable kind, e.g.
+    `undecodable`, `not_found`, `empty_audio`). A task's fields over a file: text fields (e.g.
+    `transcript`) joined over its segments, flags (e.g. `transcript_truncated`) or-ed, a
+    closed-set task's `<task>` (the best label) and `<task>_scores` (label -> probability, in
+    the label set's order) averaged over the segments by duration.
+    """
+    from kimi_ops.tasks import get_task
+
+    tasks = [get_task(t, **task_params) if isinstance(t, str) else t for t in tasks]
     rows: list[dict[str, Any]] = []
     waves, index = [], []
     for i, src in enumerate(sources):
-        rows.append({"path": str(src)})
+        rows.append({"path": os.fspath(src) if isinstance(src, (str, os.PathLike)) else None})
         try:
             waves.append(load_audio(src))
         except KimiError as exc:

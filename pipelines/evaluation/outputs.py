@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from pipelines.evaluation.errors import EvaluationError, storage_refusal
 from pipelines.evaluation.references import ASR_COLUMN, Reference
+from pipelines.schema import TASK_VERSIONS_KEY, closed_set_tasks, normalized
 from pipelines.storage import (OutputLayout, StorageConfig, parquet_files, read_available,
                                read_schema, resolve)
 
@@ -36,7 +37,6 @@ MISSING, ERRORED, SCORED = "missing", "errored", "scored"
 FILE_COLUMNS = ["source_uri", "status", "error", "etag", ASR_COLUMN, "run_id", "model_id"]
 SEGMENT_COLUMNS = ["source_uri", "segment_index", "start_s", "end_s", "status", "error", "etag",
                    ASR_COLUMN]
-TASK_VERSIONS_KEY = b"kimi_label.task_versions"  # the tasks a run ran, in every shard's footer
 
 
 @dataclass
@@ -90,13 +90,12 @@ def inspect_output(uri: str, storage: StorageConfig | None = None,
         raise storage_refusal(exc, role, uri, storage, "read output") from None
     if segments:
         columns = {name for schema in schemas for name in schema.names}
-        maps = {f.name for schema in schemas for f in schema if pa.types.is_map(f.type)}
         ran: set[str] = set()
+        closed = sorted({t for schema in schemas for t in closed_set_tasks(schema)})
     else:
-        columns, maps = set(), set()
+        columns = set()
         ran = {name for schema in schemas for name in _tasks_ran(schema)}
-    closed = sorted(c for c in columns if f"{c}_scores" in maps)
-    closed += sorted(_choice_tasks(ran) - set(closed))
+        closed = sorted(_choice_tasks(ran))
     return OutputInfo(uri, files, segments, closed, ASR_COLUMN in columns or "asr" in ran,
                       columns)
 
@@ -127,18 +126,13 @@ def _choice_tasks(names: Iterable[str]) -> set[str]:
 
 def _read_rows(fs, shards: Sequence[str], columns: Sequence[str],
                uris: set[str]) -> Iterator[dict[str, Any]]:
-    """Rows of `shards` whose source_uri is in `uris`, with the `columns` each shard has; map
-    columns become dicts."""
+    """Rows of `shards` whose source_uri is in `uris`, with the `columns` each shard has, of
+    either schema version; scores are dicts, label -> probability, in label-set order."""
     wanted = pa.array(sorted(uris), pa.string())
     for path in shards:
         table = read_available(fs, path, list(columns))
-        table = table.filter(pc.is_in(table["source_uri"], value_set=wanted))
-        maps = [f.name for f in table.schema if pa.types.is_map(f.type)]
-        for row in table.to_pylist():
-            for name in maps:
-                if row[name] is not None:
-                    row[name] = dict(row[name])
-            yield row
+        yield from normalized(table.filter(pc.is_in(table["source_uri"], value_set=wanted))
+                              ).to_pylist()
 
 
 def _files_rows(fs, info: OutputInfo, uris: set[str]) -> dict[str, dict]:
@@ -172,7 +166,8 @@ def _segments_rows(fs, info: OutputInfo, uris: set[str], files: dict[str, dict],
 
 def _label_orders(by_file: dict[str, dict[int, dict]],
                   closed: Sequence[str]) -> dict[str, list[str]]:
-    """Each closed-set task's labels in the order of its scores map (the first one seen)."""
+    """Each closed-set task's labels in the order of its scores (the first row that has
+    them)."""
     orders: dict[str, list[str]] = {}
     for segments in by_file.values():
         for row in segments.values():
@@ -197,8 +192,8 @@ def file_label(segments: list[dict], task: str) -> tuple[str | None, float | Non
     if len(scored) == len(weights):
         mean: dict[str, float] = {}
         for scores, w in scored:
-            for label, p in scores.items():
-                mean[label] = mean.get(label, 0.0) + w * float(p) / total
+            for label, p in scores.items():  # a label without a probability adds nothing
+                mean[label] = mean.get(label, 0.0) + w * float(p or 0.0) / total
         label = max(mean, key=mean.__getitem__)  # ties: the first in the label set's order
         return label, mean[label]
     votes: Counter = Counter()
@@ -229,7 +224,7 @@ def _segment_outcome(segment: dict | None, closed: Sequence[str]) -> Outcome:
         label, scores = segment.get(task), segment.get(f"{task}_scores")
         outcome.values[task] = label
         outcome.confidence[task] = (float(scores[label]) if label is not None and scores
-                                    and label in scores else None)
+                                    and scores.get(label) is not None else None)
     return outcome
 
 
@@ -250,7 +245,7 @@ def collect(info: OutputInfo, refs: Sequence[Reference], tasks: Sequence[str],
             storage: StorageConfig | None = None
             ) -> tuple[Outcomes, dict[str, list[str]], dict[str, list[str]]]:
     """Each reference key's outcome in this output, the label order of each closed-set task
-    (the order of its scores map) and facts about the rows (`runs`, `model_ids`)."""
+    (the order of its scores) and facts about the rows (`runs`, `model_ids`)."""
     fs, _ = resolve(info.uri, storage)
     uris = {u for r in refs for u in r.uris()}
     closed = [t for t in tasks if t != ASR_COLUMN]

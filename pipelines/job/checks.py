@@ -4,8 +4,8 @@ mistake costs a second and one line (a `JobError`, exit 2), not a cluster's wort
 `check_job(spec)` checks, in order: the tasks (known, not repeated, columns that do not clash),
 the checkpoint's files, the Ray address, the device (for the job's own Ray), that the input
 lists and holds audio, that the output is writable (not for a dry run, which writes nothing),
-that its segments were labelled with these tasks, this model and these generation settings,
-and that no other run holds its lease.
+that its segments are of this schema version and were labelled with these tasks, this model and
+these generation settings, and that no other run holds its lease.
 `check_new_run_id` refuses a run id a user picked that names a finished run.
 """
 
@@ -134,11 +134,13 @@ def check_output_settings(spec: JobSpec, tasks: list, model: str, schema: pa.Sch
     from those of the segments already there is refused, before anything is planned. Resuming
     skips labelled objects, so the output would mix the two (and, for the tasks, hold shards of
     two schemas). The first shard is read (this check keeps them alike); a setting its rows do
-    not record (an older output) is not compared."""
+    not record (an older output) is not compared. An output of another schema version is
+    refused (`check_schema_version`)."""
     found = _first_segments_shard(spec)
     if found is None:
         return
     there, head = found
+    check_schema_version(spec, there)
     if set(there.names) != set(schema.names):  # the order of the tasks does not matter
         held = json.loads((there.metadata or {}).get(b"kimi_label.task_versions", b"{}"))
 
@@ -150,6 +152,20 @@ def check_output_settings(spec: JobSpec, tasks: list, model: str, schema: pa.Sch
                        f"{described(held, there.names)}; this run asks for "
                        f"{described(spec.tasks, schema.names)}. {REFUSE} (the same tasks)")
     _check_same_settings(spec, tasks, model, there, head)
+
+
+def check_schema_version(spec: JobSpec, there: pa.Schema) -> None:
+    """New rows are written in this version's schema: a shard of another version (1: map
+    columns) beside them would make the output unreadable as one table. Evaluate and
+    prepare-training-data read version 1 outputs; a run does not add to them."""
+    from pipelines.schema import SCHEMA_VERSION, schema_version
+
+    version = schema_version(there)
+    if version != SCHEMA_VERSION:
+        raise JobError(f"output {spec.output} holds segments of output schema version {version}; "
+                       f"this version of kimi-label writes version {SCHEMA_VERSION} and does "
+                       "not add to it: label into a new output (evaluate and "
+                       "prepare-training-data still read this one)")
 
 
 def _check_same_settings(spec: JobSpec, tasks: list, model: str, there: pa.Schema,

@@ -65,7 +65,7 @@ def nothing_listed(spec: JobSpec, skipped: Counter) -> JobError:
                       for ext, n in skipped.most_common(5))
     return JobError(f"{spec.input}: no audio to label: its {sum(skipped.values())} objects "
                     f"({found}) have none of the extensions {', '.join(wanted)} (--extensions "
-                    "picks others, e.g. aiff)")
+                    "picks others that libsndfile reads, e.g. sph)")
 
 
 def listing(spec: JobSpec, skipped: Counter | None = None) -> Iterator[ObjectInfo]:

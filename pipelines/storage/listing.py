@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from kimi_ops.audio.decode import AUDIO_FILE_EXTENSIONS
 from pipelines.storage.errors import StorageError, translated
 from pipelines.storage.filesystem import is_local_fs, is_s3_fs, resolve, uri_of
 from pipelines.storage.retry import RetryPolicy, retrying
@@ -27,7 +28,7 @@ from pipelines.storage.uri import s3_uri
 
 log = logging.getLogger("pipelines.storage")
 
-AUDIO_EXTENSIONS = frozenset({"wav", "flac", "ogg", "opus", "mp3"})  # what soundfile decodes
+AUDIO_EXTENSIONS = AUDIO_FILE_EXTENSIONS  # every container the decoder reads
 LIST_PAGE_SIZE = 1000
 
 

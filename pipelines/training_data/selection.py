@@ -76,11 +76,14 @@ def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
 
 
 def _top_probability(table: pa.Table, task: str) -> pa.Array:
+    """The highest probability of each row's `<task>_scores` (a struct, as
+    `source.read_segments` gives every version's); null without scores."""
     name = f"{task}_scores"
-    if name not in table.column_names:
+    if name not in table.column_names or not table.schema.field(name).type.num_fields:
         return pa.nulls(table.num_rows, pa.float32())
-    return pa.array([max(v for _, v in m) if m else None for m in table[name].to_pylist()],
-                    pa.float32())
+    scores = table[name].combine_chunks()
+    labels = [pc.struct_field(scores, [i]) for i in range(scores.type.num_fields)]
+    return pc.max_element_wise(*labels, skip_nulls=True).cast(pa.float32())
 
 
 def _language(table: pa.Table) -> pa.Array:

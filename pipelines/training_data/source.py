@@ -10,6 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from pipelines.schema import closed_set_tasks, normalized
 from pipelines.storage import (OutputLayout, parquet_files, read_available, read_schema,
                                read_table_dir, redact_uri, resolve, storage_error)
 from pipelines.training_data.errors import TrainingDataError
@@ -32,14 +33,6 @@ class SourceInfo(BaseModel):
     shards_without_tokens: int = Field(
         description="segments shards labelled without --semantic-tokens (their rows are "
                     "dropped)")
-
-
-def closed_set_tasks(schema: pa.Schema) -> list[str]:
-    """Tasks with a `<name>` label column and a `<name>_scores` map column."""
-    names = set(schema.names)
-    return [f.name[: -len("_scores")] for f in schema
-            if f.name.endswith("_scores") and pa.types.is_map(f.type)
-            and f.name[: -len("_scores")] in names]
 
 
 def _footers(spec: TrainingDataSpec) -> tuple[list[str], list[str], list[pa.Schema]]:
@@ -99,6 +92,7 @@ def read_file_states(fs, root: str) -> dict[str, tuple[str, str | None]]:
 
 
 def read_segments(fs, path: str, tasks: list[str]) -> pa.Table:
-    """The columns the build uses of one `segments/` shard (those it has)."""
+    """The columns the build uses of one `segments/` shard (those it has), its scores in the
+    current schema's form whatever version wrote the shard (`pipelines.schema.normalized`)."""
     columns = [*SEGMENT_COLUMNS, *tasks, *(f"{t}_scores" for t in tasks)]
-    return read_available(fs, path, columns)
+    return normalized(read_available(fs, path, columns))

@@ -270,6 +270,35 @@ def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_elsewhere():
     assert "━" in shown  # (80 columns: the texts fit, the bar has what is left)
 
 
+def test_a_run_onto_an_output_of_schema_version_1_is_refused_and_writes_nothing(here, tmp_path):
+    """An output written before schema version 2 (map columns) is not added to: one line that
+    names it and says what to do, exit 2, the output as it was (evaluate and
+    prepare-training-data still read it)."""
+    import pyarrow.parquet as pq
+
+    from kimi_ops.tasks import get_task
+    from pipelines.schema import files_schema, segments_schema, to_table
+    from tests.pipelines.schema_v1 import as_schema_1
+
+    out = tmp_path / "out"
+    tasks = [get_task("asr"), get_task("emotion")]
+    for table, row, schema in (
+            ("files", {"status": "ok"}, files_schema(tasks)),
+            ("segments", {"segment_index": 0, "start_s": 0.0, "end_s": 1.0, "status": "ok",
+                          "emotion": "joy", "emotion_scores": {"joy": 0.9, "neutral": 0.1},
+                          "task_versions": {"asr": "asr-1", "emotion": "emotion-1"}},
+             segments_schema(tasks))):
+        (out / table).mkdir(parents=True)
+        pq.write_table(as_schema_1(to_table([{"source_uri": "/in/a.wav", "run_id": "r0", **row}],
+                                            schema)), out / table / "part-0.parquet")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    refused(here("run", "--input", goldens.INPUTS, "--output", out, "--model", MODEL,
+                 "--tasks", "asr,emotion"),
+            f"output {out} holds segments of output schema version 1;",
+            "label into a new output")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
 ALL_COMMANDS = ["run", "transcribe-archive", "prepare-training-data", "stack", "evaluate", "demo",
                 "generate", "audio-tokens", "label", "make-tiny-checkpoint"]
 

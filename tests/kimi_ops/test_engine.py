@@ -147,6 +147,9 @@ def test_numpy_numbers_are_taken_as_python_numbers():
     ({"device": "cpu", "dtype": "int8"}, "dtype 'int8': use one of bf16, bfloat16"),
     ({"device": "cpu", "dtype": torch.int8}, "dtype torch.int8: the weights run in"),
     ({"max_batch_size": 0}, "max_batch_size must be >= 1, got 0"),
+    # the reference's keyword: no waveform output here (load_detokenizer=False is the engine
+    # fixture's, so every test on it loads the model that way)
+    ({"load_detokenizer": True}, r"load_detokenizer=True: kimi_ops has no audio detokenizer"),
 ])
 def test_bad_device_or_dtype_is_refused_before_loading(kwargs, message):
     from kimi_ops.engine.api import KimiAudio
@@ -155,7 +158,7 @@ def test_bad_device_or_dtype_is_refused_before_loading(kwargs, message):
     if kwargs.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(InvalidArgumentError, match=message):
-        KimiAudio(goldens.CHECKPOINT, **kwargs)
+        KimiAudio(model_path=goldens.CHECKPOINT, **kwargs)
 
 
 def test_dtype_by_name():

@@ -163,6 +163,38 @@ def test_front_end_runs_once_per_segment_whatever_the_tasks(engine, monkeypatch)
         assert set(row["task_versions"]) == {"asr", "caption", "emotion", "scene", "sound_event"}
 
 
+def test_label_files_from_the_package_takes_task_names_and_every_kind_of_source(engine):
+    """`from kimi_ops import label_files`: task names (with their parameters) label as the task
+    objects do; a path, its bytes and its samples give the same fields; a missing file is an
+    error row, in its place."""
+    import soundfile as sf
+
+    from kimi_ops import label_files as exported
+
+    assert exported is label_files
+    samples, rate = sf.read(CLIP, dtype="float32")
+    missing = goldens.INPUTS / "nope.wav"
+    rows = exported(engine, [CLIP, CLIP.read_bytes(), (samples, rate), missing],
+                    ["asr", "emotion"], max_new_tokens=4, language="en")
+    (by_object,) = label_files(engine, [CLIP], [get_task("asr", language="en"),
+                                                 get_task("emotion")], max_new_tokens=4)
+    def same(row, expected):  # scores as probabilities: batches of other sizes round apart
+        scores = row.pop("emotion_scores")
+        assert scores == pytest.approx(expected.pop("emotion_scores"), abs=1e-6)
+        assert row == expected
+
+    assert by_object["path"] == str(CLIP)
+    same(dict(rows[0]), dict(by_object))
+    for row in rows[1:3]:
+        same(dict(row), {**by_object, "path": None})
+    assert list(by_object["emotion_scores"]) == list(get_task("emotion").labels)
+    assert by_object["task_versions"] == {"asr": get_task("asr", language="en").version,
+                                          "emotion": get_task("emotion").version}
+    assert rows[3]["path"] == str(missing) and rows[3]["error_kind"] == "not_found"
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        exported(engine, [CLIP], ["asr", "nope"])
+
+
 def test_long_file_transcripts_join_and_scores_average_by_duration():
     task = ChoiceTask(name="tone", version="1", question="q", labels=("low", "high"))
     asr = get_task("asr")

@@ -24,7 +24,7 @@ from kimi_ops.evaluation import (
 # imported here, not in a test: Prefect sets up its console logging on import, and inside a
 # test using capsys it would keep writing to that test's closed stream
 from flows.evaluate import report_markdown
-from kimi_ops.tasks import get_task
+from kimi_ops.tasks import ChoiceTask, get_task
 from pipelines.evaluation import EvaluationError, EvaluationSpec, check_inputs, evaluate
 from pipelines.schema import files_schema, segments_schema, to_table
 from tests.s3_fixtures import s3_prefix, seaweed  # noqa: F401
@@ -142,8 +142,10 @@ def test_expected_calibration_error_on_known_scores():
 
 # -- a hand-made labelled output -------------------------------------------------------------
 
-TASKS = [get_task("asr"), get_task("emotion")]
 LABELS = ("neutral", "joy", "anger")
+# the output's closed-set task: emotion, with a label set of three to keep the sums by hand short
+TASKS = [get_task("asr"), ChoiceTask(name="emotion", version="emotion-test",
+                                     question="Which emotion?", labels=LABELS)]
 A, B, C, D, E, F, G, H, I = (f"s3://audio/in/{x}.wav" for x in "abcdefghi")  # noqa: E741
 
 
@@ -283,7 +285,7 @@ def test_closed_set_scores_of_the_output(scored):
     assert rows[(B, None)]["confidence"] == pytest.approx(0.45, abs=1e-6)
     assert rows[(G, None)]["predicted"] == "joy"  # not the stale row's neutral
     assert emo["accuracy"] == 0.75
-    assert emo["labels"] == ["neutral", "joy", "anger"]  # the scores map's order
+    assert emo["labels"] == ["neutral", "joy", "anger"]  # the scores' order
     assert emo["confusion"] == [[0, 1, 0], [0, 2, 0], [0, 0, 1]]
     # F1: neutral 0 (no TP), joy 2*2/(4+1+0) = 0.8, anger 1.0 -> macro (0 + 0.8 + 1) / 3
     assert emo["macro_f1"] == pytest.approx(0.6)
@@ -291,6 +293,23 @@ def test_closed_set_scores_of_the_output(scored):
     # 0.45 T (bin 4, 0.55) -> ECE = (0.05 + 0.15 + 0.65 + 0.55) / 4 = 0.35
     assert emo["calibration"]["ece"] == pytest.approx(0.35, abs=1e-6)
     assert [b["count"] for b in emo["calibration"]["bins"]] == [0, 0, 0, 0, 1, 0, 1, 0, 1, 1]
+
+
+def test_an_output_of_schema_version_1_scores_as_its_version_2_twin(tmp_path):
+    """An output written before schema version 2 (map columns) is read as the same output in
+    structs: the same coverage, labels, confidences and metrics."""
+    from tests.pipelines.schema_v1 import copy_as_schema_1
+
+    new = make_output(tmp_path / "new")
+    old = copy_as_schema_1(new, tmp_path / "old")
+    assert pa.types.is_map(pq.read_schema(f"{old}/segments/part-0.parquet")
+                           .field("emotion_scores").type)
+    refs = write_references(tmp_path / "refs.parquet")
+    reports = [evaluate(EvaluationSpec(input=out, references=refs, output=str(tmp_path / name)))
+               for out, name in ((new, "eval-new"), (old, "eval-old"))]
+    for key in ("coverage", "metrics", "results", "tasks", "levels"):
+        assert reports[1][key] == reports[0][key], key
+    assert reports[1]["results"]["emotion"]["labels"] == ["neutral", "joy", "anger"]
 
 
 def test_comparison_reports_deltas_and_changed_files(tmp_path):

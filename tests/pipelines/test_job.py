@@ -338,14 +338,15 @@ def test_cli_refuses_to_start_with_a_clear_reason(seaweed, s3_prefix, tmp_path):
                  "--model", MODEL, "--storage-options", json.dumps(wrong))
     assert denied.returncode == 2 and "access_denied" in denied.stderr
     assert "wrong-secret-value-123" not in denied.stderr + denied.stdout
-    # objects, but no audio among them (here: the default extensions; AIFF needs asking for)
+    # objects, but no audio among them (here: the default extensions; NIST needs asking for)
     upload(seaweed, f"{s3_prefix}/notes", {"a.txt": lambda: b"x", "b.txt": lambda: b"y",
-                                           "c.aiff": lambda: b"z"})
+                                           "c.sph": lambda: b"z"})
     no_audio = run("--input", f"{s3_prefix}/notes", "--output", f"{s3_prefix}/out2",
                    "--model", MODEL, "--storage-options", opts)
     assert no_audio.returncode == 2 and no_audio.stderr.strip().endswith(
-        f"{s3_prefix}/notes: no audio to label: its 3 objects (2 .txt, 1 .aiff) have none of "
-        "the extensions flac, mp3, ogg, opus, wav (--extensions picks others, e.g. aiff)")
+        f"{s3_prefix}/notes: no audio to label: its 3 objects (2 .txt, 1 .sph) have none of "
+        "the extensions aif, aifc, aiff, au, caf, flac, mp3, oga, ogg, opus, rf64, snd, w64, "
+        "wav, wave (--extensions picks others that libsndfile reads, e.g. sph)")
     for proc in (bad_model, no_bucket, denied, no_audio):
         assert "Started a local Ray instance" not in proc.stderr  # refused before Ray
         assert "Traceback" not in proc.stderr
@@ -356,13 +357,77 @@ def test_the_listing_counts_what_it_leaves_out_by_extension(tmp_path):
 
     from pipelines.storage import list_objects
 
-    for name in ("a.wav", "b.TXT", "c.aiff", "d/e.txt", "README"):
+    for name in ("a.wav", "b.TXT", "c.sph", "d/e.txt", "README", "f.AIFF", "g.oga", "h.au"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     skipped = Counter()
     listed = [i.uri for i in list_objects(str(tmp_path), skipped=skipped)]
-    assert listed == [str(tmp_path / "a.wav")]
-    assert skipped == {"txt": 2, "aiff": 1, "": 1}
+    assert listed == [str(tmp_path / n) for n in ("a.wav", "f.AIFF", "g.oga", "h.au")]
+    assert skipped == {"txt": 2, "sph": 1, "": 1}
+
+
+def test_a_local_folder_of_oga_aiff_and_au_is_labelled_into_tables_every_reader_loads(tmp_path,
+                                                                                     engine):
+    """The job's default listing takes every container the decoder reads (`.oga`, `.aiff` and
+    `.au` among them); the stages, run here in process on the tiny checkpoint, label them into
+    `files/` and `segments/` that pyarrow, Hugging Face `datasets`, duckdb and polars all load:
+    `emotion_scores` is a struct of the task's labels (no map column)."""
+    import datasets
+    import polars as pl
+    import pyarrow as pa
+
+    from kimi_ops.tasks import get_task
+    from pipelines.job.plan import listing
+    from pipelines.stages import DecodeStage, FrontendStage, LabelStage, WriteStage
+    from pipelines.stages.base import run_in_process
+
+    speech, sr = sf.read(goldens.INPUTS / "a06_speech_2p37s_16k.flac", dtype="float32")
+    clips = {"speech.oga": (speech, sr, "OGG", "VORBIS"),
+             "tone.aiff": (tone(1, 22050), 22050, "AIFF", "PCM_16"),
+             "tone.au": (tone(1, 8000), 8000, "AU", "PCM_16")}
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name, (wave, rate, fmt, subtype) in clips.items():
+        sf.write(folder / name, wave, rate, format=fmt, subtype=subtype)
+    (folder / "notes.txt").write_text("not audio")
+    spec = JobSpec(input=str(folder), output=str(out), model=MODEL, tasks=["asr", "emotion"])
+    plan = pa.Table.from_pylist([{"uri": o.uri, "etag": o.etag, "size": o.size}
+                                 for o in listing(spec)])
+    assert [Path(u).name for u in plan["uri"].to_pylist()] == sorted(clips)
+    frontend = FrontendStage(MODEL, None, "cpu")
+    label = LabelStage(MODEL, None, "cpu", spec.tasks, {}, 4, True, "model", "run")
+    frontend.frontend, label.engine = engine.frontend, engine  # the session's, loaded once
+    summary = run_in_process([DecodeStage(None), frontend, label,
+                              WriteStage(str(out), None, spec.tasks, {}, True)], plan)
+    assert summary["status"].to_pylist() == ["ok"] * 3, summary["error_kind"].to_pylist()
+
+    labels = list(get_task("emotion").labels)
+    segments = pa.concat_tables(pq.read_table(p) for p in sorted((out / "segments").iterdir()))
+    assert segments.schema.field("emotion_scores").type.names == labels
+    assert not any(pa.types.is_map(f.type) for f in segments.schema)
+    expected = sorted((r["source_uri"], r["emotion_scores"]["joy"], r["task_versions"]["asr"],
+                       r["finish_reason"]["asr"]) for r in segments.to_pylist())
+    assert len(expected) == 3 and all(0.0 <= row[1] <= 1.0 for row in expected)
+
+    for table in ("files", "segments"):  # Hugging Face datasets: scores are dicts
+        loaded = datasets.load_dataset("parquet", data_files=str(out / table / "*.parquet"),
+                                       split="train", cache_dir=str(tmp_path / "hf"))
+        assert loaded.num_rows == 3, table
+    rows = loaded.to_list()
+    assert sorted((r["source_uri"], r["emotion_scores"]["joy"], r["task_versions"]["asr"],
+                   r["finish_reason"]["asr"]) for r in rows) == expected
+    assert all(list(r["emotion_scores"]) == labels for r in rows)
+    assert all(len(r["semantic_tokens"]) > 0 for r in rows)
+
+    glob = str(out / "segments" / "*.parquet")
+    assert sorted(duckdb.sql(  # duckdb: a label's probability is a field
+        f"select source_uri, emotion_scores.joy, task_versions.asr, finish_reason.asr "
+        f"from read_parquet('{glob}')").fetchall()) == expected
+    frame = pl.read_parquet(glob).select(  # polars: a struct field
+        "source_uri", pl.col("emotion_scores").struct.field("joy"),
+        pl.col("task_versions").struct.field("asr"),
+        pl.col("finish_reason").struct.field("asr").alias("finish"))
+    assert sorted(frame.iter_rows()) == expected
 
 
 def test_gpu_placement_by_configuration_only():

@@ -45,7 +45,7 @@ def scores(label: str, p: float, others: tuple[str, str]) -> dict[str, float]:
 
 
 def seg(uri, index, start, end, *, status="ok", transcript="some words", truncated=False,
-        looped=False, emotion=("neutral", 0.9), scene=("office", 0.8), tokens="auto",
+        looped=False, emotion=("neutral", 0.9), scene=("kitchen", 0.8), tokens="auto",
         etag=None, with_tokens=True):
     language = "auto" if uri == C else "en"  # C's run transcribed with --language auto
     row = {"source_uri": uri, "segment_index": index, "start_s": start, "end_s": end,
@@ -86,7 +86,7 @@ SHARD1 = [
     seg(D, 0, 0.0, 1.0),                                   # its file's row is an error
 ]
 SHARD2 = [seg(uri, i, 2.0 * i, 2.0 * i + 1.5,
-              scene=("office", 0.6) if (uri, i) == (MANY[0], 2) else ("office", 0.8))
+              scene=("kitchen", 0.6) if (uri, i) == (MANY[0], 2) else ("kitchen", 0.8))
           for uri in MANY for i in range(3)]
 SHARD2.append(seg(C, 1, 1.5, 3.5, transcript="DUP"))       # duplicate of C/1: the first wins
 SHARD3 = [seg(G, 0, 0.0, 1.0, with_tokens=False), seg(G, 1, 1.0, 2.0, with_tokens=False)]
@@ -209,6 +209,23 @@ def expected_row(key) -> dict:
             "scene": row["scene"],
             "scene_confidence": pytest.approx(max(row["scene_scores"].values()), abs=1e-6),
             "model_id": MODEL, "run_id": RUN}
+
+
+def test_an_output_of_schema_version_1_builds_the_rows_of_its_version_2_twin(source, tmp_path):
+    """An output written before schema version 2 (its scores as maps) gives the same shards,
+    confidences included, and the same counts."""
+    from tests.pipelines.schema_v1 import copy_as_schema_1
+
+    old = copy_as_schema_1(source, tmp_path / "old")
+    assert pq.read_schema(f"{old}/segments/part-1.parquet").metadata[
+        b"kimi_label.schema_version"] == b"1"
+    filters = CASES["keep_flagged"][0]  # a confidence filter reads the scores
+    built = [build(out, tmp_path / name, filters=filters, validation_fraction=0.3)
+             for out, name in ((source, "ds-new"), (old, "ds-old"))]
+    assert built[1]["counts"] == built[0]["counts"]
+    assert built[1]["tasks"] == built[0]["tasks"] == ["emotion", "scene"]
+    for split in ("train", "validation"):
+        assert read_split(tmp_path / "ds-old", split) == read_split(tmp_path / "ds-new", split)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

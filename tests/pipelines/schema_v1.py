@@ -1,0 +1,43 @@
+"""Outputs in the layout of output schema version 1 (before version 2), for the tests that
+read old outputs: `<task>_scores` was `map<string, float32>`, `finish_reason` and
+`task_versions` were `map<string, string>`, and the footers said `schema_version: 1`. Made here
+with pyarrow from version 2 tables of the same rows (a version 1 map held the keys a row had)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MAP_COLUMNS = ("finish_reason", "task_versions")
+
+
+def _was_a_map(field: pa.Field) -> bool:
+    return pa.types.is_struct(field.type) and (field.name.endswith("_scores")
+                                               or field.name in MAP_COLUMNS)
+
+
+def as_schema_1(table: pa.Table) -> pa.Table:
+    """`table` (a version 2 segments or files table) as version 1 wrote it."""
+    fields, columns = [], []
+    for field, column in zip(table.schema, table.columns):
+        if _was_a_map(field):
+            type_ = pa.map_(pa.string(), field.type.field(0).type)
+            column = pa.array([None if v is None else [(k, x) for k, x in v.items()
+                                                       if x is not None]
+                               for v in column.to_pylist()], type_)
+            field = pa.field(field.name, type_)
+        fields.append(field)
+        columns.append(column)
+    metadata = {**(table.schema.metadata or {}), b"kimi_label.schema_version": b"1"}
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=metadata))
+
+
+def copy_as_schema_1(output: str | Path, old: str | Path) -> str:
+    """A copy of the local `output` whose Parquet shards are in the version 1 layout."""
+    shutil.copytree(output, old)
+    for path in Path(old).rglob("*.parquet"):
+        pq.write_table(as_schema_1(pq.read_table(path)), path)
+    return str(old)
