@@ -65,7 +65,7 @@ def test_pipeline_benchmark_accounts_the_command_cpu_by_process(harness, tmp_pat
 
 def test_load_benchmark_runs_long_recordings_as_pieces_and_whole(tmp_path):
     # the short-clip runs are tests/pipelines/test_load.py's (through the same run_size)
-    out = run_script("bench/load.py", "--files", "--long", "1", "60", "--piece-seconds", "20",
+    out = run_script("bench/load.py", "--files", "--long", "1", "65", "--piece-seconds", "30",
                      "--out", str(tmp_path))
     result = json.loads((tmp_path / "load.json").read_text())
     assert result["runs"] == [] and "(no short-clip runs)" in out
@@ -74,6 +74,6 @@ def test_load_benchmark_runs_long_recordings_as_pieces_and_whole(tmp_path):
     assert pieces["in_pieces"]["files"] == 1 and pieces["in_pieces"]["pieces"] >= 3
     assert whole["in_pieces"] == {"files": 0, "pieces": 0}
     for arm in result["long_files"]:
-        assert arm["all_accounted_once"] and arm["seconds_each"] == 60
+        assert arm["all_accounted_once"] and arm["seconds_each"] == 65
         assert {"FrontendStage actor", "LabelStage actor"} <= set(arm["actors_rss_mb"]), arm
     assert "long files | arm" in out

@@ -118,14 +118,15 @@ def test_secret_block_credentials_work_and_never_leak(harness, ray_local, seawee
 
 def test_wrong_key_fails_fast_as_access_denied_without_retries(seaweed, s3_prefix, caplog):
     wrong = {**seaweed.storage_options, "secret": "Wr0ng-" + uuid.uuid4().hex}
-    generous = RetryPolicy(attempts=20, base_delay_s=1.0, max_delay_s=5.0, budget_s=120)
+    # one waited retry would take at least 10 s (half of the first delay is never jittered)
+    generous = RetryPolicy(attempts=20, base_delay_s=20.0, max_delay_s=30.0, budget_s=300)
     for call in (lambda: open_input(s3_prefix, wrong, generous),
                  lambda: check_output(f"{s3_prefix}/out", wrong, generous)):
         caplog.clear()
         started = time.monotonic()
         with pytest.raises(StorageError) as err:
             call()
-        assert time.monotonic() - started < 2.0  # no backoff: not one retry was waited for
+        assert time.monotonic() - started < 10.0  # no backoff: not one retry was waited for
         assert err.value.kind == "access_denied" and err.value.attempts == 1
         assert "secret key does not match" in str(err.value)
         assert wrong["secret"] not in str(err.value)
