@@ -105,6 +105,7 @@ class ServiceState:
     ``session``/``session_start``: the process we spawned (its PID is the session id of all its
     descendants). ``main``: the processes that must be alive for the service to count as running.
     ``pids``: every member seen at ``up`` (``down`` looks again for later ones, e.g. Ray workers).
+    ``urls``: what a user opens or a client is given, by name (an API, a UI, the dashboard).
     """
 
     name: str
@@ -115,6 +116,7 @@ class ServiceState:
     ports: dict[str, int]
     endpoint: str
     log: str
+    urls: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @classmethod
