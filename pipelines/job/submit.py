@@ -74,17 +74,20 @@ def dashboard_url(address: str) -> str:
 def job_client(address: str):
     """A `JobSubmissionClient` of the cluster whose dashboard is at `address`; a JobError
     says why there is none (no answer, no Jobs API, a token refused)."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     url = dashboard_url(address)
     try:
         return JobSubmissionClient(url)
+    except AuthenticationError:
+        raise JobError(f"the Ray cluster at {url} refused this client's authentication token "
+                       "(none sent, or not the cluster's): export RAY_AUTH_MODE=token and "
+                       "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, a file holding it)") from None
     except (ConnectionError, RuntimeError) as exc:
         said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        hint = ("export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
-                if "401" in said or "auth" in said.lower()
-                else "is the head running, with its dashboard (ray[default])?")
-        raise JobError(f"cannot submit to the Ray cluster at {url}: {said}; {hint}") from None
+        raise JobError(f"cannot submit to the Ray cluster at {url}: {said}; is the head "
+                       "running, with its dashboard (ray[default])?") from None
 
 
 def submitted_spec(spec: JobSpec, run_id: str) -> JobSpec:
