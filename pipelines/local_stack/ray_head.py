@@ -43,6 +43,8 @@ from pipelines.local_stack.supervision import (
 from pipelines.processes import ProcessIdentity, identify
 
 START_TIMEOUT_S = 90.0
+START_ATTEMPTS = 2
+STARVED = "The current node timed out during startup"  # `ray start`'s error, see start_ray
 # <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store must fit in sun_path (107 bytes).
 RAY_TEMP_DIR_MAX = 40
 MAIN_PROCESSES = ("gcs_server", "raylet")
@@ -111,19 +113,28 @@ def _launch(home: Path, stack_id: str, taken: set[int], prefer: dict[str, int],
 def start_ray(home: Path, stack_id: str, taken: set[int], prefer: dict[str, int],
               cpus: int | None = None) -> ServiceState:
     """Start the head with `cpus` CPUs (default: `machine_cpus()`), on the ports of `prefer`
-    where free, and wait until ``ray start`` is done and the GCS and the dashboard answer; on
-    failure stop what started and raise StackError."""
-    launcher, svc = _launch(home, stack_id, taken, prefer, cpus or machine_cpus())
-    try:
-        code = launcher.wait(timeout=START_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        code = None
-    reap(launcher.pid)
-    svc.pids = svc.members(stack_id)
-    if code != 0:
+    where free, and wait until ``ray start`` is done (it waits for the dashboard) and the GCS
+    accepts connections; on failure stop what started and raise StackError.
+
+    Ray gives its raylet a fixed 30 s to register with the GCS; on a CPU-starved machine
+    (the dashboard's dozen processes start meanwhile) it can miss that, and ``ray start``
+    fails with "timed out during startup": that start is tried once more."""
+    for attempt in range(START_ATTEMPTS):
+        launcher, svc = _launch(home, stack_id, taken, prefer, cpus or machine_cpus())
+        try:
+            code = launcher.wait(timeout=START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        reap(launcher.pid)
+        svc.pids = svc.members(stack_id)
+        if code == 0:
+            break
         stop_ray(svc, stack_id)
-        raise StackError(f"`ray start --head` {'timed out' if code is None else f'exit {code}'}; "
-                         f"log tail ({svc.log}):\n{log_tail(Path(svc.log))}")
+        tail = log_tail(Path(svc.log))
+        if STARVED not in tail or attempt + 1 == START_ATTEMPTS:
+            raise StackError(f"`ray start --head` "
+                             f"{'timed out' if code is None else f'exit {code}'}; "
+                             f"log tail ({svc.log}):\n{tail}")
     by_name = {process_name(p.pid): p for p in svc.pids}
     svc.main = [by_name[n] for n in MAIN_PROCESSES if n in by_name]
     if len(svc.main) != len(MAIN_PROCESSES) or not port_open(HOST, svc.ports["gcs"]):

@@ -13,7 +13,7 @@ Contract:
 
   * A process is recorded as its PID and start time (`pipelines.processes`), never by PID alone.
   * ``env()`` is the whole environment of a client (S3 endpoint and credentials, Prefect's API,
-    Ray's address and token); ``stack.json`` and ``repr()`` never hold a secret.
+    Ray's address, its Jobs API and token); ``stack.json`` and ``repr()`` never hold a secret.
 """
 
 from __future__ import annotations
@@ -214,4 +214,7 @@ class StackState:
         if "ray" in self.services:
             env.update(ray_client_env(self.home, self.ray_auth_mode))
             env["RAY_ADDRESS"] = self.services["ray"].endpoint
+            dashboard = self.services["ray"].urls.get("dashboard")
+            if dashboard:  # where `ray job submit|list|logs` go (its Jobs API)
+                env["RAY_API_SERVER_ADDRESS"] = dashboard
         return env

@@ -367,6 +367,7 @@ def test_full_stack_prefect_and_ray(full_home, full_stack, capsys):
         assert resp.status == 200 and resp.read().strip() == b"true"
     assert env["RAY_ADDRESS"].startswith("127.0.0.1:")
     assert env["RAY_AUTH_MODE"] == "token"
+    assert env["RAY_API_SERVER_ADDRESS"] == dashboard  # for `ray job submit|list|logs`
     assert not [s for s in _secrets(home) if s in (home / "stack.json").read_text()]
 
     client = textwrap.dedent("""
