@@ -25,6 +25,7 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import time
 import uuid
@@ -130,23 +131,49 @@ def submit(client, spec: JobSpec, run_id: str) -> str:
 
 def follow(client, submission_id: str, on_log: Callable[[str], None] = _ignore,
            poll_s: float = POLL_S) -> JobOutcome:
-    """Wait for the job to end, handing each new line of its log to `on_log`. Whatever ends
-    the wait early (an exception, a signal, a cancellation) stops the job, then goes on."""
-    shown = 0
+    """Wait for the job to end, handing each line of its log to `on_log` as it comes (streamed
+    from the dashboard; should the stream drop, the status is polled every `poll_s` and the
+    rest of the log shown at the end). Whatever ends the wait early (an exception, a signal,
+    a cancellation) stops the job, then goes on."""
     try:
-        while True:
-            info = client.get_job_info(submission_id)
-            logs = client.get_job_logs(submission_id)
-            for line in logs[shown:].splitlines():
-                on_log(line)
-            shown = len(logs)
-            if str(info.status) in FINAL:
-                return JobOutcome(submission_id, str(info.status), info.message or "",
-                                  info.driver_exit_code, last_error(logs))
+        lines = LineSplitter(on_log)
+        try:
+            asyncio.run(_stream_log(client, submission_id, lines))
+        except (RuntimeError, OSError):  # the stream dropped (Ray says RuntimeError)
+            pass
+        while str((info := client.get_job_info(submission_id)).status) not in FINAL:
             time.sleep(poll_s)
+        logs = client.get_job_logs(submission_id)
+        lines.feed(logs[lines.seen:])
+        lines.flush()
+        return JobOutcome(submission_id, str(info.status), info.message or "",
+                          info.driver_exit_code, last_error(logs))
     except BaseException:
         stop(client, submission_id)
         raise
+
+
+async def _stream_log(client, submission_id: str, lines: LineSplitter) -> None:
+    async for chunk in client.tail_job_logs(submission_id):  # ends with the job
+        lines.feed(chunk)
+
+
+class LineSplitter:
+    """Chunks of a log in, whole lines out; counts the characters seen."""
+
+    def __init__(self, on_line: Callable[[str], None]):
+        self.on_line, self.seen, self.partial = on_line, 0, ""
+
+    def feed(self, chunk: str) -> None:
+        self.seen += len(chunk)
+        *whole, self.partial = (self.partial + chunk).split("\n")
+        for line in whole:
+            self.on_line(line)
+
+    def flush(self) -> None:
+        if self.partial:
+            self.on_line(self.partial)
+            self.partial = ""
 
 
 def stop(client, submission_id: str) -> None:
