@@ -26,6 +26,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import time
 import uuid
@@ -154,8 +155,10 @@ def follow(client, submission_id: str, on_log: Callable[[str], None] = _ignore,
 
 
 async def _stream_log(client, submission_id: str, lines: LineSplitter) -> None:
-    async for chunk in client.tail_job_logs(submission_id):  # ends with the job
-        lines.feed(chunk)
+    # closed on the way out whatever happens, so its HTTP session is closed too
+    async with contextlib.aclosing(client.tail_job_logs(submission_id)) as chunks:
+        async for chunk in chunks:  # ends with the job
+            lines.feed(chunk)
 
 
 class LineSplitter:

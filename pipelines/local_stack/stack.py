@@ -125,6 +125,10 @@ def stack_up(
         if s3 is not None and s3_port and s3.ports["s3"] != s3_port:
             raise StackError(f"S3 already runs on port {s3.ports['s3']}, not {s3_port}; "
                              "run `stack down` first")
+        head = state.services.get("ray")
+        if head is not None and ray_cpus and head.extra.get("num_cpus") != ray_cpus:
+            raise StackError(f"Ray already runs with {head.extra.get('num_cpus')} CPUs, not "
+                             f"{ray_cpus}; run `stack down` first")
         wanted = [n for n, on in (("s3", True), ("prefect", prefect), ("ray", ray))
                   if on and n not in state.services]
         if not wanted:

@@ -26,6 +26,7 @@ from pipelines.local_stack import (
     stack_status,
     stack_up,
 )
+from pipelines.errors import StackError
 from pipelines.processes import ProcessIdentity, is_running, port_free
 
 pytestmark = pytest.mark.slow
@@ -327,6 +328,7 @@ def test_a_job_on_the_stacks_ray_is_stopped_when_its_follower_is_interrupted(ful
     lines = proc.stdout.splitlines()
     assert lines[0] in ("interrupted RUNNING", "interrupted STOPPED"), proc.stdout
     assert lines[-1] == "final STOPPED", proc.stdout
+    assert "Task was destroyed" not in proc.stderr  # the log stream was closed, not dropped
 
 
 def test_full_stack_prefect_and_ray(full_home, full_stack, capsys):
@@ -351,6 +353,9 @@ def test_full_stack_prefect_and_ray(full_home, full_stack, capsys):
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert resp.status == 200 and b"<html" in resp.read(3000).lower()
     assert status["services"]["ray"]["num_cpus"] == machine_cpus()
+    with pytest.raises(StackError, match=f"Ray already runs with {machine_cpus()} CPUs, not "
+                                         f"{machine_cpus() + 1}; run `stack down` first"):
+        stack_up(home, ray=True, ray_cpus=machine_cpus() + 1)  # (the override, refused here)
     # `stack status --json`: the status, and nothing else, on stdout; without it, the URLs
     assert main(["stack", "status", "--json", "--home", str(home)]) == 0
     shown = json.loads(capsys.readouterr().out)
