@@ -25,7 +25,7 @@ WORK_POOL = INFRA / "prefect" / "work-pool.json"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 POOL_NAME = "kimi-label-pool"
 DEPLOYMENTS = {
-    "label-corpus": "flows/label_corpus.py:label_corpus",
+    "label-corpus": "flows/label_corpus_on_ray.py:label_corpus_on_ray",
     "transcribe-archive": "flows/transcribe_archive.py:transcribe_archive",
     "prepare-training-data": "flows/prepare_training_data.py:prepare_training_data",
     "evaluate": "flows/evaluate.py:evaluate_flow",
@@ -166,9 +166,7 @@ def test_raycluster_shape():
 
 
 def test_rayjob_shape_and_entrypoint():
-    from flows.console.app import build_parser
-    from flows.console.options import model_from_args
-    from pipelines.spec import JobSpec
+    from pipelines.job.__main__ import parse_spec
 
     doc = load_yaml(RAYJOB)
     assert doc["apiVersion"] == "ray.io/v1"
@@ -182,17 +180,17 @@ def test_rayjob_shape_and_entrypoint():
         assert image == load_yaml(RAYCLUSTER)["spec"]["headGroupSpec"]["template"]["spec"][
             "containers"][0]["image"]
 
-    entrypoint = spec["entrypoint"]
-    assert entrypoint.startswith("kimi-label run ")
-    argv = shlex.split(entrypoint)
-    args = build_parser().parse_args(argv[1:])  # the flags exist (exits on an unknown one)
-    job = model_from_args(JobSpec, args)  # and make a valid job
+    # the job itself, without Prefect (no throw-away Prefect server in the head pod)
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:4] == ["python", "-m", "pipelines.job", "--spec"] and len(argv) == 5
+    job = parse_spec(argv[4])  # a valid job
     # on a Ray node the job must join the running cluster, not start its own
     assert job.ray_address == "auto"
     assert job.input.startswith("s3://") and job.output.startswith("s3://")
     assert job.model == "/models/Kimi-Audio-7B-Instruct"
     assert job.tasks == ["asr", "emotion", "scene"]
-    assert json.loads(args.stages)["decode"]["concurrency"] == job.stages.decode.concurrency
+    assert json.loads(argv[4])["stages"]["decode"]["concurrency"] == job.stages.decode.concurrency
+    assert "PREFECT_API_URL" not in spec["entrypoint"]
 
 
 # -- Prefect ---------------------------------------------------------------------------------
@@ -220,9 +218,13 @@ def test_prefect_deployments():
     assert not deployments["transcribe-archive"].get("schedules")
     assert not deployments["prepare-training-data"].get("schedules")
 
+    # label-corpus submits to the RayCluster's Jobs API; no Ray Client anywhere
     params = deployments["label-corpus"]["parameters"]["params"]
     assert params["model"] == "/models/Kimi-Audio-7B-Instruct"
-    assert params["ray_address"].startswith("ray://")
+    assert "ray_address" not in params
+    assert deployments["label-corpus"]["parameters"]["ray_dashboard"] == \
+        "http://kimi-label-head-svc:8265"
+    assert "ray://" not in PREFECT_YAML.read_text()
 
     # the pull steps move into KIMI_LABEL_SOURCE, by default where the image keeps the source
     shell, chdir = doc["pull"]

@@ -14,6 +14,8 @@ One module a job each:
   stitch       the driver's end: a long file's pieces stitched back into one file
   report       the run's report and its summary lines
   run          `run_job`: all of the above, holding the output's lease
+  submit       the job on a running Ray cluster through its Jobs API: submit, follow, stop
+  __main__     `python -m pipelines.job --spec JSON`: the job's entry point on a cluster
 """
 
 from pipelines.errors import JobError, RunFailed

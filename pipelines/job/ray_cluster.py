@@ -4,8 +4,9 @@ this is what changes.
 
   * `check_ray_address(address)`: a cluster to join must answer before anything is allocated:
     a GCS `host:port` (asked for its session, so a missing token or a port that is not a GCS
-    is refused in seconds), a `ray://` Ray Client address (its extra installed, its server
-    answering); `auto` and `local` are left to Ray; a URL is refused.
+    is refused in seconds); `auto` and `local` are left to Ray; a URL is refused, a `ray://`
+    (Ray Client) one too: a job goes to a remote cluster through the Ray Jobs API
+    (`pipelines.job.submit`).
   * `init_ray(spec)`: join the cluster, or start a Ray of the job's own on this machine, bound
     to loopback, with an object store sized by the job's in-flight budget.
   * `driver_log_level()`: the level of Ray's driver-side lines, following the console's.
@@ -25,23 +26,20 @@ from pipelines.errors import Interrupted, JobError
 
 def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
     """A cluster to join must answer: `ray.init` would otherwise retry an address nobody listens
-    on for many minutes. A GCS `host:port` is also asked for its session (`probe_gcs`); a
-    `ray://` (Ray Client) one needs the client extra here and its server answering; "auto" and
-    "local" are left to Ray."""
+    on for many minutes. A GCS `host:port` is also asked for its session (`probe_gcs`); "auto"
+    and "local" are left to Ray; a `ray://` (Ray Client) address is refused: Ray's docs warn
+    that Ray Client may not work as expected for ML workloads such as this one."""
     if not address or address in ("auto", "local"):
         return
-    if address.startswith("ray://"):  # Ray Client (infra/prefect's deployments use it)
-        from ray._private.utils import get_ray_client_dependency_error
-
-        if get_ray_client_dependency_error() is not None:
-            raise JobError(f"ray address {address!r}: Ray Client needs its extra here: "
-                           "pip install 'ray[client]' (or give the head's GCS host:port)")
-        _reach(address, address[len("ray://"):], timeout_s,
-               "is the head running its Ray Client server (port 10001 by default)?")
-        return
+    if address.startswith("ray://"):
+        raise JobError(f"ray address {address!r}: Ray Client is not supported; submit the job "
+                       "to the cluster through its Ray Jobs API instead (the "
+                       "label-corpus-on-ray flow, or `ray job submit`, see infra/DEPLOY.md), "
+                       "or give the head's GCS host:port from a machine of the cluster")
     if "://" in address:
         raise JobError(f"ray address {address!r}: expected the head's GCS host:port (port 6379 "
-                       "by default) or auto, not a URL (http://...:8265 is the dashboard)")
+                       "by default) or auto, not a URL (http://...:8265 is the dashboard: "
+                       "submit to it with the label-corpus-on-ray flow)")
     _reach(address, address, timeout_s,
            "is it running, and is the address its head's host:port?")
     probe_gcs(address, timeout_s)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
+from pipelines.errors import RunFailed
 from pipelines.stages.write import STAGE_TIMES
-from pipelines.storage import OutputLayout
+from pipelines.storage import OutputLayout, resolve, retrying
 
 
 def make_report(spec, run_id: str, model_id: str, task_names: list[str], planned,
@@ -31,6 +33,22 @@ def make_report(spec, run_id: str, model_id: str, task_names: list[str], planned
         "audio_hours_per_hour": audio_h / (wall_s / 3600.0) if wall_s else 0.0,
         "stage_seconds": stage_s, "ray_stats": str(stats)[:20000],
     }
+
+
+def read_report(spec, run_id: str) -> dict[str, Any]:
+    """The report a finished run wrote (`<output>/_runs/<run_id>/report.json`); a RunFailed
+    when it is not there (the run did not finish)."""
+    fs, root = resolve(spec.output, spec.storage_options)
+    path = OutputLayout(root).report(run_id)
+
+    def read() -> dict[str, Any] | None:
+        return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+    shown = OutputLayout(spec.output).report(run_id)
+    report = retrying(read, shown, spec.storage_options, action="read", policy=spec.storage_retry)
+    if report is None:
+        raise RunFailed(f"run {run_id} wrote no report at {shown}")
+    return report
 
 
 def format_report(report: dict) -> str:

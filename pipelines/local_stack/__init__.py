@@ -9,8 +9,8 @@ Every socket binds 127.0.0.1, and every process is found and stopped by its PID 
   supervision      spawning detached services, finding their member processes, stopping them
   ports, probes    which ports services get and who listens; whether a service answers
   s3_service       the stack's S3, a `SeaweedS3` handed over to run on its own
-  prefect_server   the stack's Prefect server
-  ray_head         the stack's Ray head
+  prefect_server   the stack's Prefect server and its UI
+  ray_head         the stack's Ray head, its dashboard and Jobs API
   seaweed          ``SeaweedS3``: one ``weed mini`` S3 server (also what the tests use)
   seaweed_config   its ports, identities, binary and command line
 

@@ -2,8 +2,9 @@
 
 Contract:
   * ``PREFECT_HOME`` is ``home/prefect`` (SQLite database); the output goes to
-    ``home/prefect.log``. Analytics are off, there is no UI, and none of the caller's
-    ``PREFECT_*`` settings reach the server.
+    ``home/prefect.log``. Analytics are off, the UI is served at ``http://127.0.0.1:<port>/``
+    (it talks to the API beside it), and none of the caller's ``PREFECT_*`` settings reach
+    the server.
   * Starting is in two steps, so the slowest service (about 12 s) boots while the others start:
     ``launch_prefect`` spawns it, ``wait_until_healthy`` waits for ``/api/health``.
 """
@@ -40,14 +41,16 @@ def launch_prefect(home: Path, stack_id: str, taken: set[int],
     env = service_env(f"{stack_id}/prefect", {
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api",
     })
     cmd = [find_executable("prefect"), "server", "start", "--host", HOST, "--port", str(port),
-           "--analytics-off", "--no-ui"]
+           "--analytics-off"]
     proc = spawn_detached(cmd, env, log, prefect_home)
     me = identify(proc.pid) or ProcessIdentity(proc.pid, -1.0)
     return ServiceState(
         name="prefect", session=proc.pid, session_start=me.start, main=[me], pids=[me],
         ports={"api": port}, endpoint=f"http://{HOST}:{port}/api", log=str(log),
+        urls={"api": f"http://{HOST}:{port}/api", "ui": f"http://{HOST}:{port}/"},
         extra={"prefect_home": str(prefect_home)},
     )
 

@@ -61,7 +61,7 @@ def start_s3(home: Path, stack_id: str, creds: dict,
     return ServiceState(
         name="s3", session=me.pid, session_start=me.start, main=[me], pids=[me],
         ports=dict(server.ports), endpoint=server.endpoint_url, log=str(server.log_path),
-        extra={"bucket": BUCKET, "data_dir": str(server.data_dir)},
+        urls={"s3": server.endpoint_url}, extra={"bucket": BUCKET, "data_dir": str(server.data_dir)},
     )
 
 

@@ -9,7 +9,8 @@ Contract:
     included) and keeps the data, credentials and logs.
   * A lock file serialises concurrent ``up``/``down`` on one home.
   * ``status`` reports per service whether its main processes run and whether it answers a real
-    probe; it never contains a secret.
+    probe, its PIDs, ports, URLs (APIs, the Prefect UI, the Ray dashboard) and log; it never
+    contains a secret.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from pipelines.errors import StackError
 from pipelines.local_stack import prefect_server, ray_head, s3_service
 from pipelines.local_stack.state import (
+    RAY_TOKEN_FILE,
     SERVICES,
     STATE_FILE,
     ServiceState,
@@ -67,7 +69,7 @@ def _drop_dead(state: StackState, previous: dict[str, dict[str, int]]) -> bool:
 
 
 def _start(state: StackState, wanted: list[str], s3_port: int | None,
-           previous: dict[str, dict[str, int]]) -> list[ServiceState]:
+           previous: dict[str, dict[str, int]], ray_cpus: int | None) -> list[ServiceState]:
     """Start the `wanted` services; when one fails, stop those started and re-raise."""
     home, stack_id = state.home, state.stack_id
     taken = {p for svc in state.services.values() for p in svc.ports.values()}
@@ -80,7 +82,8 @@ def _start(state: StackState, wanted: list[str], s3_port: int | None,
             ports = s3_service.choose_ports(s3_port, previous.get("s3", {}))
             started.append(s3_service.start_s3(home, stack_id, state.credentials, ports))
         if "ray" in wanted:
-            started.append(ray_head.start_ray(home, stack_id, taken, previous.get("ray", {})))
+            started.append(ray_head.start_ray(home, stack_id, taken, previous.get("ray", {}),
+                                              ray_cpus))
         for svc in started:
             if svc.name == "prefect":
                 prefect_server.wait_until_healthy(svc, stack_id)
@@ -105,8 +108,10 @@ def stack_up(
     prefect: bool = False,
     ray: bool = False,
     s3_port: int | None = None,
+    ray_cpus: int | None = None,
 ) -> StackState:
-    """Start S3 (always), Prefect and/or Ray unless already running; return the whole state."""
+    """Start S3 (always), Prefect and/or Ray unless already running; return the whole state.
+    The Ray head offers `ray_cpus` CPUs (default: those of this machine)."""
     home = resolve_home(home)
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
@@ -120,6 +125,10 @@ def stack_up(
         if s3 is not None and s3_port and s3.ports["s3"] != s3_port:
             raise StackError(f"S3 already runs on port {s3.ports['s3']}, not {s3_port}; "
                              "run `stack down` first")
+        head = state.services.get("ray")
+        if head is not None and ray_cpus and head.extra.get("num_cpus") != ray_cpus:
+            raise StackError(f"Ray already runs with {head.extra.get('num_cpus')} CPUs, not "
+                             f"{ray_cpus}; run `stack down` first")
         wanted = [n for n, on in (("s3", True), ("prefect", prefect), ("ray", ray))
                   if on and n not in state.services]
         if not wanted:
@@ -127,7 +136,7 @@ def stack_up(
                 state.save()
             return state
         try:
-            started = _start(state, wanted, s3_port, previous)
+            started = _start(state, wanted, s3_port, previous, ray_cpus)
         except BaseException:
             _save_survivors(state)
             raise
@@ -166,16 +175,20 @@ def _health(state: StackState, svc: ServiceState) -> tuple[bool, str]:
 
 def _service_report(state: StackState, svc: ServiceState | None) -> dict:
     if svc is None:
-        return {"running": False, "healthy": False, "endpoint": None}
+        return {"running": False, "healthy": False, "endpoint": None, "urls": {}}
     running = svc.running()
     entry = {
         "running": running,
         "healthy": False,
         "endpoint": svc.endpoint,
+        "urls": svc.urls,
         "ports": svc.ports,
         "pids": [p.pid for p in svc.members(state.stack_id)] if running else [],
         "log": svc.log,
     }
+    if svc.name == "ray":
+        entry["num_cpus"] = svc.extra.get("num_cpus")
+        entry["auth_token_file"] = str(state.home / RAY_TOKEN_FILE)  # the dashboard asks for it
     if running:
         entry["healthy"], entry["detail"] = _health(state, svc)
     else:

@@ -13,7 +13,7 @@ Contract:
 
   * A process is recorded as its PID and start time (`pipelines.processes`), never by PID alone.
   * ``env()`` is the whole environment of a client (S3 endpoint and credentials, Prefect's API,
-    Ray's address and token); ``stack.json`` and ``repr()`` never hold a secret.
+    Ray's address, its Jobs API and token); ``stack.json`` and ``repr()`` never hold a secret.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ class ServiceState:
     ``session``/``session_start``: the process we spawned (its PID is the session id of all its
     descendants). ``main``: the processes that must be alive for the service to count as running.
     ``pids``: every member seen at ``up`` (``down`` looks again for later ones, e.g. Ray workers).
+    ``urls``: what a user opens or a client is given, by name (an API, a UI, the dashboard).
     """
 
     name: str
@@ -115,6 +116,7 @@ class ServiceState:
     ports: dict[str, int]
     endpoint: str
     log: str
+    urls: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -212,4 +214,7 @@ class StackState:
         if "ray" in self.services:
             env.update(ray_client_env(self.home, self.ray_auth_mode))
             env["RAY_ADDRESS"] = self.services["ray"].endpoint
+            dashboard = self.services["ray"].urls.get("dashboard")
+            if dashboard:  # where `ray job submit|list|logs` go (its Jobs API)
+                env["RAY_API_SERVER_ADDRESS"] = dashboard
         return env

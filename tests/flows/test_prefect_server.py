@@ -1,8 +1,10 @@
-"""label-corpus as a deployment on a real Prefect server: the embedded stack's server and Ray head
-on 127.0.0.1, `label_corpus.serve(...)` in its own process, a flow run created through the client
-from the deployment, executed by the serve process's runner, labelling a local folder with the
-tiny checkpoint on the stack's Ray; then the run's state, its Parquet output and its artifacts as
-the server has them.
+"""The deployment path on a real Prefect server: the embedded stack's server, S3 and Ray head (with
+its dashboard and Jobs API) on 127.0.0.1, `label_corpus_on_ray.serve(...)` in its own process,
+flow runs created through the client from the deployment and executed by the serve process's
+runner. Each submits its labelling job to the stack's Ray through the Jobs API, with the
+worker's S3 credentials as the job's environment: one labels two objects of the stack's bucket
+with the tiny checkpoint (its state, Parquet output and artifacts as the server has them), one
+names an input that is not there (a Failed run with the job's reason).
 
 Every process the test starts is stopped by PID: the serve process and the flow-run processes its
 runner spawns (found by a marker in their environment; the runner gives each run its own session),
@@ -20,9 +22,11 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -36,8 +40,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = str(goldens.CHECKPOINT)
-INPUTS = ("a01_tone_0p5s_16k.wav", "a02_chirp_3s_16k.wav", "a06_speech_2p37s_16k.flac")
-FLOW_NAME = "label-corpus"
+INPUTS = ("a01_tone_0p5s_16k.wav", "a06_speech_2p37s_16k.flac")
+FLOW_NAME = "label-corpus-on-ray"
 MARKER_ENV = "KIMI_LABEL_PREFECT_IT"
 DEPLOY_TIMEOUT_S = 90
 RUN_TIMEOUT_S = 120
@@ -47,10 +51,10 @@ RUN_TIMEOUT_S = 120
 SERVE = textwrap.dedent("""
     import sys
 
-    from flows.label_corpus import label_corpus
+    from flows.label_corpus_on_ray import label_corpus_on_ray
 
     if __name__ == "__main__":
-        label_corpus.serve(name=sys.argv[1], tags=["integration-test"])  # blocks until SIGTERM
+        label_corpus_on_ray.serve(name=sys.argv[1], tags=["integration-test"])  # until SIGTERM
 """)
 
 
@@ -73,7 +77,10 @@ def stack():
     home = Path(tempfile.mkdtemp(dir="/tmp", prefix="kl-pfit-"))
     marker = uuid.uuid4().hex[:12]
     try:
-        state = stack_up(home, prefect=True, ray=True)
+        with pytest.MonkeyPatch.context() as env:  # the cluster gets no S3 credentials of ours
+            for key in [k for k in os.environ if k.startswith("AWS_")]:
+                env.delenv(key)
+            state = stack_up(home, prefect=True, ray=True)
         yield state, marker
     finally:
         _stop(_marked(marker))  # serve and flow-run processes, if the test did not get there
@@ -101,33 +108,54 @@ def _tail(path: Path, chars: int = 5000) -> str:
         return "(no log)"
 
 
-def _run_logs(client, flow_run_id) -> str:
+def _run_logs(client, flow_run_id, chars: int | None = 6000) -> str:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
         any_=[flow_run_id])))
-    return "\n".join(f"{entry.level} {entry.message}" for entry in logs)[-6000:]
+    text = "\n".join(f"{entry.level} {entry.message}" for entry in logs)
+    return text[-chars:] if chars else text
 
 
-def test_served_deployment_runs_label_corpus_on_a_real_server(stack, tmp_path):
+def _wait_final(client, flow_run_ids, serve: subprocess.Popen, log: Path) -> dict:
+    """The flow runs, once all of them are in a final state."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        runs = {i: client.read_flow_run(i) for i in flow_run_ids}
+        if all(run.state.is_final() for run in runs.values()):
+            return runs
+        if time.monotonic() > deadline:
+            pytest.fail(f"flow runs {[r.state.name for r in runs.values()]} after "
+                        f"{RUN_TIMEOUT_S} s\n"
+                        + "".join(f"run logs:\n{_run_logs(client, i)}\n" for i in runs)
+                        + f"serve log:\n{_tail(log)}")
+        assert serve.poll() is None, f"serve exited {serve.returncode}:\n{_tail(log)}"
+        time.sleep(1)
+
+
+def test_served_deployment_submits_label_corpus_to_ray_through_the_jobs_api(stack, tmp_path):
+    import s3fs
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     state, marker = stack
     assert isinstance(state, StackState)
     env = state.env()
-    api = env["PREFECT_API_URL"]
-    assert api.startswith("http://127.0.0.1:")
+    api, dashboard = env["PREFECT_API_URL"], state.services["ray"].urls["dashboard"]
+    assert api.startswith("http://127.0.0.1:") and dashboard.startswith("http://127.0.0.1:")
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    # the credentials can only come from the flow's side: the cluster has none
+    raylet = next(p.pid for p in state.services["ray"].main)
+    assert "AWS_SECRET_ACCESS_KEY" not in psutil.Process(raylet).environ()
 
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in INPUTS:
-        shutil.copy(goldens.INPUTS / name, inputs / name)
-    output = tmp_path / "out"
+    fs = s3fs.S3FileSystem(**state.storage_options())
+    prefix = f"audio/it-{marker}"
+    fs.pipe({f"{prefix}/in/{name}": (goldens.INPUTS / name).read_bytes() for name in INPUTS})
+    output = f"s3://{prefix}/out"
 
-    # The serve process: the deployment's runner, a client of the stack's server and Ray head.
+    # The serve process: the deployment's runner, a client of the stack's server, S3 and Ray.
     deployment_name = f"it-{marker}"
-    script = tmp_path / "serve_label_corpus.py"
+    script = tmp_path / "serve_label_corpus_on_ray.py"
     script.write_text(SERVE)
     log = tmp_path / "serve.log"
     serve_env = {
@@ -146,62 +174,62 @@ def test_served_deployment_runs_label_corpus_on_a_real_server(stack, tmp_path):
     try:
         with SyncPrefectClient(api) as client:
             deployment = _wait_for_deployment(client, deployment_name, serve, log)
-            assert deployment.name == deployment_name
-            params = {"input": str(inputs), "output": str(output), "model": MODEL,
-                      "tasks": ["asr", "emotion"], "max_new_tokens": 4,
-                      "ray_address": env["RAY_ADDRESS"]}
-            flow_run = client.create_flow_run_from_deployment(
-                deployment.id, parameters={"params": params})
-            assert flow_run.deployment_id == deployment.id
-
-            deadline = time.monotonic() + RUN_TIMEOUT_S
-            while True:
-                run = client.read_flow_run(flow_run.id)
-                if run.state.is_final():
-                    break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"flow run still {run.state.name} after {RUN_TIMEOUT_S} s\n"
-                                f"run logs:\n{_run_logs(client, flow_run.id)}\n"
-                                f"serve log:\n{_tail(log)}")
-                assert serve.poll() is None, f"serve exited {serve.returncode}:\n{_tail(log)}"
-                time.sleep(1)
+            params = {"output": output, "model": MODEL, "tasks": ["asr", "emotion"],
+                      "max_new_tokens": 4}
+            good, bad = (client.create_flow_run_from_deployment(deployment.id, parameters={
+                "params": {**params, "input": f"s3://{prefix}/{where}/",
+                           "output": f"{output}-{where}"},
+                "ray_dashboard": dashboard}) for where in ("in", "missing"))
+            runs = _wait_final(client, [good.id, bad.id], serve, log)
             elapsed = time.monotonic() - started
+            run, failed = runs[good.id], runs[bad.id]
+            logs = _run_logs(client, good.id, chars=None)
             assert run.state.is_completed(), (
                 f"flow run {run.state.name}: {run.state.message}\n"
-                f"run logs:\n{_run_logs(client, flow_run.id)}\nserve log:\n{_tail(log)}")
-            assert run.parameters["params"]["input"] == str(inputs)
-            assert run.flow_id == deployment.flow_id
-
+                f"run logs:\n{logs[-6000:]}\nserve log:\n{_tail(log)}")
             artifacts = {a.key: a for a in client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-                    any_=[flow_run.id])))}
-        print(f"served flow run completed {elapsed:.1f} s after the serve process started")
+                    any_=[good.id])))}
+            # a job that fails fails its flow run, with the job's reason
+            assert failed.state.is_failed(), failed.state
+            assert f"s3://{prefix}/missing/: no object or folder with objects" in failed.state.message
+            assert "Ray job kimi-label-" in failed.state.message
+            failed_logs = _run_logs(client, bad.id, chars=None)
+        print(f"flow runs final {elapsed:.1f} s after the serve process started")
 
         # The summary artifact on the server: every input processed and ok.
-        assert {"label-corpus-summary", "label-corpus-labels",
-                "label-corpus-output"} <= set(artifacts)
         summary = {row["metric"]: row["value"]
                    for row in json.loads(artifacts["label-corpus-summary"].data)}
         assert summary["inputs processed"] == len(INPUTS)
         assert summary["ok"] == len(INPUTS) and summary["errors"] == 0
         run_id = artifacts["label-corpus-summary"].description.removeprefix("run ")
-        assert str(output) in artifacts["label-corpus-output"].data
         labels = json.loads(artifacts["label-corpus-labels"].data)
         assert sum(r["segments"] for r in labels if r["task"] == "emotion") == len(INPUTS)
 
-        # The Parquet output: one files row per input, from this run.
-        files = [r for p in sorted((output / "files").rglob("*.parquet"))
-                 for r in pq.read_table(p).to_pylist()]
-        assert sorted(Path(r["source_uri"]).name for r in files) == sorted(INPUTS)
-        assert {r["status"] for r in files} == {"ok"}
-        assert {r["run_id"] for r in files} == {run_id}
-        assert (output / "_runs" / run_id / "report.json").exists()
+        # The Parquet output in the bucket: one files row per input, from this run.
+        files = pq.read_table(f"{prefix}/out-in/files", filesystem=fs).to_pylist()
+        assert sorted(r["source_uri"].rsplit("/", 1)[1] for r in files) == sorted(INPUTS)
+        assert {r["status"] for r in files} == {"ok"} and {r["run_id"] for r in files} == {run_id}
+        assert pq.read_table(f"{prefix}/out-in/segments", filesystem=fs).num_rows >= len(INPUTS)
+        assert fs.exists(f"{prefix}/out-in/_runs/{run_id}/report.json")
 
-        # The run's job joined the stack's Ray head (it did not start a Ray of its own): the flow
-        # run's process writes to the serve process's output.
-        served = log.read_text(errors="replace")
-        assert f"Connecting to existing Ray cluster at address: {env['RAY_ADDRESS']}" in served
-        assert "Started a local Ray instance" not in served
+        # The job ran on the cluster, as a Ray job with the run's id; its log became the flow
+        # run's; the credentials went as its environment, never in its command line or a log.
+        # (the Jobs API over plain HTTP: Ray's client reads its token settings once a process)
+        token = (Path(state.home) / "ray_auth_token").read_text().strip()
+        with urllib.request.urlopen(urllib.request.Request(
+                dashboard + "/api/jobs/", headers={"Authorization": f"Bearer {token}"}),
+                timeout=10) as resp:
+            jobs = {j["metadata"].get("kimi_label_run_id"): j for j in json.load(resp)}
+        job = jobs[run_id]
+        assert job["status"] == "SUCCEEDED"
+        assert job["entrypoint"].startswith("python -m pipelines.job --spec ")
+        assert job["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == secret
+        assert f"submitted Ray job {job['submission_id']}" in logs
+        assert f"run {run_id}: {len(INPUTS)} processed" in logs
+        assert [j["status"] for j in jobs.values() if j is not job] == ["FAILED"]
+        for text in (job["entrypoint"], logs, failed_logs, log.read_text(errors="replace")):
+            assert secret not in text
     finally:
         # The serve process and every flow-run process its runner started, by PID.
         ours = _marked(marker)
@@ -210,6 +238,6 @@ def test_served_deployment_runs_label_corpus_on_a_real_server(stack, tmp_path):
     assert serve.returncode is not None
     assert not [p for p in ours if _alive(*p)] and _marked(marker) == []
 
-    # The stack: server, Ray head and its workers, stopped by PID.
+    # The stack: server, Ray head and its workers (the jobs' drivers too), stopped by PID.
     assert sorted(stack_down(state.home)) == ["prefect", "ray", "s3"]
     assert _marked(state.stack_id + "/", STACK_MARKER_ENV) == []

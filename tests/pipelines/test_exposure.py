@@ -130,10 +130,12 @@ def test_stack_services_and_their_children_listen_on_loopback_only():
         assert exposed(sockets) == {}
         tcp_ports = {port for socks in sockets.values() for proto, _, port in socks
                      if proto.startswith("tcp")}
-        # not vacuous: every service's main port is among the listeners found
+        # not vacuous: every service's main port is among the listeners found, and every port
+        # the Ray head was given (GCS, dashboard, its agents, metrics, Ray Client)
         for svc in state.services.values():
             main = {"s3": "s3", "prefect": "api", "ray": "gcs"}[svc.name]
             assert svc.ports[main] in tcp_ports, (svc.name, svc.ports)
+        assert set(state.services["ray"].ports.values()) <= tcp_ports
         assert len(tcp_ports) >= 10  # weed's HTTP+gRPC pairs, Ray's GCS/raylet/workers
         recorded = procs(members)
     finally:

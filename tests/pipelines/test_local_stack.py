@@ -26,6 +26,7 @@ from pipelines.local_stack import (
     stack_status,
     stack_up,
 )
+from pipelines.errors import StackError
 from pipelines.processes import ProcessIdentity, is_running, port_free
 
 pytestmark = pytest.mark.slow
@@ -69,8 +70,8 @@ def _assert_loopback_only(state: StackState) -> None:
     assert exposed == {}
     ports = {port for addrs in listening.values() for _, port in addrs}
     for svc in state.services.values():
-        main_port = {"s3": "s3", "prefect": "api", "ray": "gcs"}[svc.name]
-        assert svc.ports[main_port] in ports
+        for main_port in {"s3": ["s3"], "prefect": ["api"], "ray": ["gcs", "dashboard"]}[svc.name]:
+            assert svc.ports[main_port] in ports
 
 
 def _secrets(home: Path) -> list[str]:
@@ -223,60 +224,37 @@ def test_s3_stack_up_status_down(home, monkeypatch):
     assert kimi_label_stack("down").startswith("stopped: s3")
 
 
-def test_full_stack_prefect_and_ray(home):
+def _dot_ray() -> list | None:
     dot_ray = Path.home() / ".ray"
-    dot_ray_before = sorted((p.name, p.stat().st_mtime) for p in dot_ray.iterdir()) \
+    return sorted((p.name, p.stat().st_mtime) for p in dot_ray.iterdir()) \
         if dot_ray.is_dir() else None
 
-    state = stack_up(home, prefect=True, ray=True)
-    assert list(state.services) == ["s3", "prefect", "ray"]
-    status = stack_status(home)
-    assert status["up"] is True
-    for name in ("s3", "prefect", "ray"):
-        assert status["services"][name]["healthy"], status["services"][name]
-    _assert_loopback_only(state)
 
-    env = state.env()
-    assert env["PREFECT_API_URL"].startswith("http://127.0.0.1:")
-    with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=5) as resp:
-        assert resp.status == 200 and resp.read().strip() == b"true"
-    assert env["RAY_ADDRESS"].startswith("127.0.0.1:")
-    assert env["RAY_AUTH_MODE"] == "token"
-    assert not [s for s in _secrets(home) if s in (home / "stack.json").read_text()]
-
-    client = textwrap.dedent("""
-        import os, ray
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        @ray.remote
-        def double(x):
-            return 2 * x
-        print("result", sum(ray.get([double.remote(i) for i in range(4)])))
-        ray.shutdown()
-    """)
-    run = subprocess.run([sys.executable, "-c", client], check=False, cwd=home,
-                         env={**_clean_env(), **env}, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "result 12" in run.stdout
-
-    recorded = _all_members(state)  # includes the Ray workers the task started
-    ray_temp = state.services["ray"].extra["temp_dir"]
-    assert sorted(stack_down(home)) == ["prefect", "ray", "s3"]
-    assert not [p.pid for p in recorded if _running(p.pid, p.start)]
-    assert _processes_of(state.stack_id, str(home), ray_temp) == []
-    assert stack_status(home)["up"] is False
-
-    dot_ray_after = sorted((p.name, p.stat().st_mtime) for p in dot_ray.iterdir()) \
-        if dot_ray.is_dir() else None
-    assert dot_ray_after == dot_ray_before
+@pytest.fixture(scope="module")
+def full_home():
+    """The home of the module's stack with Prefect and Ray (each start costs about 20 s), and
+    ~/.ray as it was before."""
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="kl-stack-"))
+    try:
+        yield path, _dot_ray()
+    finally:
+        stack_down(path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
-def test_joining_the_stacks_ray_needs_only_its_token(home):
+@pytest.fixture
+def full_stack(full_home) -> StackState:
+    """The module's stack with Prefect and Ray: started by the first test that asks for it,
+    kept for the next (`up` is idempotent), started again after a test stopped it."""
+    return stack_up(full_home[0], prefect=True, ray=True)
+
+
+def test_joining_the_stacks_ray_needs_only_its_token(full_stack):
     """`--ray-address` at the stack's Ray: without the token the job's check refuses in seconds,
     naming what to export; with it, but without the stack's single-node variable, the job
     still joins (a loopback address stays one instead of becoming this machine's routable
     address, where the head never answers); a port that is not a GCS is named as such."""
-    state = stack_up(home, ray=True)
-    env = state.env()
+    env = full_stack.env()
     probe = textwrap.dedent("""
         import sys, time
         from pipelines.errors import JobError
@@ -312,3 +290,111 @@ def test_joining_the_stacks_ray_needs_only_its_token(home):
     not_gcs = run(f"127.0.0.1:{s3_port}", token_only)
     assert not_gcs.startswith("refused")
     assert "accepts connections but did not answer as a Ray cluster's GCS" in not_gcs
+
+
+FOLLOWER = textwrap.dedent("""
+    import sys, time
+    from pipelines.job.submit import follow, job_client
+
+    client = job_client(sys.argv[1])
+    job = client.submit_job(entrypoint="python -c 'import time; print(4321, flush=True); "
+                                       "time.sleep(300)'")
+
+    def interrupt(line):
+        if line == "4321":  # as a flow run's cancellation interrupts its task
+            raise KeyboardInterrupt
+
+    try:
+        follow(client, job, on_log=interrupt, poll_s=0.2)
+    except KeyboardInterrupt:
+        print("interrupted", client.get_job_status(job))
+    deadline = time.monotonic() + 30
+    while client.get_job_status(job) != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    print("final", client.get_job_status(job))
+""")
+
+
+def test_a_job_on_the_stacks_ray_is_stopped_when_its_follower_is_interrupted(full_stack):
+    """The stack's Ray head serves the Jobs API (with its token): a job submitted there runs,
+    and a follower that is interrupted, as a cancelled flow run's is, stops it."""
+    env = full_stack.env()
+    token_only = {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    proc = subprocess.run([sys.executable, "-c", FOLLOWER,
+                           full_stack.services["ray"].urls["dashboard"]], cwd=ROOT, check=False,
+                          env={**_clean_env(), **token_only}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] in ("interrupted RUNNING", "interrupted STOPPED"), proc.stdout
+    assert lines[-1] == "final STOPPED", proc.stdout
+    assert "Task was destroyed" not in proc.stderr  # the log stream was closed, not dropped
+
+
+def test_full_stack_prefect_and_ray(full_home, full_stack, capsys):
+    """Last of the module's tests on its stack: it stops it."""
+    from flows.console.app import main
+    from pipelines.local_stack.ray_head import machine_cpus
+
+    state, home = full_stack, full_stack.home
+    assert list(state.services) == ["s3", "prefect", "ray"]
+    status = stack_status(home)
+    assert status["up"] is True
+    for name in ("s3", "prefect", "ray"):
+        assert status["services"][name]["healthy"], status["services"][name]
+    _assert_loopback_only(state)
+
+    # What a user opens, on loopback: the Prefect UI and the Ray dashboard. The head's CPUs
+    # are this machine's.
+    ui, dashboard = (status["services"]["prefect"]["urls"]["ui"],
+                     status["services"]["ray"]["urls"]["dashboard"])
+    for url in (ui, dashboard):
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200 and b"<html" in resp.read(3000).lower()
+    assert status["services"]["ray"]["num_cpus"] == machine_cpus()
+    with pytest.raises(StackError, match=f"Ray already runs with {machine_cpus()} CPUs, not "
+                                         f"{machine_cpus() + 1}; run `stack down` first"):
+        stack_up(home, ray=True, ray_cpus=machine_cpus() + 1)  # (the override, refused here)
+    # `stack status --json`: the status, and nothing else, on stdout; without it, the URLs
+    assert main(["stack", "status", "--json", "--home", str(home)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["services"]["ray"]["urls"]["dashboard"] == dashboard
+    assert shown["services"]["prefect"]["pids"] == status["services"]["prefect"]["pids"]
+    assert main(["stack", "status", "--home", str(home)]) == 0
+    said = capsys.readouterr().out
+    assert f"  UI         {ui}\n" in said and f"  dashboard  {dashboard}\n" in said
+    assert f"export PREFECT_API_URL={state.env()['PREFECT_API_URL']}\n" in said
+
+    env = state.env()
+    assert env["PREFECT_API_URL"].startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=5) as resp:
+        assert resp.status == 200 and resp.read().strip() == b"true"
+    assert env["RAY_ADDRESS"].startswith("127.0.0.1:")
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["RAY_API_SERVER_ADDRESS"] == dashboard  # for `ray job submit|list|logs`
+    assert not [s for s in _secrets(home) if s in (home / "stack.json").read_text()]
+
+    client = textwrap.dedent("""
+        import os, ray
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        @ray.remote
+        def double(x):
+            return 2 * x
+        print("result", sum(ray.get([double.remote(i) for i in range(4)])))
+        print("cpus", ray.cluster_resources()["CPU"])
+        ray.shutdown()
+    """)
+    run = subprocess.run([sys.executable, "-c", client], check=False, cwd=home,
+                         env={**_clean_env(), **env}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "result 12" in run.stdout and f"cpus {float(machine_cpus())}" in run.stdout
+
+    recorded = _all_members(state)  # includes the Ray workers the task started
+    ray_temp = state.services["ray"].extra["temp_dir"]
+    assert sorted(stack_down(home)) == ["prefect", "ray", "s3"]
+    assert not [p.pid for p in recorded if _running(p.pid, p.start)]
+    assert _processes_of(state.stack_id, str(home), ray_temp) == []
+    assert stack_status(home)["up"] is False
+
+    assert _dot_ray() == full_home[1]

@@ -1,0 +1,50 @@
+"""`label-corpus-on-ray`: label-corpus as a job on a running Ray cluster, submitted through the
+Ray Jobs API (what the deployments of infra/prefect run; no Ray Client).
+
+Thin, like `label-corpus`: submit the job to the cluster's dashboard and follow it to its end,
+its log lines becoming the flow run's (`pipelines.job.submit`) -> check the output -> publish
+the same summary. The job's parameters are `pipelines.spec.JobSpec`, defined there once; the
+flow adds only where to submit it. A job that fails or is stopped fails the flow run with the
+job's reason; a cancelled flow run stops its job. A rerun resumes (the job skips every object
+already labelled with the same etag).
+
+Credentials are never flow parameters: the worker's AWS_* environment, or the Secret block the
+parameters name, reach the job as its runtime_env (`pipelines.job.submit`); Ray's token comes
+from the worker's RAY_AUTH_MODE / RAY_AUTH_TOKEN.
+"""
+
+# No `from __future__ import annotations`: served flows are pickled by value and pydantic
+# must resolve the parameter model from the real annotation, not a string.
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.label_corpus import label_distribution, publish
+from flows.labelling import check_output, job_of
+from pipelines.job.submit import run_on_cluster
+from pipelines.spec import JobSpec
+
+DEFAULT_DASHBOARD = "http://kimi-label-head-svc:8265"  # infra/kuberay/raycluster.yaml's head
+
+
+@task
+def run_ray_job(spec: JobSpec, ray_dashboard: str) -> dict[str, Any]:
+    """The job on the cluster, followed to its end; its report."""
+    logger = get_run_logger()
+    return run_on_cluster(spec, ray_dashboard, on_log=logger.info)
+
+
+@flow(name="label-corpus-on-ray", log_prints=True)
+def label_corpus_on_ray(params: JobSpec,
+                        ray_dashboard: str = DEFAULT_DASHBOARD) -> dict[str, Any]:
+    """`params`' job on the Ray cluster whose dashboard (Jobs API) is `ray_dashboard`."""
+    spec = job_of(params)
+    report = run_ray_job(spec, ray_dashboard)
+    check_output(spec)
+    distribution = label_distribution(spec, report["run_id"])
+    publish(report, distribution, spec.output)
+    get_run_logger().info("run %s: %s processed, status %s", report["run_id"],
+                          report["processed"], report["status"])
+    report["label_distribution"] = distribution
+    return report
