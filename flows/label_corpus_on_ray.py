@@ -25,20 +25,22 @@ from flows.labelling import check_output, job_of
 from pipelines.job.submit import run_on_cluster
 from pipelines.spec import JobSpec
 
-DEFAULT_DASHBOARD = "http://kimi-label-head-svc:8265"  # infra/kuberay/raycluster.yaml's head
-
-
 @task
-def run_ray_job(spec: JobSpec, ray_dashboard: str) -> dict[str, Any]:
+def run_ray_job(spec: JobSpec, ray_dashboard: str | None) -> dict[str, Any]:
     """The job on the cluster, followed to its end; its report."""
     logger = get_run_logger()
     return run_on_cluster(spec, ray_dashboard, on_log=logger.info)
 
 
 @flow(name="label-corpus-on-ray", log_prints=True)
-def label_corpus_on_ray(params: JobSpec,
-                        ray_dashboard: str = DEFAULT_DASHBOARD) -> dict[str, Any]:
-    """`params`' job on the Ray cluster whose dashboard (Jobs API) is `ray_dashboard`."""
+def label_corpus_on_ray(params: JobSpec, ray_dashboard: str | None = None) -> dict[str, Any]:
+    """`params`' job on the Ray cluster whose dashboard serves the Jobs API.
+
+    Args:
+        params: the labelling job (pipelines.spec.JobSpec)
+        ray_dashboard: the Ray head's dashboard, http://<head>:8265; none:
+            $RAY_API_SERVER_ADDRESS of the worker
+    """
     spec = job_of(params)
     report = run_ray_job(spec, ray_dashboard)
     check_output(spec)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shlex
 import time
 import uuid
@@ -37,6 +38,7 @@ from typing import Any
 from pipelines.errors import ConfigError, JobError, PipelineError, RunFailed
 from pipelines.job.report import read_report
 from pipelines.spec import JobSpec
+from pipelines.storage import redact_uri
 from pipelines.storage.config import CREDENTIAL_VARIABLES
 
 ENTRYPOINT = "python -m pipelines.job --spec"
@@ -61,8 +63,13 @@ class JobOutcome:
     error: str | None
 
 
-def dashboard_url(address: str) -> str:
-    """The Jobs API's URL for a dashboard address (``host:port`` or ``http(s)://host:port``)."""
+def dashboard_url(address: str | None) -> str:
+    """The Jobs API's URL for a dashboard address (``host:port`` or ``http(s)://host:port``;
+    none: $RAY_API_SERVER_ADDRESS, as Ray's `ray job` commands read it)."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not address:
+        raise ConfigError("no Ray cluster to submit the job to: give the head's dashboard, "
+                          "http://<head>:8265 (or set RAY_API_SERVER_ADDRESS)")
     if address.startswith("ray://"):
         raise ConfigError(f"{address!r} is a Ray Client address; submit to the head's "
                           "dashboard instead: http://<head>:8265")
@@ -73,7 +80,7 @@ def dashboard_url(address: str) -> str:
     return address.rstrip("/")
 
 
-def job_client(address: str):
+def job_client(address: str | None):
     """A `JobSubmissionClient` of the cluster whose dashboard is at `address`; a JobError
     says why there is none (no answer, no Jobs API, a token refused)."""
     from ray.exceptions import AuthenticationError
@@ -98,6 +105,12 @@ def submitted_spec(spec: JobSpec, run_id: str) -> JobSpec:
     if spec.ray_address not in (None, "auto"):
         raise ConfigError(f"ray_address {spec.ray_address!r}: a job submitted to a cluster "
                           "joins that cluster; leave ray_address unset")
+    for name in ("input", "output", "model", "glm_tokenizer"):
+        value = getattr(spec, name)
+        if value and redact_uri(value) != value:
+            raise ConfigError(f"{name} {redact_uri(value)}: a password in a location would be "
+                              "on the job's command line; give the credentials as storage "
+                              "options or a credentials block")
     return spec.model_copy(update={"run_id": run_id, "ray_address": "auto",
                                    "storage_options": spec.storage_options.for_workers()})
 
@@ -125,7 +138,7 @@ def submit(client, spec: JobSpec, run_id: str) -> str:
             entrypoint=entrypoint(job),
             submission_id=f"kimi-label-{run_id}-{uuid.uuid4().hex[:6]}",
             runtime_env={"env_vars": env} if env else None,
-            metadata={"kimi_label_run_id": run_id, "output": spec.output})
+            metadata={"kimi_label_run_id": run_id, "output": redact_uri(spec.output)})
     except RuntimeError as exc:
         raise JobError(f"the Ray cluster refused the job: {exc}") from None
 
@@ -205,7 +218,7 @@ def outcome_error(outcome: JobOutcome) -> PipelineError:
     return RunFailed(reason)
 
 
-def run_on_cluster(spec: JobSpec, address: str, on_log: Callable[[str], None] = _ignore,
+def run_on_cluster(spec: JobSpec, address: str | None, on_log: Callable[[str], None] = _ignore,
                    run_id: str | None = None, poll_s: float = POLL_S) -> dict[str, Any]:
     """Submit the job, follow it to its end, and return its report (read from the output);
     raise the job's failure as a `PipelineError` (module docstring)."""

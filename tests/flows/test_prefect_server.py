@@ -141,7 +141,7 @@ def test_served_deployment_submits_label_corpus_to_ray_through_the_jobs_api(stac
     state, marker = stack
     assert isinstance(state, StackState)
     env = state.env()
-    api, dashboard = env["PREFECT_API_URL"], state.services["ray"].urls["dashboard"]
+    api, dashboard = env["PREFECT_API_URL"], env["RAY_API_SERVER_ADDRESS"]
     assert api.startswith("http://127.0.0.1:") and dashboard.startswith("http://127.0.0.1:")
     secret = env["AWS_SECRET_ACCESS_KEY"]
     # the credentials can only come from the flow's side: the cluster has none
@@ -176,10 +176,11 @@ def test_served_deployment_submits_label_corpus_to_ray_through_the_jobs_api(stac
             deployment = _wait_for_deployment(client, deployment_name, serve, log)
             params = {"output": output, "model": MODEL, "tasks": ["asr", "emotion"],
                       "max_new_tokens": 4}
+            # where to submit: the worker's RAY_API_SERVER_ADDRESS, or the parameter
             good, bad = (client.create_flow_run_from_deployment(deployment.id, parameters={
                 "params": {**params, "input": f"s3://{prefix}/{where}/",
-                           "output": f"{output}-{where}"},
-                "ray_dashboard": dashboard}) for where in ("in", "missing"))
+                           "output": f"{output}-{where}"}, **more})
+                for where, more in (("in", {}), ("missing", {"ray_dashboard": dashboard})))
             runs = _wait_final(client, [good.id, bad.id], serve, log)
             elapsed = time.monotonic() - started
             run, failed = runs[good.id], runs[bad.id]

@@ -67,7 +67,12 @@ def test_credentials_come_from_this_side_or_not_at_all(no_aws_env, monkeypatch):
     assert job_env(block)["AWS_ACCESS_KEY_ID"] == "AKIDBLOCK"  # a block read wins
 
 
-def test_addresses():
+def test_addresses(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="no Ray cluster to submit the job to"):
+        dashboard_url(None)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
+    assert dashboard_url(None) == "http://127.0.0.1:8265"  # as `ray job submit` reads it
     assert dashboard_url("head:8265") == "http://head:8265"
     assert dashboard_url("https://head.example/ray/") == "https://head.example/ray"
     with pytest.raises(ConfigError, match="Ray Client address"):
@@ -75,6 +80,13 @@ def test_addresses():
     spec = JobSpec(input="/in", output="/out", model="/m", ray_address="head:6379")
     with pytest.raises(ConfigError, match="joins that cluster; leave ray_address unset"):
         submitted_spec(spec, "r")
+    # a password in a location would be on the command line
+    secret = SECRET.replace("/", "%2F")  # as a URI spells it
+    spec = JobSpec(input=f"s3://AKIDEXAMPLE:{secret}@audio/in/", output="s3://audio/o", model="m")
+    with pytest.raises(ConfigError) as refused:
+        submitted_spec(spec, "r")
+    assert secret not in str(refused.value) and "give the credentials as storage options" in str(
+        refused.value)
 
 
 def test_how_a_job_ends_becomes_the_pipelines_error():
