@@ -26,9 +26,9 @@ from kimi_ops.errors import CheckpointError, InvalidArgumentError, PromptError
 from kimi_ops.frontend import AudioEncoding, AudioFrontend
 from kimi_ops.model.checkpoint import resolve_checkpoint
 from kimi_ops.model.config import KimiAudioConfig
+from kimi_ops.model.empty import uninitialised
 from kimi_ops.model.modeling import KimiAudioForCausalLM
 from kimi_ops.model.text_tokenizer import TextTokenizer
-from kimi_ops.model.empty import uninitialised
 from kimi_ops.model.weights import load_state_dict
 
 
