@@ -78,7 +78,12 @@ def label_corpus(params: JobSpec) -> dict[str, Any]:
     spec = job_of(params)
     if spec.dry_run:  # the plan, nothing run or written
         return planned_checked(spec, "label-corpus")
-    report = label_checked(spec, "label-corpus")
+    return published(spec, label_checked(spec, "label-corpus"))
+
+
+def published(spec: JobSpec, report: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's artifacts published and logged; its report with the label
+    distribution (what a flow that ran the job returns)."""
     distribution = label_distribution(spec, report["run_id"])
     publish(report, distribution, spec.output)
     get_run_logger().info("run %s: %s processed, status %s", report["run_id"],

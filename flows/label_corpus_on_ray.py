@@ -20,7 +20,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.label_corpus import label_distribution, publish
+from flows.label_corpus import published
 from flows.labelling import check_output, job_of
 from pipelines.job.submit import run_on_cluster
 from pipelines.spec import JobSpec
@@ -44,9 +44,4 @@ def label_corpus_on_ray(params: JobSpec, ray_dashboard: str | None = None) -> di
     spec = job_of(params)
     report = run_ray_job(spec, ray_dashboard)
     check_output(spec)
-    distribution = label_distribution(spec, report["run_id"])
-    publish(report, distribution, spec.output)
-    get_run_logger().info("run %s: %s processed, status %s", report["run_id"],
-                          report["processed"], report["status"])
-    report["label_distribution"] = distribution
-    return report
+    return published(spec, report)
