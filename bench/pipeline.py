@@ -49,7 +49,8 @@ def engine_only(checkpoint: Path, clips: list[Path], max_new_tokens: int):
     return rows, seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def run(out: Path, files: int = 256, max_new_tokens: int = 32, preset: str = "small") -> dict:
+def run(out: Path, files: int = 256, max_new_tokens: int = 32, preset: str = "small",
+        one_file: bool = True) -> dict:
     checkpoint = make_tiny_checkpoint(out / f"{preset}_checkpoint", seed=0, preset=preset)
     corpus = out / "pipeline_corpus"
     shutil.rmtree(corpus, ignore_errors=True)
@@ -58,21 +59,16 @@ def run(out: Path, files: int = 256, max_new_tokens: int = 32, preset: str = "sm
     rows, engine_s, engine_cpu_s = engine_only(checkpoint, clips, max_new_tokens)
     command_s, report = label_command(corpus, out / "pipeline_output", checkpoint, max_new_tokens)
     job_s = report["wall_s"]
-    # the fixed part: the same command on one of the files (Ray start, actors, model loads)
-    one = out / "pipeline_one_file"
-    shutil.rmtree(one, ignore_errors=True)
-    one.mkdir(parents=True)
-    shutil.copy(clips[0], one / clips[0].name)
-    fixed_command_s, fixed = label_command(one, out / "pipeline_one_output", checkpoint,
-                                           max_new_tokens)
+    fixed_command_s, fixed_s = one_file_command(out, clips[0], checkpoint, max_new_tokens) \
+        if one_file else (None, None)
     return {
         "preset": preset, "files": files, "max_new_tokens": max_new_tokens,
         "audio_s": sum(r.get("duration_s", 0) for r in rows),
         "engine_only_s": engine_s, "command_s": command_s, "job_s": job_s,
         "command_ratio": command_s / engine_s, "job_ratio": job_s / engine_s,
-        "one_file_job_s": fixed["wall_s"], "one_file_command_s": fixed_command_s,
+        "one_file_job_s": fixed_s, "one_file_command_s": fixed_command_s,
         # what each further file costs next to the engine: the job less its one-file time
-        "marginal_job_ratio": (job_s - fixed["wall_s"]) / engine_s,
+        "marginal_job_ratio": None if fixed_s is None else (job_s - fixed_s) / engine_s,
         # CPU seconds by process over the whole command, against the engine-only arm's
         # (labelling only) and what the machine's CPUs could give
         "engine_only_cpu_s": engine_cpu_s, "command_cpu_s": report["cpu_s"],
@@ -81,6 +77,18 @@ def run(out: Path, files: int = 256, max_new_tokens: int = 32, preset: str = "sm
             stage: seconds / job_s for stage, seconds in report["stage_seconds"].items()},
         "stages": STAGES,
     }
+
+
+def one_file_command(out: Path, clip: Path, checkpoint: Path, max_new_tokens: int):
+    """(command seconds, job seconds) of the fixed part: the same command on one of the files
+    (Ray start, actors, model loads)."""
+    one = out / "pipeline_one_file"
+    shutil.rmtree(one, ignore_errors=True)
+    one.mkdir(parents=True)
+    shutil.copy(clip, one / clip.name)
+    command_s, report = label_command(one, out / "pipeline_one_output", checkpoint,
+                                      max_new_tokens)
+    return command_s, report["wall_s"]
 
 
 def label_command(corpus: Path, output: Path, checkpoint: Path, max_new_tokens: int):
@@ -111,9 +119,10 @@ def print_table(r: dict) -> None:
     print(f"{'engine only s':>15}{'job s':>10}{'job ratio':>11}{'command s':>11}"
           f"{'command ratio':>15}{'1-file job s':>14}{'marginal':>10}  stage busy share")
     share = ", ".join(f"{k} {v:.0%}" for k, v in r["stage_busy_share"].items())
+    one, marginal = ((f"{r['one_file_job_s']:>14.1f}", f"{r['marginal_job_ratio']:>9.2f}x")
+                     if r["one_file_job_s"] is not None else (f"{'-':>14}", f"{'-':>10}"))
     print(f"{r['engine_only_s']:>15.1f}{r['job_s']:>10.1f}{r['job_ratio']:>10.2f}x"
-          f"{r['command_s']:>11.1f}{r['command_ratio']:>14.2f}x{r['one_file_job_s']:>14.1f}"
-          f"{r['marginal_job_ratio']:>9.2f}x  {share}")
+          f"{r['command_s']:>11.1f}{r['command_ratio']:>14.2f}x{one}{marginal}  {share}")
     print("(marginal: (job - 1-file job) / engine only, what the files cost beyond the fixed "
           "start-up of Ray, the actors and their model loads)")
     print(f"CPU seconds over the command (of {r['command_cpu_capacity_s']:.0f} the CPUs could "
@@ -129,8 +138,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--out", default="bench_output")
+    parser.add_argument("--no-one-file", dest="one_file", action="store_false",
+                        help="skip the one-file run (the fixed cost and the marginal ratio)")
     args = parser.parse_args()
-    result = run(Path(args.out), args.files, args.max_new_tokens, args.preset)
+    result = run(Path(args.out), args.files, args.max_new_tokens, args.preset, args.one_file)
     result["machine"] = machine()
     print_table(result)
     path = Path(args.out) / "pipeline.json"

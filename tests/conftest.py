@@ -63,6 +63,17 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session Ray's address (GCS host:port), for a command in a subprocess to join with
+    `--ray-address`, as a user's job joins a cluster: it skips starting a Ray of its own (about
+    fifteen CPU-seconds of daemons and Ray's own actors). The tests of a job's own local Ray
+    (its loopback binding, signals while it starts) leave it out."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def harness():
     """Prefect's test harness (a temporary server and database) for the session, started when
     a test first asks for it (each start costs about ten seconds)."""
@@ -73,3 +84,24 @@ def harness():
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # no telemetry from the server
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def here(capfd, monkeypatch):
+    """`kimi-label ARGS` run in this process (the same console, without an interpreter's start
+    for each case): a result with `returncode`, `stdout` and `stderr`, as a subprocess gives.
+    A Prefect API the session set up (the harness) stays this process's."""
+    import types
+
+    from flows.console import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    def run(*args):
+        capfd.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run

@@ -28,26 +28,6 @@ def kimi_label(*args, env=None, module="flows.console"):
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-@pytest.fixture
-def here(capfd, monkeypatch):
-    """`kimi-label ARGS` run in this process (the same console, without an interpreter's start
-    for each case): a result with `returncode`, `stdout` and `stderr`, as `kimi_label` gives."""
-    import types
-
-    from flows.console import main
-
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-    def run(*args):
-        capfd.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capfd.readouterr()
-        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
-
-    return run
-
-
 def refused(proc, *expected: str) -> str:
     """The one-line reason of a refusal before any flow run, Ray or model."""
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -597,7 +577,8 @@ def server_env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_transcribe_archive_command_writes_tables_and_subtitles(harness, tmp_path):
+def test_transcribe_archive_command_writes_tables_and_subtitles(harness, ray_address, here,
+                                                               tmp_path):
     """`kimi-label transcribe-archive` end to end: the flow on a local Ray and the tiny
     checkpoint; its summary names the run and the subtitles folder."""
     import shutil
@@ -608,7 +589,7 @@ def test_transcribe_archive_command_writes_tables_and_subtitles(harness, tmp_pat
     shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs / "archive")
     done = kimi_label("transcribe-archive", "--input", inputs, "--output", f"{out}/",
                       "--model", MODEL, "--max-new-tokens", "4", "--language", "en",
-                      env=server_env())
+                      "--ray-address", ray_address, env=server_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "telemetry" not in done.stderr
     lines = done.stdout.strip().splitlines()
@@ -623,12 +604,13 @@ def test_transcribe_archive_command_writes_tables_and_subtitles(harness, tmp_pat
         assert (out / "subtitles" / f"{name}.vtt").read_text().startswith("WEBVTT")
 
     # the transcripts carry no semantic tokens: no training data from them, said up front
-    refused(kimi_label("prepare-training-data", "--input", out, "--output",
-                       tmp_path / "ds"), "no semantic_tokens column", "--semantic-tokens")
+    refused(here("prepare-training-data", "--input", out, "--output", tmp_path / "ds"),
+            "no semantic_tokens column", "--semantic-tokens")
 
 
 @pytest.mark.slow
-def test_prepare_training_data_command_builds_shards_and_manifest(harness, tmp_path):
+def test_prepare_training_data_command_builds_shards_and_manifest(harness, ray_address, here,
+                                                                 tmp_path):
     """`kimi-label prepare-training-data` end to end on a real labelled output made with
     --semantic-tokens, in every format (the default), then refused in one line as a rerun
     into the same destination."""
@@ -648,7 +630,8 @@ def test_prepare_training_data_command_builds_shards_and_manifest(harness, tmp_p
     shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", inputs)
     labelled_run = kimi_label("run", "--input", inputs, "--output", out, "--model", MODEL,
                               "--tasks", "asr,emotion", "--language", "en",
-                              "--max-new-tokens", "4", "--semantic-tokens", env=server_env())
+                              "--max-new-tokens", "4", "--semantic-tokens",
+                              "--ray-address", ray_address, env=server_env())
     assert labelled_run.returncode == 0, labelled_run.stderr[-3000:]
     segments = pq.read_table(out / "segments").to_pylist()
     ok = [s for s in segments if s["status"] == "ok" and s["semantic_tokens"]]
@@ -689,7 +672,7 @@ def test_prepare_training_data_command_builds_shards_and_manifest(harness, tmp_p
     assert lines[1] == f"shards: {shard_counts(manifest)} under {ds}/"
     assert lines[2] == f"manifest: {ds}/manifest.json"
 
-    again = refused(kimi_label(*args), "already holds a build", "--overwrite")
+    again = refused(here(*args), "already holds a build", "--overwrite")
     assert str(ds) in again
 
 

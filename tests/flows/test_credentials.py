@@ -166,8 +166,9 @@ def test_wrong_key_in_the_block_stops_the_flow_before_ray(harness, seaweed, s3_p
         missing.result()
 
 
-def test_cli_takes_a_credentials_block_by_name_and_prints_no_secret(harness, seaweed,
-                                                                     s3_prefix):
+def test_cli_takes_a_credentials_block_by_name_and_prints_no_secret(harness, seaweed, s3_prefix,
+                                                                     ray_address, here,
+                                                                     monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
     upload(seaweed, f"{s3_prefix}/in", {"mono_8k.wav": GOOD["mono_8k.wav"]})
@@ -179,7 +180,7 @@ def test_cli_takes_a_credentials_block_by_name_and_prints_no_secret(harness, sea
     done = subprocess.run(
         [sys.executable, "-m", "flows.console", "run", "--input", f"{s3_prefix}/in",
          "--output", f"{s3_prefix}/out", "--model", MODEL, "--tasks", "asr",
-         "--max-new-tokens", "4", "--storage-options",
+         "--max-new-tokens", "4", "--ray-address", ray_address, "--storage-options",
          json.dumps({"endpoint_url": seaweed.endpoint_url, "credentials_block": block})],
         env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -187,13 +188,16 @@ def test_cli_takes_a_credentials_block_by_name_and_prints_no_secret(harness, sea
     assert secret not in done.stdout + done.stderr  # the whole run's console output
 
     # the block is checked before the flow starts: a missing block, or a key the store
-    # refuses, is one line and exit 2, no flow run, no traceback, no secret
+    # refuses, is one line and exit 2, no flow run, no traceback, no secret (in this process:
+    # the console's pre-flight, against the session's Prefect API)
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+
     def refused(block_name: str) -> str:
-        proc = subprocess.run(
-            [sys.executable, "-m", "flows.console", "run", "--input", f"{s3_prefix}/in",
-             "--output", f"{s3_prefix}/out2", "--model", MODEL, "--storage-options",
-             json.dumps({"endpoint_url": seaweed.endpoint_url, "credentials_block": block_name})],
-            env=env, capture_output=True, text=True, timeout=240, check=False)
+        proc = here("run", "--input", f"{s3_prefix}/in", "--output", f"{s3_prefix}/out2",
+                    "--model", MODEL, "--storage-options",
+                    json.dumps({"endpoint_url": seaweed.endpoint_url,
+                                "credentials_block": block_name}))
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "Flow run" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         return proc.stderr.strip().splitlines()[-1]

@@ -129,7 +129,7 @@ def test_a_failed_flow_ends_the_command_with_its_reason_and_a_bug_keeps_its_trac
     assert isinstance(crash.exc_info[1], KeyError)
 
 
-def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
+def test_kimi_label_run_console_goes_through_the_flow(tmp_path, ray_address):
     import subprocess
     import sys
     from pathlib import Path
@@ -153,7 +153,8 @@ def test_kimi_label_run_console_goes_through_the_flow(tmp_path):
     shutil.copy(goldens.INPUTS / "a06_speech_2p37s_16k.flac", tmp_path / "in")
     done = run("--model", MODEL, "--tasks", "asr,scene", "--max-new-tokens", "4",
                "--extensions", "wav", "--run-id", "my-run-1", "--device", "cpu",
-               "--glm-tokenizer", str(goldens.CHECKPOINT / "glm-4-voice-tokenizer"))
+               "--glm-tokenizer", str(goldens.CHECKPOINT / "glm-4-voice-tokenizer"),
+               "--ray-address", ray_address)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "run my-run-1: 1 processed" in done.stdout and "'ok': 1" in done.stdout
     assert (tmp_path / "out" / "_runs" / "my-run-1" / "report.json").is_file()
