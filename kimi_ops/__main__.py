@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kimi_ops.audio.segment import DEFAULT_SEGMENTER, SEGMENTERS
 from kimi_ops.errors import KimiError
 
 
@@ -188,7 +189,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     step = engine.max_batch_size  # lines come out a batch of files at a time, not at the end
     for start in range(0, len(args.files), step):
         rows = label_files(engine, args.files[start: start + step], tasks,
-                           max_new_tokens=args.max_new_tokens)
+                           max_new_tokens=args.max_new_tokens, segmenter=args.segmenter)
         for row in rows:
             print(json.dumps(row, ensure_ascii=False), flush=True)
         failed = failed or any("error" in r for r in rows)
@@ -281,6 +282,9 @@ def add_commands(sub, skip: tuple[str, ...] = ()) -> None:
     _add_task_args(p)
     p.add_argument("--max-new-tokens", type=int, default=-1,
                    help="per segment of up to 30 s; " + BUDGET_HELP.split("; ", 1)[1])
+    p.add_argument("--segmenter", choices=SEGMENTERS, default=DEFAULT_SEGMENTER,
+                   help="cut files by voice activity (vad: the rest is not sent to asr) or at "
+                        "quiet points (energy)")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_label)
 

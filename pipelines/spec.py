@@ -22,6 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_valida
                       model_validator)
 from pydantic.fields import FieldInfo
 
+from kimi_ops.audio.segment import DEFAULT_SEGMENTER, SEGMENTERS
 from pipelines.storage import AUDIO_EXTENSIONS, StorageOptions, StorageRetry, is_manifest
 from pipelines.storage import uri as uris
 
@@ -140,6 +141,10 @@ class JobSpec(BaseModel):
         PIECE_SECONDS, ge=30, description="a longer file travels through the stages as pieces "
                                           "of whole segments of at most this much audio, so a "
                                           "batch of N rows holds at most N times this much")
+    segmenter: Literal[SEGMENTERS] = Field(
+        DEFAULT_SEGMENTER, description="how files are cut into <= 30 s segments: vad (speech "
+                                       "regions; the rest is silent, not sent to the model) or "
+                                       "energy (at quiet points; silent below -50 dBFS)")
     semantic_tokens: bool = Field(
         False, description="also write each segment's 12.5 Hz VQ tokens (training data)")
     extensions: Annotated[list[str] | None, AfterValidator(_some_extensions)] = Field(

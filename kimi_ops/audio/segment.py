@@ -62,6 +62,9 @@ import numpy as np
 
 from kimi_ops.audio.decode import CHUNK_SECONDS, SAMPLE_RATE
 
+SEGMENTERS = ("vad", "energy")  # by voice activity (kimi_ops.audio.vad), by loudness (here)
+DEFAULT_SEGMENTER = "vad"
+
 HOP_SECONDS = 0.010
 FRAME_HOPS = 3  # 30 ms frames: hops k-1, k, k+1 around frame k
 FLOOR_DB = -120.0  # level of digital silence; keeps log10 finite
@@ -82,6 +85,9 @@ class Segment:
     end: int
     silent: bool
     rms_db: float  # level of the loudest 30 ms frame, dBFS (>= FLOOR_DB)
+    # the share of the segment that is speech: by voice activity (`kimi_ops.audio.vad`), or
+    # 1.0 / 0.0 for a loud / silent segment of the loudness cutter
+    speech_ratio: float
     sample_rate: int = SAMPLE_RATE
 
     @property
@@ -172,6 +178,7 @@ def segment_audio(
                 end=seg_end,
                 silent=bool(rms_db < silence_db),
                 rms_db=rms_db,
+                speech_ratio=float(rms_db >= silence_db),
                 sample_rate=int(sample_rate),
             )
         )
@@ -240,3 +247,24 @@ def _segment_level_db(
     piece = wave[start:end].astype(np.float64)
     mean_square = float(np.dot(piece, piece)) / piece.shape[0]
     return 10.0 * math.log10(max(mean_square, 10.0 ** (FLOOR_DB / 10.0)))
+
+
+def level_db(wave: np.ndarray, start: int, end: int, sample_rate: int = SAMPLE_RATE) -> float:
+    """The level of the loudest 30 ms frame of `wave[start:end]`, dBFS (as `Segment.rms_db`)."""
+    hop = max(1, round(HOP_SECONDS * sample_rate))
+    piece = wave[start:end]
+    return _segment_level_db(piece, _frame_levels_db(piece, hop), 0, len(piece), hop)
+
+
+def cut(wave: np.ndarray, segmenter: str = DEFAULT_SEGMENTER, sample_rate: int = SAMPLE_RATE,
+        max_seconds: float = DEFAULT_MAX_SECONDS) -> list[Segment]:
+    """A waveform's segments by `segmenter` ("vad": speech regions, `kimi_ops.audio.vad`;
+    "energy": the loudness cutter here). Both cover the waveform with contiguous segments of
+    at most `max_seconds` and mark those to keep from the model `silent`."""
+    if segmenter == "vad":
+        from kimi_ops.audio.vad import segment_speech
+
+        return segment_speech(wave, sample_rate, max_seconds=max_seconds)
+    if segmenter == "energy":
+        return segment_audio(wave, sample_rate, max_seconds=max_seconds)
+    raise ValueError(f"segmenter must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")

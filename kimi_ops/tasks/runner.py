@@ -1,8 +1,8 @@
 """Label audio with several tasks at once: one front-end pass per segment, one engine pass per kind.
 
 Per call: every source is decoded (a source that cannot be used becomes a row with `error` and
-`error_kind`, the others go on); each waveform is cut into <= 30 s segments at pauses
-(`kimi_ops.audio.segment`); all segments of all sources go through the audio
+`error_kind`, the others go on); each waveform is cut into <= 30 s segments (by voice activity
+by default, `kimi_ops.audio.segment.cut`); all segments of all sources go through the audio
 front-end once, and the resulting encodings are reused by every task's prompt. Generative tasks
 run through `generate_batch` together (grouped only by their sampling settings), closed-set tasks
 through `score_options` together. Per file, text fields are joined in segment order, flags are
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kimi_ops.audio import SAMPLE_RATE, load_audio
-from kimi_ops.audio.segment import Segment, segment_audio
+from kimi_ops.audio.segment import DEFAULT_SEGMENTER, Segment, cut
 from kimi_ops.errors import KimiError
 from kimi_ops.frontend import AudioEncoding
 from kimi_ops.tasks.base import ChoiceTask, GenerativeTask, Task, merge_segments
@@ -66,13 +66,14 @@ def label_segments(engine, encodings: Sequence[AudioEncoding], tasks: Sequence[T
 
 
 def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
-                    max_new_tokens: int = -1, max_segment_seconds: float = 30.0
-                    ) -> list[dict[str, Any]]:
-    """Label 16 kHz mono waveforms; one dict of task fields per waveform, in order."""
+                    max_new_tokens: int = -1, max_segment_seconds: float = 30.0,
+                    segmenter: str = DEFAULT_SEGMENTER) -> list[dict[str, Any]]:
+    """Label 16 kHz mono waveforms; one dict of task fields per waveform, in order. Each is
+    cut into segments by `segmenter` (`kimi_ops.audio.segment.cut`)."""
     segments: list[Segment] = []
     pieces, owners = [], []
     for w, wave in enumerate(waves):
-        for seg in segment_audio(wave, SAMPLE_RATE, max_seconds=max_segment_seconds):
+        for seg in cut(wave, segmenter, SAMPLE_RATE, max_segment_seconds):
             segments.append(seg)
             pieces.append(seg.slice(wave))
             owners.append(w)
@@ -91,7 +92,8 @@ def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
 
 
 def label_files(engine, sources: Sequence[Any], tasks: Sequence[Task | str],
-                max_new_tokens: int = -1, **task_params: Any) -> list[dict[str, Any]]:
+                max_new_tokens: int = -1, segmenter: str = DEFAULT_SEGMENTER,
+                **task_params: Any) -> list[dict[str, Any]]:
     """Label audio files with tasks in one call; one row (a plain dict) per source, in order.
 
         from kimi_ops import KimiAudio, label_files
@@ -104,11 +106,11 @@ def label_files(engine, sources: Sequence[Any], tasks: Sequence[Task | str],
     `GenerativeTask`) or task specs such as "asr", "scene:tut2017", "question"; a spec is
     built with `task_params` (`language` for asr, `question` for question), which a task's
     factory ignores when it does not take them. `max_new_tokens` bounds each generated text
-    (-1: the model's context).
+    (-1: the model's context). `segmenter`: "vad" (speech regions; the rest is silent and
+    not sent to tasks that skip silence) or "energy" (cut at quiet points).
 
     A row holds `path` (the source as given when it is a path, else None), then either
-    `duration_s` (seconds of audio), `num_segments` (the <= 30 s segments it was cut into at
-    pauses), every task's fields and `task_versions` (task -> version); or, for a source that
+    `duration_s` (seconds of audio), `num_segments` (the <= 30 s segments it was cut into), every task's fields and `task_versions` (task -> version); or, for a source that
     cannot be decoded, `error` (the message) and `error_kind` (a stable kind, e.g.
     `undecodable`, `not_found`, `empty_audio`). A task's fields over a file: text fields (e.g.
     `transcript`) joined over its segments, flags (e.g. `transcript_truncated`) or-ed, a
@@ -130,7 +132,8 @@ def label_files(engine, sources: Sequence[Any], tasks: Sequence[Task | str],
         index.append(i)
     versions = {t.name: t.version for t in tasks}
     for i, wave, fields in zip(index, waves, label_waveforms(engine, waves, tasks,
-                                                             max_new_tokens)):
+                                                             max_new_tokens,
+                                                             segmenter=segmenter)):
         rows[i]["duration_s"] = round(len(wave) / SAMPLE_RATE, 3)
         rows[i].update(fields)
         rows[i]["task_versions"] = versions

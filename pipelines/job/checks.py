@@ -178,7 +178,8 @@ def _check_same_settings(spec: JobSpec, tasks: list, model: str, there: pa.Schem
     if head.num_rows:
         row = head.to_pylist()[0]
         held.update({**json.loads(row.get("generation") or "{}"), "model": row.get("model_id")})
-        asked.update({**generation_settings(tasks, spec.max_new_tokens, spec.task_params()),
+        asked.update({**generation_settings(tasks, spec.max_new_tokens, spec.task_params(),
+                                            spec.segmenter),
                       "model": model})
     differ = sorted(k for k in held.keys() & asked.keys()
                     if held[k] is not None and held[k] != asked[k])

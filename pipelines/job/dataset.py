@@ -55,11 +55,12 @@ def job_stages(spec: JobSpec, model_id: str, run_id: str, writer: Stage) -> list
         stages.PlanReader(spec.output, spec.storage_options, spec.storage_retry, s.decode),
         stages.DecodeStage(spec.storage_options, retry=spec.storage_retry,
                            max_audio_seconds=spec.max_audio_seconds,
-                           piece_seconds=spec.piece_seconds, resources=s.decode),
+                           piece_seconds=spec.piece_seconds, segmenter=spec.segmenter,
+                           resources=s.decode),
         stages.FrontendStage(spec.model, spec.glm_tokenizer, spec.device, resources=s.frontend),
         stages.LabelStage(spec.model, spec.glm_tokenizer, spec.device, spec.tasks,
                           spec.task_params(), spec.max_new_tokens, spec.semantic_tokens,
-                          model_id, run_id, resources=s.label),
+                          model_id, run_id, segmenter=spec.segmenter, resources=s.label),
         writer,
     ]
 

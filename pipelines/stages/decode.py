@@ -1,5 +1,5 @@
-"""Decode stage: fetch each object, decode it to 16 kHz mono, cut it into <= 30 s segments at
-pauses, and emit the file as one row, or as *pieces* of at most `piece_seconds` of whole
+"""Decode stage: fetch each object, decode it to 16 kHz mono, cut it into <= 30 s segments (by
+voice activity, or at quiet points: the job's `segmenter`), and emit the file as one row, or as *pieces* of at most `piece_seconds` of whole
 segments (CPU tasks).
 
 A row's waveform is one object, which the next stages batch by row count: without pieces one
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from kimi_ops.audio.segment import DEFAULT_SEGMENTER
 from pipelines.batching import work_units
 from pipelines.spec import PIECE_SECONDS, STAGE_DEFAULTS, StageResources
 from pipelines.stages.base import Stage, error_row
@@ -36,11 +37,12 @@ class DecodeStage(Stage):
     def __init__(self, storage: StorageConfig | None, max_segment_seconds: float = 30.0,
                  retry: RetryPolicy | None = None, max_audio_seconds: float | None = None,
                  piece_seconds: float = PIECE_SECONDS, spool_bytes: int | None = None,
-                 resources: StageResources | None = None):
+                 segmenter: str = DEFAULT_SEGMENTER, resources: StageResources | None = None):
         self.storage = storage
         # objects over this many bytes are decoded from a local copy (None: storage's default)
         self.spool_bytes = SPOOL_BYTES if spool_bytes is None else spool_bytes
         self.max_segment_seconds = max_segment_seconds
+        self.segmenter = segmenter  # kimi_ops.audio.segment.SEGMENTERS
         self.piece_seconds = piece_seconds
         # None: the decoder's default (KIMI_MAX_AUDIO_SECONDS, else 6 h)
         self.limit = {"max_seconds": max_audio_seconds} if max_audio_seconds else {}
@@ -100,14 +102,15 @@ class DecodeStage(Stage):
         file has >= 1 segment); the segments cover the waveform, so the pieces split it without
         gaps. The pieces' `audio` values are views of the one waveform buffer, not copies."""
         from kimi_ops.audio import SAMPLE_RATE
-        from kimi_ops.audio.segment import segment_audio
+        from kimi_ops.audio.segment import cut
 
-        segments = segment_audio(wave, SAMPLE_RATE, max_seconds=self.max_segment_seconds)
+        segments = cut(wave, self.segmenter, SAMPLE_RATE, self.max_segment_seconds)
         cuts = work_units([s.end - s.start for s in segments], len(segments),
                           int(self.piece_seconds * SAMPLE_RATE))
         rows = [{**row, "piece": piece, "pieces": len(cuts), "first_segment": first,
                  "offset": segments[first].start, "decode_s": row["decode_s"] / len(cuts),
-                 "segments": [{"start": s.start, "end": s.end, "silent": s.silent}
+                 "segments": [{"start": s.start, "end": s.end, "silent": s.silent,
+                               "speech_ratio": s.speech_ratio}
                               for s in segments[first:stop]]}
                 for piece, (first, stop) in enumerate(cuts)]
         bounds = np.array([r["offset"] for r in rows] + [len(wave)], dtype=np.int64)
@@ -139,7 +142,8 @@ DECODED_SCHEMA = pa.schema([
     ("error_kind", pa.string()), ("error_message", pa.string()),
     ("sample_rate", pa.int32()), ("channels", pa.int32()), ("duration_s", pa.float64()),
     ("segments", pa.list_(pa.struct([("start", pa.int64()), ("end", pa.int64()),
-                                     ("silent", pa.bool_())]))),
+                                     ("silent", pa.bool_()),
+                                     ("speech_ratio", pa.float32())]))),
     ("audio", pa.large_binary()), ("decode_s", pa.float64()),
     # which piece of its file the row is, and where it starts: its first segment's index in
     # the file and its first sample (its segments' start/end are sample offsets in the file)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kimi_ops.audio.segment import DEFAULT_SEGMENTER
 from pipelines.spec import STAGE_DEFAULTS, StageResources
 from pipelines.stages.base import Stage, error_row, set_threads
 from pipelines.stages.frontend import features_from_bytes
@@ -22,16 +23,17 @@ from pipelines.stages.frontend import features_from_bytes
 OUT_OF_MEMORY = "out_of_memory"  # the error kind of a file the device cannot label
 
 
-def generation_settings(tasks, max_new_tokens: int, task_params: dict) -> dict[str, Any]:
+def generation_settings(tasks, max_new_tokens: int, task_params: dict,
+                        segmenter: str) -> dict[str, Any]:
     """What shaped the labels besides the model and the tasks (the token budget, greedy text,
-    the tasks' own sampling, and the task parameters a task of the run takes, such as asr's
-    language): the
+    the tasks' own sampling, the task parameters a task of the run takes, such as asr's
+    language, and how files were cut into segments): the
     segments' `generation` column holds it as JSON, `pipelines.job.check_output_settings`
     compares it."""
     from kimi_ops.tasks import TASKS, task_parameters
 
     used = set().union(*(task_parameters(t.name) for t in tasks if t.name in TASKS))
-    return {"max_new_tokens": max_new_tokens, "text_temperature": 0.0,
+    return {"max_new_tokens": max_new_tokens, "text_temperature": 0.0, "segmenter": segmenter,
             # only what a task of this run takes: `--question` means nothing to `asr`
             **{k: v for k, v in task_params.items() if v is not None and k in used},
             **{t.name: t.sampling for t in tasks if hasattr(t, "sampling") and t.sampling}}
@@ -47,7 +49,7 @@ class LabelStage(Stage):
     def __init__(self, model: str, glm_tokenizer: str | None, device: str | None,
                  task_specs: list[str], task_params: dict, max_new_tokens: int,
                  semantic_tokens: bool, model_id: str, run_id: str,
-                 resources: StageResources | None = None):
+                 segmenter: str = DEFAULT_SEGMENTER, resources: StageResources | None = None):
         from kimi_ops.tasks import get_task
 
         self.model, self.glm_tokenizer, self.device = model, glm_tokenizer, device
@@ -60,7 +62,7 @@ class LabelStage(Stage):
         self.run_id = run_id
         self.versions = {t.name: t.version for t in self.tasks}
         self.generation = json.dumps(generation_settings(self.tasks, max_new_tokens,
-                                                         task_params), sort_keys=True)
+                                                         task_params, segmenter), sort_keys=True)
 
     def setup(self) -> None:
         import torch

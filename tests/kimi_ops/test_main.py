@@ -85,7 +85,8 @@ def test_label_reports_bad_files_and_labels_the_rest(tmp_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["path"] for r in rows] == [str(good), str(junk), str(tmp_path / "gone.wav"),
                                          str(long)]
-    for row, seconds, segments in ((rows[0], 0.5, 1), (rows[3], 31.0, 2)):
+    # the 31 s mix by voice activity: speech, a pause, speech
+    for row, seconds, segments in ((rows[0], 0.5, 1), (rows[3], 31.0, 3)):
         assert row["duration_s"] == pytest.approx(seconds) and row["num_segments"] == segments
         assert isinstance(row["transcript"], str) and isinstance(row["caption"], str)
         for task, size in (("emotion", 7), ("scene", 13)):

@@ -154,8 +154,10 @@ def test_front_end_runs_once_per_segment_whatever_the_tasks(engine, monkeypatch)
     files = [goldens.INPUTS / "a01_tone_0p5s_16k.wav", goldens.INPUTS / "a04_mix_31s_16k.wav"]
     tasks = [get_task(t) for t in ("asr", "caption", "emotion", "scene", "sound_event")]
     rows = label_files(engine, files, tasks, max_new_tokens=4)
-    assert calls == [3]  # one call: 1 segment + 2 segments (31 s), for five tasks
-    assert [r["num_segments"] for r in rows] == [1, 2]
+    # one call for five tasks: the tone is one (silent) segment; the 31 s mix, speech, a pause
+    # and speech by voice activity
+    assert calls == [4]
+    assert [r["num_segments"] for r in rows] == [1, 3]
     for row in rows:
         for task in ("emotion", "scene", "sound_event"):
             assert math.isclose(sum(row[f"{task}_scores"].values()), 1.0, abs_tol=1e-6)
@@ -245,8 +247,12 @@ def test_silent_segments_skip_asr_but_keep_closed_set_scores(engine, monkeypatch
     monkeypatch.setattr(engine, "generate_batch", counting)
     silence = np.zeros(16000 * 3, dtype=np.float32)
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 2) / 16000)).astype(np.float32)
-    rows = label_waveforms(engine, [silence, tone], [get_task("asr"), get_task("emotion")],
-                           max_new_tokens=4)
-    assert sent == [1]  # only the tone went to ASR
+    tasks = [get_task("asr"), get_task("emotion")]
+    # by voice activity a tone is no speech either: nothing goes to ASR
+    label_waveforms(engine, [silence, tone], tasks, max_new_tokens=4)
+    assert sent == []
+    # by loudness the tone is not silent: only the tone goes to ASR
+    rows = label_waveforms(engine, [silence, tone], tasks, max_new_tokens=4, segmenter="energy")
+    assert sent == [1]
     assert rows[0]["transcript"] == "" and rows[0]["transcript_truncated"] is False
     assert math.isclose(sum(rows[0]["emotion_scores"].values()), 1.0, abs_tol=1e-6)

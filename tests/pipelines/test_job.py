@@ -827,7 +827,8 @@ def test_tasks_in_one_order_and_settings_only_of_the_tasks_run(caplog):
     def settings(tasks, **params):
         spec = JobSpec(input="x", output="y", model="m", tasks=tasks, **params)
         built = [get_task(t, **spec.task_params()) for t in spec.tasks]
-        return generation_settings(built, spec.max_new_tokens, spec.task_params())
+        return generation_settings(built, spec.max_new_tokens, spec.task_params(),
+                                   spec.segmenter)
 
     assert "language" not in settings(["emotion"], language="en")
     assert settings(["asr"], language="en")["language"] == "en"
