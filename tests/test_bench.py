@@ -78,3 +78,17 @@ def test_load_benchmark_runs_long_recordings_as_pieces_and_whole(tmp_path):
         assert arm["all_accounted_once"] and arm["seconds_each"] == 65
         assert {"FrontendStage actor", "LabelStage actor"} <= set(arm["actors_rss_mb"]), arm
     assert "long files | arm" in out
+
+
+def test_segmentation_benchmark_compares_both_segmenters_on_known_speech(tmp_path):
+    out = run_script("bench/segmentation.py", "--recordings", "1", "--seconds", "40",
+                     "--out", str(tmp_path))
+    result = json.loads((tmp_path / "segmentation.json").read_text())
+    rows = {(r["material"], r["segmenter"]): r for r in result["rows"]}
+    assert len(rows) == 2 * 6  # five materials and all, by each segmenter
+    vad, energy = rows[("all", "vad")], rows[("all", "energy")]
+    # the targets on this material, and the loudness cutter's failure they answer
+    assert vad["speech_recall"] >= 0.95 and vad["noise_sent"] <= 0.20, vad
+    assert energy["noise_sent"] > 0.9 and energy["model_s_per_s"] == 1.0
+    assert vad["model_s_per_s"] < 0.6 and vad["cpu_s_per_audio_hour"] > 0
+    assert "speech recall" in out and "noise sent" in out

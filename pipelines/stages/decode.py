@@ -29,8 +29,9 @@ from pipelines.storage import SPOOL_BYTES, RetryPolicy, StorageConfig, StorageEr
 
 
 class DecodeStage(Stage):
-    """Fetch each object, decode to 16 kHz mono, cut into <= 30 s segments at pauses, and
-    emit the file as one row, or as pieces of at most `piece_seconds` of whole segments."""
+    """Fetch each object, decode to 16 kHz mono, cut into <= 30 s segments (the job's
+    `segmenter`), and emit the file as one row, or as pieces of at most `piece_seconds` of
+    whole segments."""
 
     name = "decode"
 

@@ -802,3 +802,43 @@ def test_ray_addresses_that_are_urls_are_refused_before_the_flow():
     with pytest.raises(JobError, match=r"Ray Client is not supported; submit the job to the "
                                        r"cluster through its Ray Jobs API instead"):
         check_ray_address("ray://127.0.0.1:10001")
+
+
+# -- what reaches the model ------------------------------------------------------------------
+
+def shares_in_ok(segments: list[dict], speech: list[tuple[int, int]], samples: int,
+                 rate: int = 16000) -> tuple[float, float]:
+    """(share of the speech time, share of the non-speech time) inside `ok` segments."""
+    import numpy as np
+
+    ok, talk = np.zeros(samples, bool), np.zeros(samples, bool)
+    for s in segments:
+        ok[round(s["start_s"] * rate):round(s["end_s"] * rate)] |= s["status"] == "ok"
+    for a, b in speech:
+        talk[a:b] = True
+    return (ok & talk).sum() / talk.sum(), (ok & ~talk).sum() / (~talk).sum()
+
+
+@pytest.mark.slow
+def test_run_sends_a_noisy_recordings_speech_to_asr_and_keeps_its_noise_out(harness, ray_local,
+                                                                           here, tmp_path):
+    """An archive recording (60 s, three utterances in steady noise at -32 dBFS) through
+    `kimi-label run --tasks asr`: by voice activity (the default) at least 95 % of the speech
+    time is in `ok` segments and at most 20 % of the noise-only time; the rest is `silent`."""
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from tests.bench_modules import bench_module
+
+    mix = bench_module("speech").archive_fixture()
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "archive.flac", mix.wave, 16000)
+    done = here("run", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model",
+                MODEL, "--tasks", "asr", "--max-new-tokens", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    segments = pq.read_table(tmp_path / "out" / "segments").to_pylist()
+    speech, noise = shares_in_ok(segments, mix.speech, len(mix.wave))
+    assert speech >= 0.95 and noise <= 0.20, (speech, noise)
+    assert {s["status"] for s in segments} == {"ok", "silent"}
+    assert all(0.0 <= s["speech_ratio"] <= 1.0 for s in segments)
+    assert '"segmenter": "vad"' in segments[0]["generation"]

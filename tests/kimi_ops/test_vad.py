@@ -3,27 +3,14 @@ speech laid into noise, tones and silence (bench/speech.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from kimi_ops.audio.segment import SEGMENTERS, cut
 from kimi_ops.audio.vad import LANE_SECONDS, WINDOW, speech_probabilities
+from tests.bench_modules import bench_module
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _speech():
-    spec = importlib.util.spec_from_file_location("bench_speech", BENCH / "speech.py")
-    module = sys.modules["bench_speech"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-speech = _speech()
+speech = bench_module("speech")
 
 
 def covered(segments, n: int, max_samples: int) -> None:

@@ -9,7 +9,6 @@ a queue would then never reach; the test gives the job an 8 MiB budget, which it
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,19 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests import goldens
+from tests.bench_modules import bench_module
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SMALL, LARGE = 40, 400
 FLAT = 1.10  # peak memory of the 10x corpus within 10 % of the small one
 INFLIGHT = 8 << 20  # the job's object-store budget for blocks in flight (JobSpec.inflight_bytes)
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_load", ROOT / "bench" / "load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_file_once_and_peak_memory_flat_at_ten_times_the_files():
@@ -42,7 +35,7 @@ def test_every_file_once_and_peak_memory_flat_at_ten_times_the_files():
     the front-end actor touched (RssShmem) grew with it: 4.5 -> 40 MB at 100 -> 1,000 files,
     8.6 -> 78 MB at 200 -> 2,000. Now they stop below the budget (about 5 MB here)."""
     goldens.require()
-    bench = _bench()
+    bench = bench_module("load")
     workdir = Path(tempfile.mkdtemp(prefix="kl-load-", dir="/tmp"))
     try:
         runs = {n: bench.run_size(n, workdir, goldens.CHECKPOINT, timeout_s=400,
