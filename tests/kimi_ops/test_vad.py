@@ -79,8 +79,12 @@ def test_silence_and_tones_are_no_speech_and_short_input_works():
 
 
 def test_probabilities_are_one_per_window_and_depend_on_the_waveform_only(archive):
+    import torch
+
     wave = archive.wave[: 25 * 16000 + 77]  # three lanes, a partial last window
+    threads = torch.get_num_threads()
     probs = speech_probabilities(wave)
+    assert torch.get_num_threads() == threads  # one thread while it ran, then the caller's
     assert probs.shape == (-(-len(wave) // WINDOW),) and probs.dtype == np.float32
     assert ((probs >= 0) & (probs <= 1)).all()
     np.testing.assert_array_equal(probs, speech_probabilities(wave.copy()))

@@ -209,6 +209,7 @@ def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, r
             ({"tasks": ["asr", "emotion", "scene:tut2017"]}, "task scene scene-1-cochlscene",
              "task scene scene-1-tut2017"),  # one column, another label set
             ({"language": "zh"}, "language auto", "language zh"),
+            ({"segmenter": "energy"}, "segmenter vad", "segmenter energy"),
             ({"model": str(other_model)}, f"model {first_model_id(seaweed, s3_prefix)}",
              f"model {model_id(other_model)} ({other_model})")):
         with pytest.raises(JobError) as refused:
