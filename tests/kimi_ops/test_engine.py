@@ -36,6 +36,38 @@ def test_greedy_tokens_match_reference_single_and_batched(tiny_model, tokenizer,
         assert res.finish_reason == ("stop" if stopped else "length"), case
 
 
+def test_text_logprobs_are_as_sampled_and_a_batch_equals_its_singles(tiny_model, tokenizer,
+                                                                     golden_prompts):
+    """`text_logprobs`: one per generated text token and the EOS that ended the text, <= 0;
+    greedy ones are the log-softmax of the reference's step logits; a batch's rows (greedy, and
+    sampled with per-row seeds) have their singles' tokens and, to fp32 rounding, log-probs."""
+    steps = goldens.load_npz("generation_step_logits.npz")
+    expected = goldens.load_json("generation.json")
+    prompts = [golden_prompts[c] for c in GENERATION_CASES]
+    seeds = list(range(len(prompts)))
+    for params in ({"max_new_tokens": 24},
+                   {"max_new_tokens": 12, "seed": 5,
+                    "text": StreamSampling(temperature=0.8, top_k=20)}):
+        gen = GenerationParams(**params).validate()
+        batched = generate_batch(tiny_model, prompts, tokenizer.special, gen, seed_ids=seeds)
+        for case, prompt, seed, res in zip(GENERATION_CASES, prompts, seeds, batched):
+            single = generate_batch(tiny_model, [prompt], tokenizer.special, gen,
+                                    seed_ids=[seed])[0]
+            assert res.text_token_ids == single.text_token_ids, case
+            np.testing.assert_allclose(res.text_logprobs, single.text_logprobs, rtol=0,
+                                       atol=goldens.fp32_logprob_tolerance(), err_msg=case)
+            stopped = res.finish_reason == "stop"
+            assert len(res.text_logprobs) == len(res.text_token_ids) + stopped, case
+            assert all(lp <= 0 for lp in res.text_logprobs), case
+            if gen.text.greedy:  # row i of the goldens' step logits chose token i
+                chosen = expected[case]["per_step_text_argmax"]
+                logits = torch.from_numpy(steps[f"gen_step_text_logits__{case}"]).double()
+                want = torch.log_softmax(logits, dim=-1)[torch.arange(len(chosen)), chosen]
+                np.testing.assert_allclose(
+                    res.text_logprobs, want.numpy(), rtol=0, err_msg=case,
+                    atol=goldens.logprob_tolerance(goldens.LOGIT_TOLERANCE))
+
+
 def test_decoded_text_matches_reference(engine, golden_prompts):
     expected = goldens.load_json("generation.json")
     results = engine.run_prompts([golden_prompts[c] for c in GENERATION_CASES],
@@ -266,6 +298,8 @@ def test_static_decoder_equals_dynamic(tiny_model, tokenizer, golden_prompts, sm
     for d, s in zip(dynamic, static):
         assert (s.text_token_ids, s.audio_token_ids, s.finish_reason, s.steps) == \
             (d.text_token_ids, d.audio_token_ids, d.finish_reason, d.steps)
+        np.testing.assert_allclose(s.text_logprobs, d.text_logprobs, rtol=0,
+                                   atol=goldens.fp32_logprob_tolerance())
 
 
 def test_static_decoder_is_the_cuda_default_and_can_be_turned_off(monkeypatch):
