@@ -161,7 +161,7 @@ class ChoiceTask:
 Task = GenerativeTask | ChoiceTask
 
 
-def merge_segments(parts: list[dict[str, Any]], weights: list[int], tasks: Sequence[Task]
+def merge_segments(parts: list[dict[str, Any]], weights: Sequence[float], tasks: Sequence[Task]
                    ) -> dict[str, Any]:
     """One file's fields from its segments' (`parts`): choice scores averaged with `weights`
     (the segments' lengths) and the best label, text fields joined, flags or-ed, the quality

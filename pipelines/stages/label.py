@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.schema import file_fields
+from pipelines.schema import SPEECH_RATIO, file_fields
 from pipelines.spec import STAGE_DEFAULTS, StageResources
 from pipelines.stages.base import Stage, error_row, set_threads
 from pipelines.stages.frontend import features_from_bytes
@@ -156,7 +156,7 @@ class LabelStage(Stage):
             seg_row = {"source_uri": row["source_uri"], "segment_index": i,
                        "start_s": seg["start"] / SAMPLE_RATE, "end_s": seg["end"] / SAMPLE_RATE,
                        "status": "silent" if seg["silent"] else "ok",
-                       "speech_ratio": seg.get("speech_ratio"),
+                       SPEECH_RATIO: seg.get(SPEECH_RATIO),
                        "task_versions": self.versions, "generation": self.generation,
                        **common, **f}
             if self.semantic_tokens:

@@ -20,10 +20,21 @@ def run(model, tokenizer, prompts, **params):
     return generate_batch(model, prompts, tokenizer.special, GenerationParams(**params).validate())
 
 
+def check_text_logprobs(res, single, tolerance: float) -> None:
+    """`text_logprobs`: one per generated text token and the EOS that ended the text, <= 0,
+    and a batch's row has its single run's to fp32 rounding."""
+    assert len(res.text_logprobs) == len(res.text_token_ids) + (res.finish_reason == "stop")
+    assert all(lp <= 0 for lp in res.text_logprobs)
+    np.testing.assert_allclose(res.text_logprobs, single.text_logprobs, rtol=0, atol=tolerance)
+
+
 @pytest.mark.parametrize("golden_file", ["generation.json", "pure_fp32/generation.json"])
 def test_greedy_tokens_match_reference_single_and_batched(tiny_model, tokenizer, golden_prompts,
                                                           golden_file):
+    """The reference's greedy tokens, batched and alone; the text log-probs are the
+    log-softmax of the reference's step logits (row i chose token i), a batch's its singles'."""
     expected = goldens.load_json(golden_file)
+    steps = goldens.load_npz("generation_step_logits.npz")  # the main goldens' logits
     prompts = [golden_prompts[c] for c in GENERATION_CASES]
     batched = run(tiny_model, tokenizer, prompts, max_new_tokens=24)
     for case, prompt, res in zip(GENERATION_CASES, prompts, batched):
@@ -34,38 +45,12 @@ def test_greedy_tokens_match_reference_single_and_batched(tiny_model, tokenizer,
         assert res.steps == expected[case]["steps_run"], case
         stopped = expected[case]["per_step_text_argmax"][-1] == tokenizer.special.text_eos
         assert res.finish_reason == ("stop" if stopped else "length"), case
-
-
-def test_text_logprobs_are_as_sampled_and_a_batch_equals_its_singles(tiny_model, tokenizer,
-                                                                     golden_prompts):
-    """`text_logprobs`: one per generated text token and the EOS that ended the text, <= 0;
-    greedy ones are the log-softmax of the reference's step logits; a batch's rows (greedy, and
-    sampled with per-row seeds) have their singles' tokens and, to fp32 rounding, log-probs."""
-    steps = goldens.load_npz("generation_step_logits.npz")
-    expected = goldens.load_json("generation.json")
-    prompts = [golden_prompts[c] for c in GENERATION_CASES]
-    seeds = list(range(len(prompts)))
-    for params in ({"max_new_tokens": 24},
-                   {"max_new_tokens": 12, "seed": 5,
-                    "text": StreamSampling(temperature=0.8, top_k=20)}):
-        gen = GenerationParams(**params).validate()
-        batched = generate_batch(tiny_model, prompts, tokenizer.special, gen, seed_ids=seeds)
-        for case, prompt, seed, res in zip(GENERATION_CASES, prompts, seeds, batched):
-            single = generate_batch(tiny_model, [prompt], tokenizer.special, gen,
-                                    seed_ids=[seed])[0]
-            assert res.text_token_ids == single.text_token_ids, case
-            np.testing.assert_allclose(res.text_logprobs, single.text_logprobs, rtol=0,
-                                       atol=goldens.fp32_logprob_tolerance(), err_msg=case)
-            stopped = res.finish_reason == "stop"
-            assert len(res.text_logprobs) == len(res.text_token_ids) + stopped, case
-            assert all(lp <= 0 for lp in res.text_logprobs), case
-            if gen.text.greedy:  # row i of the goldens' step logits chose token i
-                chosen = expected[case]["per_step_text_argmax"]
-                logits = torch.from_numpy(steps[f"gen_step_text_logits__{case}"]).double()
-                want = torch.log_softmax(logits, dim=-1)[torch.arange(len(chosen)), chosen]
-                np.testing.assert_allclose(
-                    res.text_logprobs, want.numpy(), rtol=0, err_msg=case,
-                    atol=goldens.logprob_tolerance(goldens.LOGIT_TOLERANCE))
+        check_text_logprobs(res, single, goldens.fp32_logprob_tolerance())
+        chosen = expected[case]["per_step_text_argmax"]
+        logits = torch.from_numpy(steps[f"gen_step_text_logits__{case}"]).double()
+        reference = torch.log_softmax(logits, dim=-1)[torch.arange(len(chosen)), chosen]
+        np.testing.assert_allclose(res.text_logprobs, reference.numpy(), rtol=0, err_msg=case,
+                                   atol=goldens.logprob_tolerance(goldens.LOGIT_TOLERANCE))
 
 
 def test_decoded_text_matches_reference(engine, golden_prompts):
@@ -113,6 +98,10 @@ def test_sampling_is_per_sequence_and_reproducible(tiny_model, tokenizer, golden
     alone = generate_batch(tiny_model, [prompts[3]], tokenizer.special,
                            GenerationParams(**params), seed_ids=[3])[0]
     assert alone.text_token_ids == first[3].text_token_ids
+    # its log-probs are of the tempered top-k distribution it was drawn from (at temperature
+    # 1 the logits' own rounding)
+    check_text_logprobs(first[3], alone, goldens.fp32_logprob_tolerance())
+    assert first[3].text_logprobs != greedy[3].text_logprobs
 
 
 def test_output_both_returns_audio_stream(tiny_model, tokenizer, golden_prompts):
