@@ -801,8 +801,12 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
     assert rows[names[0]]["status"] == "error"
     assert rows[names[0]]["error"]["kind"] == "out_of_memory"
     assert names[0] in rows[names[0]]["error"]["message"]
-    assert rows[names[1]] == next(r for r in whole["files"].to_pylist()
-                                  if r["source_uri"].endswith(names[1]))
+    alone = dict(rows[names[1]])  # labelled alone here, in a batch before: its log-probs
+    batched = next(r for r in whole["files"].to_pylist() if r["source_uri"].endswith(names[1]))
+    for name in ("transcript_avg_logprob", "transcript_min_logprob"):  # round apart
+        assert alone.pop(name) == pytest.approx(batched.pop(name),
+                                                abs=goldens.fp32_logprob_tolerance())
+    assert alone == batched
     assert set(failed["segments"]["source_uri"].to_pylist()) == {str(goldens.INPUTS / names[1])}
     assert sorted(r["status"] for r in summary) == ["error", "ok"]
 
