@@ -5,16 +5,24 @@
 
 The schemas are code, never inferred from data: the segments table gets one column group per
 selected task (`ChoiceTask` -> its label as a string and `<task>_scores`, a struct of one float32
-per label in the label set's order; `GenerativeTask` -> its text fields as strings and its flags
-as booleans), then `finish_reason` (a struct of one string per generative task) and
-`task_versions` (a struct of one string per task). Structs, not maps: duckdb
-(`emotion_scores.joy`), polars (`struct.field`), pyarrow and Hugging Face `datasets` (a dict)
-all load them. The schema version and the task versions are also written to the Parquet
-key-value metadata of every file.
+per label in the label set's order; `GenerativeTask` -> its text fields as strings, its flags
+as booleans and its three quality signals as float32), then `finish_reason` (a struct of one
+string per generative task) and `task_versions` (a struct of one string per task). Structs, not
+maps: duckdb (`emotion_scores.joy`), polars (`struct.field`), pyarrow and Hugging Face
+`datasets` (a dict) all load them. The schema version and the task versions are also written to
+the Parquet key-value metadata of every file.
 
-Schema version 1 had `map<string, ...>` columns where version 2 has these structs (the files
-table is the same in both). Readers of an output take either: `normalized` turns a version 1
-table into the version 2 form in memory. A run does not add to a version 1 output
+Quality signals (`kimi_ops.tasks.base`), float32, null where a segment had no model call: each
+segment's `speech_ratio` (its share of speech, from the segmenter) and, per generative task,
+`<text>_avg_logprob`, `<text>_min_logprob` and `<text>_compression_ratio` after the task's
+first text field (asr: `transcript_...`). The files table carries them over the file's
+segments (`file_fields`): `speech_ratio` and the two means weighted by duration, the minimum
+as the least, each over the segments that have a value.
+
+Versions: 1 had `map<string, ...>` columns where 2 has these structs (the files table was the
+same in both); 3 added the quality signals. Readers of an output take any of them:
+`normalized` gives a table of version 1 or 2 the current form in memory (structs for maps, the
+signal columns asked for as nulls). A run does not add to an output of an earlier version
 (`pipelines.job.checks` refuses it).
 """
 
@@ -26,8 +34,9 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from kimi_ops.tasks import ChoiceTask, GenerativeTask, Task
+from kimi_ops.tasks.base import SIGNAL_SUFFIXES, SPEECH_RATIO, merge_segments
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 SCHEMA_VERSION_KEY = b"kimi_label.schema_version"
 TASK_VERSIONS_KEY = b"kimi_label.task_versions"
 SCORES_SUFFIX = "_scores"
@@ -41,6 +50,7 @@ FILES_FIELDS = [
     pa.field("duration_s", pa.float64()),
     pa.field("num_segments", pa.int32()),
     pa.field("transcript", pa.string()),  # the segments' transcripts stitched in order
+    # then speech_ratio and each generative task's signals over the file (`files_schema`)
     pa.field("sample_rate", pa.int32()),  # of the source, before resampling
     pa.field("channels", pa.int32()),
     pa.field("size_bytes", pa.int64()),
@@ -55,8 +65,10 @@ SEGMENT_BASE_FIELDS = [
     pa.field("start_s", pa.float64(), nullable=False),
     pa.field("end_s", pa.float64(), nullable=False),
     pa.field("status", pa.string(), nullable=False),  # "ok" | "silent" | "error"
+    pa.field(SPEECH_RATIO, pa.float32()),  # the share of the segment that is speech, [0, 1]
     pa.field("error", ERROR_TYPE),
 ]
+FILE_SIGNALS_AFTER = "transcript"  # where a file's signals go among FILES_FIELDS
 
 SEMANTIC_TOKENS_FIELD = pa.field("semantic_tokens", pa.list_(pa.int32()))  # 12.5 Hz VQ codes
 
@@ -76,8 +88,13 @@ def task_fields(task: Task) -> list[pa.Field]:
                 pa.field(f"{task.name}{SCORES_SUFFIX}", scores_type(task))]
     if isinstance(task, GenerativeTask):
         return ([pa.field(f, pa.string()) for f in task.text_fields]
-                + [pa.field(f, pa.bool_()) for f in task.flags])
+                + [pa.field(f, pa.bool_()) for f in task.flags] + signal_fields(task))
     raise TypeError(f"unknown task type {type(task).__name__}")
+
+
+def signal_fields(task: GenerativeTask) -> list[pa.Field]:
+    """A generative task's quality signals (`GenerativeTask.signals`), in both tables."""
+    return [pa.field(name, pa.float32()) for name in task.signals]
 
 
 def tail_fields(tasks: Sequence[Task]) -> list[pa.Field]:
@@ -99,7 +116,27 @@ def _metadata(tasks: Sequence[Task], table: str) -> dict[bytes, bytes]:
 
 
 def files_schema(tasks: Sequence[Task] = ()) -> pa.Schema:
-    return pa.schema(FILES_FIELDS, metadata=_metadata(tasks, "files"))
+    """FILES_FIELDS, with the file's `speech_ratio` and each generative task's signals after
+    its transcript."""
+    at = [f.name for f in FILES_FIELDS].index(FILE_SIGNALS_AFTER) + 1
+    signals = [pa.field(SPEECH_RATIO, pa.float32())] + [
+        field for task in tasks if isinstance(task, GenerativeTask)
+        for field in signal_fields(task)]
+    return pa.schema(FILES_FIELDS[:at] + signals + FILES_FIELDS[at:],
+                     metadata=_metadata(tasks, "files"))
+
+
+def file_fields(segments: Sequence[dict], tasks: Sequence[Task]) -> dict:
+    """A labelled file's columns that come from its segments rows (every one of the file, in
+    order): `num_segments`, the stitched `transcript`, `speech_ratio` and each generative
+    task's signals, weighted by the segments' durations (`merge_segments`, the one place that
+    aggregates; the label stage calls this for a whole file, the driver for a long file's
+    stitched pieces)."""
+    merged = merge_segments(list(segments), [s["end_s"] - s["start_s"] for s in segments], tasks)
+    names = [SPEECH_RATIO, *(n for t in tasks if isinstance(t, GenerativeTask)
+                             for n in t.signals)]
+    return {"num_segments": len(segments), "transcript": merged.get("transcript"),
+            **{name: merged[name] for name in names}}
 
 
 def segments_schema(tasks: Sequence[Task], semantic_tokens: bool = False) -> pa.Schema:
@@ -166,14 +203,27 @@ def closed_set_tasks(schema: pa.Schema) -> list[str]:
             and (pa.types.is_struct(f.type) or pa.types.is_map(f.type))]
 
 
-def normalized(table: pa.Table) -> pa.Table:
-    """`table` (any columns of a segments shard of either version) in the version 2 form: each
+def added_in_version_3(name: str) -> bool:
+    """Whether column `name` is one version 3 added: `speech_ratio` or a quality signal."""
+    return name == SPEECH_RATIO or name.endswith(SIGNAL_SUFFIXES)
+
+
+def normalized(table: pa.Table, columns: Sequence[str] = ()) -> pa.Table:
+    """`table` (any columns of a shard of any version) in the current form. Version 1: each
     `map<string, X>` column becomes a struct of X with one field per key, in the order the keys
     first appear (version 1 wrote a task's scores in its label set's order), null where a row's
-    map lacks the key. A version 2 table is returned as is."""
+    map lacks the key. Versions 1 and 2: each of `columns` (those the reader asked for; a read
+    of the columns a shard has leaves the others out) that version 3 added and the table lacks
+    comes back as a float32 column of nulls, at the end. A current table is returned as is."""
+    version = int(schema_version(table.schema))
     for i, field in enumerate(table.schema):
         if pa.types.is_map(field.type):
             table = table.set_column(i, field.name, _struct_of_map(table[field.name]))
+    if version < 3:
+        for name in columns:
+            if added_in_version_3(name) and name not in table.column_names:
+                table = table.append_column(pa.field(name, pa.float32()),
+                                            pa.nulls(table.num_rows, pa.float32()))
     return table
 
 

@@ -11,7 +11,8 @@ so the remaining rows decode faster. Per row the loop does what the reference do
 * output "text" stops when the text EOS is sampled (not returned); output "both" stops when the
   audio stream produces `msg_end` or `media_end`;
 * the budget is `max_new_tokens` steps, by default 7500 - prompt length ("text") or
-  1500 - prompt length ("both").
+  1500 - prompt length ("both");
+* each generated text token keeps its log-probability as sampled (`GenerationResult`).
 """
 
 from __future__ import annotations
@@ -72,12 +73,21 @@ class GenerationParams:
 
 @dataclass
 class GenerationResult:
+    """One prompt's generation. `text_logprobs` holds one log-probability (<= 0) per generated
+    text token, the text EOS included when the text ended by it (so len(text_token_ids) + 1
+    entries then, else len(text_token_ids)): the chosen token's log-probability as sampled, i.e.
+    under the distribution the sampler chose it from (after the repetition penalty; greedy: the
+    log-softmax of the logits; sampled: the tempered top-k distribution the draw came from,
+    `kimi_ops.engine.sampling.sample`). It comes from the decoding steps' own logits, no extra
+    forward pass; the audio stream has none."""
+
     text_token_ids: list[int]  # generated text-stream ids before EOS, unfiltered (as the loop returns)
     audio_token_ids: list[int]  # audio-stream ids after the 6-step delay ("both" only), unfiltered
     finish_reason: str  # "stop" (EOS / end of audio) or "length" (budget exhausted)
     prompt_tokens: int
     steps: int  # forward passes run for this sequence
     text: str = ""
+    text_logprobs: list[float] = field(default_factory=list)
 
     def audio_codes(self, token_offset: int) -> list[int]:
         """The semantic (GLM-4 VQ) codes among the audio tokens, as the reference detokenizes."""
@@ -89,6 +99,7 @@ class _Row:
     index: int  # position in the caller's list
     budget: int
     text: list[int] = field(default_factory=list)  # every sampled text token (incl. after end)
+    text_logprobs: list[float] = field(default_factory=list)  # the valid ones' and the EOS's
     audio: list[int] = field(default_factory=list)
     valid_text: int = 0
     valid_audio: int = 0
@@ -226,12 +237,13 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
     while True:
         history = (torch.tensor([r.text for r in live], device=device)
                    if step and params.text.penalised else None)
-        next_text = sample(text_logits, history, params.text, generators)
+        next_text, text_logprobs = sample(text_logits, history, params.text, generators)
         if both:
             audio_history = (torch.tensor([r.audio for r in live], device=device)
                              if step and params.audio.penalised else None)
-            next_audio = sample(audio_logits, audio_history, params.audio, generators)
+            next_audio, _ = sample(audio_logits, audio_history, params.audio, generators)
         next_text_list = next_text.tolist()
+        text_logprob_list = text_logprobs.tolist()
         next_audio_list = next_audio.tolist() if both else [special.text_blank] * len(live)
 
         keep = []
@@ -239,10 +251,12 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
             t = next_text_list[j]
             if row.text_done:
                 t = special.text_blank
-            elif t == special.text_eos:
-                row.text_done = True
             else:
-                row.valid_text += 1
+                row.text_logprobs.append(text_logprob_list[j])
+                if t == special.text_eos:
+                    row.text_done = True
+                else:
+                    row.valid_text += 1
             row.text.append(t)
             a = next_audio_list[j]
             if step < AUDIO_DELAY_TOKENS or not both:
@@ -280,4 +294,5 @@ def _result(row: _Row, prompt: Prompt, reason: str) -> GenerationResult:
         finish_reason=reason,
         prompt_tokens=len(prompt),
         steps=len(row.text),
+        text_logprobs=row.text_logprobs,
     )

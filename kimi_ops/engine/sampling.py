@@ -5,7 +5,7 @@ For each stream (text, audio): an optional repetition penalty over the sequence'
 first penalised step is the 17th); then log-softmax in fp32; then greedy argmax when the
 temperature is ~0, else temperature scaling and a draw from the top-k (or the full distribution
 when top_k <= 0). Draws use one generator per sequence so a sequence's sample does not depend on
-what else is in its batch.
+what else is in its batch. Each pick comes with its log-probability as sampled (`sample`).
 """
 
 from __future__ import annotations
@@ -92,20 +92,29 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None,
 
 
 def sample(logits: torch.Tensor, history: torch.Tensor | None, params: StreamSampling,
-           generators: list[torch.Generator] | None = None) -> torch.Tensor:
-    """One token per row. logits [B, V] (any float dtype) -> [B] int64."""
+           generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its log-probability as sampled: logits [B, V] (any float dtype) ->
+    ([B] int64, [B] float32).
+
+    The log-probability is the chosen token's under the distribution it was chosen from: greedy,
+    the log-softmax of the (penalised) logits; sampled, the tempered distribution over the top-k
+    candidates (or the whole vocabulary) that the draw came from, renormalised."""
     logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty,
                                       params.repetition_window)
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.greedy:
-        return logprobs.argmax(dim=-1)
+        picks = logprobs.argmax(dim=-1)
+        return picks, logprobs.gather(1, picks[:, None])[:, 0]
     logprobs = logprobs / params.temperature
     if params.top_k > 0:
         probs, candidates = torch.topk(logprobs.exp(), min(params.top_k, logprobs.shape[-1]))
+        drawn_from = torch.log_softmax(logprobs.gather(1, candidates), dim=-1)
     else:
         probs, candidates = logprobs.exp(), None
+        drawn_from = torch.log_softmax(logprobs, dim=-1)
     picks = torch.stack([
         torch.multinomial(probs[row], 1, generator=generators[row] if generators else None)[0]
         for row in range(probs.shape[0])
     ])
-    return picks if candidates is None else candidates.gather(1, picks[:, None])[:, 0]
+    chosen = drawn_from.gather(1, picks[:, None])[:, 0]
+    return (picks if candidates is None else candidates.gather(1, picks[:, None])[:, 0]), chosen

@@ -9,15 +9,29 @@ Two kinds:
 
 Every task has a `name` and a `version` written to every output row; bump the version whenever
 the prompt, the label set or the parser changes what a row would hold.
+
+Quality signals. A generative task's segments also carry three numbers named after its first
+text field (asr: `transcript_avg_logprob`, `transcript_min_logprob`,
+`transcript_compression_ratio`; `GenerativeTask.signals`): the mean and the minimum of the
+generated text tokens' log-probabilities as sampled, the text EOS included
+(`GenerationResult.text_logprobs`), and the compression ratio of the cleaned text
+(`compression_ratio`, Whisper's repetition signal). A segment without a model call has none
+(null). Over a file (`merge_segments`), the means are weighted by the segments' durations and
+the minimum is the segments' minimum, over the segments that have a value; so is the share of
+speech (`SPEECH_RATIO`, the segmenter's `speech_ratio` of each segment, when the parts carry it).
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+AVG_LOGPROB, MIN_LOGPROB, COMPRESSION_RATIO = "_avg_logprob", "_min_logprob", "_compression_ratio"
+SIGNAL_SUFFIXES = (AVG_LOGPROB, MIN_LOGPROB, COMPRESSION_RATIO)  # after a task's first text field
+SPEECH_RATIO = "speech_ratio"  # a segment's share of speech; a file's, weighted by duration
 OPTION_TAIL = ".Answer with the option's letter from the given choices directly and only give the best option."
 
 
@@ -25,6 +39,31 @@ def user_turn(instruction: str, audio: Any) -> list[dict]:
     """The evaluation's message order: instruction text, then the audio (one user turn)."""
     return [{"role": "user", "message_type": "text", "content": instruction},
             {"role": "user", "message_type": "audio", "content": audio}]
+
+
+def compression_ratio(text: str) -> float | None:
+    """The text's UTF-8 bytes over their zlib-compressed bytes, as Whisper computes it: about 1-2.5
+    for ordinary text, higher for a text that repeats itself (Whisper takes > 2.4 for a loop).
+    None for an empty text."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else None
+
+
+def weighted_mean(values: Sequence[float | None], weights: Sequence[float]) -> float | None:
+    """The mean of the values that are not None, weighted (equally when their weights sum to 0);
+    None when every value is None."""
+    pairs = [(v, w) for v, w in zip(values, weights) if v is not None]
+    if not pairs:
+        return None
+    total = sum(w for _, w in pairs)
+    if total <= 0:
+        return sum(v for v, _ in pairs) / len(pairs)
+    return sum(v * w for v, w in pairs) / total
+
+
+def minimum(values: Iterable[float | None]) -> float | None:
+    """The least value that is not None; None when there is none."""
+    return min((v for v in values if v is not None), default=None)
 
 
 @dataclass(frozen=True)
@@ -41,11 +80,27 @@ class GenerativeTask:
     kind = "generate"
 
     def empty_fields(self) -> dict[str, Any]:
-        return {**{f: "" for f in self.text_fields}, **{f: False for f in self.flags}}
+        """A segment's fields without a model call: empty text, no flag, no signal."""
+        return {**{f: "" for f in self.text_fields}, **{f: False for f in self.flags},
+                **{f: None for f in self.signals}}
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return self.text_fields + self.flags
+        return self.text_fields + self.flags + self.signals
+
+    @property
+    def signals(self) -> tuple[str, str, str]:
+        """The quality signals' names: the first text field + `_avg_logprob`, `_min_logprob`,
+        `_compression_ratio` (module docstring)."""
+        return tuple(self.text_fields[0] + suffix for suffix in SIGNAL_SUFFIXES)
+
+    def segment_fields(self, result: Any) -> dict[str, Any]:
+        """A segment's fields from its `GenerationResult`: the parsed ones and the signals."""
+        fields = self.parse(result.text, result)
+        logprobs = list(getattr(result, "text_logprobs", None) or [])
+        avg, low, ratio = self.signals
+        return {**fields, avg: sum(logprobs) / len(logprobs) if logprobs else None,
+                low: minimum(logprobs), ratio: compression_ratio(fields[self.text_fields[0]])}
 
     def messages(self, audio: Any) -> list[dict]:
         return user_turn(self.instruction, audio)
@@ -106,12 +161,16 @@ class ChoiceTask:
 Task = GenerativeTask | ChoiceTask
 
 
-def merge_segments(parts: list[dict[str, Any]], weights: list[int], tasks: Sequence[Task]
+def merge_segments(parts: list[dict[str, Any]], weights: Sequence[float], tasks: Sequence[Task]
                    ) -> dict[str, Any]:
     """One file's fields from its segments' (`parts`): choice scores averaged with `weights`
-    (the segments' lengths) and the best label, text fields joined, flags or-ed. Torch-free,
-    so the job's driver stitches a long file's pieces without loading the model's stack."""
-    merged: dict[str, Any] = {}
+    (the segments' lengths) and the best label, text fields joined, flags or-ed, the quality
+    signals and `SPEECH_RATIO` aggregated (module docstring). The one place a file's fields
+    are made from its segments: the labelling API, the job's label stage and its driver, which
+    stitches a long file's pieces, all call it; torch-free, so the driver does not load the
+    model's stack."""
+    speech = [None if p.get("status") == "error" else p.get(SPEECH_RATIO) for p in parts]
+    merged: dict[str, Any] = {SPEECH_RATIO: weighted_mean(speech, weights)}
     total = float(sum(weights)) or 1.0
     for task in tasks:
         if isinstance(task, ChoiceTask):
@@ -125,4 +184,8 @@ def merge_segments(parts: list[dict[str, Any]], weights: list[int], tasks: Seque
             merged[name] = " ".join(p[name] for p in parts if p.get(name))
         for flag in task.flags:
             merged[flag] = any(p.get(flag, False) for p in parts)
+        avg, low, ratio = task.signals
+        merged[avg] = weighted_mean([p.get(avg) for p in parts], weights)
+        merged[low] = minimum(p.get(low) for p in parts)
+        merged[ratio] = weighted_mean([p.get(ratio) for p in parts], weights)
     return merged

@@ -6,7 +6,8 @@ by default, `kimi_ops.audio.segment.cut`); all segments of all sources go throug
 front-end once, and the resulting encodings are reused by every task's prompt. Generative tasks
 run through `generate_batch` together (grouped only by their sampling settings), closed-set tasks
 through `score_options` together. Per file, text fields are joined in segment order, flags are
-OR-ed and closed-set probabilities are averaged over segments weighted by duration.
+OR-ed, closed-set probabilities and the quality signals' means are averaged over segments
+weighted by duration (`kimi_ops.tasks.base.merge_segments`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def label_segments(engine, encodings: Sequence[AudioEncoding], tasks: Sequence[T
         results = engine.generate_batch([t.messages(encodings[s]) for s, t in jobs],
                                         max_new_tokens=max_new_tokens, **dict(sampling))
         for (s, task), res in zip(jobs, results):
-            per_segment[s].update(task.parse(res.text, res))
+            per_segment[s].update(task.segment_fields(res))
             per_segment[s].setdefault("finish_reason", {})[task.name] = res.finish_reason
 
     for style in ("letter", "label"):  # a label answer must also end the reply (EOS appended)
@@ -115,7 +116,10 @@ def label_files(engine, sources: Sequence[Any], tasks: Sequence[Task | str],
     `undecodable`, `not_found`, `empty_audio`). A task's fields over a file: text fields (e.g.
     `transcript`) joined over its segments, flags (e.g. `transcript_truncated`) or-ed, a
     closed-set task's `<task>` (the best label) and `<task>_scores` (label -> probability, in
-    the label set's order) averaged over the segments by duration.
+    the label set's order) averaged over the segments by duration. A generative task's
+    quality signals over the file (`kimi_ops.tasks.base`; asr: `transcript_avg_logprob` and
+    `transcript_compression_ratio`, averaged over the segments with a value by duration,
+    `transcript_min_logprob`, their minimum; None when no segment went to the model).
     """
     from kimi_ops.tasks import get_task
 

@@ -156,8 +156,9 @@ def check_output_settings(spec: JobSpec, tasks: list, model: str, schema: pa.Sch
 
 def check_schema_version(spec: JobSpec, there: pa.Schema) -> None:
     """New rows are written in this version's schema: a shard of another version (1: map
-    columns) beside them would make the output unreadable as one table. Evaluate and
-    prepare-training-data read version 1 outputs; a run does not add to them."""
+    columns; 2: no quality signals) beside them would make the output unreadable as one table.
+    Evaluate and prepare-training-data read outputs of earlier versions; a run does not add to
+    them."""
     from pipelines.schema import SCHEMA_VERSION, schema_version
 
     version = schema_version(there)

@@ -1,7 +1,8 @@
 """The driver's end of a job: a long file's pieces stitched back into one file.
 
 Whole files' summary rows pass through; a long file's pieces are held until all are in, then
-the file is stitched (its segments in order, its transcript joined over all of them) and
+the file is stitched (its segments in order, its transcript joined and its signals aggregated
+over all of them, as for a whole file: `pipelines.schema.file_fields`) and
 written through the write stage's `write`, as one shard, like any other. A file with a failed
 piece gets that piece's error row and no segments: every input stays one row. Nothing of a file
 is written before all its pieces are labelled, so a run that dies in between leaves no trace of
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 
+from pipelines.schema import file_fields
 from pipelines.stages.write import REPORT_COLUMNS, STAGE_TIMES, WriteStage, summary_row
 
 
@@ -38,17 +40,13 @@ class PieceStitcher:
         return [self._stitch([got[i] for i in sorted(got)])]
 
     def _stitch(self, pieces: list[dict]) -> dict:
-        from kimi_ops.tasks.base import merge_segments
-
         start = time.perf_counter()
         files = [json.loads(p["files_json"]) for p in pieces]
         failed = next((f for f in files if f["status"] == "error"), None)
         file_row, segments = dict(failed or files[0]), []
         if failed is None:
             segments = [seg for p in pieces for seg in json.loads(p["segments_json"])]
-            lengths = [seg["end_s"] - seg["start_s"] for seg in segments]
-            file_row.update(num_segments=len(segments), transcript=merge_segments(
-                segments, lengths, self.writer.tasks).get("transcript"))
+            file_row.update(file_fields(segments, self.writer.tasks))
         self.writer.write([file_row], segments)
         self.files, self.pieces = self.files + 1, self.pieces + len(pieces)
         return summary_row(file_row, **{k: sum(p[k] for p in pieces) for k in STAGE_TIMES},

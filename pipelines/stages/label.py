@@ -1,6 +1,7 @@
 """Label stage (an actor, on a GPU when there is one): every task of the job over every segment
-of a batch in one engine pass, then the file's row (its transcript stitched in order) and its
-segment rows, handed to the writer as JSON.
+of a batch in one engine pass, then the file's row (its transcript stitched in order, its
+signals over its segments: `pipelines.schema.file_fields`) and its segment rows, handed to the
+writer as JSON.
 
 Engine failures are not caught: they kill the worker and Ray retries it. The exception is a
 file that does not fit the device's memory even alone: an `out_of_memory` error row.
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from kimi_ops.audio.segment import DEFAULT_SEGMENTER
+from pipelines.schema import SPEECH_RATIO, file_fields
 from pipelines.spec import STAGE_DEFAULTS, StageResources
 from pipelines.stages.base import Stage, error_row, set_threads
 from pipelines.stages.frontend import features_from_bytes
@@ -141,7 +143,6 @@ class LabelStage(Stage):
 
     def _rows(self, row: dict, seg_fields: list[dict], encodings: list) -> tuple[dict, list]:
         from kimi_ops.audio import SAMPLE_RATE
-        from kimi_ops.tasks.base import merge_segments
 
         common = {"etag": row["etag"], "run_id": self.run_id, "model_id": self.model_id}
         file_row = {"source_uri": row["source_uri"], "size_bytes": row["size_bytes"],
@@ -151,19 +152,18 @@ class LabelStage(Stage):
             file_row.update(status="error", duration_s=row["duration_s"],
                             error={"kind": row["error_kind"], "message": row["error_message"]})
             return file_row, []
-        segments = row["segments"]
-        merged = merge_segments(seg_fields, [s["end"] - s["start"] for s in segments], self.tasks)
-        file_row.update(status="ok", duration_s=row["duration_s"], num_segments=len(segments),
-                        transcript=merged.get("transcript"))
         seg_rows = []
-        for i, (seg, f, enc) in enumerate(zip(segments, seg_fields, encodings),
+        for i, (seg, f, enc) in enumerate(zip(row["segments"], seg_fields, encodings),
                                           row["first_segment"]):
             seg_row = {"source_uri": row["source_uri"], "segment_index": i,
                        "start_s": seg["start"] / SAMPLE_RATE, "end_s": seg["end"] / SAMPLE_RATE,
                        "status": "silent" if seg["silent"] else "ok",
+                       SPEECH_RATIO: seg.get(SPEECH_RATIO),
                        "task_versions": self.versions, "generation": self.generation,
                        **common, **f}
             if self.semantic_tokens:
                 seg_row["semantic_tokens"] = [int(t) for t in enc.tokens]
             seg_rows.append(seg_row)
+        file_row.update(status="ok", duration_s=row["duration_s"],
+                        **file_fields(seg_rows, self.tasks))
         return file_row, seg_rows

@@ -250,15 +250,19 @@ def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_elsewhere():
     assert "━" in shown  # (80 columns: the texts fit, the bar has what is left)
 
 
-def test_a_run_onto_an_output_of_schema_version_1_is_refused_and_writes_nothing(here, tmp_path):
-    """An output written before schema version 2 (map columns) is not added to: one line that
-    names it and says what to do, exit 2, the output as it was (evaluate and
-    prepare-training-data still read it)."""
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_a_run_onto_an_output_of_an_earlier_schema_version_is_refused_and_writes_nothing(
+        here, tmp_path, version):
+    """An output written before the current schema version (1: map columns; 2: no quality
+    signals) is not added to: one line that names it and says what to do, exit 2, the output
+    as it was (evaluate and prepare-training-data still read it)."""
     import pyarrow.parquet as pq
 
     from kimi_ops.tasks import get_task
     from pipelines.schema import files_schema, segments_schema, to_table
-    from tests.pipelines.schema_v1 import as_schema_1
+    from tests.pipelines.schema_v1 import as_schema_1, as_schema_2
+
+    as_old = {"1": as_schema_1, "2": as_schema_2}[version]
 
     out = tmp_path / "out"
     tasks = [get_task("asr"), get_task("emotion")]
@@ -269,12 +273,12 @@ def test_a_run_onto_an_output_of_schema_version_1_is_refused_and_writes_nothing(
                           "task_versions": {"asr": "asr-1", "emotion": "emotion-1"}},
              segments_schema(tasks))):
         (out / table).mkdir(parents=True)
-        pq.write_table(as_schema_1(to_table([{"source_uri": "/in/a.wav", "run_id": "r0", **row}],
-                                            schema)), out / table / "part-0.parquet")
+        pq.write_table(as_old(to_table([{"source_uri": "/in/a.wav", "run_id": "r0", **row}],
+                                       schema)), out / table / "part-0.parquet")
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     refused(here("run", "--input", goldens.INPUTS, "--output", out, "--model", MODEL,
                  "--tasks", "asr,emotion"),
-            f"output {out} holds segments of output schema version 1;",
+            f"output {out} holds segments of output schema version {version};",
             "label into a new output")
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 

@@ -20,10 +20,21 @@ def run(model, tokenizer, prompts, **params):
     return generate_batch(model, prompts, tokenizer.special, GenerationParams(**params).validate())
 
 
+def check_text_logprobs(res, single, tolerance: float) -> None:
+    """`text_logprobs`: one per generated text token and the EOS that ended the text, <= 0,
+    and a batch's row has its single run's to fp32 rounding."""
+    assert len(res.text_logprobs) == len(res.text_token_ids) + (res.finish_reason == "stop")
+    assert all(lp <= 0 for lp in res.text_logprobs)
+    np.testing.assert_allclose(res.text_logprobs, single.text_logprobs, rtol=0, atol=tolerance)
+
+
 @pytest.mark.parametrize("golden_file", ["generation.json", "pure_fp32/generation.json"])
 def test_greedy_tokens_match_reference_single_and_batched(tiny_model, tokenizer, golden_prompts,
                                                           golden_file):
+    """The reference's greedy tokens, batched and alone; the text log-probs are the
+    log-softmax of the reference's step logits (row i chose token i), a batch's its singles'."""
     expected = goldens.load_json(golden_file)
+    steps = goldens.load_npz("generation_step_logits.npz")  # the main goldens' logits
     prompts = [golden_prompts[c] for c in GENERATION_CASES]
     batched = run(tiny_model, tokenizer, prompts, max_new_tokens=24)
     for case, prompt, res in zip(GENERATION_CASES, prompts, batched):
@@ -34,6 +45,12 @@ def test_greedy_tokens_match_reference_single_and_batched(tiny_model, tokenizer,
         assert res.steps == expected[case]["steps_run"], case
         stopped = expected[case]["per_step_text_argmax"][-1] == tokenizer.special.text_eos
         assert res.finish_reason == ("stop" if stopped else "length"), case
+        check_text_logprobs(res, single, goldens.fp32_logprob_tolerance())
+        chosen = expected[case]["per_step_text_argmax"]
+        logits = torch.from_numpy(steps[f"gen_step_text_logits__{case}"]).double()
+        reference = torch.log_softmax(logits, dim=-1)[torch.arange(len(chosen)), chosen]
+        np.testing.assert_allclose(res.text_logprobs, reference.numpy(), rtol=0, err_msg=case,
+                                   atol=goldens.logprob_tolerance(goldens.LOGIT_TOLERANCE))
 
 
 def test_decoded_text_matches_reference(engine, golden_prompts):
@@ -81,6 +98,10 @@ def test_sampling_is_per_sequence_and_reproducible(tiny_model, tokenizer, golden
     alone = generate_batch(tiny_model, [prompts[3]], tokenizer.special,
                            GenerationParams(**params), seed_ids=[3])[0]
     assert alone.text_token_ids == first[3].text_token_ids
+    # its log-probs are of the tempered top-k distribution it was drawn from (at temperature
+    # 1 the logits' own rounding)
+    check_text_logprobs(first[3], alone, goldens.fp32_logprob_tolerance())
+    assert first[3].text_logprobs != greedy[3].text_logprobs
 
 
 def test_output_both_returns_audio_stream(tiny_model, tokenizer, golden_prompts):
@@ -266,6 +287,8 @@ def test_static_decoder_equals_dynamic(tiny_model, tokenizer, golden_prompts, sm
     for d, s in zip(dynamic, static):
         assert (s.text_token_ids, s.audio_token_ids, s.finish_reason, s.steps) == \
             (d.text_token_ids, d.audio_token_ids, d.finish_reason, d.steps)
+        np.testing.assert_allclose(s.text_logprobs, d.text_logprobs, rtol=0,
+                                   atol=goldens.fp32_logprob_tolerance())
 
 
 def test_static_decoder_is_the_cuda_default_and_can_be_turned_off(monkeypatch):

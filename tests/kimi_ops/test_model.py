@@ -36,8 +36,10 @@ def test_forward_logits_match_reference(tiny_model, case):
     # text logits = backbone/lm_head; audio logits = MIMO branch/mimo_output (kimia.py naming)
     np.testing.assert_allclose(text, pure[f"{case}__text_logits"], atol=1e-3, rtol=0)
     np.testing.assert_allclose(audio, pure[f"{case}__audio_logits"], atol=1e-3, rtol=0)
-    np.testing.assert_allclose(text, main[f"{case}__text_logits"], atol=5e-2, rtol=0)
-    np.testing.assert_allclose(audio, main[f"{case}__audio_logits"], atol=5e-2, rtol=0)
+    np.testing.assert_allclose(text, main[f"{case}__text_logits"],
+                               atol=goldens.LOGIT_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(audio, main[f"{case}__audio_logits"],
+                               atol=goldens.LOGIT_TOLERANCE, rtol=0)
 
 
 def test_forward_all_positions(tiny_model):

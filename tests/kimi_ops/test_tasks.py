@@ -1,6 +1,7 @@
 """Label tasks: prompt layouts, parsers, closed-set scores, one front-end pass, user tasks."""
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from kimi_ops.audio import load_audio
 from kimi_ops.engine.scoring import score_continuations
 from kimi_ops.tasks import TASKS, ChoiceTask, GenerativeTask, get_task, register_task
+from kimi_ops.tasks.base import compression_ratio
 from kimi_ops.tasks.runner import label_files, merge_segments
 from kimi_ops.tasks.text_cleanup import clean_text, is_looping
 from tests import goldens
@@ -180,9 +182,12 @@ def test_label_files_from_the_package_takes_task_names_and_every_kind_of_source(
                     ["asr", "emotion"], max_new_tokens=4, language="en")
     (by_object,) = label_files(engine, [CLIP], [get_task("asr", language="en"),
                                                  get_task("emotion")], max_new_tokens=4)
-    def same(row, expected):  # scores as probabilities: batches of other sizes round apart
+    def same(row, expected):  # scores and signals: batches of other sizes round apart
         scores = row.pop("emotion_scores")
         assert scores == pytest.approx(expected.pop("emotion_scores"), abs=1e-6)
+        for name in get_task("asr").signals[:2]:
+            assert row.pop(name) == pytest.approx(expected.pop(name),
+                                                  abs=goldens.fp32_logprob_tolerance())
         assert row == expected
 
     assert by_object["path"] == str(CLIP)
@@ -197,18 +202,70 @@ def test_label_files_from_the_package_takes_task_names_and_every_kind_of_source(
         exported(engine, [CLIP], ["asr", "nope"])
 
 
-def test_long_file_transcripts_join_and_scores_average_by_duration():
+def test_long_file_transcripts_join_and_scores_and_signals_average_by_duration():
+    """Signals over a file: means weighted by duration and the minimum, over the segments
+    that have a value (a silent one has none); the share of speech over all but errors."""
     task = ChoiceTask(name="tone", version="1", question="q", labels=("low", "high"))
     asr = get_task("asr")
     parts = [{"tone_scores": {"low": 0.9, "high": 0.1}, "transcript": "first",
-              "transcript_truncated": False, "transcript_looped": False},
+              "transcript_truncated": False, "transcript_looped": False,
+              "transcript_avg_logprob": -0.5, "transcript_min_logprob": -2.0,
+              "transcript_compression_ratio": 1.0, "speech_ratio": 1.0},
              {"tone_scores": {"low": 0.0, "high": 1.0}, "transcript": "second",
-              "transcript_truncated": True, "transcript_looped": False}]
-    merged = merge_segments(parts, [300, 100], [task, asr])
-    assert merged["tone_scores"] == pytest.approx({"low": 0.675, "high": 0.325})
-    assert merged["tone"] == "low"
+              "transcript_truncated": True, "transcript_looped": False,
+              "transcript_avg_logprob": -1.5, "transcript_min_logprob": -3.0,
+              "transcript_compression_ratio": 2.0, "speech_ratio": 0.6},
+             {"tone_scores": {"low": 0.5, "high": 0.5}, **asr.empty_fields(),
+              "speech_ratio": 0.0, "status": "silent"},
+             {"tone_scores": {"low": 0.5, "high": 0.5}, **asr.empty_fields(),
+              "speech_ratio": 1.0, "status": "error"}]
+    merged = merge_segments(parts, [300, 100, 100, 500], [task, asr])
     assert merged["transcript"] == "first second"
     assert merged["transcript_truncated"] is True and merged["transcript_looped"] is False
+    assert merged["transcript_avg_logprob"] == pytest.approx((-0.5 * 300 - 1.5 * 100) / 400)
+    assert merged["transcript_min_logprob"] == -3.0
+    assert merged["transcript_compression_ratio"] == pytest.approx((300 + 2 * 100) / 400)
+    assert merged["speech_ratio"] == pytest.approx((300 + 0.6 * 100) / 500)
+    two = merge_segments(parts[:2], [300, 100], [task, asr])
+    assert two["tone_scores"] == pytest.approx({"low": 0.675, "high": 0.325})
+    assert two["tone"] == "low"
+    silent = merge_segments(parts[2:3], [100], [asr])
+    assert [silent[n] for n in asr.signals] == [None, None, None]
+    assert merge_segments([{}], [0], [asr])["speech_ratio"] is None  # no segmenter value
+
+
+def test_signals_are_named_after_the_first_text_field_and_read_from_the_generation():
+    from kimi_ops.engine.generate import GenerationResult
+
+    assert get_task("asr").signals == ("transcript_avg_logprob", "transcript_min_logprob",
+                                       "transcript_compression_ratio")
+    assert get_task("caption").signals[0] == "caption_avg_logprob"
+    assert get_task("question", question="Who?").signals[2] == "answer_compression_ratio"
+    assert get_task("asr").fields[-3:] == get_task("asr").signals
+    result = GenerationResult(text_token_ids=[1, 2], audio_token_ids=[], finish_reason="stop",
+                              prompt_tokens=9, steps=3, text="<|im_kimia_text_blank|> a b",
+                              text_logprobs=[-0.5, -1.0, -0.1])
+    fields = get_task("asr").segment_fields(result)
+    assert fields["transcript"] == "a b"
+    assert fields["transcript_avg_logprob"] == pytest.approx(-1.6 / 3)
+    assert fields["transcript_min_logprob"] == -1.0
+    assert fields["transcript_compression_ratio"] == compression_ratio("a b")
+    empty = GenerationResult([], [], "length", 9, 0, text="")  # no step: no log-prob, no text
+    assert [get_task("asr").segment_fields(empty)[n] for n in get_task("asr").signals] == [
+        None, None, None]
+    assert [get_task("asr").empty_fields()[n] for n in get_task("asr").signals] == [
+        None, None, None]
+
+
+def test_compression_ratio_is_whispers_repetition_signal():
+    """UTF-8 bytes over zlib-compressed bytes: ordinary text stays under Whisper's 2.4, a loop
+    goes far above it; an empty text has none."""
+    plain = "The quick brown fox jumps over the lazy dog near the riverbank at dawn."
+    looped = "thank you for watching " * 20
+    assert 0 < compression_ratio(plain) < 2.4 < compression_ratio(looped)
+    assert compression_ratio("你好，世界") == pytest.approx(15 / len(zlib.compress(
+        "你好，世界".encode())))  # bytes, not characters
+    assert compression_ratio("") is None
 
 
 def test_user_registered_tasks_work_end_to_end(engine):
@@ -255,4 +312,6 @@ def test_silent_segments_skip_asr_but_keep_closed_set_scores(engine, monkeypatch
     rows = label_waveforms(engine, [silence, tone], tasks, max_new_tokens=4, segmenter="energy")
     assert sent == [1]
     assert rows[0]["transcript"] == "" and rows[0]["transcript_truncated"] is False
+    assert rows[0]["transcript_avg_logprob"] is None  # no model call, no signal
+    assert rows[1]["transcript_min_logprob"] <= rows[1]["transcript_avg_logprob"] <= 0
     assert math.isclose(sum(rows[0]["emotion_scores"].values()), 1.0, abs_tol=1e-6)

@@ -1,7 +1,8 @@
-"""Outputs in the layout of output schema version 1 (before version 2), for the tests that
-read old outputs: `<task>_scores` was `map<string, float32>`, `finish_reason` and
-`task_versions` were `map<string, string>`, and the footers said `schema_version: 1`. Made here
-with pyarrow from version 2 tables of the same rows (a version 1 map held the keys a row had)."""
+"""Outputs in the layouts of output schema versions 1 and 2, for the tests that read old
+outputs. Version 2 had no quality signals (`speech_ratio`, `<text>_avg_logprob`, ...); version 1
+had none either, and `<task>_scores` was `map<string, float32>`, `finish_reason` and
+`task_versions` were `map<string, string>`. The footers said their version. Made here with
+pyarrow from current tables of the same rows (a version 1 map held the keys a row had)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,18 @@ def _was_a_map(field: pa.Field) -> bool:
                                                or field.name in MAP_COLUMNS)
 
 
+def as_schema_2(table: pa.Table) -> pa.Table:
+    """`table` (a current segments or files table) as version 2 wrote it."""
+    from pipelines.schema import added_in_version_3
+
+    table = table.drop_columns([n for n in table.column_names if added_in_version_3(n)])
+    metadata = {**(table.schema.metadata or {}), b"kimi_label.schema_version": b"2"}
+    return table.replace_schema_metadata(metadata)
+
+
 def as_schema_1(table: pa.Table) -> pa.Table:
-    """`table` (a version 2 segments or files table) as version 1 wrote it."""
+    """`table` (a current segments or files table) as version 1 wrote it."""
+    table = as_schema_2(table)
     fields, columns = [], []
     for field, column in zip(table.schema, table.columns):
         if _was_a_map(field):

@@ -149,6 +149,8 @@ def test_job_labels_mixed_formats_segments_long_audio_and_reports_bad_files(
     assert by_uri[archive]["transcript"] == stitched
     assert report["long_files_in_pieces"] == {"files": 1, "pieces": len(segs)}
 
+    check_quality_signals(con, by_uri, [f"{s3_prefix}/in/{name}" for name in GOOD])
+
     scores = con.sql("select emotion_scores from segments").fetchall()
     assert all(abs(sum(v for v in s[0].values()) - 1) < 1e-4 for s in scores)
     assert report["status"] == {"ok": len(GOOD), "error": len(BAD)}
@@ -166,6 +168,37 @@ def test_job_labels_mixed_formats_segments_long_audio_and_reports_bad_files(
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert secret.encode() not in path.read_bytes(), path
     assert secret not in json.dumps(report)
+
+
+def check_quality_signals(con, files: dict, uris: list[str]) -> None:
+    """Every labelled segment carries asr's signals (log-probs <= 0, min <= avg, a compression
+    ratio > 0 for a non-empty transcript); a file's are its segments' over their durations
+    (a long file's from its stitched pieces too), so is its speech_ratio."""
+    rows = con.sql("select source_uri, status, end_s - start_s, speech_ratio, transcript, "
+                   "transcript_avg_logprob, transcript_min_logprob, "
+                   "transcript_compression_ratio from segments").fetchall()
+    for _, status, _, speech, text, avg, low, ratio in rows:
+        assert speech is None or 0.0 <= speech <= 1.0
+        if status == "ok":
+            assert low <= avg <= 0.0
+            assert ratio > 0.0 if text else ratio is None
+        else:
+            assert (avg, low, ratio) == (None, None, None)
+    assert any(r[1] == "ok" for r in rows)
+
+    def weighted(values: list[tuple[float, float | None]]) -> float | None:
+        known = [(d, v) for d, v in values if v is not None]
+        return (pytest.approx(sum(d * v for d, v in known) / sum(d for d, _ in known), rel=1e-5)
+                if known else None)
+
+    for uri in uris:
+        mine = [r for r in rows if r[0] == uri]
+        row = files[uri]
+        assert row["speech_ratio"] == weighted([(r[2], r[3]) for r in mine]), uri
+        assert row["transcript_avg_logprob"] == weighted([(r[2], r[5]) for r in mine]), uri
+        assert row["transcript_min_logprob"] == min(
+            (r[6] for r in mine if r[6] is not None), default=None), uri
+        assert row["transcript_compression_ratio"] == weighted([(r[2], r[7]) for r in mine])
 
 
 def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, ray_local,
@@ -769,8 +802,12 @@ def test_a_long_file_travels_in_pieces_and_is_stitched_to_the_rows_it_gives_whol
     assert rows[names[0]]["status"] == "error"
     assert rows[names[0]]["error"]["kind"] == "out_of_memory"
     assert names[0] in rows[names[0]]["error"]["message"]
-    assert rows[names[1]] == next(r for r in whole["files"].to_pylist()
-                                  if r["source_uri"].endswith(names[1]))
+    alone = dict(rows[names[1]])  # labelled alone here, in a batch before: its log-probs
+    batched = next(r for r in whole["files"].to_pylist() if r["source_uri"].endswith(names[1]))
+    for name in ("transcript_avg_logprob", "transcript_min_logprob"):  # round apart
+        assert alone.pop(name) == pytest.approx(batched.pop(name),
+                                                abs=goldens.fp32_logprob_tolerance())
+    assert alone == batched
     assert set(failed["segments"]["source_uri"].to_pylist()) == {str(goldens.INPUTS / names[1])}
     assert sorted(r["status"] for r in summary) == ["error", "ok"]
 
