@@ -22,7 +22,7 @@ from kimi_ops.audio import SAMPLE_RATE, load_audio
 from kimi_ops.audio.segment import DEFAULT_SEGMENTER, Segment, cut
 from kimi_ops.errors import KimiError
 from kimi_ops.frontend import AudioEncoding
-from kimi_ops.tasks.base import ChoiceTask, GenerativeTask, Task, merge_segments
+from kimi_ops.tasks.base import SPEECH_RATIO, ChoiceTask, GenerativeTask, Task, merge_segments
 
 
 def label_segments(engine, encodings: Sequence[AudioEncoding], tasks: Sequence[Task],
@@ -84,12 +84,11 @@ def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
     rows = []
     for w in range(len(waves)):
         mine = [i for i in range(len(segments)) if owners[i] == w]
-        row = merge_segments([per_segment[i] for i in mine],
-                             [segments[i].num_samples for i in mine], tasks)
+        parts = [{**per_segment[i], SPEECH_RATIO: segments[i].speech_ratio} for i in mine]
+        row = merge_segments(parts, [segments[i].num_samples for i in mine], tasks)
         row["num_segments"] = len(mine)
         rows.append(row)
     return rows
-
 
 
 def label_files(engine, sources: Sequence[Any], tasks: Sequence[Task | str],

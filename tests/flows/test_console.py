@@ -838,7 +838,7 @@ def test_run_sends_a_noisy_recordings_speech_to_asr_and_keeps_its_noise_out(harn
     (tmp_path / "in").mkdir()
     sf.write(tmp_path / "in" / "archive.flac", mix.wave, 16000)
     done = here("run", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model",
-                MODEL, "--tasks", "asr", "--max-new-tokens", "4")
+                MODEL, "--tasks", "asr", "--max-new-tokens", "24")
     assert done.returncode == 0, done.stderr[-3000:]
     segments = pq.read_table(tmp_path / "out" / "segments").to_pylist()
     speech, noise = shares_in_ok(segments, mix.speech, len(mix.wave))
@@ -846,3 +846,9 @@ def test_run_sends_a_noisy_recordings_speech_to_asr_and_keeps_its_noise_out(harn
     assert {s["status"] for s in segments} == {"ok", "silent"}
     assert all(0.0 <= s["speech_ratio"] <= 1.0 for s in segments)
     assert '"segmenter": "vad"' in segments[0]["generation"]
+    for s in segments:  # how far to trust each transcript, where the model wrote one
+        if s["status"] == "ok":
+            assert s["transcript_min_logprob"] <= s["transcript_avg_logprob"] <= 0, s
+            assert s["transcript_compression_ratio"] > 0, s
+        else:
+            assert s["transcript_avg_logprob"] is None and s["speech_ratio"] < 0.05, s

@@ -160,6 +160,7 @@ def test_front_end_runs_once_per_segment_whatever_the_tasks(engine, monkeypatch)
     # and speech by voice activity
     assert calls == [4]
     assert [r["num_segments"] for r in rows] == [1, 3]
+    assert rows[0]["speech_ratio"] == 0.0 and 0.5 < rows[1]["speech_ratio"] < 1.0
     for row in rows:
         for task in ("emotion", "scene", "sound_event"):
             assert math.isclose(sum(row[f"{task}_scores"].values()), 1.0, abs_tol=1e-6)

@@ -82,9 +82,12 @@ def read_table(seaweed, output: str, table: str):
 
 
 def spec_for(seaweed, prefix: str, **overrides) -> JobSpec:
+    """A job over `prefix`/in. Its clips are tones: the loudness cutter labels them (voice
+    activity, the default, calls them no speech; tests/kimi_ops/test_vad.py and the console's
+    noisy-recording run test it)."""
     base = dict(input=f"{prefix}/in", output=f"{prefix}/out", model=MODEL, tasks=TASKS,
                 max_new_tokens=6, semantic_tokens=True, storage_options=seaweed.storage_options,
-                no_progress_timeout_s=240)
+                no_progress_timeout_s=240, segmenter="energy")
     base.update(overrides)
     return JobSpec(**base)
 
@@ -242,7 +245,7 @@ def test_rerun_adds_nothing_and_changed_objects_are_redone(seaweed, s3_prefix, r
             ({"tasks": ["asr", "emotion", "scene:tut2017"]}, "task scene scene-1-cochlscene",
              "task scene scene-1-tut2017"),  # one column, another label set
             ({"language": "zh"}, "language auto", "language zh"),
-            ({"segmenter": "energy"}, "segmenter vad", "segmenter energy"),
+            ({"segmenter": "vad"}, "segmenter energy", "segmenter vad"),
             ({"model": str(other_model)}, f"model {first_model_id(seaweed, s3_prefix)}",
              f"model {model_id(other_model)} ({other_model})")):
         with pytest.raises(JobError) as refused:
@@ -422,9 +425,10 @@ def test_a_local_folder_of_oga_aiff_and_au_is_labelled_into_tables_every_reader_
                                  for o in listing(spec)])
     assert [Path(u).name for u in plan["uri"].to_pylist()] == sorted(clips)
     frontend = FrontendStage(MODEL, None, "cpu")
-    label = LabelStage(MODEL, None, "cpu", spec.tasks, {}, 4, True, "model", "run")
+    label = LabelStage(MODEL, None, "cpu", spec.tasks, {}, 4, True, "model", "run",
+                       segmenter="energy")
     frontend.frontend, label.engine = engine.frontend, engine  # the session's, loaded once
-    summary = run_in_process([DecodeStage(None), frontend, label,
+    summary = run_in_process([DecodeStage(None, segmenter="energy"), frontend, label,
                               WriteStage(str(out), None, spec.tasks, {}, True)], plan)
     assert summary["status"].to_pylist() == ["ok"] * 3, summary["error_kind"].to_pylist()
 
@@ -661,7 +665,8 @@ def golden_files_through_the_front_end(names, piece_seconds: float = PIECE_SECON
 
     plan = pa.Table.from_pylist([{"uri": str(goldens.INPUTS / n), "etag": None, "size": 0}
                                  for n in names])
-    decoded = pa.concat_tables(DecodeStage(None, piece_seconds=piece_seconds)(plan))
+    decoded = pa.concat_tables(DecodeStage(None, piece_seconds=piece_seconds,
+                                           segmenter="energy")(plan))
     frontend = FrontendStage(MODEL, None, "cpu")
     frontend.setup()
     label = LabelStage(MODEL, None, "cpu", ["asr", "emotion"], {}, 4, False, "model", "run")
