@@ -84,8 +84,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
     if report.get("comparison"):
         lines += _comparison_lines(report["comparison"])
     if report.get("signals"):
-        lines += ["", "quality signals against each reference's transcript error (spearman: "
-                      "rank correlation; error: pooled WER/CER per signal decile):",
+        lines += ["", "quality signals vs. each reference's transcript error (spearman: rank "
+                      "correlation; by decile: pooled WER/CER):",
                   format_table(signal_rows(report)), ""]
     lines += [f"warning: {w}" for w in excluded_label_warnings(report)]
     if report.get("ignored_reference_columns"):

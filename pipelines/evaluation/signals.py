@@ -80,5 +80,5 @@ def signal_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             rho = entry["spearman"]
             rows.append({"signal": column, "level": level, "items": entry["items"],
                          "spearman": None if rho is None else round(rho, 3),
-                         "error by decile (low to high signal)": _rates(entry)})
+                         "error by decile (low -> high signal)": _rates(entry)})
     return rows

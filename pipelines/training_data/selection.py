@@ -5,8 +5,8 @@ crash or by an older version of the object are not), it is the first row of its
 (source_uri, segment_index), its status is ok, it has tokens, and it passes the filters. Each
 dropped row is counted under the first rule it fails (`DROP_REASONS` order).
 
-A quality-signal filter (`SIGNAL_RULES`) that is set drops a row whose signal is null as
-`no_<signal>` (an older shard, a segment the signal was not computed for: its quality is
+A quality-signal filter (`SIGNAL_RULES`) that is set drops a row whose signal is null or NaN
+as `no_<signal>` (an older shard, a segment the signal was not computed for: its quality is
 unknown, and a build that asks for a minimum quality keeps only rows known to have it), then a
 row outside the threshold as `low_<signal>` / `high_<signal>`. Values are compared in float32,
 the column's precision, so a value written as the threshold itself is kept.
@@ -163,7 +163,7 @@ def _signal_rules(table: pa.Table, filters: TrainingFilters) -> list[tuple[str, 
     for name, rule in signal_filters(filters).items():
         values = _column(table, rule.column, pa.float32())
         threshold = pa.scalar(getattr(filters, name), pa.float32())
-        rules += [(rule.no_value, pc.is_null(values)),
+        rules += [(rule.no_value, pc.is_null(values, nan_is_null=True)),
                   (rule.reason, rule.drops(values, threshold))]
     return rules
 

@@ -50,16 +50,15 @@ class TrainingFilters(BaseModel):
     min_speech_ratio: float | None = Field(
         None, ge=0.0, le=1.0,
         description=f"drop segments with a smaller share of speech ({SIGNALS['speech_ratio']}, "
-                    "0-1), e.g. 0.5; none: off")
+                    "0-1), e.g. 0.5")
     min_avg_logprob: float | None = Field(
         None, le=0.0, allow_inf_nan=False,
         description="drop segments whose transcript's mean token log-probability "
-                    f"({SIGNALS['avg_logprob']}, <= 0) is lower, e.g. -1.0; none: off")
+                    f"({SIGNALS['avg_logprob']}, <= 0) is lower, e.g. -1.0")
     max_compression_ratio: float | None = Field(
         None, gt=0.0, allow_inf_nan=False,
         description="drop segments whose transcript's gzip compression ratio "
-                    f"({SIGNALS['compression_ratio']}) is higher (repetition), e.g. 2.4; "
-                    "none: off")
+                    f"({SIGNALS['compression_ratio']}) is higher (repetition), e.g. 2.4")
 
     @model_validator(mode="after")
     def _check(self) -> TrainingFilters:
