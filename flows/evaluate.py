@@ -8,7 +8,8 @@ flow's parameter is its `EvaluationSpec`.
 Artifacts: `evaluation-summary` (headline metrics; with `compare`, both values and the delta),
 `evaluation-coverage` (scored/missing/errored, errors by kind), `evaluation-report` (markdown:
 where report.json and the confusion-matrix PNG are, the matrices as tables) and, with `compare`,
-`evaluation-changes` (reference items whose label, transcript or state differs).
+`evaluation-changes` (reference items whose label, transcript or state differs) and, when the
+output has quality signals, `evaluation-signals` (each signal against the transcript errors).
 
 Credentials are never flow parameters: `storage_options` leaves them out of every dump, so they
 come from the worker's AWS_* environment; only the non-secret endpoint and region may be passed.
@@ -31,6 +32,7 @@ from pipelines.evaluation import (
     check_inputs,
     evaluate,
     excluded_label_warnings,
+    signal_rows,
     summary_rows,
     write_report,
 )
@@ -91,6 +93,10 @@ def publish(report: dict[str, Any]) -> None:
     create_table_artifact(key="evaluation-coverage", table=rows,
                           description=f"{coverage['references']} reference items")
     create_markdown_artifact(key="evaluation-report", markdown=report_markdown(report))
+    if report["signals"]:
+        create_table_artifact(key="evaluation-signals", table=signal_rows(report),
+                              description="quality signals against each reference's "
+                                          "transcript error (report.json: every decile)")
     comparison = report["comparison"]
     if comparison:
         create_table_artifact(

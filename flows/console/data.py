@@ -6,19 +6,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.console.options import add_model_options, model_from_args
+from flows.console.options import add_model_options, add_nested_options, model_from_args
 from flows.console.running import check_prefect_api, prefect_defaults, run_flow_here
 
 
 def add_commands(commands) -> None:
     from pipelines.evaluation import EvaluationSpec
-    from pipelines.training_data import TrainingDataSpec
+    from pipelines.training_data import FILTER_OPTIONS, TrainingDataSpec
 
     p = commands.add_parser("prepare-training-data",
                             help="train/validation shards + manifest from a labelled output",
                             description="Train/validation shards and manifest.json from a "
                                         "labelled output made with --semantic-tokens.")
     add_model_options(p, TrainingDataSpec)
+    add_nested_options(p, TrainingDataSpec, "filters", FILTER_OPTIONS)
     p.set_defaults(run=prepare_training_data)
     p = commands.add_parser("evaluate", help="score a labelled output against reference labels "
                                              "(a table, report.json, confusion.png)",

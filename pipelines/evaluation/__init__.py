@@ -15,6 +15,7 @@ One module a job each:
               with)
   scoring     coverage, per-task metrics, excluded labels, two outputs compared
   checks      `check_inputs` -> `EvaluationPlan`: every refusal before any table is read
+  signals     the quality signals against per-item transcript errors (`signals_section`)
   run         `evaluate`: the plan scored into the report
   report      the summary table, the console's text, `write_report`
   confusion   the confusion matrices as a PNG
@@ -26,10 +27,12 @@ from pipelines.evaluation.references import Reference, as_listed, parse_referenc
 from pipelines.evaluation.report import (excluded_label_warnings, format_summary, format_table,
                                          no_match_message, summary_rows, write_report)
 from pipelines.evaluation.run import evaluate
+from pipelines.evaluation.signals import signal_rows, signals_section
 from pipelines.evaluation.spec import EvaluationSpec
 
 __all__ = [
     "EvaluationError", "EvaluationPlan", "EvaluationSpec", "Reference", "as_listed",
     "check_inputs", "evaluate", "excluded_label_warnings", "format_summary", "format_table",
-    "no_match_message", "parse_references", "summary_rows", "write_report",
+    "no_match_message", "parse_references", "signal_rows", "signals_section", "summary_rows",
+    "write_report",
 ]

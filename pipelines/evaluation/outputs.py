@@ -9,6 +9,10 @@ What a reference is compared with:
 Segments rows count only with their file's current etag, and the first row of a
 (source_uri, segment_index) wins, as in the training-data build.
 
+Quality signals (`pipelines.signals`): a segment reference's outcome carries its segments row's
+values, a file reference's its `files/` row's (their duration-weighted aggregates), where the
+output has them (`pipelines.evaluation.signals` relates them to the transcript errors).
+
 Outcome, per reference row: `missing` (no `files/` row, or no `segments/` row for a segment
 reference), `errored` (an error row for the file or the segment, by `error.kind`) or `scored`.
 """
@@ -28,15 +32,17 @@ import pyarrow.compute as pc
 from pipelines.evaluation.errors import EvaluationError, storage_refusal
 from pipelines.evaluation.references import ASR_COLUMN, Reference
 from pipelines.schema import TASK_VERSIONS_KEY, closed_set_tasks, normalized
+from pipelines.signals import SIGNAL_COLUMNS
 from pipelines.storage import (OutputLayout, StorageConfig, parquet_files, read_available,
                                read_schema, resolve)
 
 log = logging.getLogger(__name__)
 
 MISSING, ERRORED, SCORED = "missing", "errored", "scored"
-FILE_COLUMNS = ["source_uri", "status", "error", "etag", ASR_COLUMN, "run_id", "model_id"]
+FILE_COLUMNS = ["source_uri", "status", "error", "etag", ASR_COLUMN, "run_id", "model_id",
+                *SIGNAL_COLUMNS.values()]
 SEGMENT_COLUMNS = ["source_uri", "segment_index", "start_s", "end_s", "status", "error", "etag",
-                   ASR_COLUMN]
+                   ASR_COLUMN, *SIGNAL_COLUMNS.values()]
 
 
 @dataclass
@@ -63,6 +69,7 @@ class Outcome:
     error_kind: str | None = None
     values: dict[str, Any] = field(default_factory=dict)  # task column -> hypothesis/label
     confidence: dict[str, float | None] = field(default_factory=dict)
+    signals: dict[str, float] = field(default_factory=dict)  # signal column -> value, if any
 
 
 Outcomes = dict[tuple[str, int | None], Outcome]
@@ -202,13 +209,20 @@ def file_label(segments: list[dict], task: str) -> tuple[str | None, float | Non
     return max(votes, key=votes.__getitem__), None
 
 
+def _signals(row: dict) -> dict[str, float]:
+    """The row's quality-signal values that are numbers (null and NaN left out)."""
+    values = {c: row.get(c) for c in SIGNAL_COLUMNS.values()}
+    return {c: float(v) for c, v in values.items() if v is not None and v == v}
+
+
 def _errored(row: dict) -> Outcome:
     return Outcome(ERRORED, (row.get("error") or {}).get("kind"))
 
 
 def _file_outcome(file_row: dict, segments: dict[int, dict], closed: Sequence[str]) -> Outcome:
     usable = [s for _, s in sorted(segments.items()) if s["status"] in ("ok", "silent")]
-    outcome = Outcome(SCORED, values={ASR_COLUMN: file_row.get(ASR_COLUMN)})
+    outcome = Outcome(SCORED, values={ASR_COLUMN: file_row.get(ASR_COLUMN)},
+                      signals=_signals(file_row))
     for task in closed:
         outcome.values[task], outcome.confidence[task] = file_label(usable, task)
     return outcome
@@ -219,7 +233,8 @@ def _segment_outcome(segment: dict | None, closed: Sequence[str]) -> Outcome:
         return Outcome(MISSING)
     if segment["status"] == "error":
         return _errored(segment)
-    outcome = Outcome(SCORED, values={ASR_COLUMN: segment.get(ASR_COLUMN)})
+    outcome = Outcome(SCORED, values={ASR_COLUMN: segment.get(ASR_COLUMN)},
+                      signals=_signals(segment))
     for task in closed:
         label, scores = segment.get(task), segment.get(f"{task}_scores")
         outcome.values[task] = label

@@ -1,6 +1,7 @@
 """A report presented and stored: the summary table, the console's text, the report files.
 
-`summary_rows` is the table both the console and the `evaluate` flow show; `format_summary` is
+`summary_rows` is the table both the console and the `evaluate` flow show (`signal_rows`, from
+`pipelines.evaluation.signals`, the signals' table); `format_summary` is
 what the console prints; `no_match_message` is the console's refusal when no reference matched
 the output; `write_report` stores `report.json` and `confusion.png` in the report folder.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 from pipelines.evaluation.confusion import confusion_png
 from pipelines.evaluation.errors import storage_refusal
+from pipelines.evaluation.signals import signal_rows
 from pipelines.evaluation.spec import EvaluationSpec
 from pipelines.storage import resolve
 
@@ -73,13 +75,18 @@ def _comparison_lines(comparison: Mapping[str, Any]) -> list[str]:
 
 
 def format_summary(report: Mapping[str, Any]) -> str:
-    """What the console prints: the metrics table, coverage, changes, warnings, file URIs."""
+    """What the console prints: the metrics table, coverage, changes, the quality signals,
+    warnings, file URIs."""
     coverage = report["coverage"]
     lines = [format_table(summary_rows(report)), "",
              (f"{coverage['references']} reference items: {coverage['scored']} scored, "
               f"{coverage['missing']} missing, {coverage['errored']} errored")]
     if report.get("comparison"):
         lines += _comparison_lines(report["comparison"])
+    if report.get("signals"):
+        lines += ["", "quality signals vs. each reference's transcript error (spearman: rank "
+                      "correlation; by decile: pooled WER/CER):",
+                  format_table(signal_rows(report)), ""]
     lines += [f"warning: {w}" for w in excluded_label_warnings(report)]
     if report.get("ignored_reference_columns"):
         lines.append(f"reference columns ignored: {', '.join(report['ignored_reference_columns'])}"

@@ -1,7 +1,9 @@
 """One evaluation, from its plan to its report (a JSON-ready dict; `write_report` stores it).
 
-The report holds the input's coverage, headline metrics (`metrics`) and per-task results
-(`results`, with every scored row), and, with `compare`, the comparison. Its keys keep their
+The report holds the input's coverage, headline metrics (`metrics`), per-task results
+(`results`, with every scored row), how the quality signals relate to transcript errors
+(`signals`, `pipelines.evaluation.signals`; None without them) and, with `compare`, the
+comparison (of labels and metrics; the signals are the input's). Its keys keep their
 first names, so existing readers keep working: `output` is the evaluated labelled output (the
 spec's `input`) and `report_dir` the report folder (the spec's `output`).
 """
@@ -13,7 +15,9 @@ from typing import Any
 
 from pipelines.evaluation.checks import EvaluationPlan, check_inputs
 from pipelines.evaluation.outputs import collect
+from pipelines.evaluation.references import ASR_COLUMN
 from pipelines.evaluation.scoring import compare_outcomes, score, summary_metrics
+from pipelines.evaluation.signals import signals_section
 from pipelines.evaluation.spec import EvaluationSpec
 
 FORMAT = "kimi-label-evaluation"
@@ -58,7 +62,9 @@ def evaluate(spec: EvaluationSpec, plan: EvaluationPlan | None = None) -> dict[s
               "ignored_reference_columns": plan.ignored_columns,
               "output_runs": facts["runs"], "model_ids": facts["model_ids"],
               "coverage": scored["coverage"], "metrics": summary_metrics(scored),
-              "results": scored["tasks"], "comparison": None}
+              "results": scored["tasks"],
+              "signals": signals_section(scored["tasks"].get(ASR_COLUMN)),
+              "comparison": None}
     if len(results) > 1:
         report["comparison"] = _comparison(spec, plan, results[0], results[1], report["metrics"])
     return report

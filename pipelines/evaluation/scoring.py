@@ -76,7 +76,7 @@ def _scored_values(task: str, refs: Sequence[Reference], outcomes: Outcomes,
 def _asr_report(refs: Sequence[Reference], outcomes: Outcomes) -> dict[str, Any]:
     rows, totals = [], {lang: ErrorCounts() for lang in LANGUAGES}
     utterances, counts = Counter(), Counter()
-    for ref, _, hypothesis in _scored_values(ASR_COLUMN, refs, outcomes, counts):
+    for ref, outcome, hypothesis in _scored_values(ASR_COLUMN, refs, outcomes, counts):
         ref_tokens = tokens(ref.values[ASR_COLUMN], ref.language)
         hyp_tokens = tokens(hypothesis, ref.language)
         errors = align(ref_tokens, hyp_tokens)
@@ -86,7 +86,7 @@ def _asr_report(refs: Sequence[Reference], outcomes: Outcomes) -> dict[str, Any]
         rows.append({"source_uri": ref.source_uri, "segment_index": ref.segment_index,
                      "language": ref.language, "metric": LANGUAGES[ref.language],
                      **errors.to_dict(), "reference": joiner.join(ref_tokens),
-                     "hypothesis": joiner.join(hyp_tokens)})
+                     "hypothesis": joiner.join(hyp_tokens), "signals": outcome.signals})
     by_language = {lang: {"metric": LANGUAGES[lang], "utterances": utterances[lang],
                           **totals[lang].to_dict()}
                    for lang in LANGUAGES if utterances[lang]}

@@ -67,7 +67,7 @@ def _select_and_write(spec: TrainingDataSpec, info: SourceInfo, select: Selector
     runs, models = set(), set()
     split_cache: dict[str, str] = {}
     for path in info.segments_shards:
-        kept = select(read_segments(fs, path, info.tasks))
+        kept = select(read_segments(fs, path, info.tasks, spec.filters))
         if audio is not None and kept.num_rows:
             kept = _with_unchanged_sources(kept, audio, select)
         if not kept.num_rows:

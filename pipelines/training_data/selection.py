@@ -5,6 +5,12 @@ crash or by an older version of the object are not), it is the first row of its
 (source_uri, segment_index), its status is ok, it has tokens, and it passes the filters. Each
 dropped row is counted under the first rule it fails (`DROP_REASONS` order).
 
+A quality-signal filter (`SIGNAL_RULES`) that is set drops a row whose signal is null or NaN
+as `no_<signal>` (an older shard, a segment the signal was not computed for: its quality is
+unknown, and a build that asks for a minimum quality keeps only rows known to have it), then a
+row outside the threshold as `low_<signal>` / `high_<signal>`. Values are compared in float32,
+the column's precision, so a value written as the threshold itself is kept.
+
 Split: by source file. A file goes to validation when the first 64 bits of
 sha256(split_salt + NUL + source_uri), as a fraction of 2**64, fall below `validation_fraction`:
 the same input always gives the same split, and no file has segments in both splits.
@@ -18,19 +24,50 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.signals import SIGNAL_COLUMNS
 from pipelines.training_data.spec import TrainingFilters
+
+
+@dataclass(frozen=True)
+class SignalRule:
+    """A quality-signal filter: the signal it reads and when a value is dropped."""
+
+    signal: str  # a key of `pipelines.signals.SIGNAL_COLUMNS`
+    drops: Callable  # (values, threshold) -> dropped: pc.less for a minimum, pc.greater a maximum
+    reason: str  # the drop reason of a value outside the threshold
+
+    @property
+    def column(self) -> str:
+        return SIGNAL_COLUMNS[self.signal]
+
+    @property
+    def no_value(self) -> str:
+        """The drop reason of a null value."""
+        return f"no_{self.signal}"
+
+
+# TrainingFilters field -> its rule, in the order the rules are checked
+SIGNAL_RULES = {
+    "min_speech_ratio": SignalRule("speech_ratio", pc.less, "low_speech_ratio"),
+    "min_avg_logprob": SignalRule("avg_logprob", pc.less, "low_avg_logprob"),
+    "max_compression_ratio": SignalRule("compression_ratio", pc.greater,
+                                        "high_compression_ratio"),
+}
 
 FORMAT_VERSION = "2"  # 2: the language column; the webdataset, lhotse and hf formats
 SPLITS = ("train", "validation")
 # the order in which rules are checked; a dropped row counts under the first it fails
 DROP_REASONS = ("not_in_files", "duplicate", "error", "silent", "no_semantic_tokens",
-                "truncated", "looped", "too_short", "too_long", "empty_transcript")
+                "truncated", "looped", "too_short", "too_long", "empty_transcript",
+                *(reason for rule in SIGNAL_RULES.values()
+                  for reason in (rule.no_value, rule.reason)))
 # + "low_confidence:<task>" per task of `min_confidence`, last; then, with an export holding
 # audio, "source_changed" (`pipelines.training_data.build`)
 SPLIT_RULE = ("validation iff int(sha256(salt + '\\0' + source_uri)[:8 bytes]) "
@@ -113,6 +150,24 @@ class _Derived:
                    confidence={t: _top_probability(table, t) for t in tasks})
 
 
+def signal_filters(filters: TrainingFilters) -> dict[str, SignalRule]:
+    """The quality-signal filters that are set: field name -> rule."""
+    return {name: rule for name, rule in SIGNAL_RULES.items()
+            if getattr(filters, name) is not None}
+
+
+def _signal_rules(table: pa.Table, filters: TrainingFilters) -> list[tuple[str, Any]]:
+    """(reason, hit) of each quality-signal filter that is set: a null value, then a value
+    outside the threshold (compared in float32, the column's type)."""
+    rules = []
+    for name, rule in signal_filters(filters).items():
+        values = _column(table, rule.column, pa.float32())
+        threshold = pa.scalar(getattr(filters, name), pa.float32())
+        rules += [(rule.no_value, pc.is_null(values, nan_is_null=True)),
+                  (rule.reason, rule.drops(values, threshold))]
+    return rules
+
+
 class Selector:
     """Applies the rules to one segments shard at a time (`selector(table)` -> the kept rows
     in `schema`); keeps the drop counts and the keys seen, so a later shard's duplicate of a
@@ -170,6 +225,7 @@ class Selector:
             ("too_long", pc.greater(d.duration, f.max_duration_s)
              if f.max_duration_s is not None else never),
             ("empty_transcript", blank if f.require_transcript else never),
+            *_signal_rules(table, f),
             *((f"low_confidence:{t}", pc.less(pc.fill_null(d.confidence[t], -1.0), minimum))
               for t, minimum in f.min_confidence.items()),
         ]

@@ -14,9 +14,11 @@ from pipelines.schema import closed_set_tasks, normalized
 from pipelines.storage import (OutputLayout, parquet_files, read_available, read_schema,
                                read_table_dir, redact_uri, resolve, storage_error)
 from pipelines.training_data.errors import TrainingDataError
-from pipelines.training_data.spec import TrainingDataSpec
+from pipelines.training_data.selection import signal_filters
+from pipelines.training_data.spec import TrainingDataSpec, TrainingFilters
 
 # what the build reads of each segments row, besides each closed-set task's label and scores
+# and the columns of the quality-signal filters that are set
 SEGMENT_COLUMNS = ("source_uri", "segment_index", "start_s", "end_s", "status", "etag",
                    "model_id", "run_id", "semantic_tokens", "transcript",
                    "transcript_truncated", "transcript_looped", "generation")
@@ -55,6 +57,16 @@ def _tasks_of(schemas: list[pa.Schema]) -> list[str]:
     return tasks
 
 
+def _check_signal_columns(filters: TrainingFilters, schemas: list[pa.Schema], uri: str) -> None:
+    """Each quality-signal filter that is set names a column some segments shard has."""
+    for name, rule in signal_filters(filters).items():
+        if not any(rule.column in s.names for s in schemas):
+            raise TrainingDataError(
+                f"{name}: the segments of {uri} have no {rule.column} column (labelled before "
+                "the quality signals, or without the task that gives it); relabel, or leave "
+                "the filter unset")
+
+
 def inspect_source(spec: TrainingDataSpec) -> SourceInfo:
     """The checks that need only the Parquet footers: a labelled output with semantic tokens,
     and filters that name columns it has. Raises TrainingDataError."""
@@ -76,6 +88,7 @@ def inspect_source(spec: TrainingDataSpec) -> SourceInfo:
     if spec.filters.require_transcript and not has_transcript:
         raise TrainingDataError(f"require_transcript: {uri} has no transcript column (no asr "
                                 "task)")
+    _check_signal_columns(spec.filters, schemas, uri)
     return SourceInfo(files_shards=len(files), segments_shards=segments, tasks=tasks,
                       has_transcript=has_transcript,
                       shards_without_tokens=len(schemas) - len(with_tokens))
@@ -91,8 +104,9 @@ def read_file_states(fs, root: str) -> dict[str, tuple[str, str | None]]:
     return states
 
 
-def read_segments(fs, path: str, tasks: list[str]) -> pa.Table:
+def read_segments(fs, path: str, tasks: list[str], filters: TrainingFilters) -> pa.Table:
     """The columns the build uses of one `segments/` shard (those it has), its scores in the
     current schema's form whatever version wrote the shard (`pipelines.schema.normalized`)."""
-    columns = [*SEGMENT_COLUMNS, *tasks, *(f"{t}_scores" for t in tasks)]
+    columns = [*SEGMENT_COLUMNS, *tasks, *(f"{t}_scores" for t in tasks),
+               *(rule.column for rule in signal_filters(filters).values())]
     return normalized(read_available(fs, path, columns))

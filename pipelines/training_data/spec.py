@@ -18,6 +18,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipelines.signals import SIGNAL_COLUMNS as SIGNALS
 from pipelines.storage import OutputLayout, StorageConfig, StorageOptions
 
 
@@ -27,7 +28,10 @@ AUDIO_FORMATS = frozenset({"lhotse", "hf"})  # the exports that hold each segmen
 
 
 class TrainingFilters(BaseModel):
-    """Which segments are kept (`pipelines.training_data.selection`)."""
+    """Which segments are kept (`pipelines.training_data.selection`). The quality-signal
+    filters (`min_speech_ratio`, `min_avg_logprob`, `max_compression_ratio`) are off unless
+    set; set, they need an input whose segments have the signal's column (refused otherwise),
+    and a segment whose value is null is dropped under a reason of its own (`no_<signal>`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -43,6 +47,18 @@ class TrainingFilters(BaseModel):
                                           '{"emotion": 0.5}')
     require_transcript: bool = Field(
         False, description="drop segments whose transcript is null or blank")
+    min_speech_ratio: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description=f"drop segments with a smaller share of speech ({SIGNALS['speech_ratio']}, "
+                    "0-1), e.g. 0.5")
+    min_avg_logprob: float | None = Field(
+        None, le=0.0, allow_inf_nan=False,
+        description="drop segments whose transcript's mean token log-probability "
+                    f"({SIGNALS['avg_logprob']}, <= 0) is lower, e.g. -1.0")
+    max_compression_ratio: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="drop segments whose transcript's gzip compression ratio "
+                    f"({SIGNALS['compression_ratio']}) is higher (repetition), e.g. 2.4")
 
     @model_validator(mode="after")
     def _check(self) -> TrainingFilters:
@@ -53,6 +69,11 @@ class TrainingFilters(BaseModel):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"min_confidence[{name!r}] = {value} is not in [0, 1]")
         return self
+
+
+# filters that are also console options of their own (`--min-avg-logprob`, ...), derived from
+# these fields (`flows.console.options.add_nested_options`); given both ways, one is refused
+FILTER_OPTIONS = ("min_avg_logprob", "max_compression_ratio", "min_speech_ratio")
 
 
 class TrainingDataSpec(BaseModel):
@@ -67,8 +88,8 @@ class TrainingDataSpec(BaseModel):
     filters: TrainingFilters = Field(
         default_factory=TrainingFilters,
         description='JSON, e.g. {"min_duration_s": 1.0, "min_confidence": {"emotion": 0.5}, '
-                    '"drop_truncated": false}; fields: drop_truncated, drop_looped, '
-                    "min_duration_s, max_duration_s, min_confidence, require_transcript")
+                    '"drop_truncated": false}; fields: '
+                    f"{', '.join(TrainingFilters.model_fields)}")
     validation_fraction: float = Field(
         0.05, ge=0.0, le=1.0, allow_inf_nan=False,
         description="share of the input's files (whole files) in validation/")

@@ -548,6 +548,15 @@ def labelled(tmp_path_factory) -> str:
                                "lhotse, hf"]),
     (["--storage-options", '{"secret": "%s", "key": ' % SECRET],
      ["--storage-options is not valid JSON"]),
+    # the quality-signal filters, options of their own too: given both ways, refused
+    (["--min-avg-logprob", "-1.0", "--filters", '{"min_avg_logprob": -2, "min_duration_s": 1}'],
+     ["error: --min-avg-logprob and --filters' min_avg_logprob are both given; give one"]),
+    (["--min-avg-logprob", "0.5"], ["error: --min-avg-logprob: ", "less than or equal to 0"]),
+    (["--filters", '{"min_avg_logprob": 0.5}'], ["--filters min_avg_logprob: "]),
+    (["--max-compression-ratio", "many"], ["error: --max-compression-ratio: ", "valid number"]),
+    (["--min-speech-ratio", "0.5"],  # an output labelled before the signals
+     ["error: min_speech_ratio: the segments of ", " have no speech_ratio column"]),
+    (["--filters", '{"min_avg_logprob": -1}'], [" have no transcript_avg_logprob column"]),
 ])
 def test_prepare_training_data_refuses_before_the_flow(here, labelled, tmp_path, args,
                                                        expected):
@@ -569,6 +578,27 @@ def test_prepare_training_data_refuses_before_the_flow(here, labelled, tmp_path,
     assert SECRET not in line
     assert not (tmp_path / "ds").exists()
     assert (tmp_path / "built" / "manifest.json").read_text() == "{}"
+
+
+def test_signal_filters_are_options_derived_from_the_filters_fields():
+    """--min-avg-logprob, --max-compression-ratio, --min-speech-ratio: the TrainingFilters
+    fields (their description and default as help), merged with the other keys of
+    --filters."""
+    from flows.console.app import build_parser
+    from flows.console.options import flag, help_text, model_from_args
+    from pipelines.training_data import FILTER_OPTIONS, TrainingDataSpec, TrainingFilters
+
+    args = build_parser().parse_args([
+        "prepare-training-data", "--input", "/in", "--output", "/ds", "--min-avg-logprob",
+        "-1.5", "--max-compression-ratio", "2.4", "--filters", '{"min_duration_s": 1.0}'])
+    assert model_from_args(TrainingDataSpec, args).filters == TrainingFilters(
+        min_duration_s=1.0, min_avg_logprob=-1.5, max_compression_ratio=2.4)
+    text = help_of("prepare-training-data")
+    for name in FILTER_OPTIONS:
+        field = TrainingFilters.model_fields[name]
+        assert f"{flag(name)} {name.upper()} {help_text(field)}" in text
+        assert "(default: none)" in help_text(field)
+        assert name in TrainingDataSpec.model_fields["filters"].description  # --filters' keys
 
 
 def server_env() -> dict[str, str]:

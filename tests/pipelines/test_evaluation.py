@@ -273,6 +273,7 @@ def test_asr_scores_of_the_output(scored):
     assert rows[A]["reference"] == "the cat sat on the mat"
     assert scored["metrics"]["asr.wer.en"] == pytest.approx(7 / 11)
     assert scored["metrics"]["asr.cer.zh"] == 0.25
+    assert scored["signals"] is None  # an output without the quality signals
 
 
 def test_closed_set_scores_of_the_output(scored):
@@ -677,3 +678,112 @@ def test_no_match_message_names_the_output_and_an_example(tmp_path):
         else:
             assert message.startswith(f"none of the 1 references matched a row of {output} ")
             assert "'elsewhere/clip.wav'" in message
+
+
+# -- the quality signals against transcript errors ------------------------------------------
+
+def test_rank_correlation_and_deciles_on_known_values():
+    from kimi_ops.evaluation import average_ranks, error_by_decile, spearman
+
+    assert average_ranks([3.0, 1.0, 2.0, 2.0]).tolist() == [4.0, 1.0, 2.5, 2.5]  # ties: mean
+    # ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): 4.5 / sqrt(4.5 * 5), scipy's spearmanr too
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert spearman([-0.1, -0.5, -2.0], [0.0, 0.2, 0.9]) == -1.0
+    assert spearman([1, 2, 3], [0.5, 0.5, 0.5]) is None  # constant: nothing to rank
+    assert spearman([1, 2], [2, 1]) is None  # too few
+    # 5 items in 3 groups of 2, 2, 1 by ascending signal; rates pooled: errors / words
+    bins = error_by_decile([0.5, 0.1, 0.4, 0.2, 0.3], [5, 1, 4, 2, 3], [10, 10, 10, 10, 0], 3)
+    assert [(b.count, b.signal_min, b.signal_max, b.errors, b.reference_length) for b in bins] \
+        == [(2, 0.1, 0.2, 3, 20), (2, 0.3, 0.4, 7, 10), (1, 0.5, 0.5, 5, 10)]
+    assert [b.rate for b in bins] == [0.15, 0.7, 0.5]
+    assert bins[0].mean_signal == pytest.approx(0.15)
+    assert len(error_by_decile([1.0, 2.0], [0, 1], [1, 1])) == 2  # fewer items than deciles
+
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+         "november oscar papa quebec romeo sierra tango").split()
+SIGNALS = ("transcript_avg_logprob", "transcript_min_logprob", "transcript_compression_ratio",
+           "speech_ratio")
+
+
+def with_signals(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """`rows` as a table of `schema` with their quality-signal columns (float32) appended, as
+    an output of schema version 3 has them."""
+    table = to_table([{k: v for k, v in r.items() if k not in SIGNALS} for r in rows], schema)
+    for name in SIGNALS:
+        table = table.append_column(pa.field(name, pa.float32()),
+                                    pa.array([r.get(name) for r in rows], pa.float32()))
+    return table
+
+
+def signal_output(root: Path) -> tuple[str, list[dict]]:
+    """An asr output whose 20 segments of A have a known error each, segment i with i of its
+    20 words wrong (WER i/20), its avg_logprob falling and its compression ratio rising with
+    i; speech_ratio on the even ones only; a 21st segment with an empty reference. Files B, C,
+    D carry file-level aggregates. Returns (output, references)."""
+    asr = [get_task("asr")]
+    segments, refs = [], []
+    for i in range(20):
+        hypothesis = " ".join(["zulu"] * i + WORDS[i:])
+        segments.append({"source_uri": A, "segment_index": i, "start_s": float(i),
+                         "end_s": i + 1.0, "status": "ok", "etag": f"etag-{A}",
+                         "run_id": "run-1", "transcript": hypothesis,
+                         "transcript_avg_logprob": -0.05 * (i + 1),
+                         "transcript_min_logprob": -0.05 * (i + 1) - 1.0,
+                         "transcript_compression_ratio": 1.0 + 0.1 * i,
+                         "speech_ratio": 1.0 - 0.01 * i if i % 2 == 0 else None})
+        refs.append({"source_uri": A, "segment_index": i, "transcript": " ".join(WORDS)})
+    segments.append({**segments[0], "segment_index": 20, "transcript": "zulu"})
+    refs.append({"source_uri": A, "segment_index": 20, "transcript": ""})  # rate undefined
+    files = [{**file_row(A, "x"), "transcript_avg_logprob": -0.5},
+             {**file_row(B, "hello world"), "transcript_avg_logprob": -0.1},  # WER 0
+             {**file_row(C, "hello"), "transcript_avg_logprob": -0.9},  # WER 0.5
+             file_row(D, "hello world")]  # no signal
+    refs += [{"source_uri": u, "transcript": "hello world"} for u in (B, C, D)]
+    for table, rows, schema in (("files", files, files_schema(asr)),
+                                ("segments", segments, segments_schema(asr))):
+        os.makedirs(root / table, exist_ok=True)
+        pq.write_table(with_signals(rows, schema),
+                       root / table / "part-0.parquet")
+    return str(root), refs
+
+
+def test_signals_rank_the_errors_they_were_made_to_rank(tmp_path, capsys):
+    """Constructed so that the answer is known: the log-probabilities fall as the WER rises
+    (Spearman -1), the compression ratio rises with it (+1), and each decile's pooled WER is
+    that of its two segments; file references are related at their own level."""
+    from flows.console import main
+
+    output, rows = signal_output(tmp_path / "out")
+    refs = write_references(tmp_path / "refs.parquet", rows)
+    assert main(["evaluate", "--input", output, "--references", refs,
+                 "--output", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    segment, files = report["signals"]["segment"], report["signals"]["file"]
+    assert list(segment) == list(SIGNALS) and list(files) == ["transcript_avg_logprob"]
+    logprob = segment["transcript_avg_logprob"]
+    assert (logprob["items"], logprob["without_signal"], logprob["undefined_rate"]) == (20, 0, 1)
+    assert logprob["spearman"] == -1.0 and logprob["metrics"] == ["wer"]
+    assert segment["transcript_min_logprob"]["spearman"] == -1.0
+    assert segment["transcript_compression_ratio"]["spearman"] == 1.0
+    # decile k (ascending avg_logprob) holds segments 21-2k and 20-2k: (41 - 4k) of 40 words
+    assert [d["count"] for d in logprob["deciles"]] == [2] * 10
+    assert [(d["errors"], d["reference_length"]) for d in logprob["deciles"]] \
+        == [(41 - 4 * k, 40) for k in range(1, 11)]
+    assert [d["rate"] for d in logprob["deciles"]] == [(41 - 4 * k) / 40 for k in range(1, 11)]
+    assert logprob["deciles"][0]["mean_signal"] == pytest.approx(-0.975, abs=1e-6)
+    ratio = segment["transcript_compression_ratio"]["deciles"]
+    assert [d["rate"] for d in ratio] == sorted(d["rate"] for d in ratio)  # rising with it
+    speech = segment["speech_ratio"]  # on the even segments only, falling as the WER rises
+    assert (speech["items"], speech["without_signal"], speech["spearman"]) == (10, 10, -1.0)
+    assert [d["count"] for d in speech["deciles"]] == [1] * 10
+    by_file = files["transcript_avg_logprob"]  # B (-0.1, WER 0) and C (-0.9, WER 0.5)
+    assert (by_file["items"], by_file["without_signal"], by_file["spearman"]) == (2, 1, None)
+    assert [d["rate"] for d in by_file["deciles"]] == [0.5, 0.0]
+    lines = {tuple(line.split()[:2]): line.split()[2:] for line in printed.splitlines()
+             if line.startswith(("transcript_", "speech_ratio"))}
+    assert lines[("transcript_avg_logprob", "segment")][:2] == ["20", "-1.0"]
+    assert lines[("transcript_compression_ratio", "segment")][:3] == ["20", "1.0", "0.03"]
+    assert lines[("transcript_avg_logprob", "file")] == ["2", "-", "0.50", "0.00"]
+    assert "quality signals vs. each reference's transcript error" in printed

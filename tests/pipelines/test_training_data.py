@@ -277,6 +277,112 @@ def test_split_is_by_file_and_deterministic(source, tmp_path):
     assert not (tmp_path / "all-train" / "validation").exists()
 
 
+# -- the quality-signal filters --------------------------------------------------------------
+
+SIGNALS = {"speech_ratio": "speech_ratio", "avg_logprob": "transcript_avg_logprob",
+           "compression_ratio": "transcript_compression_ratio"}
+Q = [f"s3://b/q{i}.wav" for i in range(11)]
+# (speech_ratio, avg_logprob, compression_ratio) per segment, and what the three filters of
+# SIGNAL_FILTERS say of it (the first rule it fails)
+SIGNAL_ROWS = [
+    ((1.0, -0.2, 1.5), None),                      # kept
+    ((0.2, -0.2, 1.5), "low_speech_ratio"),
+    ((None, -0.2, 1.5), "no_speech_ratio"),
+    ((0.9, -1.5, 1.5), "low_avg_logprob"),
+    ((0.9, None, 1.5), "no_avg_logprob"),
+    ((0.9, -0.2, 3.0), "high_compression_ratio"),
+    ((0.9, -0.2, None), "no_compression_ratio"),
+    ((0.1, -2.0, 3.0), "low_speech_ratio"),        # fails all three: counted under the first
+    ((0.5, -1.0, 2.4), None),                      # each value at its threshold: kept
+    ((0.9, float("nan"), 1.5), "no_avg_logprob"),  # NaN: no value either
+]
+SIGNAL_FILTERS = {"min_speech_ratio": 0.5, "min_avg_logprob": -1.0, "max_compression_ratio": 2.4}
+
+
+def signal_output(root: Path) -> str:
+    """A labelled output with the quality-signal columns (as an output of schema version 3
+    has them): a segment per SIGNAL_ROWS entry, plus a silent one without values."""
+    import pyarrow as pa
+
+    rows = [seg(Q[i], 0, 0.0, 2.0) for i in range(len(SIGNAL_ROWS))]
+    rows.append(seg(Q[-1], 0, 0.0, 2.0, status="silent", tokens=None))
+    values = [v for v, _ in SIGNAL_ROWS] + [(None, None, None)]
+    table = to_table(rows, segments_schema(TASKS, semantic_tokens=True))
+    for k, column in enumerate(SIGNALS.values()):
+        table = table.append_column(pa.field(column, pa.float32()),
+                                    pa.array([v[k] for v in values], pa.float32()))
+    write(root / "segments" / "part-0.parquet", table)
+    write(root / "files" / "part-0.parquet",
+          to_table([file_row(u) for u in Q], files_schema(TASKS)))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def signals_source(tmp_path_factory) -> str:
+    return signal_output(tmp_path_factory.mktemp("signals") / "out")
+
+
+SIGNAL_CASES = {  # filters set -> the drop counts by rule
+    (): {"silent": 1},
+    ("min_speech_ratio",): {"silent": 1, "low_speech_ratio": 2, "no_speech_ratio": 1},
+    ("min_avg_logprob",): {"silent": 1, "low_avg_logprob": 2, "no_avg_logprob": 2},
+    ("max_compression_ratio",): {"silent": 1, "high_compression_ratio": 2,
+                                 "no_compression_ratio": 1},
+    tuple(SIGNAL_FILTERS): {"silent": 1, "low_speech_ratio": 2, "no_speech_ratio": 1,
+                            "low_avg_logprob": 1, "no_avg_logprob": 2,
+                            "high_compression_ratio": 1, "no_compression_ratio": 1},
+}
+
+
+@pytest.mark.parametrize("names", list(SIGNAL_CASES), ids=lambda n: "+".join(n) or "none")
+def test_signal_filters_drop_by_rule(signals_source, tmp_path, names):
+    """Each filter alone and all three: the exact drop counts by rule (a row failing several
+    under the first), a null value dropped as no_<signal>, a value at its threshold kept; the
+    printed summary names each rule."""
+    from pipelines.training_data import DROP_REASONS, format_training_data
+
+    filters = TrainingFilters(**{name: SIGNAL_FILTERS[name] for name in names})
+    manifest = build(signals_source, tmp_path / "ds", filters=filters)
+    dropped = SIGNAL_CASES[names]
+    assert manifest["counts"]["dropped"] == dropped and set(dropped) <= set(DROP_REASONS)
+    assert manifest["counts"]["kept"] == len(SIGNAL_ROWS) + 1 - sum(dropped.values())
+    assert manifest["filters"] == filters.model_dump()
+    if len(names) == 3:
+        kept = {r["source_uri"] for s in ("train", "validation")
+                for r in read_split(tmp_path / "ds", s)}
+        assert kept == {Q[i] for i, (_, fails) in enumerate(SIGNAL_ROWS) if fails is None}
+        from collections import Counter  # the table's comments agree with the counts
+
+        assert Counter(fails for _, fails in SIGNAL_ROWS if fails) + Counter(silent=1) \
+            == Counter(dropped)
+        assert "dropped: high_compression_ratio 1, low_avg_logprob 1, low_speech_ratio 2, " \
+               "no_avg_logprob 2, no_compression_ratio 1, no_speech_ratio 1, silent 1" \
+               in format_training_data(manifest)
+
+
+def test_a_signal_filter_on_an_output_without_the_signal_is_refused(source, tmp_path):
+    """An output labelled before the quality signals: a filter on them is refused in one line
+    before anything is written; unset, the build goes on as before."""
+    from pipelines.training_data import check_training_data
+
+    for name, value in SIGNAL_FILTERS.items():
+        column = SIGNALS[name.split("_", 1)[1]]
+        spec = TrainingDataSpec(input=source, output=str(tmp_path / "ds"), formats=[],
+                                filters=TrainingFilters(**{name: value}))
+        with pytest.raises(TrainingDataError, match=rf"^{name}: the segments of {source} have "
+                                                    rf"no {column} column \(labelled before"):
+            check_training_data(spec)
+        with pytest.raises(TrainingDataError, match=f"no {column} column"):
+            build_training_data(spec)
+        assert not (tmp_path / "ds").exists()
+    with pytest.raises(ValueError, match="less than or equal to 0"):
+        TrainingFilters(min_avg_logprob=0.5)
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        TrainingFilters(min_speech_ratio=1.5)
+    with pytest.raises(ValueError, match="greater than 0"):
+        TrainingFilters(max_compression_ratio=0)
+
+
 # -- every format, from the output backed by audio files ------------------------------------
 
 BY_NAME = {uri.rsplit("/", 1)[1]: uri for uri in (A, B, C, D, E, F, G, H, ORPHAN, *MANY)}
