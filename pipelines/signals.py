@@ -3,7 +3,8 @@
 A labelled output (schema version 3) carries, per segment, how far to trust its transcript and
 how much of it is speech; `files/` carries their duration-weighted aggregates under the same
 names. The readers (`pipelines.training_data`'s filters, `pipelines.evaluation`'s signals
-section) name the columns through this one mapping and nowhere else:
+section) name the columns through this one mapping, made from the tasks' own definition
+(`kimi_ops.tasks.base`: `GenerativeTask.signals`, `SPEECH_RATIO`):
 
   avg_logprob        mean log-probability of the transcript's generated tokens, EOS included
                      (<= 0; nearer 0: surer)
@@ -15,10 +16,17 @@ section) name the columns through this one mapping and nowhere else:
 
 from __future__ import annotations
 
+from kimi_ops.tasks.base import SIGNAL_SUFFIXES, SPEECH_RATIO, GenerativeTask
+
+
+def _transcript_columns() -> dict[str, str]:
+    """The asr task's signal columns, named as the task names them (`GenerativeTask.signals`,
+    after its first text field: `transcript_avg_logprob`, ...)."""
+    from kimi_ops.tasks import get_task
+
+    asr: GenerativeTask = get_task("asr")
+    return {suffix.lstrip("_"): column for suffix, column in zip(SIGNAL_SUFFIXES, asr.signals)}
+
+
 # signal -> its column in `segments/` (and, aggregated, in `files/`)
-SIGNAL_COLUMNS: dict[str, str] = {
-    "avg_logprob": "transcript_avg_logprob",
-    "min_logprob": "transcript_min_logprob",
-    "compression_ratio": "transcript_compression_ratio",
-    "speech_ratio": "speech_ratio",
-}
+SIGNAL_COLUMNS: dict[str, str] = {**_transcript_columns(), "speech_ratio": SPEECH_RATIO}
