@@ -533,6 +533,14 @@ def labelled(tmp_path_factory) -> str:
     return make_output(tmp_path_factory.mktemp("labelled") / "out")
 
 
+@pytest.fixture(scope="module")
+def older(labelled, tmp_path_factory) -> str:
+    """`labelled` as output schema version 2 wrote it: no quality signals."""
+    from tests.pipelines.schema_v1 import copy_in_schema
+
+    return copy_in_schema(labelled, tmp_path_factory.mktemp("older") / "out", 2)
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--input", "{tmp}/nowhere"], ["is not a labelled output: no Parquet shards under files/"]),
     (["--output", "{source}/segments/train"], ["output must differ from the input"]),
@@ -554,17 +562,19 @@ def labelled(tmp_path_factory) -> str:
     (["--min-avg-logprob", "0.5"], ["error: --min-avg-logprob: ", "less than or equal to 0"]),
     (["--filters", '{"min_avg_logprob": 0.5}'], ["--filters min_avg_logprob: "]),
     (["--max-compression-ratio", "many"], ["error: --max-compression-ratio: ", "valid number"]),
-    (["--min-speech-ratio", "0.5"],  # an output labelled before the signals
+    (["--min-speech-ratio", "0.5", "--input", "{older}"],  # labelled before the signals
      ["error: min_speech_ratio: the segments of ", " have no speech_ratio column"]),
-    (["--filters", '{"min_avg_logprob": -1}'], [" have no transcript_avg_logprob column"]),
+    (["--filters", '{"min_avg_logprob": -1}', "--input", "{older}"],
+     [" have no transcript_avg_logprob column"]),
 ])
-def test_prepare_training_data_refuses_before_the_flow(here, labelled, tmp_path, args,
+def test_prepare_training_data_refuses_before_the_flow(here, labelled, older, tmp_path, args,
                                                        expected):
     """The flow's parameters, its source check and a destination holding a build, in the
     command line process: one line, exit 2, no flow run; never the secret."""
     (tmp_path / "built").mkdir()
     (tmp_path / "built" / "manifest.json").write_text("{}")
-    places = {"{tmp}": str(tmp_path), "{source}": labelled, "{built}": str(tmp_path / "built")}
+    places = {"{tmp}": str(tmp_path), "{source}": labelled, "{built}": str(tmp_path / "built"),
+              "{older}": older}
 
     def placed(value: str) -> str:  # a leading {place} (not str.format: JSON has braces)
         head, sep, rest = value.partition("/")

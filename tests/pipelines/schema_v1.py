@@ -46,9 +46,10 @@ def as_schema_1(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=metadata))
 
 
-def copy_as_schema_1(output: str | Path, old: str | Path) -> str:
-    """A copy of the local `output` whose Parquet shards are in the version 1 layout."""
+def copy_in_schema(output: str | Path, old: str | Path, version: int) -> str:
+    """A copy of the local `output` whose Parquet shards are in the version 1 or 2 layout."""
+    convert = {1: as_schema_1, 2: as_schema_2}[version]
     shutil.copytree(output, old)
     for path in Path(old).rglob("*.parquet"):
-        pq.write_table(as_schema_1(pq.read_table(path)), path)
+        pq.write_table(convert(pq.read_table(path)), path)
     return str(old)

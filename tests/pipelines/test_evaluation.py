@@ -299,10 +299,10 @@ def test_closed_set_scores_of_the_output(scored):
 def test_an_output_of_schema_version_1_scores_as_its_version_2_twin(tmp_path):
     """An output written before schema version 2 (map columns) is read as the same output in
     structs: the same coverage, labels, confidences and metrics."""
-    from tests.pipelines.schema_v1 import copy_as_schema_1
+    from tests.pipelines.schema_v1 import copy_in_schema
 
     new = make_output(tmp_path / "new")
-    old = copy_as_schema_1(new, tmp_path / "old")
+    old = copy_in_schema(new, tmp_path / "old", 1)
     assert pa.types.is_map(pq.read_schema(f"{old}/segments/part-0.parquet")
                            .field("emotion_scores").type)
     refs = write_references(tmp_path / "refs.parquet")

@@ -214,9 +214,9 @@ def expected_row(key) -> dict:
 def test_an_output_of_schema_version_1_builds_the_rows_of_its_version_2_twin(source, tmp_path):
     """An output written before schema version 2 (its scores as maps) gives the same shards,
     confidences included, and the same counts."""
-    from tests.pipelines.schema_v1 import copy_as_schema_1
+    from tests.pipelines.schema_v1 import copy_in_schema
 
-    old = copy_as_schema_1(source, tmp_path / "old")
+    old = copy_in_schema(source, tmp_path / "old", 1)
     assert pq.read_schema(f"{old}/segments/part-1.parquet").metadata[
         b"kimi_label.schema_version"] == b"1"
     filters = CASES["keep_flagged"][0]  # a confidence filter reads the scores
@@ -309,8 +309,10 @@ def signal_output(root: Path) -> str:
     values = [v for v, _ in SIGNAL_ROWS] + [(None, None, None)]
     table = to_table(rows, segments_schema(TASKS, semantic_tokens=True))
     for k, column in enumerate(SIGNALS.values()):
-        table = table.append_column(pa.field(column, pa.float32()),
-                                    pa.array([v[k] for v in values], pa.float32()))
+        new = pa.array([v[k] for v in values], pa.float32())
+        table = (table.set_column(table.schema.get_field_index(column), column, new)
+                 if column in table.column_names
+                 else table.append_column(pa.field(column, pa.float32()), new))
     write(root / "segments" / "part-0.parquet", table)
     write(root / "files" / "part-0.parquet",
           to_table([file_row(u) for u in Q], files_schema(TASKS)))
@@ -364,12 +366,14 @@ def test_a_signal_filter_on_an_output_without_the_signal_is_refused(source, tmp_
     """An output labelled before the quality signals: a filter on them is refused in one line
     before anything is written; unset, the build goes on as before."""
     from pipelines.training_data import check_training_data
+    from tests.pipelines.schema_v1 import copy_in_schema
 
+    older = copy_in_schema(source, tmp_path / "older", 2)
     for name, value in SIGNAL_FILTERS.items():
         column = SIGNALS[name.split("_", 1)[1]]
-        spec = TrainingDataSpec(input=source, output=str(tmp_path / "ds"), formats=[],
+        spec = TrainingDataSpec(input=older, output=str(tmp_path / "ds"), formats=[],
                                 filters=TrainingFilters(**{name: value}))
-        with pytest.raises(TrainingDataError, match=rf"^{name}: the segments of {source} have "
+        with pytest.raises(TrainingDataError, match=rf"^{name}: the segments of {older} have "
                                                     rf"no {column} column \(labelled before"):
             check_training_data(spec)
         with pytest.raises(TrainingDataError, match=f"no {column} column"):
