@@ -90,7 +90,9 @@ def harness():
 def here(capfd, monkeypatch):
     """`kimi-label ARGS` run in this process (the same console, without an interpreter's start
     for each case): a result with `returncode`, `stdout` and `stderr`, as a subprocess gives.
-    A Prefect API the session set up (the harness) stays this process's."""
+    A Prefect API the session set up (the harness) stays this process's. For refusals and
+    commands that run no flow: a flow run here would leave Prefect's console log handler
+    bound to this test's captured stream, closed once the test ends."""
     import types
 
     from flows.console import main

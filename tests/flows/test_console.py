@@ -864,8 +864,8 @@ def shares_in_ok(segments: list[dict], speech: list[tuple[int, int]], samples: i
 
 
 @pytest.mark.slow
-def test_run_sends_a_noisy_recordings_speech_to_asr_and_keeps_its_noise_out(harness, ray_local,
-                                                                           here, tmp_path):
+def test_run_sends_a_noisy_recordings_speech_to_asr_and_keeps_its_noise_out(harness, ray_address,
+                                                                           tmp_path):
     """An archive recording (60 s, three utterances in steady noise at -32 dBFS) through
     `kimi-label run --tasks asr`: by voice activity (the default) at least 95 % of the speech
     time is in `ok` segments and at most 20 % of the noise-only time; the rest is `silent`."""
@@ -877,8 +877,9 @@ def test_run_sends_a_noisy_recordings_speech_to_asr_and_keeps_its_noise_out(harn
     mix = bench_module("speech").archive_fixture()
     (tmp_path / "in").mkdir()
     sf.write(tmp_path / "in" / "archive.flac", mix.wave, 16000)
-    done = here("run", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model",
-                MODEL, "--tasks", "asr", "--max-new-tokens", "24")
+    done = kimi_label("run", "--input", tmp_path / "in", "--output", tmp_path / "out",
+                      "--model", MODEL, "--tasks", "asr", "--max-new-tokens", "24",
+                      "--ray-address", ray_address, env=server_env())
     assert done.returncode == 0, done.stderr[-3000:]
     segments = pq.read_table(tmp_path / "out" / "segments").to_pylist()
     speech, noise = shares_in_ok(segments, mix.speech, len(mix.wave))
