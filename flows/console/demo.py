@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 
 DEMO_TASKS = ["asr", "emotion", "scene", "sound_event"]
@@ -49,6 +50,7 @@ def label_samples(out: Path, max_new_tokens: int, state) -> None:
     from flows.label_corpus import label_corpus
     from kimi_ops.audio.samples import write_sample_audio
     from kimi_ops.model.tiny_checkpoint import make_tiny_checkpoint
+    from pipelines.schema import SCHEMA_VERSION
     from pipelines.spec import JobSpec
     from pipelines.storage import OutputLayout, resolve
 
@@ -63,15 +65,19 @@ def label_samples(out: Path, max_new_tokens: int, state) -> None:
     fs.pipe({f"{root}/{f.name}": f.read_bytes() for f in files}
             | {f"{root}/broken.wav": b"RIFF\x00\x00\x00\x00WAVE this is not audio"})
     print(f"uploaded {len(files) + 1} objects to {BUCKET_PREFIX}/in/", flush=True)
-    params = JobSpec(input=f"{BUCKET_PREFIX}/in", output=f"{BUCKET_PREFIX}/labels",
+    # one output per schema version: a demo rerun after an upgrade labels afresh instead of
+    # being refused the older output it left
+    labels = f"{BUCKET_PREFIX}/labels-v{SCHEMA_VERSION}"
+    params = JobSpec(input=f"{BUCKET_PREFIX}/in", output=labels,
                      model=str(checkpoint), tasks=DEMO_TASKS, max_new_tokens=max_new_tokens,
                      storage_options={"endpoint_url": state.env()["AWS_ENDPOINT_URL"]})
     report = label_corpus(params)
     print_results(params, state.storage_options(), report)
-    _, labels = resolve(params.output, state.storage_options())
+    _, bucket = resolve(params.output, state.storage_options())
     local = OutputLayout(str(out / "labels"))
-    for table in ("files", "segments"):
-        fs.get(OutputLayout(labels).table(table), local.table(table), recursive=True)
+    for table in ("files", "segments"):  # a copy of the bucket's tables, not added to one
+        shutil.rmtree(local.table(table), ignore_errors=True)  # an earlier demo left
+        fs.get(OutputLayout(bucket).table(table), local.table(table), recursive=True)
     print(f"copies of the Parquet tables: {local.files}/ and {local.segments}/")
 
 
