@@ -2,7 +2,7 @@
 
 Recordings with known speech intervals (`bench/speech.py`: espeak-ng speech in steady noise at
 20, 10 and 0 dB SNR, between music-like tones, and between stretches of digital silence) are cut
-by both segmenters (`kimi_ops.audio.segment.cut`: "vad" and "energy"). For each it prints:
+by both segmenters (`kimi_ops.audio.segmenters.cut`: "vad" and "energy"). For each it prints:
 
   speech recall   speech time inside segments sent to the model / all speech time
   noise sent      non-speech time farther than 0.5 s from any speech that is sent to the model /
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine import machine  # noqa: E402
 from speech import RATE, Mixture, fitted  # noqa: E402
 
-from kimi_ops.audio.segment import SEGMENTERS, cut  # noqa: E402
+from kimi_ops.audio.segmenters import SEGMENTERS, cut  # noqa: E402
 
 MARGIN_S = 0.5  # non-speech this close to speech is not counted as noise sent
 TARGETS = {"speech_recall": 0.95, "noise_sent": 0.20}

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kimi_ops.audio.segment import DEFAULT_SEGMENTER, SEGMENTERS
+from kimi_ops.audio.segmenters import DEFAULT_SEGMENTER, SEGMENTERS
 from kimi_ops.errors import KimiError
 
 

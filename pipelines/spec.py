@@ -22,7 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_valida
                       model_validator)
 from pydantic.fields import FieldInfo
 
-from kimi_ops.audio.segment import DEFAULT_SEGMENTER, SEGMENTERS
+from kimi_ops.audio.segmenters import DEFAULT_SEGMENTER, SEGMENTERS
 from pipelines.storage import AUDIO_EXTENSIONS, StorageOptions, StorageRetry, is_manifest
 from pipelines.storage import uri as uris
 

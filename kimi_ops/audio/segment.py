@@ -62,9 +62,6 @@ import numpy as np
 
 from kimi_ops.audio.decode import CHUNK_SECONDS, SAMPLE_RATE
 
-SEGMENTERS = ("vad", "energy")  # by voice activity (kimi_ops.audio.vad), by loudness (here)
-DEFAULT_SEGMENTER = "vad"
-
 HOP_SECONDS = 0.010
 FRAME_HOPS = 3  # 30 ms frames: hops k-1, k, k+1 around frame k
 FLOOR_DB = -120.0  # level of digital silence; keeps log10 finite
@@ -255,16 +252,3 @@ def level_db(wave: np.ndarray, start: int, end: int, sample_rate: int = SAMPLE_R
     piece = wave[start:end]
     return _segment_level_db(piece, _frame_levels_db(piece, hop), 0, len(piece), hop)
 
-
-def cut(wave: np.ndarray, segmenter: str = DEFAULT_SEGMENTER, sample_rate: int = SAMPLE_RATE,
-        max_seconds: float = DEFAULT_MAX_SECONDS) -> list[Segment]:
-    """A waveform's segments by `segmenter` ("vad": speech regions, `kimi_ops.audio.vad`;
-    "energy": the loudness cutter here). Both cover the waveform with contiguous segments of
-    at most `max_seconds` and mark those to keep from the model `silent`."""
-    if segmenter == "vad":
-        from kimi_ops.audio.vad import segment_speech
-
-        return segment_speech(wave, sample_rate, max_seconds=max_seconds)
-    if segmenter == "energy":
-        return segment_audio(wave, sample_rate, max_seconds=max_seconds)
-    raise ValueError(f"segmenter must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")

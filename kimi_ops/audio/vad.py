@@ -41,6 +41,7 @@ import threading
 import numpy as np
 
 from kimi_ops.audio.decode import SAMPLE_RATE
+from kimi_ops.audio.segment import Segment, level_db, segment_audio
 
 WINDOW = 512  # Silero's window at 16 kHz: 32 ms
 LANE_SECONDS = 10.0
@@ -126,11 +127,9 @@ def speech_regions(probs: np.ndarray, num_samples: int) -> list[tuple[int, int]]
 def segment_speech(wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
                    max_seconds: float = 30.0, pad_seconds: float = PAD_SECONDS,
                    merge_gap_seconds: float = MERGE_GAP_SECONDS,
-                   min_gap_seconds: float = MIN_GAP_SECONDS) -> list:
+                   min_gap_seconds: float = MIN_GAP_SECONDS) -> list[Segment]:
     """Segments of a 16 kHz mono waveform by voice activity (rules in the module docstring):
     contiguous, covering it, each at most `max_seconds`; `silent` marks the non-speech ones."""
-    from kimi_ops.audio.segment import Segment, level_db, segment_audio
-
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"segment_speech takes {SAMPLE_RATE} Hz audio, got {sample_rate}")
     n = len(wave)

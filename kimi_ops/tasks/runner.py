@@ -2,7 +2,7 @@
 
 Per call: every source is decoded (a source that cannot be used becomes a row with `error` and
 `error_kind`, the others go on); each waveform is cut into <= 30 s segments (by voice activity
-by default, `kimi_ops.audio.segment.cut`); all segments of all sources go through the audio
+by default, `kimi_ops.audio.segmenters.cut`); all segments of all sources go through the audio
 front-end once, and the resulting encodings are reused by every task's prompt. Generative tasks
 run through `generate_batch` together (grouped only by their sampling settings), closed-set tasks
 through `score_options` together. Per file, text fields are joined in segment order, flags are
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from kimi_ops.audio import SAMPLE_RATE, load_audio
-from kimi_ops.audio.segment import DEFAULT_SEGMENTER, Segment, cut
+from kimi_ops.audio.segment import Segment
+from kimi_ops.audio.segmenters import DEFAULT_SEGMENTER, cut
 from kimi_ops.errors import KimiError
 from kimi_ops.frontend import AudioEncoding
 from kimi_ops.tasks.base import SPEECH_RATIO, ChoiceTask, GenerativeTask, Task, merge_segments
@@ -70,7 +71,7 @@ def label_waveforms(engine, waves: Sequence[np.ndarray], tasks: Sequence[Task],
                     max_new_tokens: int = -1, max_segment_seconds: float = 30.0,
                     segmenter: str = DEFAULT_SEGMENTER) -> list[dict[str, Any]]:
     """Label 16 kHz mono waveforms; one dict of task fields per waveform, in order. Each is
-    cut into segments by `segmenter` (`kimi_ops.audio.segment.cut`)."""
+    cut into segments by `segmenter` (`kimi_ops.audio.segmenters.cut`)."""
     segments: list[Segment] = []
     pieces, owners = [], []
     for w, wave in enumerate(waves):

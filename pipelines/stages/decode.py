@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from kimi_ops.audio.segment import DEFAULT_SEGMENTER
+from kimi_ops.audio.segmenters import DEFAULT_SEGMENTER
 from pipelines.batching import work_units
 from pipelines.spec import PIECE_SECONDS, STAGE_DEFAULTS, StageResources
 from pipelines.stages.base import Stage, error_row
@@ -43,7 +43,7 @@ class DecodeStage(Stage):
         # objects over this many bytes are decoded from a local copy (None: storage's default)
         self.spool_bytes = SPOOL_BYTES if spool_bytes is None else spool_bytes
         self.max_segment_seconds = max_segment_seconds
-        self.segmenter = segmenter  # kimi_ops.audio.segment.SEGMENTERS
+        self.segmenter = segmenter  # kimi_ops.audio.segmenters.SEGMENTERS
         self.piece_seconds = piece_seconds
         # None: the decoder's default (KIMI_MAX_AUDIO_SECONDS, else 6 h)
         self.limit = {"max_seconds": max_audio_seconds} if max_audio_seconds else {}
@@ -103,7 +103,7 @@ class DecodeStage(Stage):
         file has >= 1 segment); the segments cover the waveform, so the pieces split it without
         gaps. The pieces' `audio` values are views of the one waveform buffer, not copies."""
         from kimi_ops.audio import SAMPLE_RATE
-        from kimi_ops.audio.segment import cut
+        from kimi_ops.audio.segmenters import cut
 
         segments = cut(wave, self.segmenter, SAMPLE_RATE, self.max_segment_seconds)
         cuts = work_units([s.end - s.start for s in segments], len(segments),

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kimi_ops.audio.segment import DEFAULT_SEGMENTER
+from kimi_ops.audio.segmenters import DEFAULT_SEGMENTER
 from pipelines.schema import SPEECH_RATIO, file_fields
 from pipelines.spec import STAGE_DEFAULTS, StageResources
 from pipelines.stages.base import Stage, error_row, set_threads

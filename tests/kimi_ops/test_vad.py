@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kimi_ops.audio.segment import SEGMENTERS, cut
+from kimi_ops.audio.segmenters import SEGMENTERS, cut
 from kimi_ops.audio.vad import LANE_SECONDS, WINDOW, speech_probabilities
 from tests.bench_modules import bench_module
 
