@@ -86,8 +86,9 @@ def speech_probabilities(wave: np.ndarray) -> np.ndarray:
         for first in range(0, len(starts), MAX_LANES):
             batch = starts[first:first + MAX_LANES]
             lead = np.where(batch > 0, np.minimum(batch, warm), 0)  # warm-up windows
+            steps = int((lead + np.minimum(lane, windows - batch)).max())  # a short clip: few
             model.reset_states()
-            for step in range(int(lead.max()) + lane):
+            for step in range(steps):
                 at = batch - lead + step  # each lane's window at this step
                 index = at[:, None] * WINDOW + offsets[None, :]
                 chunk = np.where(index < n, wave[np.minimum(index, n - 1)], 0.0)
