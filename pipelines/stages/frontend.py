@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.spec import STAGE_DEFAULTS, StageResources
-from pipelines.stages.base import Stage, release_free_memory, set_threads
+from pipelines.stages.base import (Stage, keep_large_buffers_off_the_heap, release_free_memory,
+                                   set_threads)
 
 
 def features_to_bytes(features) -> tuple[bytes, str]:
@@ -60,6 +61,7 @@ class FrontendStage(Stage):
         if self.frontend is not None:
             return
         set_threads(self.resources.threads)
+        keep_large_buffers_off_the_heap()
         paths = resolve_checkpoint(self.model, self.glm_tokenizer)
         dev = torch.device(self.device) if self.device else default_device()
         self.frontend = AudioFrontend.from_checkpoint(paths.root, glm_dir=paths.glm, device=dev,

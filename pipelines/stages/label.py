@@ -19,7 +19,7 @@ import pyarrow as pa
 from kimi_ops.audio.segmenters import DEFAULT_SEGMENTER
 from pipelines.schema import SPEECH_RATIO, file_fields
 from pipelines.spec import STAGE_DEFAULTS, StageResources
-from pipelines.stages.base import Stage, error_row, set_threads
+from pipelines.stages.base import Stage, error_row, keep_large_buffers_off_the_heap, set_threads
 from pipelines.stages.frontend import features_from_bytes
 
 OUT_OF_MEMORY = "out_of_memory"  # the error kind of a file the device cannot label
@@ -74,6 +74,7 @@ class LabelStage(Stage):
         if self.engine is not None:
             return
         set_threads(self.resources.threads)
+        keep_large_buffers_off_the_heap()
         self.engine = KimiAudio(self.model, glm_tokenizer=self.glm_tokenizer,
                                 device=torch.device(self.device) if self.device else None,
                                 load_frontend=False)

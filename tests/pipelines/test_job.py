@@ -349,13 +349,12 @@ def test_job_killed_mid_run_then_rerun_is_complete_without_duplicates(seaweed, s
             assert dict(a[name]) == pytest.approx(dict(b[name]), abs=1e-4)
 
 
-def test_cli_refuses_to_start_with_a_clear_reason(seaweed, s3_prefix, tmp_path):
+def test_cli_refuses_to_start_with_a_clear_reason(seaweed, s3_prefix, tmp_path, here):
     upload(seaweed, f"{s3_prefix}/in", {"mono_8k.wav": GOOD["mono_8k.wav"]})
     opts = json.dumps(seaweed.storage_options)
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "flows.console", "run", *args],
-                              capture_output=True, text=True, timeout=120, check=False)
+        return here("run", *args)
 
     bad_model = run("--input", f"{s3_prefix}/in", "--output", f"{s3_prefix}/out",
                     "--model", str(tmp_path / "nope"), "--storage-options", opts)
@@ -564,6 +563,41 @@ def test_cpu_actors_get_threads_for_the_node_unless_set():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+HEAP_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from pipelines.stages.base import keep_large_buffers_off_the_heap
+
+    libc = ctypes.CDLL("libc.so.6")
+    class Info(ctypes.Structure):  # glibc's mallinfo2; hblkhd: bytes in mmapped chunks
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc.mallinfo2.restype = Info
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.free(libc.malloc(20 << 20))  # a freed 20 MB buffer lifts glibc's threshold to 20 MB
+    if sys.argv[1] == "actor":
+        keep_large_buffers_off_the_heap()
+    before = libc.mallinfo2().hblkhd
+    libc.malloc(4 << 20)
+    print(libc.mallinfo2().hblkhd - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_model_actors_keep_large_buffers_off_the_heap():
+    """After a large buffer is freed, glibc cuts the next ones from its heap, which fragments
+    and grows over a corpus; the stage actors keep each buffer of 1 MiB or more in a mapping
+    of its own (their peak RSS stays flat: tests/pipelines/test_load.py)."""
+    def mapped(mode: str) -> int:
+        root = str(Path(__file__).resolve().parents[2])
+        done = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True,
+                              text=True, check=True, env={**os.environ, "PYTHONPATH": root})
+        return int(done.stdout)
+
+    assert mapped("default") == 0  # from the heap
+    assert mapped("actor") >= 4 << 20  # a mapping of its own
 
 
 def test_inflight_budget_and_local_object_store_are_fixed_sizes():
