@@ -287,22 +287,22 @@ ALL_COMMANDS = ["run", "transcribe-archive", "prepare-training-data", "stack", "
                 "generate", "audio-tokens", "label", "make-tiny-checkpoint"]
 
 
-def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
-    helped = kimi_label("--help")
+def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused(here):
+    helped = kimi_label("--help")  # the installed entry point; the rest in this process
     assert helped.returncode == 0 and "python -m kimi_ops" not in helped.stdout
     listed = {line.split()[0] for line in helped.stdout.splitlines()
               if line.startswith("    ") and line[4] != " "}
     assert listed == set(ALL_COMMANDS)
     assert "exit status: 0 done, 1 the run failed, 2 usage error" in helped.stdout
-    version = kimi_label("--version")
+    version = here("--version")
     assert version.returncode == 0 and version.stdout.startswith("kimi-label ")
-    bare = kimi_label()
+    bare = here()
     assert bare.returncode == 2 and "required: COMMAND" in bare.stderr
-    unknown = kimi_label("bogus")
+    unknown = here("bogus")
     assert unknown.returncode == 2 and "invalid choice: 'bogus'" in unknown.stderr
     assert all(f"'{c}'" in unknown.stderr for c in ALL_COMMANDS)
     # each command keeps its own help; the model commands still reach kimi_ops
-    run_help = kimi_label("run", "--help")
+    run_help = here("run", "--help")
     assert run_help.returncode == 0 and "credentials_block" in run_help.stdout
     assert "comma-separated: asr, caption, emotion, scene" in " ".join(run_help.stdout.split())
     options = [line.split()[0] for line in run_help.stdout.split("options:")[1].splitlines()
@@ -311,12 +311,12 @@ def test_top_level_help_lists_every_command_and_an_unknown_one_is_refused():
     for option in options:  # every option says what it is: text on its line or the next
         lines = helped.split(f"  {option}", 1)[1].splitlines()
         assert lines[0].strip(" ,").split(maxsplit=1)[1:] or lines[1].startswith(" " * 10), option
-    archive_help = kimi_label("transcribe-archive", "--help")
+    archive_help = here("transcribe-archive", "--help")
     assert archive_help.returncode == 0 and "--piece-seconds" in archive_help.stdout
     assert "--tasks" not in archive_help.stdout  # asr only: the flow's parameters, no more
-    training_help = kimi_label("prepare-training-data", "--help")
+    training_help = here("prepare-training-data", "--help")
     assert training_help.returncode == 0 and "--filters" in training_help.stdout
-    generate_help = kimi_label("generate", "--help")
+    generate_help = here("generate", "--help")
     assert generate_help.returncode == 0 and "--messages" in generate_help.stdout
     assert generate_help.stdout.startswith("usage: kimi-label generate ")
 
@@ -367,7 +367,7 @@ def test_every_job_parameter_is_an_option_with_its_default_and_a_flow_parameter(
 
 
 @pytest.mark.parametrize("command", ["run", "transcribe-archive"])
-def test_a_run_id_that_is_not_a_folder_name_writes_nothing(tmp_path, command):
+def test_a_run_id_that_is_not_a_folder_name_writes_nothing(tmp_path, command, harness):
     """`--run-id ../../escape` once wrote `escape/lease.json` outside the output: every job
     entry point refuses it where the spec is made, before anything is written."""
     from flows.label_corpus import label_corpus
@@ -436,17 +436,19 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, whole_group", [
-    ("SIGINT", True),  # a terminal's Ctrl-C: the command's whole process group
-    ("SIGTERM", False),  # a scheduler's timeout, `kill`
-    ("SIGKILL", False),  # the OOM killer
+@pytest.mark.parametrize("signum, whole_group, joins", [
+    ("SIGINT", True, False),  # a terminal's Ctrl-C: the command's whole process group
+    ("SIGTERM", False, True),  # a scheduler's timeout, `kill`
+    ("SIGKILL", False, True),  # the OOM killer
 ])
 def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
-        tmp_path, prefect_home, signum, whole_group):
+        tmp_path, prefect_home, request, signum, whole_group, joins):
     """Signalled while its Ray job runs, `kimi-label run` exits within seconds, with one line
     and 128 + the signal where it can; the temporary Prefect server it started stops too (it
     runs in its own session, so Ctrl-C does not take it down under the run reporting its
-    crash, and dies with the command)."""
+    crash, and dies with the command). Ctrl-C comes as the job's own local Ray has just
+    started (the touchiest moment: its driver half set up); the others while a job that joined
+    a running Ray (the session's) starts its stages."""
     import re
     import signal
     import socket
@@ -455,6 +457,8 @@ def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
     import numpy as np
     import soundfile as sf
 
+    # (the session's Ray first: joining it takes the environment it set up)
+    ray = ["--ray-address", request.getfixturevalue("ray_address")] if joins else []
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(24):  # enough work to be mid-job when the signal comes
@@ -464,15 +468,16 @@ def test_a_signal_during_the_job_stops_the_command_and_its_temporary_server(
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.console", "run", "--input", str(inputs),
-         "--output", str(tmp_path / "out"), "--model", MODEL, "--max-new-tokens", "8"],
+         "--output", str(tmp_path / "out"), "--model", MODEL, "--max-new-tokens", "8", *ray],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     seen, port = [], None
-    for line in proc.stderr:  # the signal comes as Ray has just started (the touchiest moment:
-        seen.append(line)  # its driver half set up), while the job's first batches run
+    ready = "Connected to Ray cluster" if joins else "Started a local Ray instance"
+    for line in proc.stderr:
+        seen.append(line)
         port = port or next(iter(re.findall(r"temporary server on http://127.0.0.1:(\d+)", line)),
                             None)
-        if "Started a local Ray instance" in line:
+        if ready in line:
             break
     assert port and proc.poll() is None, "".join(seen)
     time.sleep(0.3)
