@@ -132,7 +132,7 @@ def test_a_failed_flow_ends_the_command_with_its_reason_and_a_bug_keeps_its_trac
     assert isinstance(crash.exc_info[1], KeyError)
 
 
-def test_kimi_label_run_console_goes_through_the_flow(tmp_path, ray_address):
+def test_kimi_label_run_console_goes_through_the_flow(tmp_path, ray_address, here):
     import subprocess
     import sys
     from pathlib import Path
@@ -149,7 +149,10 @@ def test_kimi_label_run_console_goes_through_the_flow(tmp_path, ray_address):
                                "--output", f"{tmp_path / 'out'}/", *args], env=env,
                               capture_output=True, text=True, timeout=300, check=False)
 
-    refused = run("--model", str(tmp_path / "nope"))
+    def refusal(*args):  # refused before the flow: the same console, in this process
+        return here("run", "--input", tmp_path / "in", "--output", f"{tmp_path / 'out'}/", *args)
+
+    refused = refusal("--model", str(tmp_path / "nope"))
     assert refused.returncode == 2
     assert "checkpoint folder not found" in refused.stderr
     # the job options reach the job: a .flac the --extensions leave out, an explicit run id
@@ -170,8 +173,8 @@ def test_kimi_label_run_console_goes_through_the_flow(tmp_path, ray_address):
     assert [p.name for p in (tmp_path / "out" / "_runs" / "my-run-1").iterdir()] == [
         "report.json"]
     # the same run id again would overwrite that report: refused before the flow
-    again = run("--model", MODEL, "--tasks", "asr,scene", "--max-new-tokens", "4",
-                "--run-id", "my-run-1")
+    again = refusal("--model", MODEL, "--tasks", "asr,scene", "--max-new-tokens", "4",
+                    "--run-id", "my-run-1")
     assert again.returncode == 2 and "run id 'my-run-1' names a finished run" in again.stderr
     assert "Flow run" not in again.stderr
 
