@@ -59,20 +59,32 @@ def interval_mask(n: int, intervals) -> np.ndarray:
     return mask
 
 
+def sent_counts(samples: int, sent, speech, margin_s: float = MARGIN_S) -> dict[str, int]:
+    """Sample counts of a recording of `samples` whose `sent` intervals go to the model and whose
+    `speech` intervals hold speech: speech, speech sent, non-speech farther than `margin_s` from
+    any speech ("far") and of it sent, and all sent."""
+    sent, talk = interval_mask(samples, sent), interval_mask(samples, speech)
+    margin = int(margin_s * RATE)
+    far = ~interval_mask(samples, [(max(0, a - margin), b + margin) for a, b in speech])
+    return {"speech": int(talk.sum()), "speech_sent": int((sent & talk).sum()),
+            "far": int(far.sum()), "far_sent": int((sent & far).sum()), "sent": int(sent.sum())}
+
+
+def sent_shares(samples: int, sent, speech, margin_s: float = MARGIN_S) -> tuple[float, float]:
+    """(speech recall, noise sent) of one recording: the shares of its speech and of its far
+    non-speech (`sent_counts`) that are sent."""
+    counts = sent_counts(samples, sent, speech, margin_s)
+    return counts["speech_sent"] / counts["speech"], counts["far_sent"] / counts["far"]
+
+
 def measure(mix: Mixture, segmenter: str) -> dict:
     """The numbers of one recording cut by one segmenter (sample counts, CPU seconds)."""
-    n = len(mix.wave)
     started = time.process_time()
     segments = cut(mix.wave, segmenter)
     cpu_s = time.process_time() - started
-    sent = interval_mask(n, [(s.start, s.end) for s in segments if not s.silent])
-    speech = interval_mask(n, mix.speech)
-    margin = int(MARGIN_S * RATE)
-    near = interval_mask(n, [(max(0, a - margin), b + margin) for a, b in mix.speech])
-    far = ~near
-    return {"samples": n, "speech": int(speech.sum()), "speech_sent": int((sent & speech).sum()),
-            "far": int(far.sum()), "far_sent": int((sent & far).sum()), "sent": int(sent.sum()),
-            "cpu_s": cpu_s, "segments": len(segments)}
+    return {"samples": len(mix.wave), "cpu_s": cpu_s, "segments": len(segments),
+            **sent_counts(len(mix.wave), [(s.start, s.end) for s in segments if not s.silent],
+                          mix.speech)}
 
 
 def summary(parts: list[dict]) -> dict:

@@ -855,19 +855,6 @@ def test_ray_addresses_that_are_urls_are_refused_before_the_flow():
 
 # -- what reaches the model ------------------------------------------------------------------
 
-def shares_in_ok(segments: list[dict], speech: list[tuple[int, int]], samples: int,
-                 rate: int = 16000) -> tuple[float, float]:
-    """(share of the speech time, share of the non-speech time) inside `ok` segments."""
-    import numpy as np
-
-    ok, talk = np.zeros(samples, bool), np.zeros(samples, bool)
-    for s in segments:
-        ok[round(s["start_s"] * rate):round(s["end_s"] * rate)] |= s["status"] == "ok"
-    for a, b in speech:
-        talk[a:b] = True
-    return (ok & talk).sum() / talk.sum(), (ok & ~talk).sum() / (~talk).sum()
-
-
 @pytest.mark.slow
 def test_run_sends_a_noisy_recordings_speech_to_asr_and_keeps_its_noise_out(harness, ray_address,
                                                                            tmp_path):
@@ -887,7 +874,10 @@ def test_run_sends_a_noisy_recordings_speech_to_asr_and_keeps_its_noise_out(harn
                       "--ray-address", ray_address, env=server_env())
     assert done.returncode == 0, done.stderr[-3000:]
     segments = pq.read_table(tmp_path / "out" / "segments").to_pylist()
-    speech, noise = shares_in_ok(segments, mix.speech, len(mix.wave))
+    ok = [(round(s["start_s"] * 16000), round(s["end_s"] * 16000)) for s in segments
+          if s["status"] == "ok"]  # the shares of speech and of all non-speech time in them
+    speech, noise = bench_module("segmentation").sent_shares(len(mix.wave), ok, mix.speech,
+                                                             margin_s=0.0)
     assert speech >= 0.95 and noise <= 0.20, (speech, noise)
     assert {s["status"] for s in segments} == {"ok", "silent"}
     assert all(0.0 <= s["speech_ratio"] <= 1.0 for s in segments)

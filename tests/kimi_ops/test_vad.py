@@ -12,6 +12,7 @@ from kimi_ops.audio.vad import LANE_SECONDS, WARMUP_SECONDS, WINDOW, speech_prob
 from tests.bench_modules import bench_module
 
 speech = bench_module("speech")
+segmentation = bench_module("segmentation")
 
 
 def covered(segments, n: int, max_samples: int) -> None:
@@ -24,15 +25,9 @@ def covered(segments, n: int, max_samples: int) -> None:
 
 def sent_shares(mix, segments) -> tuple[float, float]:
     """(share of the speech sent to the model, share of the non-speech farther than 0.5 s from
-    speech that is sent)."""
-    n = len(mix.wave)
-    sent, talk, near = (np.zeros(n, bool) for _ in range(3))
-    for s in segments:
-        sent[s.start:s.end] = not s.silent
-    for a, b in mix.speech:
-        talk[a:b] = True
-        near[max(0, a - 8000):b + 8000] = True
-    return (sent & talk).sum() / talk.sum(), (sent & ~near).sum() / (~near).sum()
+    speech that is sent): the segmentation benchmark's measure."""
+    return segmentation.sent_shares(len(mix.wave), [(s.start, s.end) for s in segments
+                                                    if not s.silent], mix.speech)
 
 
 @pytest.fixture(scope="module")
