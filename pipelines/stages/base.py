@@ -97,7 +97,7 @@ def keep_large_buffers_off_the_heap() -> None:
     unmapped when freed. glibc's threshold otherwise climbs (up to 32 MB) as large buffers are
     freed, and from then on a batch's tensors (the front-end's log-mel alone is 12 MB) are cut
     from the heap, which fragments: the front-end actor's peak RSS rose 8-14 % from 40 to 400
-    short files (`bench/load.py`); with the fixed threshold it stayed within 2 %, 80 MB lower.
+    short files (`bench/load.py`); with the fixed threshold it rose about 2 %, from 80 MB lower.
     Not glibc: nothing to do."""
     if libc := _glibc():
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
