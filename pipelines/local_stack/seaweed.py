@@ -81,7 +81,8 @@ class SeaweedS3:
         ports: Mapping[str, int] | None = None,
         region: str = "us-east-1",
         weed_binary: str | os.PathLike | None = None,
-        start_timeout_s: float = 30.0,
+        start_timeout_s: float = 90.0,  # on two busy cores its S3 gateway took over 30 s to
+        # accept writes to a bucket it already listed
         stop_timeout_s: float = 10.0,
         extra_env: Mapping[str, str] | None = None,
     ):
