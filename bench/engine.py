@@ -151,6 +151,48 @@ def run(out: Path, conversations: int = 32, budgets=(16, 64, 256), preset: str =
     }
 
 
+# the workload of issue 21: the four reference prompts (ASR en, ASR zh, caption, emotion) over
+# the six shared inputs, conversation i = prompt i % 4 x input i % 6 (inputs sorted by name)
+REFERENCE_PROMPTS = ("Please transcribe the spoken content into written text.", ASR_PROMPT,
+                     "Describe the audio in one or two sentences: who or what is heard "
+                     "(speech, sounds, music) and the setting.",
+                     "Identify the predominant emotion in this speech.")
+SHARED_INPUTS = Path(__file__).resolve().parents[2] / "shared" / "kimi_tiny" / "inputs"
+
+
+def reference_conversations(count: int, inputs: Path = SHARED_INPUTS) -> list[list[dict]]:
+    clips = sorted(p for p in inputs.iterdir() if p.is_file())
+    return [[{"role": "user", "message_type": "text", "content": REFERENCE_PROMPTS[i % 4]},
+             {"role": "user", "message_type": "audio", "content": str(clips[i % len(clips)])}]
+            for i in range(count)]
+
+
+def occupancy(out: Path, conversations: int = 64, max_new_tokens: int = 32,
+              max_batch_size: int = 8, preset: str = "small", device: str = "cpu") -> dict:
+    """The reference workload as one `generate_batch` call, with static and with continuous
+    batching, against single calls: decode forwards, the rows they carried, the share of the
+    batch's slots those rows filled, wall times, and whether the tokens equal the singles'."""
+    checkpoint = make_tiny_checkpoint(out / f"{preset}_checkpoint", seed=0, preset=preset)
+    convs = reference_conversations(conversations)
+    params = {"max_new_tokens": max_new_tokens}
+    arms = []
+    for batching in ("static", "continuous"):
+        engine = KimiAudio(checkpoint, device=device, max_batch_size=max_batch_size,
+                           batching=batching)
+        engine.generate_batch(convs[:2], **params)  # warm-up
+        if batching == "static":
+            singles, t_single, _ = single_calls(engine, convs, params)
+        engine.decode_counts = counts = type(engine.decode_counts)()
+        batched, t_batch = timed(lambda e=engine: e.generate_batch(convs, **params))
+        arms.append({"batching": batching, "decode_forwards": counts.forwards,
+                     "decode_rows": counts.rows, "occupancy": counts.occupancy(max_batch_size),
+                     "batch_s": t_batch, "speedup": t_single / t_batch,
+                     "identical_tokens": [a.text_token_ids for a in singles]
+                     == [b.text_token_ids for b in batched]})
+    return {"preset": preset, "conversations": conversations, "max_new_tokens": max_new_tokens,
+            "max_batch_size": max_batch_size, "single_s": t_single, "arms": arms}
+
+
 def print_table(result: dict) -> None:
     print(f"\nengine: generate_batch vs a loop of single calls, preset={result['preset']}, "
           f"{result['conversations']} conversations ({result['audio_s']:.0f} s of audio), "
@@ -180,7 +222,27 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench_output")
+    parser.add_argument("--occupancy", action="store_true",
+                        help="the reference workload's decode-slot occupancy instead")
+    parser.add_argument("--max-batch-size", type=int, default=8)
     args = parser.parse_args()
+    if args.occupancy:
+        result = occupancy(Path(args.out), args.conversations, args.max_new_tokens[0],
+                           args.max_batch_size, args.preset, args.device)
+        result["machine"] = machine()
+        print(f"{result['conversations']} conversations, max_batch_size "
+              f"{result['max_batch_size']}, {result['max_new_tokens']} new tokens at most; "
+              f"single calls {result['single_s']:.2f} s")
+        print(f"{'batching':>12}{'occupancy':>11}{'forwards':>10}{'rows':>7}{'batch s':>9}"
+              f"{'speed-up':>10}{'identical':>11}")
+        for a in result["arms"]:
+            print(f"{a['batching']:>12}{a['occupancy']:>11.2f}{a['decode_forwards']:>10}"
+                  f"{a['decode_rows']:>7}{a['batch_s']:>9.2f}{a['speedup']:>9.1f}x"
+                  f"{str(a['identical_tokens']):>11}")
+        path = Path(args.out) / "engine_occupancy.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+        return
     result = run(Path(args.out), args.conversations, args.max_new_tokens, args.preset,
                  args.device)
     result["machine"] = machine()

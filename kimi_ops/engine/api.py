@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from kimi_ops.audio import load_audio
-from kimi_ops.engine.generate import GenerationParams, GenerationResult, generate_batch
+from kimi_ops.engine.decoders import use_static_decoder
+from kimi_ops.engine.generate import (DecodeCounts, GenerationParams, GenerationResult,
+                                      generate_batch, generate_continuous)
 from kimi_ops.engine.prompt import Prompt, audio_contents, build_prompt, validate_messages
 from kimi_ops.engine.sampling import StreamSampling, checked_int
 from kimi_ops.engine.scoring import score_continuations
@@ -166,7 +168,8 @@ class KimiAudio:
     def __init__(self, model_path: str | os.PathLike, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, glm_tokenizer: str | os.PathLike | None = None,
                  max_batch_size: int = 32, max_batch_tokens: int = 65536,
-                 load_frontend: bool = True, *, load_detokenizer: bool = False):
+                 load_frontend: bool = True, *, load_detokenizer: bool = False,
+                 batching: str = "continuous"):
         """`model_path`: a checkpoint folder or a hub id, as in the reference
         (`KimiAudio(model_path=..., load_detokenizer=False)`). `load_frontend=False` loads only
         the language model: prompts must then carry `AudioEncoding`s computed elsewhere (e.g.
@@ -178,6 +181,10 @@ class KimiAudio:
                 "load_detokenizer=True: kimi_ops has no audio detokenizer and writes no waveform "
                 "(it labels and transcribes); pass load_detokenizer=False. "
                 "generate_batch(..., output_type='both') still returns the audio token ids")
+        if batching not in ("continuous", "static"):
+            raise InvalidArgumentError(f"batching must be 'continuous' or 'static', got "
+                                       f"{batching!r}")
+        self.batching = batching  # static: fixed batches, each run until its last row ends
         self.max_batch_size = checked_int(max_batch_size, "max_batch_size", low=1)
         self.max_batch_tokens = checked_int(max_batch_tokens, "max_batch_tokens", low=1)
         self.device = checked_device(device)
@@ -198,6 +205,7 @@ class KimiAudio:
                                                        device=self.device, dtype=self.dtype)
                          if load_frontend else None)
         self.paths = paths
+        self.decode_counts = DecodeCounts()  # what generation's decode loop ran, summed
 
     # -- audio -----------------------------------------------------------------------------
 
@@ -256,13 +264,25 @@ class KimiAudio:
         self._warn_about_lengths(prompts, params)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[GenerationResult | None] = [None] * len(prompts)
+        if self.batching == "continuous" and not use_static_decoder(self.device):
+            out = halve_on_oom(
+                lambda rows: generate_continuous(
+                    self.model, [prompts[i] for i in rows], self.tokenizer.special, params,
+                    self.max_batch_size, self.max_batch_tokens,
+                    seed_ids=[prompts[i].seed_id() for i in rows], counts=self.decode_counts),
+                order, "generation")
+            for i, res in zip(order, out):
+                res.text = self.decode_text(res.text_token_ids)
+                results[i] = res
+            return results
         batch: list[int] = []
 
         def flush():
             out = halve_on_oom(
                 lambda rows: generate_batch(self.model, [prompts[i] for i in rows],
                                             self.tokenizer.special, params,
-                                            seed_ids=[prompts[i].seed_id() for i in rows]),
+                                            seed_ids=[prompts[i].seed_id() for i in rows],
+                                            counts=self.decode_counts),
                 batch, "generation")
             for i, res in zip(batch, out):
                 res.text = self.decode_text(res.text_token_ids)

@@ -45,6 +45,25 @@ class DynamicDecoder:
         self.positions = self.positions.index_select(0, rows)
         self.first_key = [self.first_key[j] for j in index]
 
+    def add(self, cache: KVCache, valid: torch.Tensor, positions: torch.Tensor,
+            first_key: list[int]) -> None:
+        """Join rows prefilled elsewhere (their cache, key mask, last positions and first key
+        columns): both sides are left-padded to the wider one and stacked, new rows last."""
+        width = max(self.valid.shape[1], valid.shape[1])
+        old, new = self.valid.shape[0], valid.shape[0]
+        merged = self.model.new_cache(old + new, width + 16, self.with_mimo)
+        mask = self.valid.new_zeros(old + new, width)
+        for rows, part, part_valid in ((range(old), self.cache, self.valid),
+                                       (range(old, old + new), cache, valid)):
+            part.length = part_valid.shape[1]
+            merged.put_rows(torch.tensor(list(rows), device=mask.device), part, width)
+            mask[rows.start:rows.stop, width - part.length:] = part_valid
+        merged.length = width
+        self.first_key = ([k + width - self.valid.shape[1] for k in self.first_key]
+                          + [k + width - valid.shape[1] for k in first_key])
+        self.cache, self.valid = merged, mask
+        self.positions = torch.cat([self.positions, positions])
+
     def step(self, audio_ids: Sequence[int], text_ids: Sequence[int]) -> ForwardOutput:
         device = self.valid.device
         self.positions = self.positions + 1

@@ -95,6 +95,19 @@ class GenerationResult:
 
 
 @dataclass
+class DecodeCounts:
+    """What the decode loop ran, summed over calls: forwards after prefill and the rows they
+    carried. `occupancy(width)` is the share of `width` batch slots that those forwards filled
+    (rows / (forwards * width)): 1.0 when every step ran a full batch."""
+
+    forwards: int = 0
+    rows: int = 0
+
+    def occupancy(self, width: int) -> float:
+        return self.rows / (self.forwards * width) if self.forwards else 0.0
+
+
+@dataclass
 class _Row:
     index: int  # position in the caller's list
     budget: int
@@ -189,13 +202,15 @@ def prefill(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], pad_id: int,
 @torch.inference_mode()
 def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], special: SpecialIds,
                    params: GenerationParams, seed_ids: Sequence[int] | None = None,
-                   static_cache: bool | None = None) -> list[GenerationResult]:
+                   static_cache: bool | None = None, counts: DecodeCounts | None = None
+                   ) -> list[GenerationResult]:
     """Run one batch to completion; results in the order of `prompts`.
 
     `seed_ids` (default 0..B-1; the API passes `Prompt.seed_id`, from the content) number the
     rows for their per-sequence random generators, so a sampled sequence does not depend on
     which batch it lands in. `static_cache` picks the fixed-shape decoder (default: on CUDA,
-    where its steps are replayed as CUDA graphs, unless KIMI_CUDA_GRAPHS=0).
+    where its steps are replayed as CUDA graphs, unless KIMI_CUDA_GRAPHS=0). `counts`, when
+    given, adds this call's decode forwards and rows.
     """
     device = model.lm_head.weight.device
     both = params.output_type == "both"
@@ -248,28 +263,10 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
 
         keep = []
         for j, row in enumerate(live):
-            t = next_text_list[j]
-            if row.text_done:
-                t = special.text_blank
-            else:
-                row.text_logprobs.append(text_logprob_list[j])
-                if t == special.text_eos:
-                    row.text_done = True
-                else:
-                    row.valid_text += 1
-            row.text.append(t)
-            a = next_audio_list[j]
-            if step < AUDIO_DELAY_TOKENS or not both:
-                a = special.text_blank
-            else:
-                row.valid_audio += 1
-            row.audio.append(a)
-            next_text_list[j], next_audio_list[j] = t, a
-            stopped = (both and a in (special.msg_end, special.media_end)) or (
-                not both and row.text_done)
-            if stopped or step + 1 >= row.budget:
-                results[row.index] = _result(row, prompts[row.index],
-                                             "stop" if stopped else "length")
+            reason = _take(row, j, next_text_list, next_audio_list, text_logprob_list, special,
+                           both)
+            if reason:
+                results[row.index] = _result(row, prompts[row.index], reason)
             else:
                 keep.append(j)
         step += 1
@@ -282,6 +279,134 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
             next_text_list = [next_text_list[j] for j in keep]
             next_audio_list = [next_audio_list[j] for j in keep]
         out = decoder.step(next_audio_list, next_text_list)
+        if counts is not None:
+            counts.forwards += 1
+            counts.rows += len(live)
+        text_logits = out.text_logits[:, -1]
+        audio_logits = out.audio_logits[:, -1] if both else None
+
+
+def _take(row: _Row, j: int, texts: list[int], audios: list[int], logprobs: list[float],
+          special: SpecialIds, both: bool) -> str | None:
+    """Record row `row`'s sampled tokens (entry `j` of the lists, which are set to what the row
+    feeds back); the finish reason when it has ended, else None. The row's own step count
+    (its tokens so far) decides the audio delay and the budget."""
+    step = len(row.text)
+    t = texts[j]
+    if row.text_done:
+        t = special.text_blank
+    else:
+        row.text_logprobs.append(logprobs[j])
+        if t == special.text_eos:
+            row.text_done = True
+        else:
+            row.valid_text += 1
+    row.text.append(t)
+    a = audios[j]
+    if step < AUDIO_DELAY_TOKENS or not both:
+        a = special.text_blank
+    else:
+        row.valid_audio += 1
+    row.audio.append(a)
+    texts[j], audios[j] = t, a
+    stopped = (both and a in (special.msg_end, special.media_end)) or (
+        not both and row.text_done)
+    if stopped or step + 1 >= row.budget:
+        return "stop" if stopped else "length"
+    return None
+
+
+@torch.inference_mode()
+def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
+                        special: SpecialIds, params: GenerationParams, max_rows: int,
+                        max_tokens: int, seed_ids: Sequence[int] | None = None,
+                        counts: DecodeCounts | None = None) -> list[GenerationResult]:
+    """Every prompt to completion with at most `max_rows` rows decoding at once: when rows
+    end, queued prompts (longest first) are prefilled together and join the running decode
+    with their own positions, history, sampler state and stop condition, so no slot idles
+    while work is queued. A newcomer joins only while the batch's padded size (rows x the
+    widest row's keys) stays within `max_tokens`. Results in the order of `prompts`.
+
+    The KV layout is the dynamic decoder's left-padded cache: joining newcomers re-pads the
+    narrower side to the common width and stacks the rows (one copy per admission). Each row's
+    keys stay contiguous and end at the last column, so decode attention reads them as before.
+    """
+    device = model.lm_head.weight.device
+    both = params.output_type == "both"
+    rows = [_Row(i, params.budget(len(p))) for i, p in enumerate(prompts)]
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    for row in rows:
+        if row.budget <= 0:
+            results[row.index] = _result(row, prompts[row.index], "length")
+    queue = sorted((row for row in rows if row.budget > 0), key=lambda r: -len(prompts[r.index]))
+    queue.reverse()  # popped from the end: longest first
+    sampled = not (params.text.greedy and (not both or params.audio.greedy))
+    live: list[_Row] = []
+    generators: list[torch.Generator] = []
+    decoder: DynamicDecoder | None = None
+    text_logits = audio_logits = None
+    while True:
+        width = decoder.valid.shape[1] if decoder is not None else 0
+        joining = []
+        while queue and len(live) + len(joining) < max_rows:
+            size = max(width, len(prompts[queue[-1].index])) * (len(live) + len(joining) + 1)
+            if (live or joining) and size > max_tokens:
+                break
+            joining.append(queue.pop())
+        if joining:
+            cache, valid, tl, al = prefill(
+                model, [prompts[r.index] for r in joining], special.pad, both,
+                extra_capacity=min(64, max(r.budget for r in joining)))
+            positions = torch.tensor([[len(prompts[r.index]) - 1] for r in joining],
+                                     device=device)
+            first_key = [valid.shape[1] - len(prompts[r.index]) for r in joining]
+            if decoder is None:
+                decoder = DynamicDecoder(model, cache, valid, positions, first_key, both)
+            else:
+                decoder.add(cache, valid, positions, first_key)
+            text_logits = tl if text_logits is None else torch.cat([text_logits, tl])
+            if both:
+                audio_logits = al if audio_logits is None else torch.cat([audio_logits, al])
+            for r in joining:
+                if sampled:
+                    g = torch.Generator(device=device)
+                    g.manual_seed(params.seed * 1_000_003 + (
+                        seed_ids[r.index] if seed_ids is not None else r.index))
+                    generators.append(g)
+            live += joining
+        if not live:
+            return results
+        history = [r.text for r in live] if params.text.penalised else None
+        next_text, text_logprobs = sample(text_logits, history, params.text,
+                                          generators or None)
+        if both:
+            next_audio, _ = sample(audio_logits, [r.audio for r in live]
+                                   if params.audio.penalised else None, params.audio,
+                                   generators or None)
+        next_text_list = next_text.tolist()
+        text_logprob_list = text_logprobs.tolist()
+        next_audio_list = next_audio.tolist() if both else [special.text_blank] * len(live)
+        keep = []
+        for j, row in enumerate(live):
+            reason = _take(row, j, next_text_list, next_audio_list, text_logprob_list, special,
+                           both)
+            if reason:
+                results[row.index] = _result(row, prompts[row.index], reason)
+            else:
+                keep.append(j)
+        if not keep:
+            live, generators, decoder, text_logits, audio_logits = [], [], None, None, None
+            continue
+        if len(keep) < len(live):
+            decoder.keep(keep)
+            live = [live[j] for j in keep]
+            generators = [generators[j] for j in keep] if generators else []
+            next_text_list = [next_text_list[j] for j in keep]
+            next_audio_list = [next_audio_list[j] for j in keep]
+        out = decoder.step(next_audio_list, next_text_list)
+        if counts is not None:
+            counts.forwards += 1
+            counts.rows += len(live)
         text_logits = out.text_logits[:, -1]
         audio_logits = out.audio_logits[:, -1] if both else None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +81,27 @@ class StreamSampling:
         return self.temperature <= GREEDY_BELOW
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor | None,
+def apply_repetition_penalty(logits: torch.Tensor,
+                             history: torch.Tensor | Sequence[Sequence[int]] | None,
                              penalty: float, window: int) -> torch.Tensor:
-    """logits [B, V]; history [B, L] of the same length L for every row."""
-    if penalty <= 1.0 or history is None or history.shape[1] <= window:
+    """logits [B, V]; history [B, L] of the same length L for every row, or one list per row
+    of any length (rows whose history is not longer than the window keep their logits)."""
+    if penalty <= 1.0 or history is None:
         return logits
-    recent = history[:, -window:].long()
+    if not isinstance(history, torch.Tensor):
+        rows = [j for j, h in enumerate(history) if len(h) > window]
+        if not rows:
+            return logits
+        index = torch.tensor(rows, device=logits.device)
+        recent = torch.tensor([history[j][-window:] for j in rows], device=logits.device)
+        return logits.index_copy(0, index, _penalised(logits.index_select(0, index), recent,
+                                                      penalty))
+    if history.shape[1] <= window:
+        return logits
+    return _penalised(logits, history[:, -window:].long(), penalty)
+
+
+def _penalised(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
     scores = logits.gather(1, recent)
     scores = torch.where(scores < 0, scores * penalty, scores / penalty)
     return logits.scatter(1, recent, scores)

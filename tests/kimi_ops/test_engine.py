@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kimi_ops.engine.generate import GenerationParams, generate_batch
+from kimi_ops.engine.generate import (DecodeCounts, GenerationParams, generate_batch,
+                                      generate_continuous)
 from kimi_ops.engine.sampling import StreamSampling, apply_repetition_penalty
 from tests import goldens
 
@@ -312,6 +313,59 @@ def running_out_of_memory_above(limit: int, real, calls: list[int]):
     return run
 
 
+@pytest.mark.parametrize("params", [
+    dict(max_new_tokens=12),
+    dict(max_new_tokens=12, seed=5, text=StreamSampling(temperature=0.9, top_k=20)),
+    dict(max_new_tokens=12, text=StreamSampling(repetition_penalty=1.3, repetition_window=3)),
+    dict(max_new_tokens=14, output_type="both"),
+], ids=["greedy", "sampled", "penalised", "both"])
+def test_continuous_batching_fills_freed_slots_with_the_single_calls_tokens(
+        tiny_model, tokenizer, golden_prompts, params):
+    """Three slots for eight prompts of different lengths: rows that end are replaced by queued
+    prompts at once, so the decode forwards carry more rows than fixed batches of three run
+    to their longest row, and every row's tokens (and audio tokens, and sampled draws, by
+    their per-row seeds) are those of the prompt run alone."""
+    prompts = list(golden_prompts.values())
+    generation = GenerationParams(**params).validate()
+    singles = [generate_batch(tiny_model, [p], tokenizer.special, generation, seed_ids=[i])[0]
+               for i, p in enumerate(prompts)]
+    continuous = DecodeCounts()
+    got = generate_continuous(tiny_model, prompts, tokenizer.special, generation, max_rows=3,
+                              max_tokens=1 << 20, seed_ids=range(len(prompts)),
+                              counts=continuous)
+    for res, single in zip(got, singles):
+        assert (res.text_token_ids, res.audio_token_ids, res.finish_reason, res.steps) == (
+            single.text_token_ids, single.audio_token_ids, single.finish_reason, single.steps)
+    # today's static batches of three, longest first, for comparison
+    static = DecodeCounts()
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), 3):
+        rows = order[start:start + 3]
+        generate_batch(tiny_model, [prompts[i] for i in rows], tokenizer.special, generation,
+                       seed_ids=rows, counts=static)
+    assert continuous.rows == static.rows == sum(r.steps - 1 for r in singles)
+    if len({r.steps for r in singles}) > 1:  # (with output "both" here every row runs 14)
+        assert continuous.forwards < static.forwards
+        assert continuous.occupancy(3) > static.occupancy(3)
+    else:
+        assert continuous.forwards == static.forwards
+
+
+def test_continuous_batching_admits_no_row_past_the_token_bound(tiny_model, tokenizer,
+                                                                golden_prompts):
+    """`max_tokens` bounds rows x the widest row's keys: below two of the shortest prompts the
+    rows run one by one (a lone row always runs), still with the single calls' tokens."""
+    prompts = list(golden_prompts.values())[:4]
+    generation = GenerationParams(max_new_tokens=5).validate()
+    counts = DecodeCounts()
+    got = generate_continuous(tiny_model, prompts, tokenizer.special, generation, max_rows=4,
+                              max_tokens=2 * min(len(p) for p in prompts) - 1, counts=counts)
+    assert counts.rows == counts.forwards  # one row per forward
+    for prompt, res in zip(prompts, got):
+        single = generate_batch(tiny_model, [prompt], tokenizer.special, generation)[0]
+        assert res.text_token_ids == single.text_token_ids
+
+
 def test_out_of_memory_halves_the_batch_and_changes_no_result(engine, golden_prompts,
                                                               monkeypatch, caplog):
     """Generation, option scoring and the front-end: the device running out of memory on a
@@ -325,8 +379,8 @@ def test_out_of_memory_halves_the_batch_and_changes_no_result(engine, golden_pro
     params = sampling_params(text_temperature=0.8, text_top_k=5, max_new_tokens=6)
     expected = [r.text_token_ids for r in engine.run_prompts(prompts, params)]
     calls: list[int] = []
-    monkeypatch.setattr(api, "generate_batch",
-                        running_out_of_memory_above(2, api.generate_batch, calls))
+    monkeypatch.setattr(api, "generate_continuous",
+                        running_out_of_memory_above(2, api.generate_continuous, calls))
     with caplog.at_level("WARNING", logger="kimi_ops.engine.api"):
         got = engine.run_prompts(prompts, params)
     assert [r.text_token_ids for r in got] == expected
@@ -361,8 +415,8 @@ def test_out_of_memory_on_a_single_item_is_raised(engine, golden_prompts, monkey
     import kimi_ops.engine.api as api
     from kimi_ops.engine.api import sampling_params
 
-    monkeypatch.setattr(api, "generate_batch",
-                        running_out_of_memory_above(0, api.generate_batch, calls := []))
+    monkeypatch.setattr(api, "generate_continuous",
+                        running_out_of_memory_above(0, api.generate_continuous, calls := []))
     with pytest.raises(torch.OutOfMemoryError):
         engine.run_prompts(list(golden_prompts.values())[:2], sampling_params(max_new_tokens=2))
     assert calls == [2, 1]  # halved once, then the lone prompt's error is the caller's
