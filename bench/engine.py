@@ -167,30 +167,106 @@ def reference_conversations(count: int, inputs: Path = SHARED_INPUTS) -> list[li
             for i in range(count)]
 
 
+# output lengths drawn as a labelling job's come out (a random checkpoint's own stops are not
+# realistic): ASR about 3.5 text tokens per second of audio (150 words a minute), a caption
+# 12-32 tokens, a one-word answer 2 (the word and the EOS); all within the call's budget
+ASR_TOKENS_PER_S = 3.5
+
+
+def drawn_lengths(prompts: list[str], seconds: list[float], budget: int, seed: int = 0
+                  ) -> list[int]:
+    """One output length per conversation, from its prompt's kind and its audio's length."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for prompt, secs in zip(prompts, seconds):
+        if "transcribe" in prompt.lower() or prompt == ASR_PROMPT:
+            n = round(ASR_TOKENS_PER_S * secs * rng.uniform(0.8, 1.2))
+        elif "emotion" in prompt.lower():
+            n = 2
+        else:
+            n = int(rng.integers(12, 33))
+        out.append(int(min(max(n, 1), budget)))
+    return out
+
+
+def workloads(out: Path, conversations: int, budget: int) -> dict[str, tuple]:
+    """name -> (conversations, per-conversation lengths or None for the model's own stops).
+    The reference workload (issue 21) with the model's own stops and with drawn lengths, and
+    a labelling mix: the label stage's generative prompts (asr, caption) over clips of 1-30 s
+    (its closed-set tasks, emotion among them, are scored in one forward each: no decode)."""
+    from kimi_ops.tasks import get_task
+
+    ref = reference_conversations(conversations)
+    ref_text = [c[0]["content"] for c in ref]
+    ref_secs = [sf.info(c[1]["content"]).duration for c in ref]
+    clips = write_clips(out / "labelling_clips", max(conversations // 2, 1), low=1.0, high=30.0)
+    tasks = [get_task("asr"), get_task("caption")]
+    mix = [t.messages(str(c)) for c in clips for t in tasks]
+    mix_text = [next(m["content"] for m in conv if m["message_type"] == "text") for conv in mix]
+    mix_secs = [sf.info(c).duration for c in clips for _ in tasks]
+    return {"reference": (ref, None),
+            "reference, drawn lengths": (ref, drawn_lengths(ref_text, ref_secs, budget)),
+            "labelling mix, drawn lengths": (mix, drawn_lengths(mix_text, mix_secs, budget))}
+
+
 def occupancy(out: Path, conversations: int = 64, max_new_tokens: int = 32,
-              max_batch_size: int = 8, preset: str = "small", device: str = "cpu") -> dict:
-    """The reference workload as one `generate_batch` call, with static and with continuous
-    batching, against single calls: decode forwards, the rows they carried, the share of the
-    batch's slots those rows filled, wall times, and whether the tokens equal the singles'."""
-    checkpoint = make_tiny_checkpoint(out / f"{preset}_checkpoint", seed=0, preset=preset)
-    convs = reference_conversations(conversations)
-    params = {"max_new_tokens": max_new_tokens}
-    arms = []
-    for batching in ("static", "continuous"):
-        engine = KimiAudio(checkpoint, device=device, max_batch_size=max_batch_size,
-                           batching=batching)
-        engine.generate_batch(convs[:2], **params)  # warm-up
-        if batching == "static":
-            singles, t_single, _ = single_calls(engine, convs, params)
-        engine.decode_counts = counts = type(engine.decode_counts)()
-        batched, t_batch = timed(lambda e=engine: e.generate_batch(convs, **params))
-        arms.append({"batching": batching, "decode_forwards": counts.forwards,
-                     "decode_rows": counts.rows, "occupancy": counts.occupancy(max_batch_size),
-                     "batch_s": t_batch, "speedup": t_single / t_batch,
-                     "identical_tokens": [a.text_token_ids for a in singles]
-                     == [b.text_token_ids for b in batched]})
-    return {"preset": preset, "conversations": conversations, "max_new_tokens": max_new_tokens,
-            "max_batch_size": max_batch_size, "single_s": t_single, "arms": arms}
+              max_batch_size: int = 8, preset: str = "small", device: str = "cpu",
+              checkpoint: Path | None = None) -> dict:
+    """Each workload's prompts run three ways on one checkpoint: one prompt at a time, static
+    batches and continuous batching. Per arm: decode forwards, the rows they carried, the
+    share of the batch's slots those rows filled (occupancy), wall time, and whether the tokens
+    equal the single calls'. The prompts (and their audio front-end) are built once, outside
+    the timings."""
+    name = str(checkpoint) if checkpoint else preset
+    checkpoint = checkpoint or make_tiny_checkpoint(out / f"{preset}_checkpoint", seed=0,
+                                                    preset=preset)
+    params = sampling_params(max_new_tokens=max_new_tokens)
+    engines = {b: KimiAudio(checkpoint, device=device, max_batch_size=max_batch_size,
+                            batching=b) for b in ("static", "continuous")}
+    results = []
+    for name, (convs, lengths) in workloads(out, conversations, max_new_tokens).items():
+        prompts = engines["static"].build_prompts(convs)
+        engines["static"].run_prompts(prompts[:2], params)  # warm-up
+        arms = []
+        for arm in ("single", "static", "continuous"):
+            engine = engines["static" if arm == "single" else arm]
+            engine.decode_counts = counts = type(engine.decode_counts)()
+            if arm == "single":
+                got, seconds = timed(lambda e=engine: [
+                    e.run_prompts([p], params, None if lengths is None else [n])[0]
+                    for p, n in zip(prompts, lengths or [None] * len(prompts))])
+                singles = got
+            else:
+                got, seconds = timed(lambda e=engine: e.run_prompts(prompts, params, lengths))
+            arms.append({"arm": arm, "decode_forwards": counts.forwards,
+                         "decode_rows": counts.rows,
+                         "occupancy": counts.occupancy(1 if arm == "single" else max_batch_size),
+                         "seconds": seconds,
+                         "identical_tokens": [a.text_token_ids for a in singles]
+                         == [b.text_token_ids for b in got]})
+        for a in arms:
+            a["speedup_vs_single"] = arms[0]["seconds"] / a["seconds"]
+        results.append({"workload": name, "conversations": len(convs),
+                        "mean_steps": sum(r.steps for r in singles) / len(singles),
+                        "arms": arms})
+    return {"checkpoint": name,
+            "conversations": conversations, "max_new_tokens": max_new_tokens,
+            "max_batch_size": max_batch_size, "device": device, "workloads": results}
+
+
+def print_occupancy(result: dict) -> None:
+    print(f"decode-slot occupancy: max_batch_size {result['max_batch_size']}, "
+          f"{result['max_new_tokens']} new tokens at most, device {result['device']}")
+    head = ("workload", "arm", "occupancy", "forwards", "rows", "seconds", "vs single",
+            "identical")
+    print(f"{head[0]:<30}" + "".join(f"{h:>11}" for h in head[1:]))
+    for w in result["workloads"]:
+        for a in w["arms"]:
+            cells = (a["arm"], f"{a['occupancy']:.2f}", a["decode_forwards"], a["decode_rows"],
+                     f"{a['seconds']:.2f}", f"{a['speedup_vs_single']:.1f}x",
+                     str(a["identical_tokens"]))
+            print(f"{w['workload'] if a['arm'] == 'single' else '':<30}"
+                  + "".join(f"{c:>11}" for c in cells))
 
 
 def print_table(result: dict) -> None:
@@ -225,20 +301,14 @@ def main() -> None:
     parser.add_argument("--occupancy", action="store_true",
                         help="the reference workload's decode-slot occupancy instead")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="--occupancy on this checkpoint instead of a generated --preset")
     args = parser.parse_args()
     if args.occupancy:
         result = occupancy(Path(args.out), args.conversations, args.max_new_tokens[0],
-                           args.max_batch_size, args.preset, args.device)
+                           args.max_batch_size, args.preset, args.device, args.checkpoint)
         result["machine"] = machine()
-        print(f"{result['conversations']} conversations, max_batch_size "
-              f"{result['max_batch_size']}, {result['max_new_tokens']} new tokens at most; "
-              f"single calls {result['single_s']:.2f} s")
-        print(f"{'batching':>12}{'occupancy':>11}{'forwards':>10}{'rows':>7}{'batch s':>9}"
-              f"{'speed-up':>10}{'identical':>11}")
-        for a in result["arms"]:
-            print(f"{a['batching']:>12}{a['occupancy']:>11.2f}{a['decode_forwards']:>10}"
-                  f"{a['decode_rows']:>7}{a['batch_s']:>9.2f}{a['speedup']:>9.1f}x"
-                  f"{str(a['identical_tokens']):>11}")
+        print_occupancy(result)
         path = Path(args.out) / "engine_occupancy.json"
         path.write_text(json.dumps(result, indent=2))
         print(f"wrote {path}")

@@ -43,6 +43,26 @@ def test_engine_benchmark_compares_identical_tokens(tmp_path):
     assert result["machine"]["torch"]
 
 
+def test_engine_benchmark_measures_decode_slot_occupancy(tmp_path):
+    out = run_script("bench/engine.py", "--occupancy", "--preset", "tiny", "--conversations",
+                     "16", "--max-new-tokens", "32", "--max-batch-size", "4",
+                     "--out", str(tmp_path))
+    result = json.loads((tmp_path / "engine_occupancy.json").read_text())
+    assert [w["workload"] for w in result["workloads"]] == [
+        "reference", "reference, drawn lengths", "labelling mix, drawn lengths"]
+    for w in result["workloads"]:
+        arms = {a["arm"]: a for a in w["arms"]}
+        assert list(arms) == ["single", "static", "continuous"]
+        assert all(a["identical_tokens"] for a in arms.values()), w
+        # every arm decodes the same rows; batching only packs them into fewer forwards
+        rows = {a["decode_rows"] for a in arms.values()}
+        assert len(rows) == 1 and arms["single"]["decode_forwards"] == rows.pop()
+        if "drawn lengths" in w["workload"]:  # lengths that vary: freed slots get refilled
+            assert arms["continuous"]["decode_forwards"] < arms["static"]["decode_forwards"], w
+        assert 0 < arms["static"]["occupancy"] <= 1 and 0 < arms["continuous"]["occupancy"] <= 1
+    assert "decode-slot occupancy" in out
+
+
 def test_pipeline_benchmark_accounts_the_command_cpu_by_process(harness, tmp_path):
     from prefect.settings import PREFECT_API_URL
 

@@ -20,7 +20,7 @@ import torch
 from kimi_ops.audio import load_audio
 from kimi_ops.engine.decoders import use_static_decoder
 from kimi_ops.engine.generate import (DecodeCounts, GenerationParams, GenerationResult,
-                                      generate_batch, generate_continuous)
+                                      check_per_prompt, generate_batch, generate_continuous)
 from kimi_ops.engine.prompt import Prompt, audio_contents, build_prompt, validate_messages
 from kimi_ops.engine.sampling import StreamSampling, checked_int
 from kimi_ops.engine.scoring import score_continuations
@@ -156,6 +156,10 @@ def sampling_params(
     ).validate()
 
 
+def _pick(values: Sequence | None, indices: Sequence[int]) -> list | None:
+    return None if values is None else [values[i] for i in indices]
+
+
 def _audio_kind(content: Any) -> str:
     if isinstance(content, (bytes, bytearray, memoryview)):
         return "bytes"
@@ -258,9 +262,12 @@ class KimiAudio:
 
     # -- generation ------------------------------------------------------------------------
 
-    def run_prompts(self, prompts: Sequence[Prompt], params: GenerationParams
-                    ) -> list[GenerationResult]:
-        """Group prompts of similar length into batches, run them, return results in order."""
+    def run_prompts(self, prompts: Sequence[Prompt], params: GenerationParams,
+                    max_new_tokens: Sequence[int] | None = None) -> list[GenerationResult]:
+        """Run the prompts, at most `max_batch_size` rows at a time, and return results in
+        order. `max_new_tokens`, when given, is each prompt's own budget instead of
+        `params.max_new_tokens` (a benchmark's fixed output lengths on random weights)."""
+        check_per_prompt(max_new_tokens, len(prompts))
         self._warn_about_lengths(prompts, params)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[GenerationResult | None] = [None] * len(prompts)
@@ -269,7 +276,8 @@ class KimiAudio:
                 lambda rows: generate_continuous(
                     self.model, [prompts[i] for i in rows], self.tokenizer.special, params,
                     self.max_batch_size, self.max_batch_tokens,
-                    seed_ids=[prompts[i].seed_id() for i in rows], counts=self.decode_counts),
+                    seed_ids=[prompts[i].seed_id() for i in rows], counts=self.decode_counts,
+                    max_new_tokens=_pick(max_new_tokens, rows)),
                 order, "generation")
             for i, res in zip(order, out):
                 res.text = self.decode_text(res.text_token_ids)
@@ -282,7 +290,8 @@ class KimiAudio:
                 lambda rows: generate_batch(self.model, [prompts[i] for i in rows],
                                             self.tokenizer.special, params,
                                             seed_ids=[prompts[i].seed_id() for i in rows],
-                                            counts=self.decode_counts),
+                                            counts=self.decode_counts,
+                                            max_new_tokens=_pick(max_new_tokens, rows)),
                 batch, "generation")
             for i, res in zip(batch, out):
                 res.text = self.decode_text(res.text_token_ids)

@@ -7,6 +7,7 @@ import torch
 from kimi_ops.engine.generate import (DecodeCounts, GenerationParams, generate_batch,
                                       generate_continuous)
 from kimi_ops.engine.sampling import StreamSampling, apply_repetition_penalty
+from kimi_ops.errors import InvalidArgumentError
 from tests import goldens
 
 GENERATION_CASES = list(goldens.load_json("generation.json"))
@@ -146,7 +147,7 @@ def test_bad_generation_arguments_are_named_before_any_work(kwargs, message):
     """NaN, infinities and wrong types are refused with the argument's name: a KimiError that is
     also a ValueError (before, NaN failed in torch.multinomial and inf drew uniformly)."""
     from kimi_ops.engine.api import sampling_params
-    from kimi_ops.errors import InvalidArgumentError, KimiError
+    from kimi_ops.errors import KimiError
 
     with pytest.raises(InvalidArgumentError, match=message) as info:
         sampling_params(**kwargs)
@@ -175,7 +176,6 @@ def test_numpy_numbers_are_taken_as_python_numbers():
 ])
 def test_bad_device_or_dtype_is_refused_before_loading(kwargs, message):
     from kimi_ops.engine.api import KimiAudio
-    from kimi_ops.errors import InvalidArgumentError
 
     if kwargs.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -364,6 +364,29 @@ def test_continuous_batching_admits_no_row_past_the_token_bound(tiny_model, toke
     for prompt, res in zip(prompts, got):
         single = generate_batch(tiny_model, [prompt], tokenizer.special, generation)[0]
         assert res.text_token_ids == single.text_token_ids
+
+
+def test_each_prompt_can_have_its_own_budget_in_either_batching(tiny_model, tokenizer,
+                                                                golden_prompts):
+    """`max_new_tokens` per prompt (a benchmark's fixed output lengths): each row stops at its
+    own budget, or earlier at its EOS as it would alone, with the single call's tokens."""
+    prompts = list(golden_prompts.values())
+    generation = GenerationParams(max_new_tokens=12).validate()
+    budgets = [1 + (3 * i) % 11 for i in range(len(prompts))]
+    for run in (
+            lambda: generate_continuous(tiny_model, prompts, tokenizer.special, generation,
+                                        max_rows=3, max_tokens=1 << 20, max_new_tokens=budgets),
+            lambda: generate_batch(tiny_model, prompts, tokenizer.special, generation,
+                                   max_new_tokens=budgets)):
+        for prompt, budget, res in zip(prompts, budgets, run()):
+            alone = generate_batch(tiny_model, [prompt], tokenizer.special,
+                                   GenerationParams(max_new_tokens=budget).validate())[0]
+            assert res.steps <= budget
+            assert (res.text_token_ids, res.steps, res.finish_reason) == (
+                alone.text_token_ids, alone.steps, alone.finish_reason)
+    with pytest.raises(InvalidArgumentError, match="2 values for 8 prompts"):
+        generate_batch(tiny_model, prompts, tokenizer.special, generation,
+                       max_new_tokens=[3, 4])
 
 
 def test_out_of_memory_halves_the_batch_and_changes_no_result(engine, golden_prompts,
