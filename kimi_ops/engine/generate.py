@@ -267,42 +267,51 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
         decoder = DynamicDecoder(model, cache, valid, positions,
                                  [valid.shape[1] - len(prompts[r.index]) for r in live], both)
     del cache, valid  # owned by the decoder from here
-    step = 0
     while True:
-        history = (torch.tensor([r.text for r in live], device=device)
-                   if step and params.text.penalised else None)
-        next_text, text_logprobs = sample(text_logits, history, params.text, generators)
-        if both:
-            audio_history = (torch.tensor([r.audio for r in live], device=device)
-                             if step and params.audio.penalised else None)
-            next_audio, _ = sample(audio_logits, audio_history, params.audio, generators)
-        next_text_list = next_text.tolist()
-        text_logprob_list = text_logprobs.tolist()
-        next_audio_list = next_audio.tolist() if both else [special.text_blank] * len(live)
-
-        keep = []
-        for j, row in enumerate(live):
-            reason = _take(row, j, next_text_list, next_audio_list, text_logprob_list, special,
-                           both)
-            if reason:
-                results[row.index] = _result(row, prompts[row.index], reason)
-            else:
-                keep.append(j)
-        step += 1
+        ended, keep, next_text, next_audio = _sample_rows(live, text_logits, audio_logits,
+                                                          params, generators, special)
+        for row, reason in ended:
+            results[row.index] = _result(row, prompts[row.index], reason)
         if not keep:
             return results
         if len(keep) < len(live):
             decoder.keep(keep)
             live = [live[j] for j in keep]
             generators = [generators[j] for j in keep] if generators else None
-            next_text_list = [next_text_list[j] for j in keep]
-            next_audio_list = [next_audio_list[j] for j in keep]
-        out = decoder.step(next_audio_list, next_text_list)
+        out = decoder.step(next_audio, next_text)
         if counts is not None:
             counts.forwards += 1
             counts.rows += len(live)
         text_logits = out.text_logits[:, -1]
         audio_logits = out.audio_logits[:, -1] if both else None
+
+
+def _sample_rows(live: list[_Row], text_logits: torch.Tensor, audio_logits: torch.Tensor | None,
+                 params: GenerationParams, generators: list[torch.Generator] | None,
+                 special: SpecialIds) -> tuple[list[tuple[_Row, str]], list[int], list[int],
+                                               list[int]]:
+    """One step's sampling for the live rows, recorded in each row (`_take`): the rows that
+    ended with their finish reasons, the indices of the rows that go on, and the text and audio
+    ids those rows feed back. A row's repetition history is its own tokens so far."""
+    both = audio_logits is not None
+    next_text, text_logprobs = sample(text_logits, [r.text for r in live]
+                                      if params.text.penalised else None, params.text,
+                                      generators or None)
+    texts, logprobs = next_text.tolist(), text_logprobs.tolist()
+    audios = [special.text_blank] * len(live)
+    if both:
+        next_audio, _ = sample(audio_logits, [r.audio for r in live]
+                               if params.audio.penalised else None, params.audio,
+                               generators or None)
+        audios = next_audio.tolist()
+    ended, keep = [], []
+    for j, row in enumerate(live):
+        reason = _take(row, j, texts, audios, logprobs, special, both)
+        if reason:
+            ended.append((row, reason))
+        else:
+            keep.append(j)
+    return ended, keep, [texts[j] for j in keep], [audios[j] for j in keep]
 
 
 def _take(row: _Row, j: int, texts: list[int], audios: list[int], logprobs: list[float],
@@ -402,24 +411,10 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
             live += joining
         if not live:
             return results
-        history = [r.text for r in live] if params.text.penalised else None
-        next_text, text_logprobs = sample(text_logits, history, params.text,
-                                          generators or None)
-        if both:
-            next_audio, _ = sample(audio_logits, [r.audio for r in live]
-                                   if params.audio.penalised else None, params.audio,
-                                   generators or None)
-        next_text_list = next_text.tolist()
-        text_logprob_list = text_logprobs.tolist()
-        next_audio_list = next_audio.tolist() if both else [special.text_blank] * len(live)
-        keep = []
-        for j, row in enumerate(live):
-            reason = _take(row, j, next_text_list, next_audio_list, text_logprob_list, special,
-                           both)
-            if reason:
-                results[row.index] = _result(row, prompts[row.index], reason)
-            else:
-                keep.append(j)
+        ended, keep, next_text, next_audio = _sample_rows(live, text_logits, audio_logits,
+                                                          params, generators, special)
+        for row, reason in ended:
+            results[row.index] = _result(row, prompts[row.index], reason)
         if not keep:
             live, generators, decoder, text_logits, audio_logits = [], [], None, None, None
             continue
@@ -427,9 +422,7 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
             decoder.keep(keep)
             live = [live[j] for j in keep]
             generators = [generators[j] for j in keep] if generators else []
-            next_text_list = [next_text_list[j] for j in keep]
-            next_audio_list = [next_audio_list[j] for j in keep]
-        out = decoder.step(next_audio_list, next_text_list)
+        out = decoder.step(next_audio, next_text)
         if counts is not None:
             counts.forwards += 1
             counts.rows += len(live)
