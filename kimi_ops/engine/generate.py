@@ -136,6 +136,33 @@ def _rows(prompts: Sequence[Prompt], params: GenerationParams,
     return [_Row(i, own[i].budget(len(p))) for i, p in enumerate(prompts)]
 
 
+def _start(prompts: Sequence[Prompt], params: GenerationParams,
+           max_new_tokens: Sequence[int] | None) -> tuple[list[_Row], list]:
+    """The rows to run, longest prompt first, and the results list, where a prompt with no
+    budget left already has its empty "length" result."""
+    rows = _rows(prompts, params, max_new_tokens)
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    for row in rows:
+        if row.budget <= 0:
+            results[row.index] = _result(row, prompts[row.index], "length")
+    return (sorted((row for row in rows if row.budget > 0),
+                   key=lambda r: -len(prompts[r.index])), results)
+
+
+def _sampled(params: GenerationParams) -> bool:
+    return not (params.text.greedy and (params.output_type != "both" or params.audio.greedy))
+
+
+def _generator(params: GenerationParams, seed_ids: Sequence[int] | None, index: int,
+               device: torch.device) -> torch.Generator:
+    """Row `index`'s own generator: seeded from the call's seed and the row's seed id (its
+    position when no ids are given), so its draws do not depend on its batch."""
+    g = torch.Generator(device=device)
+    g.manual_seed(params.seed * 1_000_003 + (seed_ids[index] if seed_ids is not None
+                                             else index))
+    return g
+
+
 def pad_batch(prompts: Sequence[Prompt], pad_id: int, device: torch.device):
     """Left-pad prompts into [B, P] tensors, per-row positions, masks and feature rows."""
     width = max(len(p) for p in prompts)
@@ -233,25 +260,13 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
     """
     device = model.lm_head.weight.device
     both = params.output_type == "both"
-    rows = _rows(prompts, params, max_new_tokens)
-    results: list[GenerationResult | None] = [None] * len(prompts)
-    for row in rows:
-        if row.budget <= 0:
-            results[row.index] = _result(row, prompts[row.index], "length")
     # longest prompts first: decode attention then reads each block of rows from where its
     # longest row starts, skipping most of the left padding (`key_spans`)
-    live = sorted((row for row in rows if row.budget > 0),
-                  key=lambda r: -len(prompts[r.index]))
+    live, results = _start(prompts, params, max_new_tokens)
     if not live:
         return results
-    generators = None
-    if not (params.text.greedy and (not both or params.audio.greedy)):
-        generators = []
-        for r in live:
-            g = torch.Generator(device=device)
-            row_id = seed_ids[r.index] if seed_ids is not None else r.index
-            g.manual_seed(params.seed * 1_000_003 + row_id)
-            generators.append(g)
+    generators = ([_generator(params, seed_ids, r.index, device) for r in live]
+                  if _sampled(params) else None)
 
     cache, valid, text_logits, audio_logits = prefill(
         model, [prompts[r.index] for r in live], special.pad, both,
@@ -363,19 +378,15 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
     `bench/engine.py --occupancy` (`small` preset, 64 conversations, 8 rows, CPU) the
     admissions' copies took 0.5 s of 22 s (2 %): that is all a paged or slot-local cache (and
     the attention paths they need) could save there.
-    A workload whose rows all run the whole budget gains nothing: rows admitted last then
-    decode on after the others end (`reference` there: 127 forwards against static's 124).
+    A workload whose rows nearly all run the whole budget gains nothing: rows admitted last
+    decode on after the others end (the `tiny` reference workload there: 228 forwards against
+    static's 222).
     """
     device = model.lm_head.weight.device
     both = params.output_type == "both"
-    rows = _rows(prompts, params, max_new_tokens)
-    results: list[GenerationResult | None] = [None] * len(prompts)
-    for row in rows:
-        if row.budget <= 0:
-            results[row.index] = _result(row, prompts[row.index], "length")
-    queue = sorted((row for row in rows if row.budget > 0), key=lambda r: -len(prompts[r.index]))
+    queue, results = _start(prompts, params, max_new_tokens)
     queue.reverse()  # popped from the end: longest first
-    sampled = not (params.text.greedy and (not both or params.audio.greedy))
+    sampled = _sampled(params)
     live: list[_Row] = []
     generators: list[torch.Generator] = []
     decoder: DynamicDecoder | None = None
@@ -402,12 +413,8 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
             text_logits = tl if text_logits is None else torch.cat([text_logits, tl])
             if both:
                 audio_logits = al if audio_logits is None else torch.cat([audio_logits, al])
-            for r in joining:
-                if sampled:
-                    g = torch.Generator(device=device)
-                    g.manual_seed(params.seed * 1_000_003 + (
-                        seed_ids[r.index] if seed_ids is not None else r.index))
-                    generators.append(g)
+            if sampled:
+                generators += [_generator(params, seed_ids, r.index, device) for r in joining]
             live += joining
         if not live:
             return results
