@@ -289,16 +289,8 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
             results[row.index] = _result(row, prompts[row.index], reason)
         if not keep:
             return results
-        if len(keep) < len(live):
-            decoder.keep(keep)
-            live = [live[j] for j in keep]
-            generators = [generators[j] for j in keep] if generators else None
-        out = decoder.step(next_audio, next_text)
-        if counts is not None:
-            counts.forwards += 1
-            counts.rows += len(live)
-        text_logits = out.text_logits[:, -1]
-        audio_logits = out.audio_logits[:, -1] if both else None
+        live, generators, text_logits, audio_logits = _step(
+            decoder, live, generators, keep, next_text, next_audio, counts)
 
 
 def _sample_rows(live: list[_Row], text_logits: torch.Tensor, audio_logits: torch.Tensor | None,
@@ -327,6 +319,23 @@ def _sample_rows(live: list[_Row], text_logits: torch.Tensor, audio_logits: torc
         else:
             keep.append(j)
     return ended, keep, [texts[j] for j in keep], [audios[j] for j in keep]
+
+
+def _step(decoder: DynamicDecoder | StaticDecoder, live: list[_Row],
+          generators: list[torch.Generator] | None, keep: list[int], next_text: list[int],
+          next_audio: list[int], counts: DecodeCounts | None):
+    """The rows in `keep` go on (the decoder drops the others) and take one decode step,
+    fed the ids they sampled: the live rows, their generators, and the step's last logits."""
+    if len(keep) < len(live):
+        decoder.keep(keep)
+        live = [live[j] for j in keep]
+        generators = [generators[j] for j in keep] if generators else []
+    out = decoder.step(next_audio, next_text)
+    if counts is not None:
+        counts.forwards += 1
+        counts.rows += len(live)
+    audio_logits = out.audio_logits[:, -1] if out.audio_logits is not None else None
+    return live, generators, out.text_logits[:, -1], audio_logits
 
 
 def _take(row: _Row, j: int, texts: list[int], audios: list[int], logprobs: list[float],
@@ -425,16 +434,8 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
         if not keep:
             live, generators, decoder, text_logits, audio_logits = [], [], None, None, None
             continue
-        if len(keep) < len(live):
-            decoder.keep(keep)
-            live = [live[j] for j in keep]
-            generators = [generators[j] for j in keep] if generators else []
-        out = decoder.step(next_audio, next_text)
-        if counts is not None:
-            counts.forwards += 1
-            counts.rows += len(live)
-        text_logits = out.text_logits[:, -1]
-        audio_logits = out.audio_logits[:, -1] if both else None
+        live, generators, text_logits, audio_logits = _step(
+            decoder, live, generators, keep, next_text, next_audio, counts)
 
 
 def _result(row: _Row, prompt: Prompt, reason: str) -> GenerationResult:
