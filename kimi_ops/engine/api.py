@@ -279,10 +279,7 @@ class KimiAudio:
                     seed_ids=[prompts[i].seed_id() for i in rows], counts=self.decode_counts,
                     max_new_tokens=_pick(max_new_tokens, rows)),
                 order, "generation")
-            for i, res in zip(order, out):
-                res.text = self.decode_text(res.text_token_ids)
-                results[i] = res
-            return results
+            return self._with_text(order, out, results)
         batch: list[int] = []
 
         def flush():
@@ -293,9 +290,7 @@ class KimiAudio:
                                             counts=self.decode_counts,
                                             max_new_tokens=_pick(max_new_tokens, rows)),
                 batch, "generation")
-            for i, res in zip(batch, out):
-                res.text = self.decode_text(res.text_token_ids)
-                results[i] = res
+            self._with_text(batch, out, results)
 
         for i in order:
             width = len(prompts[batch[0]]) if batch else len(prompts[i])
@@ -306,6 +301,14 @@ class KimiAudio:
             batch.append(i)
         if batch:
             flush()
+        return results
+
+    def _with_text(self, indices: Sequence[int], out: Sequence[GenerationResult],
+                   results: list) -> list:
+        """`out[k]`, its text decoded, into `results[indices[k]]`; returns `results`."""
+        for i, res in zip(indices, out):
+            res.text = self.decode_text(res.text_token_ids)
+            results[i] = res
         return results
 
     def _warn_about_lengths(self, prompts: Sequence[Prompt], params: GenerationParams) -> None:

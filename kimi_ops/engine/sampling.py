@@ -81,24 +81,19 @@ class StreamSampling:
         return self.temperature <= GREEDY_BELOW
 
 
-def apply_repetition_penalty(logits: torch.Tensor,
-                             history: torch.Tensor | Sequence[Sequence[int]] | None,
+def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[Sequence[int]] | None,
                              penalty: float, window: int) -> torch.Tensor:
-    """logits [B, V]; history [B, L] of the same length L for every row, or one list per row
-    of any length (rows whose history is not longer than the window keep their logits)."""
+    """logits [B, V]; history: one list of tokens per row, of any length (rows whose history is
+    not longer than the window keep their logits)."""
     if penalty <= 1.0 or history is None:
         return logits
-    if not isinstance(history, torch.Tensor):
-        rows = [j for j, h in enumerate(history) if len(h) > window]
-        if not rows:
-            return logits
-        index = torch.tensor(rows, device=logits.device)
-        recent = torch.tensor([history[j][-window:] for j in rows], device=logits.device)
-        return logits.index_copy(0, index, _penalised(logits.index_select(0, index), recent,
-                                                      penalty))
-    if history.shape[1] <= window:
+    rows = [j for j, h in enumerate(history) if len(h) > window]
+    if not rows:
         return logits
-    return _penalised(logits, history[:, -window:].long(), penalty)
+    index = torch.tensor(rows, device=logits.device)
+    recent = torch.tensor([history[j][-window:] for j in rows], device=logits.device)
+    return logits.index_copy(0, index, _penalised(logits.index_select(0, index), recent,
+                                                  penalty))
 
 
 def _penalised(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -107,8 +102,9 @@ def _penalised(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> to
     return logits.scatter(1, recent, scores)
 
 
-def sample(logits: torch.Tensor, history: torch.Tensor | None, params: StreamSampling,
-           generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, history: Sequence[Sequence[int]] | None,
+           params: StreamSampling, generators: list[torch.Generator] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-probability as sampled: logits [B, V] (any float dtype) ->
     ([B] int64, [B] float32).
 

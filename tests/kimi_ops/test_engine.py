@@ -80,9 +80,9 @@ def test_batch_equals_single_with_repetition_penalty(tiny_model, tokenizer, gold
 
 def test_repetition_penalty_window_boundary():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    history16 = torch.zeros(1, 16, dtype=torch.long)
+    history16 = [[0] * 16]
     assert torch.equal(apply_repetition_penalty(logits, history16, 2.0, 16), logits)
-    history17 = torch.tensor([[3] + [0] * 15 + [1]])  # window = last 16 = fifteen 0s and one 1
+    history17 = [[3] + [0] * 15 + [1]]  # window = last 16 = fifteen 0s and one 1
     out = apply_repetition_penalty(logits, history17, 2.0, 16)
     assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
 
