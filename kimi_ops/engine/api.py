@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from kimi_ops.audio import load_audio
-from kimi_ops.engine.decoders import use_static_decoder
 from kimi_ops.engine.generate import (DecodeCounts, GenerationParams, GenerationResult,
                                       check_per_prompt, generate_batch, generate_continuous)
 from kimi_ops.engine.prompt import Prompt, audio_contents, build_prompt, validate_messages
@@ -271,7 +270,7 @@ class KimiAudio:
         self._warn_about_lengths(prompts, params)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[GenerationResult | None] = [None] * len(prompts)
-        if self.batching == "continuous" and not use_static_decoder(self.device):
+        if self.batching == "continuous":
             out = halve_on_oom(
                 lambda rows: generate_continuous(
                     self.model, [prompts[i] for i in rows], self.tokenizer.special, params,

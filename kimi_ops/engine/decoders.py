@@ -6,10 +6,15 @@ and lets attention skip each row block's left padding: the least work per step.
 `StaticDecoder` (the CUDA default) keeps every tensor shape fixed so that one step can be
 captured as a CUDA graph and replayed: a 7B decode step is several hundred small kernels whose
 launch cost otherwise rivals the step's memory-bound work. Rows live in slots; a finished
-row's slot idles (fed blanks, output ignored) until at most half the slots are live, then the
-live rows move to a smaller batch and a new graph. The cache grows by `chunk` columns when
-full (a new graph too). Without CUDA the same fixed-shape step runs eagerly, which is how the
-tests check it against the dynamic one.
+row's slot idles (fed blanks, output ignored) until a newcomer takes it (continuous batching:
+its keys are written into the slot's columns ending at the cursor, so shapes and graph stay)
+or, when no prompt is queued, until at most half the slots are live: then the live rows move
+to a smaller batch and a new graph. The cache grows by `chunk` columns when full (a new graph
+too). Without CUDA the same fixed-shape step runs eagerly, which is how the tests check it
+against the dynamic one.
+
+Both take newcomers with `add` (rows prefilled elsewhere) and expose `width`, the key columns
+a row spans now, for the caller's memory bound.
 """
 
 from __future__ import annotations
@@ -32,10 +37,16 @@ def use_static_decoder(device: torch.device) -> bool:
 
 
 class DynamicDecoder:
+    refilling = False  # (the static decoder's compaction switch: this one drops rows at once)
+
     def __init__(self, model: KimiAudioForCausalLM, cache: KVCache, valid: torch.Tensor,
                  positions: torch.Tensor, first_key: list[int], with_mimo: bool):
         self.model, self.cache, self.valid = model, cache, valid
         self.positions, self.first_key, self.with_mimo = positions, first_key, with_mimo
+
+    @property
+    def width(self) -> int:
+        return self.valid.shape[1]
 
     def keep(self, index: Sequence[int]) -> None:
         """Keep only these live rows (positions in the current live order)."""
@@ -77,6 +88,9 @@ class DynamicDecoder:
 
 class StaticDecoder:
     CHUNK = 256  # cache columns added when full
+    # set while prompts are queued to join: a freed slot then waits for a newcomer (`add`)
+    # instead of the live rows being compacted into a smaller batch
+    refilling = False
 
     def __init__(self, model: KimiAudioForCausalLM, cache: KVCache, valid: torch.Tensor,
                  positions: torch.Tensor, with_mimo: bool, blank: int, budget: int,
@@ -101,27 +115,60 @@ class StaticDecoder:
         self.text = torch.full((batch, 1), self.blank, dtype=torch.long, device=self.device)
         self.graph, self.out = None, None
 
-    def _copy_in(self, keys, values, valid, positions, rows: torch.Tensor) -> None:
-        """Rows `rows` of the given state, first `self.length` columns, into our slots 0..n-1."""
+    @property
+    def width(self) -> int:
+        return self.length
+
+    def _copy_in(self, keys, values, valid, positions, rows: torch.Tensor, shift: int = 0) -> None:
+        """Rows `rows` of the given state, first `self.length` columns, into our slots 0..n-1,
+        `shift` columns further right (the cursor then moves by as much)."""
         rows = rows.to(self.device)
-        n = self.length
+        n, k, end = self.length, len(rows), self.length + shift
         for mine, theirs in ((self.cache.keys, keys), (self.cache.values, values)):
             for layer, tensor in enumerate(theirs):
-                mine[layer][:, :, :n] = tensor.index_select(0, rows)[:, :, :n]
-        self.valid[:, :n] = valid.index_select(0, rows)[:, :n]
-        self.positions.copy_(positions.index_select(0, rows))
+                mine[layer][:k, :, shift:end] = tensor.index_select(0, rows)[:, :, :n]
+        self.valid[:k, shift:end] = valid.index_select(0, rows)[:, :n]
+        self.positions[:k] = positions.index_select(0, rows)
+        self.length = end
 
-    def _rebuild(self, rows: list[int], capacity: int) -> None:
+    def _rebuild(self, rows: list[int], capacity: int, batch: int | None = None,
+                 shift: int = 0) -> None:
+        """The rows `rows` move to slots 0..n-1 of a new state of `batch` slots (default n)."""
         old = (self.cache.keys, self.cache.values, self.valid, self.positions)
-        self._allocate(len(rows), capacity)
-        self._copy_in(*old, torch.tensor(rows))
+        self._allocate(batch or len(rows), capacity)
+        self._copy_in(*old, torch.tensor(rows), shift)
+        self.slots = list(range(len(rows)))
 
     def keep(self, index: Sequence[int]) -> None:
         self.slots = [self.slots[j] for j in index]
         batch = self.valid.shape[0]
-        if 2 * len(self.slots) <= batch:  # compact: a smaller batch and a new graph
+        if not self.refilling and 2 * len(self.slots) <= batch:  # a smaller batch, new graph
             self._rebuild(self.slots, self.valid.shape[1])
-            self.slots = list(range(len(self.slots)))
+
+    def add(self, cache: KVCache, valid: torch.Tensor, positions: torch.Tensor,
+            first_key: list[int]) -> None:
+        """Join rows prefilled elsewhere (their cache, key mask and last positions; `first_key`
+        is the dynamic decoder's and unused here), new rows last. Each takes a free slot, its
+        keys written into that slot's columns ending at the cursor and its stale mask cleared,
+        so shapes and a captured graph stay. Only when free slots run out or a prompt is
+        longer than the cursor do the live rows move to a larger state (and a new graph),
+        shifted right so that every row's keys still end at the cursor."""
+        new, width = valid.shape
+        free = sorted(set(range(self.valid.shape[0])) - set(self.slots))
+        if len(free) < new or width > self.length:
+            shift = max(width - self.length, 0)
+            live = len(self.slots)
+            self._rebuild(self.slots, self.valid.shape[1] + shift, live + new, shift)
+            free = list(range(live, live + new))
+        slots = torch.tensor(free[:new], device=self.device)
+        start = self.length - width
+        for mine, theirs in ((self.cache.keys, cache.keys), (self.cache.values, cache.values)):
+            for layer, tensor in enumerate(theirs):
+                mine[layer][slots, :, start:self.length] = tensor[:, :, :width]
+        self.valid[slots] = False
+        self.valid[slots, start:self.length] = valid
+        self.positions[slots] = positions
+        self.slots += free[:new]
 
     # -- the step ------------------------------------------------------------------------
 
@@ -155,7 +202,9 @@ class StaticDecoder:
 
     def step(self, audio_ids: Sequence[int], text_ids: Sequence[int]) -> ForwardOutput:
         if self.length >= self.valid.shape[1]:
+            slots = self.slots
             self._rebuild(list(range(self.valid.shape[0])), self.valid.shape[1] + self.chunk)
+            self.slots = slots
         batch = self.valid.shape[0]
         slots = torch.tensor(self.slots)
         for buffer, ids in ((self.audio, audio_ids), (self.text, text_ids)):

@@ -373,7 +373,8 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
                         special: SpecialIds, params: GenerationParams, max_rows: int,
                         max_tokens: int, seed_ids: Sequence[int] | None = None,
                         counts: DecodeCounts | None = None,
-                        max_new_tokens: Sequence[int] | None = None) -> list[GenerationResult]:
+                        max_new_tokens: Sequence[int] | None = None,
+                        static_cache: bool | None = None) -> list[GenerationResult]:
     """Every prompt to completion with at most `max_rows` rows decoding at once: when rows
     end, queued prompts (longest first) are prefilled together and join the running decode
     with their own positions, history, sampler state and stop condition, so no slot idles
@@ -390,18 +391,24 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
     A workload whose rows nearly all run the whole budget gains nothing: rows admitted last
     decode on after the others end (the `tiny` reference workload there: 228 forwards against
     static's 222).
+
+    `static_cache` (default: on CUDA, as in `generate_batch`) runs the fixed-shape decoder
+    instead: a newcomer takes a freed slot and its keys go into that slot's columns, so the
+    captured CUDA graph keeps replaying (`StaticDecoder.add`).
     """
     device = model.lm_head.weight.device
     both = params.output_type == "both"
+    if static_cache is None:
+        static_cache = use_static_decoder(device)
     queue, results = _start(prompts, params, max_new_tokens)
     queue.reverse()  # popped from the end: longest first
     sampled = _sampled(params)
     live: list[_Row] = []
     generators: list[torch.Generator] = []
-    decoder: DynamicDecoder | None = None
+    decoder: DynamicDecoder | StaticDecoder | None = None
     text_logits = audio_logits = None
     while True:
-        width = decoder.valid.shape[1] if decoder is not None else 0
+        width = decoder.width if decoder is not None else 0
         joining = []
         while queue and len(live) + len(joining) < max_rows:
             size = max(width, len(prompts[queue[-1].index])) * (len(live) + len(joining) + 1)
@@ -415,7 +422,11 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
             positions = torch.tensor([[len(prompts[r.index]) - 1] for r in joining],
                                      device=device)
             first_key = [valid.shape[1] - len(prompts[r.index]) for r in joining]
-            if decoder is None:
+            if decoder is None and static_cache:
+                decoder = StaticDecoder(model, cache, valid, positions, both, special.text_blank,
+                                        budget=max(r.budget for r in joining),
+                                        cuda_graph=device.type == "cuda")
+            elif decoder is None:
                 decoder = DynamicDecoder(model, cache, valid, positions, first_key, both)
             else:
                 decoder.add(cache, valid, positions, first_key)
@@ -434,6 +445,7 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
         if not keep:
             live, generators, decoder, text_logits, audio_logits = [], [], None, None, None
             continue
+        decoder.refilling = bool(queue)
         live, generators, text_logits, audio_logits = _step(
             decoder, live, generators, keep, next_text, next_audio, counts)
 

@@ -313,6 +313,7 @@ def running_out_of_memory_above(limit: int, real, calls: list[int]):
     return run
 
 
+@pytest.mark.parametrize("decoder", ["dynamic", "static"])
 @pytest.mark.parametrize("params", [
     dict(max_new_tokens=12),
     dict(max_new_tokens=12, seed=5, text=StreamSampling(temperature=0.9, top_k=20)),
@@ -320,11 +321,13 @@ def running_out_of_memory_above(limit: int, real, calls: list[int]):
     dict(max_new_tokens=14, output_type="both"),
 ], ids=["greedy", "sampled", "penalised", "both"])
 def test_continuous_batching_fills_freed_slots_with_the_single_calls_tokens(
-        tiny_model, tokenizer, golden_prompts, params):
+        tiny_model, tokenizer, golden_prompts, small_chunks, params, decoder):
     """Three slots for eight prompts of different lengths: rows that end are replaced by queued
     prompts at once, so the decode forwards carry more rows than fixed batches of three run
     to their longest row, and every row's tokens (and audio tokens, and sampled draws, by
-    their per-row seeds) are those of the prompt run alone."""
+    their per-row seeds) are those of the prompt run alone. With either decoder: the
+    fixed-shape one (CUDA graphs, run eagerly here) writes a newcomer into a freed slot, and
+    its cache grows every 8 columns here, so newcomers also land across regrowths."""
     prompts = list(golden_prompts.values())
     generation = GenerationParams(**params).validate()
     singles = [generate_batch(tiny_model, [p], tokenizer.special, generation, seed_ids=[i])[0]
@@ -332,7 +335,7 @@ def test_continuous_batching_fills_freed_slots_with_the_single_calls_tokens(
     continuous = DecodeCounts()
     got = generate_continuous(tiny_model, prompts, tokenizer.special, generation, max_rows=3,
                               max_tokens=1 << 20, seed_ids=range(len(prompts)),
-                              counts=continuous)
+                              counts=continuous, static_cache=decoder == "static")
     for res, single in zip(got, singles):
         assert (res.text_token_ids, res.audio_token_ids, res.finish_reason, res.steps) == (
             single.text_token_ids, single.audio_token_ids, single.finish_reason, single.steps)
@@ -349,6 +352,37 @@ def test_continuous_batching_fills_freed_slots_with_the_single_calls_tokens(
         assert continuous.occupancy(3) > static.occupancy(3)
     else:
         assert continuous.forwards == static.forwards
+
+
+def test_a_newcomer_takes_a_freed_static_slot_in_place(tiny_model, tokenizer, golden_prompts):
+    """The fixed-shape decoder keeps a captured CUDA graph valid across admissions: a newcomer
+    no longer than the cursor goes into a freed slot of the same tensors (no reallocation),
+    and one longer than the cursor moves the live rows right into a larger state instead."""
+    from kimi_ops.engine.decoders import StaticDecoder
+    from kimi_ops.engine.generate import prefill
+
+    special = tokenizer.special
+    prompts = sorted(golden_prompts.values(), key=len)
+    short, mid, long = prompts[0], prompts[len(prompts) // 2], prompts[-1]
+    cache, valid, _, _ = prefill(tiny_model, [mid, mid], special.pad, False, 4)
+    positions = torch.tensor([[len(mid) - 1]] * 2)
+    decoder = StaticDecoder(tiny_model, cache, valid, positions, False, special.text_blank,
+                            budget=64, cuda_graph=False)
+    decoder.step([special.text_blank] * 2, [special.text_blank] * 2)
+    decoder.refilling = True
+    decoder.keep([1])  # slot 0 frees, and is kept for a newcomer
+    tensors = [t.data_ptr() for t in decoder.cache.keys + [decoder.valid, decoder.positions]]
+    cache, valid, _, _ = prefill(tiny_model, [short], special.pad, False, 4)
+    decoder.add(cache, valid, torch.tensor([[len(short) - 1]]), [0])
+    assert decoder.slots == [1, 0] and decoder.width == len(mid) + 1
+    assert [t.data_ptr() for t in decoder.cache.keys + [decoder.valid, decoder.positions]] \
+        == tensors
+    assert decoder.valid[0].sum() == len(short) and decoder.valid[0, -1] == 0
+    assert decoder.valid[0, decoder.width - len(short):decoder.width].all()
+    cache, valid, _, _ = prefill(tiny_model, [long], special.pad, False, 4)
+    decoder.add(cache, valid, torch.tensor([[len(long) - 1]]), [0])
+    assert decoder.width == len(long) and decoder.valid.shape[0] == 3
+    assert decoder.valid.sum(1).tolist() == [len(mid) + 1, len(short), len(long)]
 
 
 def test_continuous_batching_admits_no_row_past_the_token_bound(tiny_model, tokenizer,
@@ -389,26 +423,36 @@ def test_each_prompt_can_have_its_own_budget_in_either_batching(tiny_model, toke
                        max_new_tokens=[3, 4])
 
 
-def test_out_of_memory_halves_the_batch_and_changes_no_result(engine, golden_prompts,
-                                                              monkeypatch, caplog):
-    """Generation, option scoring and the front-end: the device running out of memory on a
-    batch re-runs it in halves: the same tokens (sampled ones too: per-row seeds), and the
-    scores and features of the halves' own shapes."""
+GENERATE_BY_BATCHING = {"continuous": "generate_continuous", "static": "generate_batch"}
+
+
+@pytest.mark.parametrize("batching", list(GENERATE_BY_BATCHING))
+def test_out_of_memory_halves_the_generation_and_changes_no_token(engine, golden_prompts,
+                                                                  monkeypatch, caplog, batching):
+    """The device running out of memory on a batch re-runs it in halves, in either batching:
+    the same tokens (sampled ones too: per-row seeds)."""
     import kimi_ops.engine.api as api
     from kimi_ops.engine.api import sampling_params
-    from kimi_ops.tasks import get_task
 
+    monkeypatch.setattr(engine, "batching", batching)
     prompts = list(golden_prompts.values())
     params = sampling_params(text_temperature=0.8, text_top_k=5, max_new_tokens=6)
     expected = [r.text_token_ids for r in engine.run_prompts(prompts, params)]
     calls: list[int] = []
-    monkeypatch.setattr(api, "generate_continuous",
-                        running_out_of_memory_above(2, api.generate_continuous, calls))
+    name = GENERATE_BY_BATCHING[batching]
+    monkeypatch.setattr(api, name, running_out_of_memory_above(2, getattr(api, name), calls))
     with caplog.at_level("WARNING", logger="kimi_ops.engine.api"):
         got = engine.run_prompts(prompts, params)
     assert [r.text_token_ids for r in got] == expected
     assert calls == [8, 4, 2, 2, 4, 2, 2]
     assert "generation: out of memory with 8 at once" in caplog.text
+
+
+def test_out_of_memory_halves_scoring_and_encoding_and_changes_no_result(engine, monkeypatch):
+    """Option scoring and the front-end: the device running out of memory on a batch re-runs
+    it in halves, with the scores and features of the halves' own shapes."""
+    import kimi_ops.engine.api as api
+    from kimi_ops.tasks import get_task
 
     clips = [str(goldens.INPUTS / n) for n in ("a01_tone_0p5s_16k.wav", "a02_chirp_3s_16k.wav",
                                                "a06_speech_2p37s_16k.flac")]
@@ -434,12 +478,16 @@ def test_out_of_memory_halves_the_batch_and_changes_no_result(engine, golden_pro
     assert encoded[0] == 3 and encoded.count(1) >= 3
 
 
-def test_out_of_memory_on_a_single_item_is_raised(engine, golden_prompts, monkeypatch):
+@pytest.mark.parametrize("batching", list(GENERATE_BY_BATCHING))
+def test_out_of_memory_on_a_single_item_is_raised(engine, golden_prompts, monkeypatch,
+                                                  batching):
     import kimi_ops.engine.api as api
     from kimi_ops.engine.api import sampling_params
 
-    monkeypatch.setattr(api, "generate_continuous",
-                        running_out_of_memory_above(0, api.generate_continuous, calls := []))
+    monkeypatch.setattr(engine, "batching", batching)
+    name = GENERATE_BY_BATCHING[batching]
+    monkeypatch.setattr(api, name, running_out_of_memory_above(0, getattr(api, name),
+                                                               calls := []))
     with pytest.raises(torch.OutOfMemoryError):
         engine.run_prompts(list(golden_prompts.values())[:2], sampling_params(max_new_tokens=2))
     assert calls == [2, 1]  # halved once, then the lone prompt's error is the caller's
