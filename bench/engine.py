@@ -254,6 +254,93 @@ def occupancy(out: Path, conversations: int = 64, max_new_tokens: int = 32,
             "max_batch_size": max_batch_size, "device": device, "workloads": results}
 
 
+# issue 21's reference protocol: the official Kimi-Audio code took 8.4-9.6 s for it on 2 AMD
+# EPYC cores (measured by the issue's author; the official code does not install here)
+OFFICIAL_REFERENCE_S = (8.4, 9.6)
+
+
+class PhaseTimes:
+    """Wall seconds by phase of `generate_batch` calls, while active: the audio front-end
+    (decode + VQ tokens + Whisper features: `KimiAudio.encode_audio`), prefill (the engine's
+    `prefill`) and the rest, which is the decode loop (sampling and bookkeeping included)."""
+
+    def __init__(self, engine):
+        import kimi_ops.engine.generate as generate
+
+        self.engine, self.generate = engine, generate
+        self.seconds = {"frontend_s": 0.0, "prefill_s": 0.0}
+
+    def _timing(self, fn, key):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+        return run
+
+    def __enter__(self):
+        self._saved = self.engine.encode_audio, self.generate.prefill
+        self.engine.encode_audio = self._timing(self.engine.encode_audio, "frontend_s")
+        self.generate.prefill = self._timing(self.generate.prefill, "prefill_s")
+        return self
+
+    def __exit__(self, *exc):
+        del self.engine.encode_audio  # the instance attribute: the method shows through again
+        self.generate.prefill = self._saved[1]
+
+    def split(self, total: float) -> dict:
+        return {**self.seconds, "decode_s": total - sum(self.seconds.values()), "total_s": total}
+
+
+def reference_protocol(out: Path, preset: str = "small", conversations: int = 16,
+                       max_new_tokens: int = 32, checkpoint: Path | None = None) -> dict:
+    """The reference protocol: `conversations` = prompt i % 4 x shared input i % 6, greedy,
+    `max_new_tokens`, one warm-up call, on a generated `preset` checkpoint. Two arms, one
+    `generate_batch` call per conversation and one call for all, each split into front-end,
+    prefill and decode; tokens must agree."""
+    checkpoint = checkpoint or make_tiny_checkpoint(out / f"{preset}_checkpoint", seed=0,
+                                                    preset=preset)
+    engine = KimiAudio(checkpoint, device="cpu")
+    convs = reference_conversations(conversations)
+    engine.generate_batch(convs[:1], max_new_tokens=max_new_tokens)  # the warm-up call
+    arms = {}
+    for arm in ("single", "batched"):
+        with PhaseTimes(engine) as phases:
+            if arm == "single":
+                got, seconds = timed(lambda: [engine.generate_batch([c],
+                                                                    max_new_tokens=max_new_tokens)[0]
+                                              for c in convs])
+            else:
+                got, seconds = timed(lambda: engine.generate_batch(convs,
+                                                                   max_new_tokens=max_new_tokens))
+        arms[arm] = {**phases.split(seconds), "tokens": [r.text_token_ids for r in got],
+                     "generated_tokens": sum(r.steps for r in got)}
+    batched = arms["batched"]["total_s"]
+    return {"preset": preset, "conversations": conversations, "max_new_tokens": max_new_tokens,
+            "threads": torch.get_num_threads(), "max_batch_size": engine.max_batch_size,
+            "identical_tokens": arms["single"].pop("tokens") == arms["batched"].pop("tokens"),
+            "arms": arms, "official_reference_s": OFFICIAL_REFERENCE_S,
+            "batched_vs_single": arms["single"]["total_s"] / batched,
+            "batched_vs_official": [t / batched for t in OFFICIAL_REFERENCE_S]}
+
+
+def print_reference(result: dict) -> None:
+    low, high = result["official_reference_s"]
+    print(f"reference protocol: {result['conversations']} conversations, preset "
+          f"{result['preset']}, greedy, {result['max_new_tokens']} new tokens, "
+          f"{result['threads']} threads; tokens identical: {result['identical_tokens']}")
+    head = ("arm", "front-end s", "prefill s", "decode s", "total s")
+    print("".join(f"{h:>13}" for h in head))
+    for arm, a in result["arms"].items():
+        cells = (arm, *(f"{a[k]:.2f}" for k in ("frontend_s", "prefill_s", "decode_s",
+                                                  "total_s")))
+        print("".join(f"{c:>13}" for c in cells))
+    lo, hi = result["batched_vs_official"]
+    print(f"one call: {result['batched_vs_single']:.1f}x the single calls; against the official "
+          f"code's {low}-{high} s there: {lo:.1f}-{hi:.1f}x (target >= 5x)")
+
+
 def print_occupancy(result: dict) -> None:
     print(f"decode-slot occupancy: max_batch_size {result['max_batch_size']}, "
           f"{result['max_new_tokens']} new tokens at most, device {result['device']}")
@@ -293,19 +380,37 @@ def print_table(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--conversations", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--conversations", type=int, default=None,
+                        help="default 32; 64 with --occupancy, 16 with --reference")
+    parser.add_argument("--max-new-tokens", type=int, nargs="+", default=None,
+                        help="default 16 64 256; 32 with --occupancy or --reference")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench_output")
     parser.add_argument("--occupancy", action="store_true",
                         help="the reference workload's decode-slot occupancy instead")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--reference", action="store_true",
+                        help="issue 21's reference protocol instead (16 conversations, 32 new "
+                             "tokens unless given): front-end / prefill / decode per arm")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="--occupancy on this checkpoint instead of a generated --preset")
     args = parser.parse_args()
+    budgets = args.max_new_tokens or ([32] if args.occupancy or args.reference
+                                      else [16, 64, 256])
+    if args.reference:
+        torch.set_num_threads(2)
+        result = reference_protocol(Path(args.out), args.preset, args.conversations or 16,
+                                    budgets[0], args.checkpoint)
+        result["machine"] = machine()
+        print_reference(result)
+        path = Path(args.out) / "engine_reference.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+        return
     if args.occupancy:
-        result = occupancy(Path(args.out), args.conversations, args.max_new_tokens[0],
+        result = occupancy(Path(args.out), args.conversations or 64, budgets[0],
                            args.max_batch_size, args.preset, args.device, args.checkpoint)
         result["machine"] = machine()
         print_occupancy(result)
@@ -313,8 +418,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2))
         print(f"wrote {path}")
         return
-    result = run(Path(args.out), args.conversations, args.max_new_tokens, args.preset,
-                 args.device)
+    result = run(Path(args.out), args.conversations or 32, budgets, args.preset, args.device)
     result["machine"] = machine()
     print_table(result)
     path = Path(args.out) / "engine.json"

@@ -9,9 +9,12 @@ message) and the batched engine (`generate_batch`, text-only path) with a fixed 
 Reported per batch size: real-time factor (audio seconds labelled per wall second, front-end
 + prefill + decode), decode step time vs the memory-bandwidth roofline (text-path weights + KV
 cache read once per step), prefill FLOP/s vs the measured bf16 matmul ceiling, and front-end
-time. Results go to `bench/results/gpu-<card>.json`.
+time. Then continuous against static batching on a labelling mix (ASR and caption prompts over
+clips of 1-30 s, output lengths drawn as a labelling job's come out, `bench/engine.py`'s
+`drawn_lengths`): decode-slot occupancy, decode forwards, generated tokens/s and whether the
+tokens agree. Results go to `bench/results/gpu-<card>.json`.
 
-    python bench/gpu.py [--batch-sizes 1 32 128] [--new-tokens 64]
+    python bench/gpu.py [--batch-sizes 1 32 128] [--new-tokens 64] [--mix 128 --rows 32]
     python bench/gpu.py --shape tiny --device cpu --batch-sizes 2 --new-tokens 4  # smoke test
 """
 
@@ -28,9 +31,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import machine  # noqa: E402
+from engine import ASR_PROMPT, drawn_lengths, machine  # noqa: E402
 
-from kimi_ops.engine.generate import GenerationParams, generate_batch, prefill  # noqa: E402
+from kimi_ops.engine.generate import (DecodeCounts, GenerationParams, generate_batch,  # noqa: E402
+                                      generate_continuous, prefill)
 from kimi_ops.engine.prompt import build_prompt  # noqa: E402
 from kimi_ops.frontend import AudioFrontend  # noqa: E402
 from kimi_ops.frontend.encoder import AudioEncoder, EncoderConfig  # noqa: E402
@@ -167,7 +171,7 @@ def prefill_flops(config: KimiAudioConfig, lengths: list[int]) -> float:
 
 
 def run(shape: str, device: torch.device, dtype: torch.dtype, batch_sizes: list[int],
-        new_tokens: int) -> dict:
+        new_tokens: int, mix: tuple[int, int, int] = (0, 0, 0)) -> dict:
     config, model, frontend = build(shape, device, dtype)
     special = SpecialIds.from_base(LLM[shape]["num_base_tokens"])
     tokenizer = _Instruction(special)
@@ -208,10 +212,70 @@ def run(shape: str, device: torch.device, dtype: torch.dtype, batch_sizes: list[
             "decode_vs_roofline": roofline_s / step_s,
             "prefill_tflops": prefill_flops(config, [len(p) for p in prompts]) / prefill_s / 1e12,
         })
+    conversations, rows, budget = mix
     return {"shape": shape, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "clip_seconds": CLIP_SECONDS, "peak_bandwidth_gbs": bandwidth / 1e9,
             "matmul_ceiling_tflops": ceiling / 1e12, "text_path_weight_gb": weights / 1e9,
-            "runs": runs}
+            "runs": runs,
+            "labelling_mix": labelling_mix(model, frontend, config, special, device,
+                                           conversations, rows, budget)
+            if conversations else None}
+
+
+def labelling_mix(model, frontend, config, special, device, conversations: int, rows: int,
+                  budget: int, seed: int = 0) -> dict:
+    """Continuous against static batching (fixed batches of `rows`, longest prompt first, each
+    run to its last row) on ASR and caption prompts over clips of 1-30 s, each row's output
+    length drawn as a labelling job's (random weights never stop by themselves)."""
+    rng = np.random.default_rng(seed)
+    seconds = [float(s) for s in rng.uniform(1.0, CLIP_SECONDS, (conversations + 1) // 2)]
+    waves = [(0.1 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32)
+             for s in seconds]
+    encodings = frontend.encode(waves)
+    kinds = [ASR_PROMPT, "Describe the audio: a caption."]
+    messages = [{"role": "user", "message_type": "text", "content": "task"},
+                {"role": "user", "message_type": "audio", "content": "clip"}]
+    tokenizer = _Instruction(special)
+    prompts = [build_prompt(messages, [enc], tokenizer, config.kimia_token_offset)
+               for enc in encodings for _ in kinds][:conversations]
+    texts = [k for _ in encodings for k in kinds][:conversations]
+    lengths = drawn_lengths(texts, [s for s in seconds for _ in kinds][:conversations], budget)
+    params = GenerationParams(max_new_tokens=budget).validate()
+    generate_batch(model, prompts[:2], special, GenerationParams(max_new_tokens=2))  # warm-up
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+
+    def static(counts):
+        out = {}
+        for start in range(0, len(order), rows):
+            batch = order[start:start + rows]
+            got = generate_batch(model, [prompts[i] for i in batch], special, params,
+                                 seed_ids=batch, counts=counts,
+                                 max_new_tokens=[lengths[i] for i in batch])
+            out.update(zip(batch, got))
+        return [out[i] for i in range(len(prompts))]
+
+    def continuous(counts):
+        return generate_continuous(model, prompts, special, params, rows, 1 << 40,
+                                   seed_ids=range(len(prompts)), counts=counts,
+                                   max_new_tokens=lengths)
+
+    arms, tokens = [], {}
+    for name, run in (("static", static), ("continuous", continuous)):
+        counts = DecodeCounts()
+        results, seconds_run = timed(lambda r=run, c=counts: r(c), device)
+        tokens[name] = [r.text_token_ids for r in results]
+        generated = sum(r.steps for r in results)
+        arms.append({"arm": name, "occupancy": counts.occupancy(rows),
+                     "decode_forwards": counts.forwards, "decode_rows": counts.rows,
+                     "seconds": seconds_run, "generated_tokens": generated,
+                     "tokens_per_s": generated / seconds_run})
+    agree = sum(a == b for a, b in zip(tokens["static"], tokens["continuous"]))
+    return {"conversations": len(prompts), "rows": rows, "max_new_tokens": budget,
+            "mean_output_tokens": sum(lengths) / len(lengths),
+            "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
+            # in bf16 a row's rounding depends on its batch's shapes, so a long greedy output
+            # can part at a near tie (fp32 keeps them equal: the CPU tests check that)
+            "rows_with_equal_tokens": agree, "arms": arms}
 
 
 def print_table(r: dict) -> None:
@@ -227,6 +291,17 @@ def print_table(r: dict) -> None:
                  f"{x['roofline_step_ms']:.1f}", f"{x['decode_vs_roofline']:.0%}",
                  f"{x['prefill_tflops']:.1f}")
         print("".join(f"{c:>16}" for c in cells))
+    mix = r.get("labelling_mix")
+    if mix:
+        print(f"\nlabelling mix: {mix['conversations']} conversations, {mix['rows']} rows, "
+              f"{mix['mean_output_tokens']:.1f} output tokens on average; tokens equal in "
+              f"{mix['rows_with_equal_tokens']} of {mix['conversations']} rows")
+        head = ("batching", "occupancy", "forwards", "seconds", "tokens/s")
+        print("".join(f"{h:>16}" for h in head))
+        for a in mix["arms"]:
+            cells = (a["arm"], f"{a['occupancy']:.2f}", a["decode_forwards"],
+                     f"{a['seconds']:.2f}", f"{a['tokens_per_s']:.0f}")
+            print("".join(f"{c:>16}" for c in cells))
 
 
 def main() -> None:
@@ -236,6 +311,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--mix", type=int, default=128, metavar="CONVERSATIONS",
+                        help="labelling-mix conversations for continuous vs static (0: skip)")
+    parser.add_argument("--rows", type=int, default=32, help="rows decoding at once in the mix")
+    parser.add_argument("--mix-budget", type=int, default=160,
+                        help="most output tokens per row in the mix (ASR of 30 s: about 105)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -243,7 +323,8 @@ def main() -> None:
         sys.exit("bench/gpu.py: no CUDA device here (use --device cpu --shape tiny to smoke-test)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.inference_mode():
-        result = run(args.shape, device, dtype, args.batch_sizes, args.new_tokens)
+        result = run(args.shape, device, dtype, args.batch_sizes, args.new_tokens,
+                     mix=(args.mix, args.rows, args.mix_budget))
     result["machine"] = machine()
     print_table(result)
     card = result["machine"]["cuda"] if device.type == "cuda" else f"cpu-{args.shape}"

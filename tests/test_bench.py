@@ -19,7 +19,8 @@ def run_script(*args: str, env: dict[str, str] | None = None) -> str:
 
 def test_gpu_benchmark_runs_its_path_on_a_tiny_shape(tmp_path):
     out = run_script("bench/gpu.py", "--shape", "tiny", "--device", "cpu", "--batch-sizes", "1",
-                     "3", "--new-tokens", "5", "--out", str(tmp_path))
+                     "3", "--new-tokens", "5", "--mix", "10", "--rows", "3", "--mix-budget",
+                     "12", "--out", str(tmp_path))
     result = json.loads((tmp_path / "gpu-cpu-tiny.json").read_text())
     assert [r["batch"] for r in result["runs"]] == [1, 3]
     for r in result["runs"]:
@@ -27,6 +28,16 @@ def test_gpu_benchmark_runs_its_path_on_a_tiny_shape(tmp_path):
         assert r["frontend_s"] > 0 and r["prefill_s"] > 0 and r["real_time_factor"] > 0
         assert r["roofline_step_ms"] > 0
     assert result["text_path_weight_gb"] > 0 and "x real time" in out
+    # continuous vs static on the labelling mix: the same rows in fewer forwards (fp32 here:
+    # the same tokens too)
+    mix = result["labelling_mix"]
+    static, continuous = mix["arms"]
+    assert (static["arm"], continuous["arm"]) == ("static", "continuous")
+    assert mix["conversations"] == 10 and mix["rows_with_equal_tokens"] == 10
+    assert static["decode_rows"] == continuous["decode_rows"] > 0
+    assert continuous["decode_forwards"] < static["decode_forwards"]
+    assert 0 < static["occupancy"] < continuous["occupancy"] <= 1
+    assert continuous["tokens_per_s"] > 0 and "labelling mix" in out
 
 
 def test_engine_benchmark_compares_identical_tokens(tmp_path):
@@ -41,6 +52,16 @@ def test_engine_benchmark_compares_identical_tokens(tmp_path):
     assert run["batch_floor_s"]["prefill_s"] > 0 and run["batch_floor_s"]["decode_s"] > 0
     assert run["ceiling_speedup"] > 0 and run["llm_ceiling_speedup"] > 0
     assert result["machine"]["torch"]
+    # the reference protocol on the same checkpoint: each arm split into its phases
+    out = run_script("bench/engine.py", "--reference", "--preset", "tiny", "--conversations",
+                     "4", "--max-new-tokens", "3", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "engine_reference.json").read_text())
+    assert result["identical_tokens"] is True and result["conversations"] == 4
+    for arm in result["arms"].values():
+        assert arm["frontend_s"] > 0 and arm["prefill_s"] > 0 and arm["decode_s"] > 0
+        assert arm["total_s"] >= arm["frontend_s"] + arm["prefill_s"]
+        assert arm["generated_tokens"] == 4 * 3
+    assert "against the official code" in out
 
 
 def test_engine_benchmark_measures_decode_slot_occupancy(tmp_path):
