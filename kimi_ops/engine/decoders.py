@@ -133,17 +133,18 @@ class StaticDecoder:
 
     def _rebuild(self, rows: list[int], capacity: int, batch: int | None = None,
                  shift: int = 0) -> None:
-        """The rows `rows` move to slots 0..n-1 of a new state of `batch` slots (default n)."""
+        """The rows `rows` move to slots 0..n-1 of a new state of `batch` slots (default n);
+        the caller renumbers `slots`."""
         old = (self.cache.keys, self.cache.values, self.valid, self.positions)
         self._allocate(batch or len(rows), capacity)
         self._copy_in(*old, torch.tensor(rows), shift)
-        self.slots = list(range(len(rows)))
 
     def keep(self, index: Sequence[int]) -> None:
         self.slots = [self.slots[j] for j in index]
         batch = self.valid.shape[0]
         if not self.refilling and 2 * len(self.slots) <= batch:  # a smaller batch, new graph
             self._rebuild(self.slots, self.valid.shape[1])
+            self.slots = list(range(len(self.slots)))
 
     def add(self, cache: KVCache, valid: torch.Tensor, positions: torch.Tensor,
             first_key: list[int]) -> None:
@@ -159,7 +160,7 @@ class StaticDecoder:
             shift = max(width - self.length, 0)
             live = len(self.slots)
             self._rebuild(self.slots, self.valid.shape[1] + shift, live + new, shift)
-            free = list(range(live, live + new))
+            self.slots, free = list(range(live)), list(range(live, live + new))
         slots = torch.tensor(free[:new], device=self.device)
         start = self.length - width
         for mine, theirs in ((self.cache.keys, cache.keys), (self.cache.values, cache.values)):
@@ -201,10 +202,8 @@ class StaticDecoder:
         self.graph = graph
 
     def step(self, audio_ids: Sequence[int], text_ids: Sequence[int]) -> ForwardOutput:
-        if self.length >= self.valid.shape[1]:
-            slots = self.slots
+        if self.length >= self.valid.shape[1]:  # every slot keeps its place
             self._rebuild(list(range(self.valid.shape[0])), self.valid.shape[1] + self.chunk)
-            self.slots = slots
         batch = self.valid.shape[0]
         slots = torch.tensor(self.slots)
         for buffer, ids in ((self.audio, audio_ids), (self.text, text_ids)):

@@ -271,16 +271,7 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
     cache, valid, text_logits, audio_logits = prefill(
         model, [prompts[r.index] for r in live], special.pad, both,
         extra_capacity=min(64, max(r.budget for r in live)))
-    positions = torch.tensor([[len(prompts[r.index]) - 1] for r in live], device=device)
-    if static_cache is None:
-        static_cache = use_static_decoder(device)
-    if static_cache:
-        decoder = StaticDecoder(model, cache, valid, positions, both, special.text_blank,
-                                budget=max(r.budget for r in live),
-                                cuda_graph=device.type == "cuda")
-    else:
-        decoder = DynamicDecoder(model, cache, valid, positions,
-                                 [valid.shape[1] - len(prompts[r.index]) for r in live], both)
+    decoder = _decoder(model, prompts, live, cache, valid, both, special, static_cache)
     del cache, valid  # owned by the decoder from here
     while True:
         ended, keep, next_text, next_audio = _sample_rows(live, text_logits, audio_logits,
@@ -291,6 +282,30 @@ def generate_batch(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], speci
             return results
         live, generators, text_logits, audio_logits = _step(
             decoder, live, generators, keep, next_text, next_audio, counts)
+
+
+def _row_state(prompts: Sequence[Prompt], rows: list[_Row], valid: torch.Tensor
+               ) -> tuple[torch.Tensor, list[int]]:
+    """Rows just prefilled into a left-padded cache with key mask `valid`: each row's last
+    prompt position ([rows, 1]) and first key column."""
+    lengths = [len(prompts[r.index]) for r in rows]
+    return (torch.tensor([[n - 1] for n in lengths], device=valid.device),
+            [valid.shape[1] - n for n in lengths])
+
+
+def _decoder(model: KimiAudioForCausalLM, prompts: Sequence[Prompt], rows: list[_Row],
+             cache, valid: torch.Tensor, both: bool, special: SpecialIds,
+             static_cache: bool | None) -> DynamicDecoder | StaticDecoder:
+    """A decoder for `rows`, just prefilled into `cache` / `valid`: the fixed-shape one where
+    `static_cache` says so (default: on CUDA, where its steps replay as CUDA graphs)."""
+    device = valid.device
+    positions, first_key = _row_state(prompts, rows, valid)
+    if static_cache is None:
+        static_cache = use_static_decoder(device)
+    if static_cache:
+        return StaticDecoder(model, cache, valid, positions, both, special.text_blank,
+                             budget=max(r.budget for r in rows), cuda_graph=device.type == "cuda")
+    return DynamicDecoder(model, cache, valid, positions, first_key, both)
 
 
 def _sample_rows(live: list[_Row], text_logits: torch.Tensor, audio_logits: torch.Tensor | None,
@@ -398,8 +413,6 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
     """
     device = model.lm_head.weight.device
     both = params.output_type == "both"
-    if static_cache is None:
-        static_cache = use_static_decoder(device)
     queue, results = _start(prompts, params, max_new_tokens)
     queue.reverse()  # popped from the end: longest first
     sampled = _sampled(params)
@@ -419,17 +432,11 @@ def generate_continuous(model: KimiAudioForCausalLM, prompts: Sequence[Prompt],
             cache, valid, tl, al = prefill(
                 model, [prompts[r.index] for r in joining], special.pad, both,
                 extra_capacity=min(64, max(r.budget for r in joining)))
-            positions = torch.tensor([[len(prompts[r.index]) - 1] for r in joining],
-                                     device=device)
-            first_key = [valid.shape[1] - len(prompts[r.index]) for r in joining]
-            if decoder is None and static_cache:
-                decoder = StaticDecoder(model, cache, valid, positions, both, special.text_blank,
-                                        budget=max(r.budget for r in joining),
-                                        cuda_graph=device.type == "cuda")
-            elif decoder is None:
-                decoder = DynamicDecoder(model, cache, valid, positions, first_key, both)
+            if decoder is None:
+                decoder = _decoder(model, prompts, joining, cache, valid, both, special,
+                                   static_cache)
             else:
-                decoder.add(cache, valid, positions, first_key)
+                decoder.add(cache, valid, *_row_state(prompts, joining, valid))
             text_logits = tl if text_logits is None else torch.cat([text_logits, tl])
             if both:
                 audio_logits = al if audio_logits is None else torch.cat([audio_logits, al])
