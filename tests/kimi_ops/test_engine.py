@@ -550,7 +550,8 @@ def test_a_prompt_past_the_default_budget_is_said_not_silent(engine, caplog):
 
     wave = np.zeros(16000 * 610, np.float32)
     wave[::50] = 0.1
-    conversation = [{"role": "user", "message_type": "audio", "content": (wave, 16000)}]
+    (encoding,) = engine.encode_audio([(wave, 16000)])  # once for both calls: 21 windows
+    conversation = [{"role": "user", "message_type": "audio", "content": encoding}]
     with caplog.at_level(logging.WARNING, logger="kimi_ops.engine.api"):
         result = engine.generate_batch([conversation])[0]
     assert result.steps == 0 and result.finish_reason == "length" and result.text == ""
