@@ -217,7 +217,7 @@ def occupancy(out: Path, conversations: int = 64, max_new_tokens: int = 32,
     share of the batch's slots those rows filled (occupancy), wall time, and whether the tokens
     equal the single calls'. The prompts (and their audio front-end) are built once, outside
     the timings."""
-    name = str(checkpoint) if checkpoint else preset
+    label = str(checkpoint) if checkpoint else preset
     checkpoint = checkpoint or make_tiny_checkpoint(out / f"{preset}_checkpoint", seed=0,
                                                     preset=preset)
     params = sampling_params(max_new_tokens=max_new_tokens)
@@ -249,7 +249,7 @@ def occupancy(out: Path, conversations: int = 64, max_new_tokens: int = 32,
         results.append({"workload": name, "conversations": len(convs),
                         "mean_steps": sum(r.steps for r in singles) / len(singles),
                         "arms": arms})
-    return {"checkpoint": name,
+    return {"checkpoint": label,
             "conversations": conversations, "max_new_tokens": max_new_tokens,
             "max_batch_size": max_batch_size, "device": device, "workloads": results}
 

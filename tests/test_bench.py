@@ -69,6 +69,7 @@ def test_engine_benchmark_measures_decode_slot_occupancy(tmp_path):
                      "16", "--max-new-tokens", "32", "--max-batch-size", "4",
                      "--out", str(tmp_path))
     result = json.loads((tmp_path / "engine_occupancy.json").read_text())
+    assert result["checkpoint"] == "tiny"
     assert [w["workload"] for w in result["workloads"]] == [
         "reference", "reference, drawn lengths", "labelling mix, drawn lengths"]
     for w in result["workloads"]:
