@@ -19,11 +19,11 @@ import argparse
 import os
 import signal
 import sys
-import threading
 from importlib import metadata
 
 from flows.console.log_level import add_log_level, log_level
 from pipelines.errors import Interrupted, PipelineError
+from pipelines.interrupts import interrupting_signals
 
 COMMAND_MODULES = ("flows.console.jobs", "flows.console.data", "flows.console.stack")
 
@@ -83,29 +83,19 @@ def _main(argv: list[str]) -> int:
     # Ctrl-C or SIGTERM (a scheduler's timeout, `kill`): one line and the shell's code for the
     # signal, not a traceback. Noted by our handler, since libraries on the way may turn the
     # KeyboardInterrupt into another exception.
-    interrupted: list[int] = []
-
-    def on_signal(signum, frame):
-        interrupted.append(signum)
-        raise KeyboardInterrupt
-
-    main_thread = threading.current_thread() is threading.main_thread()  # signals live there
-    previous = ({s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-                if main_thread else {})
     code = 0
-    try:
-        with log_level(args.log_level):
-            code = _run(args)
-    except BaseException as exc:
-        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
-            # Ray's driver handler, in place while `ray.init` runs (ours is put back after it:
-            # pipelines.job.ray_cluster.python_sigterm_kept), exits with the signal's number
-            interrupted.append(signal.SIGTERM)
-        if not interrupted:
-            raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with interrupting_signals() as interrupted:
+        try:
+            with log_level(args.log_level):
+                code = _run(args)
+        except BaseException as exc:
+            if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+                # Ray's driver handler, in place while `ray.init` runs (ours is put back after
+                # it: pipelines.job.ray_cluster.python_sigterm_kept), exits with the signal's
+                # number
+                interrupted.append(signal.SIGTERM)
+            if not interrupted:
+                raise
     if interrupted:  # also when a library on the way reported it as a crash and returned
         _end_interrupted(args.command, interrupted[0])
     return code

@@ -19,6 +19,7 @@ import sys
 from pydantic import ValidationError
 
 from pipelines.errors import ConfigError, PipelineError
+from pipelines.interrupts import interrupting_signals
 from pipelines.job.report import format_report
 from pipelines.job.run import run_job
 from pipelines.spec import JobSpec
@@ -39,30 +40,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", required=True, help="the job: JobSpec as JSON")
     args = parser.parse_args(argv)
-    signals: list[int] = []
-
-    def stopped(signum, frame):
-        signals.append(signum)
-        raise KeyboardInterrupt
-
     # so that `finally`s run (the output's lease is released)
-    previous = {s: signal.signal(s, stopped) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        spec = parse_spec(args.spec)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                                                       "%(message)s")
-        report = run_job(spec)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        signum = signals[0] if signals else signal.SIGINT
-        print(f"error: stopped by {signal.Signals(signum).name} (a rerun resumes where it "
-              "was)", file=sys.stderr, flush=True)
-        return 128 + signum
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with interrupting_signals() as signals:
+        try:
+            spec = parse_spec(args.spec)
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s "
+                                                           "%(name)s: %(message)s")
+            report = run_job(spec)
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            signum = signals[0] if signals else signal.SIGINT
+            print(f"error: stopped by {signal.Signals(signum).name} (a rerun resumes where it "
+                  "was)", file=sys.stderr, flush=True)
+            return 128 + signum
     print(format_report(report), flush=True)
     return 0
 
