@@ -99,7 +99,7 @@ class KimiWhisperEncoder:
         wave = torch.zeros(len(chunks), CHUNK_SAMPLES)  # pad_or_trim to 30 s with zeros
         for row, samples in enumerate(chunks):
             wave.numpy()[row, : len(samples)] = samples  # also from a read-only buffer
-        return log_mel(wave, self.filters)  # [n, 128, 3000]
+        return log_mel(wave, self.filters, lengths=[len(c) for c in chunks])  # [n, 128, 3000]
 
     @torch.inference_mode()
     def _encode_batch(

@@ -18,9 +18,11 @@ They differ only in where the filter bank comes from, so both are available:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 N_FFT = 400
 HOP_LENGTH = 160
@@ -46,12 +48,27 @@ def log_mel(
     filters: torch.Tensor,
     n_fft: int = N_FFT,
     hop_length: int = HOP_LENGTH,
+    lengths: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """[B, N] float32 waveforms -> [B, n_mels, N // hop_length] log-mel, per-row max floor."""
+    """[B, N] float32 waveforms -> [B, n_mels, N // hop_length] log-mel, per-row max floor.
+
+    `lengths`: each row's real samples, zeros after them (Whisper's 30 s padding). The STFT then
+    stops `2 * n_fft` samples after the longest row: every later frame reads only zeros (its
+    reflect padding at the cut mirrors zeros too), so its power is exactly 0, which is what the
+    frames left out get. The result is the same, bit for bit; a 1 s clip in a 30 s window costs
+    a tenth of the STFT and filter product.
+    """
+    frames = waveforms.shape[-1] // hop_length
+    used = waveforms.shape[-1]
+    if lengths is not None:
+        used = min(used, max(lengths, default=0) + 2 * n_fft)
     window = torch.hann_window(n_fft, device=waveforms.device)
-    stft = torch.stft(waveforms, n_fft, hop_length, window=window, return_complex=True)
-    power = (stft[..., :-1].abs() ** 2).contiguous()  # [B, n_fft/2+1, frames]
+    stft = torch.stft(waveforms[..., :used], n_fft, hop_length, window=window,
+                      return_complex=True)
+    power = (stft[..., :frames].abs() ** 2).contiguous()  # [B, n_fft/2+1, <= frames]
     mel = filters.to(waveforms.device) @ power
+    if mel.shape[-1] < frames:  # the all-zero frames' power: 0
+        mel = F.pad(mel, (0, frames - mel.shape[-1]))
     log_spec = torch.clamp(mel, min=1e-10).log10()
     row_max = log_spec.amax(dim=(1, 2), keepdim=True)
     log_spec = torch.maximum(log_spec, row_max - 8.0)

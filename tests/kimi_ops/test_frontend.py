@@ -307,3 +307,20 @@ def test_hf_mel_filters_equal_transformers_without_importing_it(n_mels):
              "print('transformers' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.mark.parametrize("lengths", [[16000], [1, 479_999, 480_000], [0, 5_000, 800, 160_000],
+                                     [479_300, 100]])
+def test_log_mel_of_a_padded_batch_skips_the_zeros_and_changes_no_bit(lengths):
+    """Whisper's 30 s window is mostly zeros for a short clip: `lengths` stops the STFT past the
+    longest row, and every bit of the result stays what the whole window gives."""
+    from kimi_ops.frontend.mel import log_mel, mel_filters
+
+    rng = np.random.default_rng(len(lengths))
+    wave = torch.zeros(len(lengths), CHUNK_SAMPLES)
+    for row, n in enumerate(lengths):
+        wave[row, :n] = torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 0.1)
+    filters = mel_filters("openai")
+    whole = log_mel(wave, filters)
+    assert whole.shape == (len(lengths), 128, 3000)
+    assert torch.equal(log_mel(wave, filters, lengths=lengths), whole)
