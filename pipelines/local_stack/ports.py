@@ -39,6 +39,7 @@ SEAWEED_HTTP_PORTS = (20000, 22767)
 SERVICE_PORT_RANGE = (22768, 29999)
 _LINUX_EPHEMERAL = (32768, 60999)
 _EPHEMERAL_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+CLAIMS_DIR = Path(tempfile.gettempdir()) / "kimi-label-ports"  # one lock file per claimed port
 _TRIES = 500
 
 
@@ -70,8 +71,8 @@ def random_port(span: tuple[int, int], usable: Callable[[int], bool], what: str)
 
 class PortClaims:
     """Ports claimed by this process across processes: an exclusive ``flock`` on one file per
-    port in ``<temp>/kimi-label-ports``. A claim lasts until `release` or until this object is
-    garbage collected (or the process ends): the lock files are closed then."""
+    port in `CLAIMS_DIR`. A claim lasts until `release` or until this object is garbage
+    collected (or the process ends): the lock files are closed then."""
 
     def __init__(self):
         self._held: dict[int, object] = {}
@@ -80,9 +81,8 @@ class PortClaims:
         """Claim `port`; False when another process holds it (True when we already do)."""
         if port in self._held:
             return True
-        folder = Path(tempfile.gettempdir()) / "kimi-label-ports"
-        folder.mkdir(exist_ok=True)
-        handle = open(folder / str(port), "a")  # held open: the lock lives with it
+        CLAIMS_DIR.mkdir(exist_ok=True)
+        handle = open(CLAIMS_DIR / str(port), "a")  # held open: the lock lives with it
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -10,7 +10,7 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from pathlib import Path
 
 from pipelines.errors import StackError
@@ -23,6 +23,7 @@ from pipelines.local_stack.supervision import MARKER_ENV, STOP_TIMEOUT_S, stop_m
 from pipelines.processes import identify
 
 START_TIMEOUT_S = 30.0
+log = logging.getLogger(__name__)
 
 
 def choose_ports(requested: int | None, previous: dict[str, int]) -> dict[str, int] | None:
@@ -33,8 +34,12 @@ def choose_ports(requested: int | None, previous: dict[str, int]) -> dict[str, i
     if not previous.get("s3"):
         return None
     for keep in (previous, {"s3": previous["s3"]}):
-        with contextlib.suppress(SeaweedError, ValueError):  # busy (e.g. TIME_WAIT), or stale
+        try:
             return pick_ports(HOST, keep)
+        except (SeaweedError, ValueError) as exc:  # busy (e.g. TIME_WAIT), claimed, or stale
+            why = exc
+    log.warning("S3 cannot serve on its last port %d (%s): it gets another one; a client that "
+                "exported AWS_ENDPOINT_URL needs the new one", previous["s3"], why)
     return None
 
 

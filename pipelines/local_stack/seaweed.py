@@ -204,7 +204,7 @@ class SeaweedS3:
         return self
 
     def stop(self) -> None:
-        proc = self.release()
+        proc = self._detach()  # the ports stay claimed: start() again is a restart on them
         if proc is None:
             return
         stop_child(proc, self.stop_timeout_s)
@@ -214,7 +214,12 @@ class SeaweedS3:
 
     def release(self) -> subprocess.Popen | None:
         """Stop owning the started server, which then runs on: no stop at garbage collection or
-        interpreter exit. Returns its process (None when none was started)."""
+        interpreter exit, and its ports no longer claimed (it holds them itself). Returns its
+        process (None when none was started)."""
+        self._claims.release()
+        return self._detach()
+
+    def _detach(self) -> subprocess.Popen | None:
         proc, self._proc = self._proc, None
         if self._finalizer is not None:
             self._finalizer.detach()

@@ -117,9 +117,14 @@ def _check_fixed_ports(fixed: Mapping[str, int], host: str, claims: PortClaims) 
 def pick_ports(host: str = "127.0.0.1", fixed: Mapping[str, int] | None = None,
                claims: PortClaims | None = None) -> dict[str, int]:
     """HTTP ports for every service, `fixed` ones kept; each port and its gRPC twin (+10000) free
-    right now, outside the ephemeral range, and claimed in `claims` (a throwaway claim where
-    None: the check alone)."""
-    claims = PortClaims() if claims is None else claims
+    right now, outside the ephemeral range, and claimed in `claims` (None: the check alone, its
+    claims let go on return)."""
+    if claims is None:
+        claims = PortClaims()
+        try:
+            return pick_ports(host, fixed, claims)
+        finally:
+            claims.release()
     ports = dict(fixed or {})
     _check_fixed_ports(ports, host, claims)
     taken = {p for port in ports.values() for p in (port, port + GRPC_OFFSET)}

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -194,6 +195,8 @@ def test_s3_stack_up_status_down(home, monkeypatch):
     # The next `up` serves on the same endpoint (when its port is free): what a user exported
     # (AWS_ENDPOINT_URL) stays right. `kimi-label stack up` and `status` print the exports,
     # never the secret; `--s3-port` picks the port.
+    said = []
+
     def kimi_label_stack(*args):
         done = subprocess.run([sys.executable, "-m", "flows.console", "stack", *args,
                                "--home", str(home)], cwd=ROOT, env=_clean_env(),
@@ -201,10 +204,11 @@ def test_s3_stack_up_status_down(home, monkeypatch):
         assert done.returncode == 0, done.stderr[-3000:]
         secrets = [v for v in secret_values if v != env["AWS_ACCESS_KEY_ID"]]  # the key id is
         assert not [v for v in secrets if v in done.stdout + done.stderr]  # printed, by design
+        said.append(done.stderr)
         return done.stdout
 
     endpoint = restarted.services["s3"].endpoint
-    assert f"export AWS_ENDPOINT_URL={endpoint}\n" in kimi_label_stack("up")
+    assert f"export AWS_ENDPOINT_URL={endpoint}\n" in kimi_label_stack("up"), said[-1]
     assert StackState.load(home).services["s3"].ports == restarted.services["s3"].ports  # all
     assert s3fs.S3FileSystem(**StackState.load(home).storage_options()).cat(
         "audio/stack-test/hello.txt") == b"hello"
@@ -221,6 +225,16 @@ def test_s3_stack_up_status_down(home, monkeypatch):
     assert moved.returncode == 2 and moved.stderr == (  # one line, not a traceback
         f"error: stack up: S3 already runs on port {port}, not {port + 1}; run `stack down` "
         "first\n")
+    assert kimi_label_stack("down").startswith("stopped: s3")
+    # its last port taken meanwhile: another one, and a warning that the endpoint moved
+    with socket.socket() as taker:
+        taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past its TIME_WAITs
+        taker.bind(("127.0.0.1", port))
+        taker.listen()
+        up = kimi_label_stack("up")
+    assert f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n" not in up
+    assert f"S3 cannot serve on its last port {port} (port(s) [{port}] on 127.0.0.1 are in " \
+           "use" in said[-1] and "needs the new one" in said[-1], said[-1]
     assert kimi_label_stack("down").startswith("stopped: s3")
 
 
@@ -341,7 +355,7 @@ def test_full_stack_prefect_and_ray(full_home, full_stack, capsys):
     status = stack_status(home)
     assert status["up"] is True
     for name in ("s3", "prefect", "ray"):
-        assert status["services"][name]["healthy"], status["services"][name]
+        assert status["services"][name]["healthy"], status["services"][name].get("detail")
     _assert_loopback_only(state)
 
     # What a user opens, on loopback: the Prefect UI and the Ray dashboard. The head's CPUs

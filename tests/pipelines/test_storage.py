@@ -110,6 +110,7 @@ def test_chosen_ports_avoid_the_ephemeral_range_and_each_others_claims(tmp_path,
     restarted store died of it): chosen ports avoid the kernel's range, whatever it is."""
     low, high = layout.ephemeral_range()
     assert 1024 <= low <= high <= 65535
+    monkeypatch.setattr(layout, "CLAIMS_DIR", tmp_path / "claims")  # others' claims stay apart
     kernel = tmp_path / "ip_local_port_range"
     kernel.write_text("21000\t29000\n")  # a kernel whose range covers most of ours
     monkeypatch.setattr(layout, "_EPHEMERAL_FILE", kernel)
