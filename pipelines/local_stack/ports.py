@@ -14,7 +14,7 @@ binds its S3 gRPC port seconds after it starts, and a restarted store in a CI ru
                   autoscaler metrics)
   ==============  ======================================================================
 
-On a kernel with another ephemeral range, the ports inside it are skipped (`outside_ephemeral`).
+On a kernel with another ephemeral range, the ports inside it are skipped (`random_port`).
 A port this process chose for a server stays claimed (`PortClaims`) while that server is stopped
 for a restart, so that another process (a second test worker, a second stack) does not choose it
 meanwhile.
@@ -52,21 +52,18 @@ def ephemeral_range() -> tuple[int, int]:
     return low, high
 
 
-def outside_ephemeral(*ports: int) -> bool:
+def random_port(span: tuple[int, int], usable: Callable[[int], bool], what: str,
+                twin: int = 0) -> int:
+    """A random port p of `span` for which `usable` holds, p (and p + `twin`, when given) outside
+    the kernel's ephemeral range."""
     low, high = ephemeral_range()
-    return not any(low <= p <= high for p in ports)
-
-
-def random_port(span: tuple[int, int], usable: Callable[[int], bool], what: str) -> int:
-    """A random port of `span` for which `usable` holds (which also skips what it must: the
-    ephemeral range, ports in use)."""
     rng = random.Random()
     for _ in range(_TRIES):
         port = rng.randint(*span)
-        if usable(port):
+        if not any(low <= p <= high for p in {port, port + twin}) and usable(port):
             return port
     raise StackError(f"no free port for {what} in {span[0]}-{span[1]} outside the ephemeral "
-                     f"range {'-'.join(map(str, ephemeral_range()))}")
+                     f"range {low}-{high}")
 
 
 class PortClaims:
@@ -97,9 +94,8 @@ class PortClaims:
             handle.close()
 
     def release(self) -> None:
-        for handle in self._held.values():
-            handle.close()
-        self._held.clear()
+        for port in list(self._held):
+            self.drop(port)
 
 
 def free_port(taken: set[int], prefer: int | None = None) -> int:
@@ -109,8 +105,7 @@ def free_port(taken: set[int], prefer: int | None = None) -> int:
         taken.add(prefer)
         return prefer
     port = random_port(SERVICE_PORT_RANGE,
-                       lambda p: p not in taken and outside_ephemeral(p) and port_free(p, HOST),
-                       "a service")
+                       lambda p: p not in taken and port_free(p, HOST), "a service")
     taken.add(port)
     return port
 

@@ -31,7 +31,6 @@ from pipelines.local_stack.ports import (
     GRPC_OFFSET,
     SEAWEED_HTTP_PORTS,
     PortClaims,
-    outside_ephemeral,
     random_port,
 )
 from pipelines.processes import port_free
@@ -131,7 +130,7 @@ def pick_ports(host: str = "127.0.0.1", fixed: Mapping[str, int] | None = None,
 
     def usable(port: int) -> bool:
         pair = (port, port + GRPC_OFFSET)
-        if not (taken.isdisjoint(pair) and outside_ephemeral(*pair)):
+        if not taken.isdisjoint(pair):
             return False
         if all(claims.take(p) and port_free(p, host) for p in pair):
             return True
@@ -142,7 +141,8 @@ def pick_ports(host: str = "127.0.0.1", fixed: Mapping[str, int] | None = None,
     for service in SERVICES:
         if service not in ports:
             try:
-                ports[service] = random_port(SEAWEED_HTTP_PORTS, usable, f"SeaweedFS {service}")
+                ports[service] = random_port(SEAWEED_HTTP_PORTS, usable, f"SeaweedFS {service}",
+                                             twin=GRPC_OFFSET)
             except StackError as exc:
                 raise SeaweedError(str(exc)) from None
             taken.update((ports[service], ports[service] + GRPC_OFFSET))
